@@ -1,0 +1,85 @@
+"""Attention functions that read compressed cache layers, registered with transformers'
+`AttentionInterface` under the names "adakv_sdpa" and "adakv_eager".
+
+While a press is active, the model's attention implementation is switched from "sdpa"/"eager" to
+the adakv twin. For layers that hold no compressed state the twin calls the original function
+unchanged; for a `MaskedLayer` it folds the per-head keep mask into the attention mask first.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
+
+from .cache import ADAKV_ATTENTION_PREFIX, MaskedLayer
+
+CACHE_ATTRIBUTE = "adakv_cache"  # set on attention modules by the press's pre-forward hook
+
+
+def _eager_forward_of(module: nn.Module):
+    """The eager attention function of the module's own modeling file (handles softcapping etc.)."""
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def _compressed_layer(module: nn.Module):
+    cache = getattr(module, CACHE_ATTRIBUTE, None)
+    if cache is None or module.layer_idx >= len(cache.layers):
+        return None
+    layer = cache.layers[module.layer_idx]
+    return layer if isinstance(layer, MaskedLayer) else None
+
+
+def allowed_positions(attention_mask: torch.Tensor | None, query_length: int, kv_length: int, device) -> torch.Tensor:
+    """The model's own mask as bool, True = may attend: (batch or 1, 1, query_length, kv_length).
+
+    `None` means plain causal attention, aligned so the last query sees the last key."""
+    if attention_mask is None:
+        query_positions = torch.arange(kv_length - query_length, kv_length, device=device)
+        return (query_positions[:, None] >= torch.arange(kv_length, device=device)[None, :])[None, None]
+    attention_mask = attention_mask[..., :kv_length]
+    if attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > torch.finfo(attention_mask.dtype).min / 2  # additive float mask: 0 or -inf/min
+
+
+def headwise_mask(
+    attention_mask: torch.Tensor | None, keep: torch.Tensor, query_length: int, num_key_value_groups: int
+) -> torch.Tensor:
+    """Combine the model's mask with a per-KV-head keep mask.
+
+    keep: (batch, kv_heads, kv_length) -> (batch, kv_heads * groups, query_length, kv_length) bool."""
+    kv_length = keep.shape[-1]
+    allowed = allowed_positions(attention_mask, query_length, kv_length, keep.device)
+    per_query_head = keep.repeat_interleave(num_key_value_groups, dim=1)[:, :, None, :]
+    return allowed & per_query_head
+
+
+def adakv_attention(base: str, module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """query: (batch, heads, q_len, head_dim); key/value: (batch, kv_heads, kv_len, head_dim)."""
+    base_forward = sdpa_attention_forward if base == "sdpa" else _eager_forward_of(module)
+    layer = _compressed_layer(module)
+    if layer is None:
+        return base_forward(module, query, key, value, attention_mask, **kwargs)
+    mask = headwise_mask(attention_mask, layer.keep_mask(key.shape[-2]), query.shape[-2], module.num_key_value_groups)
+    if base == "eager":
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~mask, torch.finfo(query.dtype).min
+        )
+    return base_forward(module, query, key, value, mask, **kwargs)
+
+
+BASE_IMPLEMENTATIONS = {"sdpa": sdpa_mask, "eager": eager_mask}
+
+
+def register_attention_functions() -> None:
+    """Make "adakv_sdpa" and "adakv_eager" known to transformers (idempotent)."""
+    for base, mask_function in BASE_IMPLEMENTATIONS.items():
+        name = ADAKV_ATTENTION_PREFIX + base
+        AttentionInterface.register(name, partial(adakv_attention, base))
+        AttentionMaskInterface.register(name, mask_function)

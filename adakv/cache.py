@@ -1,0 +1,121 @@
+"""Cache layers that hold a compressed context, and helpers to inspect and roll back a cache.
+
+A press replaces a layer of the model's `DynamicCache` after the context prefill:
+
+- `MaskedLayer` (backend "mask") keeps the dense keys/values and a per-head keep mask over the
+  context. Attention excludes pruned positions per head; no memory is freed.
+
+Tokens appended later (question, answer) are kept by every head.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+ADAKV_ATTENTION_PREFIX = "adakv_"
+BACKENDS = ("mask",)
+
+
+def check_attention_can_read(config, backend: str) -> None:
+    """Refuse to hand a compressed layer to an attention function that would ignore its per-head state."""
+    implementation = config._attn_implementation
+    if not str(implementation).startswith(ADAKV_ATTENTION_PREFIX):
+        raise RuntimeError(
+            f"This cache holds layers compressed by an adakv press (backend {backend!r}), which only adakv's "
+            f"attention functions can read, but the model now runs attn_implementation={implementation!r}. "
+            "Keep using the cache inside the `with press(model):` block that compressed it."
+        )
+
+
+class MaskedLayer(DynamicLayer):
+    """Dense keys/values of shape (batch, kv_heads, seq, head_dim) plus `context_keep`, a bool mask
+    (batch, kv_heads, context_len) of the context positions each head may still attend to."""
+
+    backend = "mask"
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, context_keep: torch.Tensor, config):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device, self.dtype = keys.device, keys.dtype
+        self.is_initialized = True
+        self.context_keep = context_keep
+        self.config = config
+
+    @property
+    def context_length(self) -> int:
+        return self.context_keep.shape[-1]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        check_attention_can_read(self.config, self.backend)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
+
+    def keep_mask(self, kv_length: int) -> torch.Tensor:
+        """(batch, kv_heads, kv_length) bool: the context mask, then True for every later token."""
+        appended = kv_length - self.context_length
+        if appended < 0:
+            raise ValueError(f"kv_length {kv_length} is shorter than the compressed context ({self.context_length}).")
+        tail = self.context_keep.new_ones(*self.context_keep.shape[:2], appended)
+        return torch.cat([self.context_keep, tail], dim=-1)
+
+    def kept_counts(self) -> torch.Tensor:
+        """(batch, kv_heads) number of positions each head attends to."""
+        return self.context_keep.sum(-1) + (self.get_seq_length() - self.context_length)
+
+    def truncate(self, seq_len: int) -> None:
+        if seq_len < self.context_length:
+            raise ValueError(
+                f"Cannot roll back to {seq_len} tokens: the compressed context holds {self.context_length}."
+            )
+        self.keys, self.values = self.keys[..., :seq_len, :], self.values[..., :seq_len, :]
+
+    def crop(self, length_or_tokens_to_remove: int) -> None:
+        # transformers' convention changed between releases: a negative number removes that many
+        # tokens, a non-negative one is the length to keep.
+        length = length_or_tokens_to_remove
+        if length < 0:
+            length = self.get_seq_length() + length
+        self.truncate(length)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self.context_keep = self.context_keep[indices]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self.context_keep = self.context_keep.repeat_interleave(repeats, dim=0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.context_keep = self.context_keep.index_select(0, beam_idx.to(self.context_keep.device))
+
+
+def make_compressed_layer(backend: str, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, config):
+    """Build the cache layer for `backend` from the dense context keys/values (batch, kv_heads, seq,
+    head_dim) and the keep mask (batch, kv_heads, seq)."""
+    if backend == "mask":
+        return MaskedLayer(keys, values, keep, config)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+
+
+def compressed_layers(cache: Cache) -> dict[int, MaskedLayer]:
+    """The layers of `cache` that a press compressed, by layer index."""
+    return {index: layer for index, layer in enumerate(cache.layers) if hasattr(layer, "kept_counts")}
+
+
+def kept_token_counts(cache: Cache) -> dict[int, torch.Tensor]:
+    """Number of tokens each head attends to, per compressed layer: {layer: (batch, kv_heads)}."""
+    return {index: layer.kept_counts() for index, layer in compressed_layers(cache).items()}
+
+
+def rollback(cache: Cache, seq_len: int) -> None:
+    """Drop every token after the first `seq_len` in every layer (e.g. a question and its answer).
+
+    Raises ValueError when that would cut into a compressed context."""
+    for layer in cache.layers:
+        if hasattr(layer, "truncate"):
+            layer.truncate(seq_len)
+        elif layer.get_seq_length() > seq_len:
+            layer.keys, layer.values = layer.keys[..., :seq_len, :], layer.values[..., :seq_len, :]

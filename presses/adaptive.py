@@ -1,0 +1,58 @@
+"""AdaptivePress: Feng et al., "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation
+for Efficient LLM Inference", arXiv 2407.11550."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adakv.selection import adaptive_keep_mask
+
+from .base import BasePress, PrefillContext, check_compression_ratio, check_is_press
+
+
+def check_scoring_press(press, wrapper: str) -> None:
+    """Wrappers that reallocate budgets need a press that exposes `score` and `layer_compression_ratio`."""
+    check_is_press(press, wrapper)
+    if not (hasattr(press, "score") and hasattr(press, "layer_compression_ratio")):
+        raise TypeError(
+            f"{wrapper} needs a scoring press (a ScorerPress such as SnapKVPress, or a PerLayerCompressionPress "
+            f"around one), got {type(press).__name__}."
+        )
+
+
+@dataclass
+class AdaptivePress(BasePress):
+    """Ada-KV's head-wise budget allocation around any scoring press.
+
+    The layer keeps as many KV pairs as the inner press would (for PyramidKV: that layer's pyramid
+    budget), but chooses them as the top scores over all its heads at once, so heads whose
+    attention is concentrated lend budget to heads whose attention is spread. Each head is first
+    guaranteed its best `alpha_safeguard * mean_budget` tokens.
+    """
+
+    press: BasePress
+    alpha_safeguard: float = 0.2
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_scoring_press(self.press, "AdaptivePress")
+        if not isinstance(self.alpha_safeguard, (int, float)) or not 0.0 <= self.alpha_safeguard <= 1.0:
+            raise ValueError(f"alpha_safeguard must be a number in [0, 1], got {self.alpha_safeguard!r}.")
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.press.compression_ratio
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        check_compression_ratio(value)
+        self.press.compression_ratio = value
+
+    def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        ratio = self.press.layer_compression_ratio(context)
+        if ratio == 0:
+            return None
+        scores = self.press.score(context)
+        return adaptive_keep_mask(scores, context.available, ratio, self.alpha_safeguard)

@@ -1,0 +1,195 @@
+"""BasePress: the hook machinery shared by every press.
+
+`with press(model):` registers two hooks on every attention layer and switches the model's
+attention implementation to its adakv twin; leaving the block (also by an exception) removes the
+hooks and restores the implementation. After a layer's attention has run on the *context prefill*
+(the first forward into an empty cache layer), the forward hook builds a `PrefillContext`, asks the
+press for a keep mask of shape (batch, kv_heads, seq) and hands it to the backend, which replaces
+the cache layer. Decode steps and later question tokens are never compressed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Generator
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import DynamicLayer
+
+from adakv.attention import CACHE_ATTRIBUTE, register_attention_functions
+from adakv.cache import ADAKV_ATTENTION_PREFIX, BACKENDS, make_compressed_layer
+from adakv.models import (
+    SUPPORTED_ATTENTION_IMPLEMENTATIONS,
+    attention_modules,
+    is_full_attention_layer,
+)
+
+@dataclass
+class PrefillContext:
+    """What a press sees of one attention layer right after the context prefill.
+
+    keys/values: (batch, kv_heads, seq, head_dim), rotated keys as stored in the cache.
+    hidden_states: (batch, seq, hidden), the layer's input.
+    position_embeddings: (cos, sin), each (batch, seq, rotary_dim).
+    attentions: (batch, heads, seq, seq) or None (only eager attention returns weights).
+    available: (batch, kv_heads, seq) bool, positions that may be kept (real tokens not yet pruned).
+    """
+
+    module: nn.Module
+    hidden_states: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    attentions: torch.Tensor | None
+    available: torch.Tensor
+    layer_idx: int
+    num_layers: int
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys.shape[-2]
+
+    def restrict(self, keep: torch.Tensor) -> PrefillContext:
+        """The same context with only `keep` (batch, kv_heads, seq) still available."""
+        return replace(self, available=self.available & keep)
+
+    def slice(self, start: int, end: int) -> PrefillContext:
+        """The context limited to positions [start, end), as if only those tokens had been prefilled."""
+        cos, sin = self.position_embeddings
+        return replace(
+            self,
+            hidden_states=self.hidden_states[:, start:end],
+            keys=self.keys[:, :, start:end],
+            values=self.values[:, :, start:end],
+            position_embeddings=(cos[:, start:end], sin[:, start:end]),
+            attentions=None if self.attentions is None else self.attentions[..., start:end, start:end],
+            available=self.available[..., start:end],
+        )
+
+
+def check_compression_ratio(ratio: float) -> None:
+    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
+        raise ValueError(f"compression_ratio must be a number in [0, 1), got {ratio!r}.")
+
+
+def check_is_press(press, wrapper: str) -> None:
+    if not isinstance(press, BasePress):
+        raise TypeError(f"{wrapper} wraps a press (a BasePress instance), got {type(press).__name__}.")
+
+
+def real_token_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
+    """(batch, seq) True for real tokens. Padding keys are those the last query may not attend."""
+    if attention_mask is None:
+        return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    last_row = attention_mask[:, 0, -1, :seq_len]
+    if last_row.dtype != torch.bool:
+        last_row = last_row > torch.finfo(last_row.dtype).min / 2
+    return last_row.expand(batch, seq_len)
+
+
+@dataclass
+class BasePress:
+    """Base of every press. Subclasses implement `compress(context) -> keep mask`.
+
+    backend: how the keep mask is applied. "mask" keeps the dense cache and excludes pruned
+    positions per head inside attention (works everywhere, saves no memory).
+    """
+
+    backend: str = field(default="mask", kw_only=True)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
+
+    def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        """Return the keep mask (batch, kv_heads, seq) bool, or None to leave the layer as it is."""
+        raise NotImplementedError
+
+    @contextmanager
+    def __call__(self, model: PreTrainedModel) -> Generator[None, None, None]:
+        modules = attention_modules(model)
+        original_implementation = _switch_attention_implementation(model)
+        handles = []
+        try:
+            for module in modules:
+                handles.append(module.register_forward_pre_hook(_remember_cache, with_kwargs=True))
+                if is_full_attention_layer(module):
+                    handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module in modules:
+                module.__dict__.pop(CACHE_ATTRIBUTE, None)
+            _set_attention_implementation(model, original_implementation)
+
+    def _after_attention(self, module: nn.Module, args, kwargs, output) -> None:
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cache = _cache_argument(kwargs)
+        if cache is None:
+            return
+        layer = cache.layers[module.layer_idx]
+        seq_len = hidden_states.shape[1]
+        if type(layer) is not DynamicLayer or layer.get_seq_length() != seq_len:
+            return  # not the prefill of a fresh context (decode step, question, or already compressed)
+        keys, values = layer.keys, layer.values
+        batch, kv_heads = keys.shape[:2]
+        tokens = real_token_mask(kwargs.get("attention_mask"), batch, seq_len, keys.device)
+        context = PrefillContext(
+            module=module,
+            hidden_states=hidden_states,
+            keys=keys,
+            values=values,
+            position_embeddings=kwargs["position_embeddings"],
+            attentions=output[1] if isinstance(output, tuple) and len(output) > 1 else None,
+            available=tokens[:, None, :].expand(batch, kv_heads, seq_len),
+            layer_idx=module.layer_idx,
+            num_layers=module.config.num_hidden_layers,
+        )
+        compressed = self.compressed_layer(context)
+        if compressed is not None:
+            cache.layers[module.layer_idx] = compressed
+
+    def compressed_layer(self, context: PrefillContext):
+        """The cache layer that replaces the dense one after compression, or None to keep it."""
+        keep = self.compress(context)
+        if keep is None:
+            return None
+        return make_compressed_layer(self.backend, context.keys, context.values, keep, context.module.config)
+
+
+def _cache_argument(kwargs: dict):
+    # transformers renamed `past_key_values` to `cache` in the attention modules' signature.
+    return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
+
+
+def _remember_cache(module: nn.Module, args, kwargs) -> None:
+    setattr(module, CACHE_ATTRIBUTE, _cache_argument(kwargs))
+
+
+def _set_attention_implementation(model: PreTrainedModel, implementation: str) -> None:
+    configs = {id(model.config): model.config}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None:
+            configs[id(config)] = config
+    for config in configs.values():
+        config._attn_implementation = implementation
+
+
+def _switch_attention_implementation(model: PreTrainedModel) -> str:
+    """Switch to the adakv twin of the current implementation; return the original name."""
+    current = model.config._attn_implementation
+    if current.startswith(ADAKV_ATTENTION_PREFIX):
+        raise RuntimeError("This model is already inside a `with press(model):` block; presses do not nest.")
+    if current not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={current!r} is not supported by adakv presses. "
+            f"Load the model with one of {SUPPORTED_ATTENTION_IMPLEMENTATIONS}."
+        )
+    register_attention_functions()
+    _set_attention_implementation(model, ADAKV_ATTENTION_PREFIX + current)
+    return current

@@ -1,0 +1,39 @@
+"""ScorerPress: presses that score every cached (token, KV head) pair and keep the best ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adakv.selection import uniform_keep_mask
+
+from .base import BasePress, PrefillContext, check_compression_ratio
+
+
+@dataclass
+class ScorerPress(BasePress):
+    """Scores each (token, KV head) pair; every head keeps its best `(1 - compression_ratio)` share.
+
+    compression_ratio: fraction of the context's KV pairs removed, in [0, 1).
+    Subclasses implement `score(context) -> (batch, kv_heads, seq)`, higher = keep.
+    """
+
+    compression_ratio: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_compression_ratio(self.compression_ratio)
+
+    def score(self, context: PrefillContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def layer_compression_ratio(self, context: PrefillContext) -> float:
+        """Ratio applied to this layer; presses with per-layer budgets (PyramidKV) override it."""
+        return self.compression_ratio
+
+    def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        ratio = self.layer_compression_ratio(context)
+        if ratio == 0:
+            return None
+        return uniform_keep_mask(self.score(context), context.available, ratio)
