@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 
-def _rank_within(scores: torch.Tensor, dim: int) -> torch.Tensor:
+def descending_rank(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """Rank of each element along `dim` when sorted by descending score (0 = best)."""
     order = scores.argsort(dim=dim, descending=True, stable=True)
     ranks = torch.empty_like(order)
@@ -28,7 +28,7 @@ def uniform_keep_mask(scores: torch.Tensor, available: torch.Tensor, compression
     """Every (batch, head) keeps its own best `(1 - ratio) * available` tokens."""
     masked = scores.float().masked_fill(~available, float("-inf"))
     budget = kept_count(available.sum(-1), compression_ratio)  # (batch, kv_heads)
-    return (_rank_within(masked, dim=-1) < budget.unsqueeze(-1)) & available
+    return (descending_rank(masked, dim=-1) < budget.unsqueeze(-1)) & available
 
 
 def adaptive_keep_mask(
@@ -46,9 +46,9 @@ def adaptive_keep_mask(
     mean_budget = layer_budget.to(torch.float64) / heads
     floor = torch.floor(alpha_safeguard * mean_budget).long().unsqueeze(-1)  # (batch, 1)
     floor = torch.minimum(floor, available.sum(-1))  # a head cannot keep more than it has
-    guaranteed = (_rank_within(masked, dim=-1) < floor.unsqueeze(-1)) & available
+    guaranteed = (descending_rank(masked, dim=-1) < floor.unsqueeze(-1)) & available
 
     # Guaranteed tokens rank first layer-wide, then everything else by score.
     boosted = masked.masked_fill(guaranteed, float("inf")).reshape(batch, heads * seq_len)
-    layer_rank = _rank_within(boosted, dim=-1).reshape(batch, heads, seq_len)
+    layer_rank = descending_rank(boosted, dim=-1).reshape(batch, heads, seq_len)
     return (layer_rank < layer_budget.view(batch, 1, 1)) & available

@@ -33,7 +33,12 @@ class ScorerPress(BasePress):
         return self.compression_ratio
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
-        ratio = self.layer_compression_ratio(context)
-        if ratio == 0:
-            return None
-        return uniform_keep_mask(self.score(context), context.available, ratio)
+        return uniform_compress(self, context)
+
+
+def uniform_compress(press, context: PrefillContext) -> torch.Tensor | None:
+    """Keep mask of a press exposing `score` and `layer_compression_ratio`: per-head top-k."""
+    ratio = press.layer_compression_ratio(context)
+    if ratio == 0:
+        return None
+    return uniform_keep_mask(press.score(context), context.available, ratio)
