@@ -2,7 +2,37 @@
 
 from .adaptive import AdaptivePress
 from .base import BasePress, PrefillContext
+from .chunk import ChunkPress
+from .composed import ComposedPress
+from .expected_attention import ExpectedAttentionPress
+from .key_rerotation import KeyRerotationPress
+from .keydiff import KeyDiffPress
+from .knorm import KnormPress
+from .observed_attention import ObservedAttentionPress
+from .per_layer import PerLayerCompressionPress
+from .pyramidkv import PyramidKVPress
+from .random_press import RandomPress
 from .scorer import ScorerPress
 from .snapkv import SnapKVPress
+from .streaming_llm import StreamingLLMPress
+from .tova import TOVAPress
 
-__all__ = ["AdaptivePress", "BasePress", "PrefillContext", "ScorerPress", "SnapKVPress"]
+__all__ = [
+    "AdaptivePress",
+    "BasePress",
+    "ChunkPress",
+    "ComposedPress",
+    "ExpectedAttentionPress",
+    "KeyDiffPress",
+    "KeyRerotationPress",
+    "KnormPress",
+    "ObservedAttentionPress",
+    "PerLayerCompressionPress",
+    "PrefillContext",
+    "PyramidKVPress",
+    "RandomPress",
+    "ScorerPress",
+    "SnapKVPress",
+    "StreamingLLMPress",
+    "TOVAPress",
+]

@@ -1,0 +1,53 @@
+"""ComposedPress: apply several presses one after the other."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import BasePress, PrefillContext, check_is_press
+from .key_rerotation import KeyRerotationPress
+
+
+def check_not_rerotation(press: BasePress, wrapper: str) -> None:
+    """KeyRerotationPress edits the cache's keys in place, so nothing may run on them after it."""
+    if isinstance(press, KeyRerotationPress):
+        raise TypeError(
+            f"{wrapper} cannot wrap a KeyRerotationPress: rerotation must come last. "
+            f"Wrap the {wrapper} in the KeyRerotationPress instead."
+        )
+
+
+@dataclass
+class ComposedPress(BasePress):
+    """Applies `presses` in order. Each press chooses only among the tokens the previous ones kept
+    (it sees `context.restrict(keep)`), and its ratio applies to what remains, so the kept fraction
+    is the product of the presses' kept fractions. Returns the keep mask (batch, kv_heads, seq).
+    """
+
+    presses: list[BasePress]
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.presses, (list, tuple)) or not self.presses:
+            raise TypeError(f"ComposedPress needs a non-empty list of presses, got {self.presses!r}.")
+        for press in self.presses:
+            check_is_press(press, "ComposedPress")
+            check_not_rerotation(press, "ComposedPress")
+
+    @property
+    def compression_ratio(self) -> float:
+        """Overall fraction removed: 1 - product of each press's kept fraction (before rounding)."""
+        kept = 1.0
+        for press in self.presses:
+            kept *= 1.0 - getattr(press, "compression_ratio", 0.0)
+        return 1.0 - kept
+
+    def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        keep = None
+        for press in self.presses:
+            step = press.compress(context if keep is None else context.restrict(keep))
+            if step is not None:
+                keep = step if keep is None else keep & step
+        return keep

@@ -1,0 +1,619 @@
+"""The press matrix (scorers x wrappers x model families) and press-specific behaviour, on tiny models."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
+
+from adakv import (
+    AdaptivePress,
+    ChunkPress,
+    ComposedPress,
+    ExpectedAttentionPress,
+    KeyDiffPress,
+    KeyRerotationPress,
+    KnormPress,
+    ObservedAttentionPress,
+    PerLayerCompressionPress,
+    PyramidKVPress,
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+    kept_token_counts,
+)
+from adakv.cache import compressed_layers
+from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries
+from adakv.presses.expected_attention import future_rope
+from adakv.presses.key_rerotation import rope_cos_sin
+from adakv.presses.pyramidkv import pyramid_keep_fraction
+
+from conftest import COMMON, random_ids, tiny_model
+
+SEQ = 48
+RATIO = 0.5
+NUM_LAYERS = COMMON["num_hidden_layers"]
+CHUNK = 16
+FIRST_RATIO = 0.25  # ComposedPress: a KnormPress at this ratio runs first
+LAYER_RATIOS = [0.25, 0.5, 0.75]  # PerLayerCompressionPress
+
+SCORERS = {
+    "snapkv": lambda r: SnapKVPress(compression_ratio=r, window_size=8),
+    "pyramidkv": lambda r: PyramidKVPress(compression_ratio=r, window_size=8),
+    "knorm": lambda r: KnormPress(compression_ratio=r),
+    "streaming_llm": lambda r: StreamingLLMPress(compression_ratio=r),
+    "random": lambda r: RandomPress(compression_ratio=r, seed=0),
+    "tova": lambda r: TOVAPress(compression_ratio=r),
+    "observed_attention": lambda r: ObservedAttentionPress(compression_ratio=r),
+    "expected_attention": lambda r: ExpectedAttentionPress(compression_ratio=r, n_future_positions=16, n_recent=16),
+    "keydiff": lambda r: KeyDiffPress(compression_ratio=r),
+}
+
+WRAPPERS = {
+    "none": lambda press, r: press,
+    "adaptive": lambda press, r: AdaptivePress(press),
+    "chunk": lambda press, r: ChunkPress(press, chunk_length=CHUNK),
+    "composed": lambda press, r: ComposedPress([KnormPress(compression_ratio=FIRST_RATIO * (r > 0)), press]),
+    "per_layer": lambda press, r: PerLayerCompressionPress(press, [ratio * (r > 0) for ratio in LAYER_RATIOS]),
+    "key_rerotation": lambda press, r: KeyRerotationPress(press),
+}
+
+
+def attention_for(scorer: str) -> str:
+    return "eager" if scorer == "observed_attention" else "sdpa"
+
+
+@lru_cache(maxsize=None)
+def cached_model(family: str, attn_implementation: str = "sdpa"):
+    """Models are only read by the tests (a press restores everything it changes), so share them."""
+    return tiny_model(family, attn_implementation)
+
+
+def expected_kept(available: int, ratio: float) -> int:
+    return max(1, round(available * (1 - ratio)))
+
+
+def fake_context(model, layer_idx: int) -> SimpleNamespace:
+    """Enough of a PrefillContext to ask a press for a layer's compression ratio."""
+    return SimpleNamespace(
+        module=attention_modules(model)[layer_idx], layer_idx=layer_idx, num_layers=model.config.num_hidden_layers
+    )
+
+
+def full_layer_indices(model) -> list[int]:
+    return [module.layer_idx for module in attention_modules(model) if is_full_attention_layer(module)]
+
+
+def greedy(model, ids, attention_mask=None, max_new_tokens=3):
+    attention_mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    with torch.no_grad():
+        return model.generate(
+            ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            return_dict_in_generate=True,
+        )
+
+
+def context_counts(cache) -> dict[int, torch.Tensor]:
+    """Kept context tokens per compressed layer: (batch, kv_heads), without the appended tokens."""
+    return {index: layer.context_keep.sum(-1) for index, layer in compressed_layers(cache).items()}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+@pytest.mark.parametrize("scorer", sorted(SCORERS))
+def test_matrix_generates_and_keeps_the_budget(family, scorer, wrapper):
+    model = cached_model(family, attention_for(scorer))
+    inner = SCORERS[scorer](RATIO)
+    press = WRAPPERS[wrapper](inner, RATIO)
+    ids = random_ids(seq_len=SEQ)
+    with press(model):
+        out = greedy(model, ids)
+    assert out.sequences.shape == (1, SEQ + 3)
+
+    counts = context_counts(out.past_key_values)
+    assert sorted(counts) == full_layer_indices(model)
+    for layer, per_head in counts.items():
+        ratio = inner.layer_compression_ratio(fake_context(model, layer))
+        if wrapper == "adaptive":
+            uniform = expected_kept(SEQ, ratio)
+            assert per_head.sum().item() == uniform * per_head.shape[-1]
+            assert per_head.min().item() >= int(press.alpha_safeguard * uniform)
+            continue
+        if wrapper == "chunk":
+            expected = sum(expected_kept(min(CHUNK, SEQ - start), ratio) for start in range(0, SEQ, CHUNK))
+        elif wrapper == "composed":
+            expected = expected_kept(expected_kept(SEQ, FIRST_RATIO), ratio)
+        elif wrapper == "per_layer":
+            expected = expected_kept(SEQ, LAYER_RATIOS[layer])
+        else:
+            expected = expected_kept(SEQ, ratio)
+        assert per_head.tolist() == [[expected] * per_head.shape[-1]], f"layer {layer}"
+    # every (batch, head) total = kept context + the appended decode tokens
+    appended = {i: out.past_key_values.layers[i].get_seq_length() - SEQ for i in counts}
+    for layer, total in kept_token_counts(out.past_key_values).items():
+        assert torch.equal(total, counts[layer] + appended[layer])
+
+
+# At ratio 0 no scorer runs, so every scorer alone and every wrapper around one scorer cover it.
+RATIO_ZERO_CASES = [(scorer, "none") for scorer in sorted(SCORERS)] + [
+    ("snapkv", wrapper) for wrapper in sorted(WRAPPERS) if wrapper != "none"
+]
+
+
+@pytest.mark.parametrize("scorer, wrapper", RATIO_ZERO_CASES)
+def test_ratio_zero_gives_the_unpressed_output(family, scorer, wrapper):
+    model = cached_model(family, attention_for(scorer))
+    press = WRAPPERS[wrapper](SCORERS[scorer](0.0), 0.0)
+    assert press.compression_ratio == 0
+    ids = random_ids(seq_len=SEQ, seed=2)
+    reference = greedy(model, ids, max_new_tokens=4).sequences
+    with press(model):
+        out = greedy(model, ids, max_new_tokens=4)
+    assert torch.equal(out.sequences, reference)
+    assert compressed_layers(out.past_key_values) == {}
+
+
+def hook_snapshot(model) -> list:
+    return [
+        (list(module._forward_hooks), list(module._forward_pre_hooks), hasattr(module, "adakv_cache"))
+        for module in model.modules()
+    ] + [model.config._attn_implementation]
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_hooks_are_removed_after_the_block_also_on_error(family, wrapper):
+    model = cached_model(family)
+    before = hook_snapshot(model)
+    assert before[-1] == "sdpa"
+    press = WRAPPERS[wrapper](KnormPress(compression_ratio=RATIO), RATIO)
+    with press(model):
+        greedy(model, random_ids(seq_len=16), max_new_tokens=1)
+        assert hook_snapshot(model) != before
+    assert hook_snapshot(model) == before
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with press(model):
+            raise RuntimeError("boom")
+    assert hook_snapshot(model) == before
+
+
+@pytest.mark.parametrize("wrapper", ["none", "adaptive", "chunk", "key_rerotation"])
+@pytest.mark.parametrize("scorer", sorted(SCORERS))
+def test_left_padding_is_never_kept(scorer, wrapper):
+    model = cached_model("llama", attention_for(scorer))
+    pad = 10
+    ids = random_ids(batch=2, seq_len=SEQ, seed=3)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :pad] = 0
+    ids[0, :pad] = 0
+    press = WRAPPERS[wrapper](SCORERS[scorer](RATIO), RATIO)
+    with press(model):
+        out = greedy(model, ids, attention_mask)
+    layers = compressed_layers(out.past_key_values)
+    assert sorted(layers) == [0, 1, 2]
+    for index, layer in layers.items():
+        keep = layer.context_keep
+        assert not keep[0, :, :pad].any()
+        if wrapper in ("none", "key_rerotation"):
+            ratio = press.press.layer_compression_ratio if wrapper != "none" else press.layer_compression_ratio
+            ratio = ratio(fake_context(model, index))
+            assert (keep[0].sum(-1) == expected_kept(SEQ - pad, ratio)).all()
+            assert (keep[1].sum(-1) == expected_kept(SEQ, ratio)).all()
+
+
+# --- PyramidKV ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5, 0.75, 0.9])
+@pytest.mark.parametrize("beta", [1, 2, 20])
+def test_pyramid_budgets_decrease_with_depth_and_average_to_the_target(ratio, beta):
+    layers = 8
+    keep = [pyramid_keep_fraction(1 - ratio, beta, position, layers) for position in range(layers)]
+    assert sum(keep) / layers == pytest.approx(1 - ratio)
+    assert all(0 < fraction <= 1 for fraction in keep)
+    assert all(later <= earlier + 1e-12 for earlier, later in zip(keep, keep[1:]))
+    if beta > 1:
+        assert keep[-1] < keep[0]
+    if (2 - 1 / beta) * (1 - ratio) <= 1:  # no clamp: the paper's endpoints
+        assert keep[0] == pytest.approx((2 - 1 / beta) * (1 - ratio))
+        assert keep[-1] == pytest.approx((1 - ratio) / beta)
+    else:
+        assert keep[0] == 1
+
+
+def test_pyramid_layer_ratios_on_a_model():
+    model = cached_model("llama")
+    press = PyramidKVPress(compression_ratio=0.5, window_size=8)
+    ratios = [press.layer_compression_ratio(fake_context(model, layer)) for layer in range(NUM_LAYERS)]
+    assert ratios[0] < ratios[1] < ratios[2]
+    assert sum(ratios) / NUM_LAYERS == pytest.approx(0.5)
+    with press(model):
+        out = greedy(model, random_ids(seq_len=SEQ), max_new_tokens=1)
+    kept = [counts[0, 0].item() for counts in context_counts(out.past_key_values).values()]
+    assert kept[0] > kept[1] > kept[2]
+    assert sum(kept) == pytest.approx(NUM_LAYERS * SEQ * 0.5, abs=NUM_LAYERS)
+
+    zero = PyramidKVPress(compression_ratio=0.0)
+    assert [zero.layer_compression_ratio(fake_context(model, layer)) for layer in range(NUM_LAYERS)] == [0.0] * 3
+
+
+def test_pyramid_spans_only_full_attention_layers():
+    model = cached_model("gemma3")  # one full-attention layer: it gets exactly the target
+    press = PyramidKVPress(compression_ratio=0.5)
+    assert press.layer_compression_ratio(fake_context(model, 2)) == pytest.approx(0.5)
+
+
+def test_adaptive_pyramid_uses_the_pyramid_layer_budget():
+    model = cached_model("llama")
+    inner = PyramidKVPress(compression_ratio=0.5, window_size=8)
+    with AdaptivePress(inner)(model):
+        out = greedy(model, random_ids(seq_len=SEQ), max_new_tokens=1)
+    for layer, per_head in context_counts(out.past_key_values).items():
+        uniform = expected_kept(SEQ, inner.layer_compression_ratio(fake_context(model, layer)))
+        assert per_head.sum().item() == 2 * uniform
+
+
+# --- StreamingLLM ------------------------------------------------------------------------------
+
+
+def test_streaming_llm_keeps_sinks_and_recent_tokens():
+    model = cached_model("llama")
+    pad = 6
+    ids = random_ids(batch=2, seq_len=SEQ)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :pad] = 0
+    with StreamingLLMPress(compression_ratio=0.75, n_sink=4)(model):
+        out = greedy(model, ids, attention_mask, max_new_tokens=1)
+    for layer in compressed_layers(out.past_key_values).values():
+        for row, start in ((0, pad), (1, 0)):
+            kept = expected_kept(SEQ - start, 0.75)
+            expected = [*range(start, start + 4), *range(SEQ - (kept - 4), SEQ)]
+            for head in range(2):
+                assert layer.context_keep[row, head].nonzero().flatten().tolist() == expected
+
+
+# --- ObservedAttention -------------------------------------------------------------------------
+
+
+def test_observed_attention_needs_eager_attention():
+    model = cached_model("llama", "sdpa")
+    before = hook_snapshot(model)
+    with pytest.raises(ValueError, match='attn_implementation="eager"'):
+        with ObservedAttentionPress(compression_ratio=0.5)(model):
+            greedy(model, random_ids(seq_len=16), max_new_tokens=1)
+    assert hook_snapshot(model) == before
+
+
+@dataclass
+class RecordingPress(KnormPress):
+    """Keeps everything it would, and remembers every context it saw."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.contexts = []
+
+    def compress(self, context):
+        self.contexts.append(context)
+        return super().compress(context)
+
+
+def test_eager_attention_hands_the_weights_to_the_press(family):
+    model = cached_model(family, "eager")
+    ids = random_ids(seq_len=SEQ)
+    with torch.no_grad():
+        reference = model(ids, output_attentions=True).attentions
+    press = RecordingPress(compression_ratio=0.5)
+    with torch.no_grad(), press(model):
+        model(ids)
+    assert [context.layer_idx for context in press.contexts] == full_layer_indices(model)
+    for context in press.contexts:
+        assert context.attentions is not None
+        torch.testing.assert_close(context.attentions, reference[context.layer_idx])
+        assert context.attentions.shape == (1, COMMON["num_attention_heads"], SEQ, SEQ)
+
+
+def test_observed_attention_scores_are_the_mean_received_attention():
+    model = cached_model("llama", "eager")
+    ids = random_ids(seq_len=SEQ)
+    recorder = RecordingPress(compression_ratio=0.5)
+    with torch.no_grad(), recorder(model):
+        model(ids)
+    context = recorder.contexts[1]
+    scores = ObservedAttentionPress(compression_ratio=0.5).score(context)
+    weights = context.attentions  # (1, 4 heads, seq, seq); heads 0,1 share KV head 0
+    expected = torch.stack([weights[0, 0:2].mean(dim=(0, 1)), weights[0, 2:4].mean(dim=(0, 1))])
+    torch.testing.assert_close(scores[0], expected)
+
+
+# --- RoPE helpers, ExpectedAttention -----------------------------------------------------------
+
+
+def phi3_partial_rotary_model():
+    torch.manual_seed(0)
+    config = Phi3Config(**COMMON, pad_token_id=0, partial_rotary_factor=0.5)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def llama_yarn_model():
+    """YaRN RoPE: cos/sin carry an attention scaling factor (about 1.14 here), not just a rotation."""
+    torch.manual_seed(0)
+    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 128}
+    config = LlamaConfig(**COMMON, rope_parameters=rope)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def model_of(family: str):
+    if family == "phi3_partial":
+        return phi3_partial_rotary_model()
+    if family == "llama_yarn":
+        return llama_yarn_model()
+    return cached_model(family)
+
+
+def model_rope(model, module, position_ids: torch.Tensor):
+    """cos/sin exactly as the model's own rotary embedding produces them for `module`'s layer."""
+    rotary = model.model.rotary_emb
+    anchor = torch.zeros(1, dtype=torch.float32)
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return rotary(anchor, position_ids, module.config.layer_types[module.layer_idx])
+    return rotary(anchor, position_ids)
+
+
+FAMILIES_AND_PARTIAL = ["gemma3", "llama", "llama_yarn", "mistral", "phi3", "phi3_partial", "qwen2", "qwen3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES_AND_PARTIAL)
+def test_rope_helpers_match_the_model_rotary_embedding(family):
+    model = model_of(family)
+    module = attention_modules(model)[full_layer_indices(model)[-1]]
+    positions = torch.tensor([[0, 3, 47, 200], [5, 6, 7, 8]])
+    cos, sin = rope_cos_sin(module, positions)
+    expected_cos, expected_sin = model_rope(model, module, positions)
+    torch.testing.assert_close(cos, expected_cos.float())
+    torch.testing.assert_close(sin, expected_sin.float())
+    if family == "phi3_partial":
+        assert cos.shape[-1] == module.head_dim // 2
+
+    # future positions after the last context token, whatever that token's absolute position
+    context_positions = torch.stack([torch.arange(SEQ), (torch.arange(SEQ) - 18).clamp(min=0)])  # row 1: padded
+    last = context_positions[:, -1:]
+    context = SimpleNamespace(module=module, position_embeddings=model_rope(model, module, context_positions))
+    cos, sin = future_rope(context, torch.arange(1, 9))
+    expected_cos, expected_sin = model_rope(model, module, last + torch.arange(1, 9))
+    torch.testing.assert_close(cos, expected_cos.float())
+    torch.testing.assert_close(sin, expected_sin.float())
+
+
+@pytest.mark.parametrize("family", FAMILIES_AND_PARTIAL)
+def test_expected_attention_of_one_known_query(family):
+    """With one recent query (no spread) and one future position, the expected attention is the
+    softmax attention of that query rotated to the next position: computed here with the model's
+    own RoPE and modeling code."""
+    model = model_of(family)
+    ids = random_ids(seq_len=SEQ)
+    recorder = RecordingPress(compression_ratio=0.5)
+    with torch.no_grad(), recorder(model):
+        model(ids)
+    context = recorder.contexts[-1]
+    module = context.module
+    press = ExpectedAttentionPress(
+        compression_ratio=0.5, n_future_positions=1, n_recent=1, n_sink=0, use_value_norm=False
+    )
+    scores = press.score(context)
+
+    query = pre_rope_queries(module, context.hidden_states[:, -1:])  # (1, heads, 1, head_dim)
+    cos, sin = model_rope(model, module, torch.tensor([[SEQ]]))
+    apply_rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    query, _ = apply_rotary(query, query, cos, sin)
+    groups = module.config.num_attention_heads // module.config.num_key_value_heads
+    keys = context.keys.repeat_interleave(groups, dim=1)
+    weights = ((query @ keys.transpose(-1, -2)) * module.scaling).softmax(-1)[:, :, 0]  # (1, heads, seq)
+    expected = weights.view(1, -1, groups, SEQ).mean(2)
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_expected_attention_keeps_sinks_and_uses_covariance():
+    model = cached_model("llama")
+    recorder = RecordingPress(compression_ratio=0.5)
+    with torch.no_grad(), recorder(model):
+        model(random_ids(seq_len=SEQ))
+    context = recorder.contexts[0]
+    press = ExpectedAttentionPress(compression_ratio=0.9, n_sink=3, n_recent=16, n_future_positions=8)
+    keep = press.compress(context)
+    assert keep[..., :3].all()
+    with_covariance = press.score(context)
+    without = ExpectedAttentionPress(n_sink=3, n_recent=16, n_future_positions=8, use_covariance=False).score(context)
+    assert not torch.allclose(with_covariance[..., 3:], without[..., 3:])
+
+
+# --- KeyRerotation -----------------------------------------------------------------------------
+
+
+def fresh_keys(module, hidden_states: torch.Tensor, positions: torch.Tensor, model) -> torch.Tensor:
+    """Keys (batch, kv_heads, seq, head_dim) recomputed from the layer input, rotated with the model's
+    own RoPE code at per-head `positions` (batch, kv_heads, seq)."""
+    batch, seq_len, _ = hidden_states.shape
+    config = module.config
+    if hasattr(module, "k_proj"):
+        keys = module.k_proj(hidden_states)
+    else:  # Phi3's fused projection: [q | k | v]
+        start = config.num_attention_heads * module.head_dim
+        keys = module.qkv_proj(hidden_states)[..., start : start + config.num_key_value_heads * module.head_dim]
+    keys = keys.view(batch, seq_len, -1, module.head_dim)
+    if hasattr(module, "k_norm"):
+        keys = module.k_norm(keys)
+    keys = keys.transpose(1, 2)
+    apply_rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    rotated = []
+    for head in range(keys.shape[1]):
+        cos, sin = model_rope(model, module, positions[:, head])
+        head_keys = keys[:, head : head + 1]
+        rotated.append(apply_rotary(head_keys, head_keys, cos, sin)[1])
+    return torch.cat(rotated, dim=1)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("family", FAMILIES_AND_PARTIAL)
+def test_key_rerotation_equals_keys_computed_at_the_new_positions(family, adaptive):
+    model = model_of(family)
+    pad = 5
+    ids = random_ids(batch=2, seq_len=SEQ, seed=4)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, :pad] = 0
+    inner = KnormPress(compression_ratio=0.5)
+    press = KeyRerotationPress(AdaptivePress(inner) if adaptive else inner)
+
+    inputs = {}
+
+    def remember_input(module, args, kwargs):
+        inputs.setdefault(module.layer_idx, kwargs["hidden_states"])
+
+    modules = attention_modules(model)
+    handles = [module.register_forward_pre_hook(remember_input, with_kwargs=True) for module in modules]
+    try:
+        with press(model):
+            out = greedy(model, ids, attention_mask, max_new_tokens=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    layers = compressed_layers(out.past_key_values)
+    assert layers
+    for index, layer in layers.items():
+        keep = layer.context_keep
+        assert not keep[0, :, :pad].any()
+        new_positions = keep.long().cumsum(-1) - 1
+        module = attention_modules(model)[index]
+        expected = fresh_keys(module, inputs[index], new_positions.clamp(min=0), model)
+        stored = layer.keys[:, :, :SEQ]
+        torch.testing.assert_close(stored[keep], expected[keep], rtol=1e-4, atol=1e-5)
+        # and it really moved them: at the original positions (row 1 has no padding) they differ
+        original = fresh_keys(module, inputs[index], torch.arange(SEQ).expand(2, 2, SEQ), model)
+        moved = keep[1] & (new_positions[1] != torch.arange(SEQ))
+        assert moved.any()
+        assert not torch.allclose(stored[1][moved], original[1][moved], atol=1e-3)
+
+
+def test_key_rerotation_forwards_the_compression_ratio():
+    press = KeyRerotationPress(AdaptivePress(SnapKVPress(compression_ratio=0.25)))
+    assert press.compression_ratio == 0.25
+    press.compression_ratio = 0.5
+    assert press.press.press.compression_ratio == 0.5
+
+
+# --- ComposedPress, ChunkPress, PerLayerCompressionPress ---------------------------------------
+
+
+def test_composed_press_chooses_among_what_earlier_presses_kept():
+    model = cached_model("llama")
+    recorder = RecordingPress(compression_ratio=0.5)
+    with torch.no_grad(), recorder(model):
+        model(random_ids(seq_len=SEQ))
+    context = recorder.contexts[0]
+    first = KnormPress(compression_ratio=0.5)
+    second = StreamingLLMPress(compression_ratio=0.5, n_sink=2)
+    composed = ComposedPress([first, second])
+    assert composed.compression_ratio == pytest.approx(0.75)
+    keep = composed.compress(context)
+    first_keep = first.compress(context)
+    assert (keep <= first_keep).all()
+    assert (keep.sum(-1) == 12).all()
+    # among Knorm's survivors, StreamingLLM keeps its first two and then the latest ones
+    for head in range(2):
+        survivors = first_keep[0, head].nonzero().flatten().tolist()
+        assert keep[0, head].nonzero().flatten().tolist() == survivors[:2] + survivors[-10:]
+
+
+def test_chunk_press_keeps_its_share_of_every_chunk():
+    model = cached_model("llama")
+    recorder = RecordingPress(compression_ratio=0.5)
+    with torch.no_grad(), recorder(model):
+        model(random_ids(seq_len=SEQ))
+    context = recorder.contexts[0]
+    press = ChunkPress(StreamingLLMPress(compression_ratio=0.75, n_sink=1), chunk_length=20)
+    keep = press.compress(context)
+    # chunks of 20, 20, 8 keep 5, 5, 2: the first token and the newest of each chunk
+    expected = [0, 16, 17, 18, 19, 20, 36, 37, 38, 39, 40, 47]
+    assert keep[0, 0].nonzero().flatten().tolist() == expected
+    assert press.compression_ratio == 0.75
+
+
+def test_adaptive_around_per_layer_press():
+    model = cached_model("qwen2")
+    ratios = [0.25, 0.5, 0.75]
+    press = AdaptivePress(PerLayerCompressionPress(SnapKVPress(window_size=8), ratios))
+    assert press.compression_ratio == pytest.approx(0.5)
+    with press(model):
+        out = greedy(model, random_ids(seq_len=SEQ), max_new_tokens=1)
+    for layer, per_head in context_counts(out.past_key_values).items():
+        assert per_head.sum().item() == 2 * expected_kept(SEQ, ratios[layer])
+
+
+def test_random_press_is_reproducible_with_a_seed():
+    model = cached_model("llama")
+    masks = []
+    for seed in (7, 7, 8):
+        with RandomPress(compression_ratio=0.5, seed=seed)(model):
+            out = greedy(model, random_ids(seq_len=SEQ), max_new_tokens=1)
+        masks.append(torch.stack([layer.context_keep for layer in compressed_layers(out.past_key_values).values()]))
+    assert torch.equal(masks[0], masks[1])
+    assert not torch.equal(masks[0], masks[2])
+
+
+def test_knorm_and_keydiff_scores():
+    model = cached_model("llama")
+    recorder = RecordingPress(compression_ratio=0.5)
+    with torch.no_grad(), recorder(model):
+        model(random_ids(seq_len=SEQ))
+    context = recorder.contexts[0]
+    keys = context.keys[0, 0]  # (seq, head_dim)
+    torch.testing.assert_close(KnormPress().score(context)[0, 0], -keys.norm(dim=-1))
+    unit = keys / keys.norm(dim=-1, keepdim=True)
+    anchor = unit.mean(0)
+    expected = -(unit @ anchor) / anchor.norm()
+    torch.testing.assert_close(KeyDiffPress().score(context)[0, 0], expected)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llama", "llama_yarn", "phi3_partial"])
+def test_expected_attention_with_covariance_matches_the_gaussian_formula(family):
+    """Mean and covariance of 8 recent queries, rotated by the average of the model's own RoPE
+    rotations at the next 4 positions: E[exp(s q.k)] = exp(s mu.k + s^2 k^T Sigma k / 2), normalised."""
+    model = model_of(family)
+    recorder = RecordingPress(compression_ratio=0.5)
+    with torch.no_grad(), recorder(model):
+        model(random_ids(seq_len=SEQ))
+    context = recorder.contexts[-1]
+    module, head_dim = context.module, context.module.head_dim
+    press = ExpectedAttentionPress(n_future_positions=4, n_recent=8, n_sink=0, use_value_norm=False)
+    scores = press.score(context)
+
+    queries = pre_rope_queries(module, context.hidden_states[:, -8:])[0]  # (heads, 8, head_dim)
+    mean = queries.mean(1)
+    centred = queries - mean[:, None]
+    covariance = centred.transpose(-1, -2) @ centred / 8
+    apply_rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb
+    identity = torch.eye(head_dim)[None, None]
+    rotations = []
+    for position in range(SEQ, SEQ + 4):
+        cos, sin = model_rope(model, module, torch.tensor([[position] * head_dim]))
+        rotations.append(apply_rotary(identity, identity, cos, sin)[0][0, 0].T)  # R with R @ x = rope(x)
+    rotation = torch.stack(rotations).mean(0)
+    mean = mean @ rotation.T
+    covariance = rotation @ covariance @ rotation.T
+    groups = module.config.num_attention_heads // module.config.num_key_value_heads
+    keys = context.keys[0].repeat_interleave(groups, dim=0)  # (heads, seq, head_dim)
+    logits = module.scaling * torch.einsum("hd,hsd->hs", mean, keys)
+    logits = logits + 0.5 * module.scaling**2 * torch.einsum("hsd,hde,hse->hs", keys, covariance, keys)
+    expected = logits.softmax(-1).view(-1, groups, SEQ).mean(1)
+    torch.testing.assert_close(scores[0], expected, rtol=1e-4, atol=1e-6)
