@@ -4,6 +4,7 @@ from .adaptive import AdaptivePress
 from .base import BasePress, PrefillContext
 from .chunk import ChunkPress
 from .composed import ComposedPress
+from .criticalkv import CriticalKVPress
 from .expected_attention import ExpectedAttentionPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
@@ -22,6 +23,7 @@ __all__ = [
     "BasePress",
     "ChunkPress",
     "ComposedPress",
+    "CriticalKVPress",
     "ExpectedAttentionPress",
     "KeyDiffPress",
     "KeyRerotationPress",

@@ -29,6 +29,7 @@ from adakv import (
     TOVAPress,
     kept_token_counts,
 )
+from adakv import CriticalKVPress
 from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries
 from adakv.presses.expected_attention import future_rope
@@ -63,6 +64,7 @@ WRAPPERS = {
     "composed": lambda press, r: ComposedPress([KnormPress(compression_ratio=FIRST_RATIO * (r > 0)), press]),
     "per_layer": lambda press, r: PerLayerCompressionPress(press, [ratio * (r > 0) for ratio in LAYER_RATIOS]),
     "key_rerotation": lambda press, r: KeyRerotationPress(press),
+    "critical": lambda press, r: CriticalKVPress(press),
 }
 
 
