@@ -4,6 +4,14 @@ A press replaces a layer of the model's `DynamicCache` after the context prefill
 
 - `MaskedLayer` (backend "mask") keeps the dense keys/values and a per-head keep mask over the
   context. Attention excludes pruned positions per head; no memory is freed.
+- `FlatHeadwiseLayer` (backend "evict", adakv/flat_cache.py) gathers the kept rows of every head
+  into one flat buffer per K and V; pruned rows are freed.
+
+"mask" stays the default: it needs nothing beyond the model's own attention and accepts any mask
+(e.g. padded questions). "evict" gives the same results and really frees memory (KV at ratio r is
+(1 - r) of dense plus < 2%), but on torch 2.11 its GPU decode falls back to a reference attention
+that re-reads the whole cache and was slower than dense SDPA (benchmarks/results/). Pick "evict"
+when memory matters.
 
 Tokens appended later (question, answer) are kept by every head.
 """
@@ -14,7 +22,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 ADAKV_ATTENTION_PREFIX = "adakv_"
-BACKENDS = ("mask",)
+BACKENDS = ("mask", "evict")
 
 
 def check_attention_can_read(config, backend: str) -> None:
@@ -97,10 +105,14 @@ def make_compressed_layer(backend: str, keys: torch.Tensor, values: torch.Tensor
     head_dim) and the keep mask (batch, kv_heads, seq)."""
     if backend == "mask":
         return MaskedLayer(keys, values, keep, config)
+    if backend == "evict":
+        from .flat_cache import FlatHeadwiseLayer  # imports this module
+
+        return FlatHeadwiseLayer(keys, values, keep, config)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
 
 
-def compressed_layers(cache: Cache) -> dict[int, MaskedLayer]:
+def compressed_layers(cache: Cache) -> dict[int, DynamicLayer]:
     """The layers of `cache` that a press compressed, by layer index."""
     return {index: layer for index, layer in enumerate(cache.layers) if hasattr(layer, "kept_counts")}
 

@@ -1,0 +1,249 @@
+"""Flattened head-wise cache layer (backend "evict"): pruned keys/values are really freed.
+
+Per layer, one K and one V buffer of shape (rows, head_dim) hold the rows of every
+(batch, kv-head) "sequence" s = batch * kv_heads + head, one after another:
+
+    rows [offsets[s], offsets[s] + capacity[s])      region of sequence s
+    first context_kept[s] rows                        kept context rows, in position order
+    next `appended` rows                              tokens added after the context (every head keeps them)
+    the rest (`slack` rows)                           free room for later tokens
+
+Every head receives the same appended tokens, so all sequences share one slack size. An append
+writes only the new rows; when the slack runs out the layer is re-laid out once with a larger
+slack (geometric growth, at least `slack_fraction` of the mean head length), so appends cost
+O(new tokens) amortised. `get_seq_length()` counts dense positions (context + appended), which
+transformers uses for positions and masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from . import kernels
+from .cache import check_attention_can_read
+
+DEFAULT_MIN_SLACK = 64
+DEFAULT_SLACK_FRACTION = 0.125
+DEFAULT_GROWTH = 2.0
+
+
+def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
+    return torch.cumsum(counts, 0) - counts
+
+
+def compaction_indices(keep: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Source and destination rows that gather the kept rows of every sequence into the flat layout.
+
+    keep: (sequences, seq) bool; offsets: (sequences,) first row of each sequence's region.
+    Returns (src_index into the (sequences * seq) dense rows, dst_index into the flat buffer), int64."""
+    sequences, seq_len = keep.shape
+    src_index = keep.reshape(-1).nonzero().squeeze(1)  # row-major: by sequence, then position
+    rank_within = (torch.cumsum(keep, dim=-1) - 1).reshape(-1).index_select(0, src_index)
+    dst_index = offsets.index_select(0, torch.div(src_index, seq_len, rounding_mode="floor")) + rank_within
+    return src_index, dst_index
+
+
+def segment_rows(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """Rows starts[s] + j for every sequence s and j < lengths[s], concatenated: (total,) int64."""
+    seq_ids = torch.repeat_interleave(torch.arange(len(lengths), device=lengths.device), lengths, output_size=total)
+    within = torch.arange(total, device=lengths.device) - exclusive_cumsum(lengths).index_select(0, seq_ids)
+    return starts.index_select(0, seq_ids) + within
+
+
+class FlatHeadwiseLayer(DynamicLayer):
+    """Compressed cache layer holding only the kept rows of every (batch, kv-head).
+
+    Built from the dense context keys/values (batch, kv_heads, seq, head_dim) and the keep mask
+    (batch, kv_heads, seq). Attention reads it through `adakv.varlen.flat_attention`.
+    """
+
+    backend = "evict"
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: torch.Tensor,
+        config,
+        min_slack: int = DEFAULT_MIN_SLACK,
+        slack_fraction: float = DEFAULT_SLACK_FRACTION,
+        growth: float = DEFAULT_GROWTH,
+    ):
+        super().__init__()
+        if keys.shape != values.shape or keep.shape != keys.shape[:3]:
+            raise ValueError(
+                f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and keep {tuple(keep.shape)} must be "
+                "(batch, kv_heads, seq, head_dim), the same, and (batch, kv_heads, seq)."
+            )
+        self.config = config
+        self.batch_size, self.num_heads, self.context_length, self.head_dim = keys.shape
+        self.device, self.dtype = keys.device, keys.dtype
+        self.is_initialized = True
+        self.min_slack, self.slack_fraction, self.growth = min_slack, slack_fraction, growth
+        self.appended = 0
+
+        keep = keep.to(device=keys.device, dtype=torch.bool).reshape(self.num_sequences, self.context_length)
+        self.context_kept = keep.sum(-1)  # (sequences,) int64
+        self.total_context_kept = int(self.context_kept.sum())
+        self.max_context_kept = int(self.context_kept.max()) if self.num_sequences else 0
+        self._allocate(min_slack)
+        src_index, dst_index = compaction_indices(keep, self.offsets)
+        kernels.copy_rows(
+            keys.reshape(-1, self.head_dim),
+            values.reshape(-1, self.head_dim),
+            self.keys,
+            self.values,
+            src_index,
+            dst_index,
+        )
+
+    # ----- layout -------------------------------------------------------------------------
+    @property
+    def num_sequences(self) -> int:
+        return self.batch_size * self.num_heads
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(sequences,) rows in use per (batch, kv-head)."""
+        return self.context_kept + self.appended
+
+    @property
+    def max_length(self) -> int:
+        return self.max_context_kept + self.appended
+
+    @property
+    def total_rows(self) -> int:
+        return self.keys.shape[0]
+
+    def _allocate(self, slack: int) -> None:
+        """Fresh buffers for the current context_kept and `slack` rows per sequence (data not copied)."""
+        self.slack = slack
+        self.capacity = self.context_kept + slack
+        self.offsets = exclusive_cumsum(self.capacity)
+        self.row_start = self.offsets + self.context_kept  # where appended tokens begin
+        self.cu_capacity = torch.cat([self.offsets, self.offsets.new_tensor([self.total_context_kept])])
+        self.cu_capacity[-1] += slack * self.num_sequences
+        rows = self.total_context_kept + slack * self.num_sequences
+        self.keys = torch.empty(rows, self.head_dim, dtype=self.dtype, device=self.device)
+        self.values = torch.empty_like(self.keys)
+
+    def _relayout(self, sequence_ids: torch.Tensor, slack: int) -> None:
+        """Copy the used rows of `sequence_ids` (in that order) into fresh buffers with `slack` free rows each."""
+        old_keys, old_values, old_offsets, old_kept = self.keys, self.values, self.offsets, self.context_kept
+        old_lengths = old_kept.index_select(0, sequence_ids) + self.appended
+        self.context_kept = old_kept.index_select(0, sequence_ids)
+        self.total_context_kept = int(self.context_kept.sum())
+        self.max_context_kept = int(self.context_kept.max()) if len(sequence_ids) else 0
+        self._allocate(slack)
+        used = self.total_context_kept + self.appended * len(sequence_ids)
+        src_index = segment_rows(old_offsets.index_select(0, sequence_ids), old_lengths, used)
+        dst_index = segment_rows(self.offsets, old_lengths, used)
+        kernels.copy_rows(old_keys, old_values, self.keys, self.values, src_index, dst_index)
+
+    def _grow(self, needed_slack: int) -> None:
+        mean_length = self.total_context_kept / max(self.num_sequences, 1) + self.appended
+        slack = max(
+            needed_slack,
+            math.ceil(self.growth * self.slack),
+            math.ceil(self.slack_fraction * mean_length),
+            self.min_slack,
+        )
+        self._relayout(torch.arange(self.num_sequences, device=self.device), slack)
+
+    # ----- transformers cache-layer API ---------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append new tokens (batch, kv_heads, new_tokens, head_dim) to every head; return them unchanged
+        (adakv's attention functions read the flat buffers from the layer itself)."""
+        check_attention_can_read(self.config, self.backend)
+        batch, heads, new_tokens, head_dim = key_states.shape
+        if (batch, heads, head_dim) != (self.batch_size, self.num_heads, self.head_dim):
+            raise ValueError(
+                f"New keys have batch={batch}, kv_heads={heads}, head_dim={head_dim}, but this compressed cache "
+                f"holds batch={self.batch_size}, kv_heads={self.num_heads}, head_dim={self.head_dim}. "
+                "Continue with the same batch that filled the cache."
+            )
+        if self.appended + new_tokens > self.slack:
+            self._grow(self.appended + new_tokens)
+        kernels.append_rows(
+            self.keys,
+            self.values,
+            key_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim),
+            value_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim),
+            self.row_start + self.appended,
+        )
+        self.appended += new_tokens
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.context_length + self.appended
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def kept_counts(self) -> torch.Tensor:
+        """(batch, kv_heads) number of rows each head attends to."""
+        return self.lengths.view(self.batch_size, self.num_heads)
+
+    def truncate(self, seq_len: int) -> None:
+        """Drop tokens after the first `seq_len` positions; the compressed context cannot be cut."""
+        if seq_len < self.context_length:
+            raise ValueError(
+                f"Cannot roll back to {seq_len} tokens: the compressed context holds {self.context_length}."
+            )
+        self.appended = min(self.appended, seq_len - self.context_length)
+
+    def crop(self, length_or_tokens_to_remove: int) -> None:
+        # transformers' convention changed between releases: a negative number removes that many
+        # tokens, a non-negative one is the length to keep.
+        length = length_or_tokens_to_remove
+        if length < 0:
+            length = self.get_seq_length() + length
+        self.truncate(length)
+
+    def reset(self) -> None:
+        raise RuntimeError("A compressed (evict) cache layer cannot be reset; start from a new cache.")
+
+    def _select_batches(self, batch_indices: torch.Tensor) -> None:
+        batch_indices = batch_indices.to(self.device, torch.long)
+        heads = torch.arange(self.num_heads, device=self.device)
+        sequence_ids = (batch_indices[:, None] * self.num_heads + heads[None, :]).reshape(-1)
+        self.batch_size = len(batch_indices)
+        self._relayout(sequence_ids, self.slack)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._select_batches(torch.as_tensor(indices))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._select_batches(torch.arange(self.batch_size).repeat_interleave(repeats))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batches(beam_idx)
+
+    # ----- inspection ---------------------------------------------------------------------------
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one cached token of one head, K and V together."""
+        return 2 * self.head_dim * self.keys.element_size()
+
+    def kv_bytes(self) -> int:
+        """Bytes of the K and V buffers (kept rows + slack)."""
+        return self.total_rows * self.row_bytes
+
+    def metadata_bytes(self) -> int:
+        tensors = (self.context_kept, self.capacity, self.offsets, self.row_start, self.cu_capacity)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def held_bytes(self) -> int:
+        return self.kv_bytes() + self.metadata_bytes()
+
+    def dense_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded copies (sequences, max_length, head_dim) of every sequence's used rows, zero past its length."""
+        steps = torch.arange(self.max_length, device=self.device)
+        valid = steps[None, :] < self.lengths[:, None]
+        index = torch.where(valid, self.offsets[:, None] + steps[None, :], 0)
+        keys = self.keys[index].masked_fill(~valid[..., None], 0)
+        values = self.values[index].masked_fill(~valid[..., None], 0)
+        return keys, values

@@ -1,0 +1,157 @@
+"""Attention over a `FlatHeadwiseLayer`: variable-length attention where each (batch, kv-head) is one
+sequence, attended by its GQA group of query heads.
+
+The new tokens of the current forward are the last `query_length` rows of every sequence; query j
+sees every row up to and including its own (causal within multi-token appends). Paths:
+
+- CUDA, fp16/bf16: `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside torch) when it
+  accepts `seqused_k` (needed because each sequence's region ends in unused slack rows), else
+  `flash_attn_varlen_func` when flash-attn is installed and accepts `seqused_k`.
+- otherwise: `reference_flat_attention`, plain PyTorch over padded copies of the rows (CPU path,
+  test oracle, and GPU fallback; it re-reads the whole cache, so it is slow on long contexts).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from functools import lru_cache
+
+import torch
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def grouped_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(batch, heads, q, d) -> (batch * kv_heads, group, q, d): each sequence with its query heads."""
+    batch, heads, query_length, head_dim = query.shape
+    return query.reshape(batch * num_kv_heads, heads // num_kv_heads, query_length, head_dim)
+
+
+def attention_output(per_sequence: torch.Tensor, batch: int) -> torch.Tensor:
+    """(batch * kv_heads, group, q, d) -> (batch, q, heads, d), the layout attention functions return."""
+    sequences, group, query_length, head_dim = per_sequence.shape
+    return per_sequence.reshape(batch, -1, query_length, head_dim).transpose(1, 2).contiguous()
+
+
+def reference_flat_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    """query: (batch, heads, q, head_dim) -> (batch, q, heads, head_dim)."""
+    batch, _, query_length, _ = query.shape
+    keys, values = layer.dense_rows()  # (sequences, max_length, head_dim)
+    lengths = layer.lengths
+    steps = torch.arange(keys.shape[1], device=query.device)
+    # query j may see rows < length - query_length + j + 1
+    last_visible = lengths[:, None] - query_length + torch.arange(query_length, device=query.device)[None, :]
+    allowed = steps[None, None, :] <= last_visible[:, :, None]  # (sequences, q, max_length)
+    queries = grouped_queries(query, layer.num_heads)
+    scores = torch.matmul(queries, keys.unsqueeze(1).transpose(-1, -2)) * scaling
+    scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return attention_output(torch.matmul(probabilities, values.unsqueeze(1)), batch)
+
+
+@lru_cache(maxsize=None)
+def _torch_varlen():
+    """(varlen_attn, takes_is_causal) when torch's varlen_attn can read slack-padded sequences, else None."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    parameters = inspect.signature(varlen_attn).parameters
+    if "seqused_k" not in parameters:
+        return None
+    return varlen_attn, "is_causal" in parameters
+
+
+@lru_cache(maxsize=None)
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return flash_attn_varlen_func if "seqused_k" in inspect.signature(flash_attn_varlen_func).parameters else None
+
+
+def available_gpu_path() -> str:
+    """Which implementation `flat_attention` uses for fp16/bf16 CUDA tensors."""
+    if _torch_varlen() is not None:
+        return "torch_varlen"
+    if _flash_attn_varlen() is not None:
+        return "flash_attn"
+    return "reference"
+
+
+def _varlen_arguments(query: torch.Tensor, layer):
+    batch, heads, query_length, head_dim = query.shape
+    group = heads // layer.num_heads
+    # (sequences, group, q, d) -> (sequences * q, group, d): the tokens of each sequence, group heads
+    packed_queries = grouped_queries(query, layer.num_heads).transpose(1, 2).reshape(-1, group, head_dim)
+    sequences = layer.num_sequences
+    cu_seq_q = torch.arange(0, (sequences + 1) * query_length, query_length, device=query.device, dtype=torch.int32)
+    return dict(
+        queries=packed_queries,
+        keys=layer.keys.view(-1, 1, head_dim),
+        values=layer.values.view(-1, 1, head_dim),
+        cu_seq_q=cu_seq_q,
+        cu_seq_k=layer.cu_capacity.to(torch.int32),
+        seqused_k=layer.lengths.to(torch.int32),
+        max_q=query_length,
+        max_k=layer.max_length,
+        causal=query_length > 1,
+    )
+
+
+def _unpack(output: torch.Tensor, query: torch.Tensor, layer) -> torch.Tensor:
+    batch, heads, query_length, head_dim = query.shape
+    group = heads // layer.num_heads
+    per_sequence = output.reshape(layer.num_sequences, query_length, group, head_dim).transpose(1, 2)
+    return attention_output(per_sequence, batch)
+
+
+def torch_varlen_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    varlen_attn, takes_is_causal = _torch_varlen()
+    a = _varlen_arguments(query, layer)
+    causal = {"is_causal": a["causal"]} if takes_is_causal else {"window_size": (-1, 0) if a["causal"] else (-1, -1)}
+    output = varlen_attn(
+        a["queries"], a["keys"], a["values"], a["cu_seq_q"], a["cu_seq_k"], a["max_q"], a["max_k"],
+        scale=scaling, seqused_k=a["seqused_k"], **causal,
+    )  # fmt: skip
+    return _unpack(output, query, layer)
+
+
+def flash_attn_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    a = _varlen_arguments(query, layer)
+    output = _flash_attn_varlen()(
+        a["queries"], a["keys"], a["values"], a["cu_seq_q"], a["cu_seq_k"], a["max_q"], a["max_k"],
+        softmax_scale=scaling, causal=a["causal"], seqused_k=a["seqused_k"],
+    )  # fmt: skip
+    return _unpack(output, query, layer)
+
+
+def flat_attention(query: torch.Tensor, layer, scaling: float, implementation: str | None = None) -> torch.Tensor:
+    """Attention of `query` (batch, heads, q, head_dim) over `layer`'s flat rows -> (batch, q, heads, head_dim).
+
+    implementation: None picks the best available; or "reference", "torch_varlen", "flash_attn"."""
+    if query.shape[1] % layer.num_heads:
+        raise ValueError(f"{query.shape[1]} query heads cannot be grouped over {layer.num_heads} KV heads.")
+    if implementation is None:
+        on_gpu = query.is_cuda and query.dtype in FLASH_DTYPES
+        implementation = available_gpu_path() if on_gpu else "reference"
+        if on_gpu and implementation == "reference":
+            _warn_reference_on_gpu()
+    if implementation == "torch_varlen":
+        return torch_varlen_attention(query, layer, scaling)
+    if implementation == "flash_attn":
+        return flash_attn_attention(query, layer, scaling)
+    if implementation == "reference":
+        return reference_flat_attention(query, layer, scaling)
+    raise ValueError(f"implementation must be None, 'reference', 'torch_varlen' or 'flash_attn', got {implementation!r}.")
+
+
+@lru_cache(maxsize=None)
+def _warn_reference_on_gpu() -> None:
+    warnings.warn(
+        "Neither torch.nn.attention.varlen.varlen_attn nor flash_attn_varlen_func accepts `seqused_k` here; "
+        "the evict backend falls back to its PyTorch reference attention, which re-reads the whole cache.",
+        stacklevel=3,
+    )
