@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from adakv.models import pre_rope_queries
+from adakv.models import pre_rope_queries, rope_cos_sin, rotate
 
 from .base import PrefillContext
-from .key_rerotation import rope_cos_sin, rotate
 from .scorer import ScorerPress
 from .streaming_llm import first_available
 

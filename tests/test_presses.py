@@ -31,9 +31,8 @@ from adakv import (
 )
 from adakv import CriticalKVPress
 from adakv.cache import compressed_layers
-from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries
+from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
 from adakv.presses.expected_attention import future_rope
-from adakv.presses.key_rerotation import rope_cos_sin
 from adakv.presses.pyramidkv import pyramid_keep_fraction
 
 from conftest import COMMON, random_ids, tiny_model
