@@ -4,6 +4,10 @@ sequence, attended by its GQA group of query heads.
 The new tokens of the current forward are the last `query_length` rows of every sequence; query j
 sees every row up to and including its own (causal within multi-token appends). Paths:
 
+- CUDA, fp16/bf16/fp32, triton importable: `adakv.triton_decode` (our split-KV / flash-decoding Triton
+  kernels: the keys of every sequence are split over several programs so batch 1 fills the GPU). Used
+  for decode and for appends of up to TRITON_MAX_QUERY_LENGTH tokens; longer appends go to the varlen
+  paths below when one is available, else still to Triton.
 - CUDA, fp16/bf16: `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside torch) when it
   accepts `seqused_k` (needed because each sequence's region ends in unused slack rows), else
   `flash_attn_varlen_func` when flash-attn is installed and accepts `seqused_k`.
@@ -19,7 +23,10 @@ from functools import lru_cache
 
 import torch
 
+from . import triton_decode
+
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+TRITON_MAX_QUERY_LENGTH = 512  # longer appends prefer FlashAttention's varlen kernels when available
 
 
 def grouped_queries(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -72,13 +79,31 @@ def _flash_attn_varlen():
     return flash_attn_varlen_func if "seqused_k" in inspect.signature(flash_attn_varlen_func).parameters else None
 
 
-def available_gpu_path() -> str:
-    """Which implementation `flat_attention` uses for fp16/bf16 CUDA tensors."""
+def available_varlen_path() -> str:
+    """The FlashAttention-based path for fp16/bf16 CUDA tensors, or "reference" when there is none."""
     if _torch_varlen() is not None:
         return "torch_varlen"
     if _flash_attn_varlen() is not None:
         return "flash_attn"
     return "reference"
+
+
+def available_gpu_path() -> str:
+    """Which implementation `flat_attention` uses for decoding with fp16/bf16 CUDA tensors."""
+    return "triton" if triton_decode.triton_available() else available_varlen_path()
+
+
+def choose_implementation(query: torch.Tensor) -> str:
+    """The fastest path available for this query (see the module docstring)."""
+    if not query.is_cuda:
+        return "reference"
+    use_triton = triton_decode.triton_available() and query.dtype in triton_decode.SUPPORTED_DTYPES
+    if use_triton and query.shape[-1] <= triton_decode.MAX_HEAD_DIM:
+        if query.shape[-2] <= TRITON_MAX_QUERY_LENGTH or query.dtype not in FLASH_DTYPES:
+            return "triton"
+        varlen = available_varlen_path()
+        return varlen if varlen != "reference" else "triton"
+    return available_varlen_path() if query.dtype in FLASH_DTYPES else "reference"
 
 
 def _varlen_arguments(query: torch.Tensor, layer):
@@ -131,27 +156,31 @@ def flash_attn_attention(query: torch.Tensor, layer, scaling: float) -> torch.Te
 def flat_attention(query: torch.Tensor, layer, scaling: float, implementation: str | None = None) -> torch.Tensor:
     """Attention of `query` (batch, heads, q, head_dim) over `layer`'s flat rows -> (batch, q, heads, head_dim).
 
-    implementation: None picks the best available; or "reference", "torch_varlen", "flash_attn"."""
+    implementation: None picks the best available; or "reference", "triton", "torch_varlen", "flash_attn"."""
     if query.shape[1] % layer.num_heads:
         raise ValueError(f"{query.shape[1]} query heads cannot be grouped over {layer.num_heads} KV heads.")
     if implementation is None:
-        on_gpu = query.is_cuda and query.dtype in FLASH_DTYPES
-        implementation = available_gpu_path() if on_gpu else "reference"
-        if on_gpu and implementation == "reference":
+        implementation = choose_implementation(query)
+        if query.is_cuda and implementation == "reference":
             _warn_reference_on_gpu()
+    if implementation == "triton":
+        return triton_decode.triton_flat_attention(query, layer, scaling)
     if implementation == "torch_varlen":
         return torch_varlen_attention(query, layer, scaling)
     if implementation == "flash_attn":
         return flash_attn_attention(query, layer, scaling)
     if implementation == "reference":
         return reference_flat_attention(query, layer, scaling)
-    raise ValueError(f"implementation must be None, 'reference', 'torch_varlen' or 'flash_attn', got {implementation!r}.")
+    raise ValueError(
+        f"implementation must be None, 'reference', 'triton', 'torch_varlen' or 'flash_attn', got {implementation!r}."
+    )
 
 
 @lru_cache(maxsize=None)
 def _warn_reference_on_gpu() -> None:
     warnings.warn(
-        "Neither torch.nn.attention.varlen.varlen_attn nor flash_attn_varlen_func accepts `seqused_k` here; "
-        "the evict backend falls back to its PyTorch reference attention, which re-reads the whole cache.",
+        "Triton is not installed (or the dtype/head_dim is unsupported) and neither "
+        "torch.nn.attention.varlen.varlen_attn nor flash_attn_varlen_func accepts `seqused_k` here; the evict "
+        "backend falls back to its PyTorch reference attention, which re-reads the whole cache.",
         stacklevel=3,
     )

@@ -1,0 +1,166 @@
+"""Split-KV ("flash-decoding") attention over a `FlatHeadwiseLayer`, written in Triton.
+
+At decode a (batch, kv-head) sequence has one query token per query head, too little work for one
+GPU program per sequence to keep the GPU busy. So the keys of every sequence are split into
+`num_splits` chunks, one program each (grid: sequences x splits x query-row blocks); each program
+runs an online softmax in fp32 over its chunk and writes (normalised output, log-sum-exp); a second
+small kernel merges the chunks. `num_splits` is chosen from the longest sequence and the GPU's
+multiprocessor count so that batch 1 already fills the GPU. The same kernels serve multi-token
+appends (a question): query j of q_len sees rows < length - q_len + j + 1.
+
+Shapes: query (batch, heads, q_len, head_dim), any strides with a unit last stride; the layer's flat
+keys/values (rows, head_dim); offsets/lengths (batch * kv_heads,). Output (batch, q_len, heads,
+head_dim) in the query's dtype. CUDA only, fp16/bf16/fp32, head_dim <= 256. fp32 uses IEEE fp32 dot
+products (no tf32). Triton is imported only when a function here runs, so this module imports on
+machines without it (adakv.triton_kernels holds the @triton.jit kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from functools import lru_cache
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
+MAX_SPLITS = 128
+PROGRAMS_PER_SM = 2  # target grid size: a couple of programs per multiprocessor
+
+
+@lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """True when triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+@lru_cache(maxsize=None)
+def _kernels():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+@lru_cache(maxsize=None)
+def multiprocessor_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@lru_cache(maxsize=None)
+def block_sizes(query_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Tile sizes: query rows (>= 16 for tl.dot), keys per step, padded head_dim, warps, stages."""
+    block_d = max(16, next_power_of_2(head_dim))
+    block_m = min(64, max(16, next_power_of_2(query_rows)))
+    wide = block_d * (4 if dtype == torch.float32 else 2) > 256  # bytes per row beyond 128 bf16 values
+    block_n = 32 if wide else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2 if wide else 3)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def choose_num_splits(max_length: int, programs_without_split: int, num_sms: int) -> int:
+    """Splits per sequence so that sequences x row blocks x splits reaches ~PROGRAMS_PER_SM per SM,
+    with at least MIN_KEYS_PER_SPLIT keys in a split of the longest sequence."""
+    wanted = math.ceil(PROGRAMS_PER_SM * num_sms / max(programs_without_split, 1))
+    useful = math.ceil(max_length / MIN_KEYS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+def check_inputs(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_kv_heads: int) -> None:
+    if not (query.is_cuda and keys.is_cuda and values.is_cuda):
+        raise ValueError(
+            f"Triton flat attention needs CUDA tensors, got query on {query.device} and keys on {keys.device}."
+        )
+    if query.dtype not in SUPPORTED_DTYPES or keys.dtype != query.dtype or values.dtype != query.dtype:
+        raise TypeError(
+            f"Triton flat attention supports {SUPPORTED_DTYPES} with one dtype for query, keys and values; "
+            f"got {query.dtype}, {keys.dtype}, {values.dtype}."
+        )
+    head_dim = query.shape[-1]
+    if head_dim > MAX_HEAD_DIM or keys.shape[-1] != head_dim or values.shape != keys.shape:
+        raise ValueError(
+            f"head_dim must be <= {MAX_HEAD_DIM} and equal for query {tuple(query.shape)}, keys "
+            f"{tuple(keys.shape)} and values {tuple(values.shape)}."
+        )
+    if keys.dim() != 2 or not keys.is_contiguous() or not values.is_contiguous():
+        raise ValueError("keys and values must be contiguous (rows, head_dim) buffers.")
+    if query.shape[1] % num_kv_heads:
+        raise ValueError(f"{query.shape[1]} query heads cannot be grouped over {num_kv_heads} KV heads.")
+
+
+def split_kv_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    num_kv_heads: int,
+    max_length: int,
+    scaling: float,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    tiles: dict | None = None,
+    extra_length: int = 0,
+) -> torch.Tensor:
+    """query (batch, heads, q_len, head_dim) over sequences s = batch * num_kv_heads + kv_head whose rows
+    are keys/values[offsets[s] : offsets[s] + lengths[s] + extra_length] -> (batch, q_len, heads, head_dim).
+
+    Every length must be >= q_len (the new tokens are the last rows); max_length >= the longest length.
+    offsets/lengths: int32 or int64 CUDA tensors. out: optional contiguous output buffer. tiles: overrides
+    of `block_sizes` (BLOCK_N, num_warps, num_stages; for tuning). extra_length lets a caller pass
+    (context rows, appended tokens) without adding them in a separate launch."""
+    check_inputs(query, keys, values, num_kv_heads)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    batch, heads, query_length, head_dim = query.shape
+    group = heads // num_kv_heads
+    sequences = batch * num_kv_heads
+    query_rows = group * query_length
+    sizes = block_sizes(query_rows, head_dim, query.dtype)
+    if tiles:
+        sizes = sizes | tiles
+    row_blocks = cdiv(query_rows, sizes["BLOCK_M"])
+    if num_splits is None:
+        num_splits = choose_num_splits(max_length, sequences * row_blocks, multiprocessor_count(query.device.index))
+
+    # one workspace for the per-split outputs (slots, head_dim) and log2-sum-exps (slots,)
+    slots = sequences * num_splits * query_rows
+    workspace = torch.empty(slots * (head_dim + 1), device=query.device, dtype=torch.float32)
+    partial_out, partial_lse = workspace[: slots * head_dim], workspace[slots * head_dim :]
+    output = out if out is not None else query.new_empty(batch, query_length, heads, head_dim)
+    if output.shape != (batch, query_length, heads, head_dim) or output.dtype != query.dtype:
+        raise ValueError(f"out must be ({batch}, {query_length}, {heads}, {head_dim}) {query.dtype}.")
+    if not output.is_contiguous():
+        raise ValueError("out must be contiguous.")
+    kernels = _kernels()
+    kernels.partial_attention[(sequences, num_splits, row_blocks)](
+        query, keys, values, offsets, lengths, partial_out, partial_lse,
+        query.stride(0), query.stride(1), query.stride(2), keys.stride(0),
+        scaling * math.log2(math.e), extra_length, num_kv_heads, query_length, num_splits,
+        GROUP=group, HEAD_DIM=head_dim, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        **sizes,
+    )  # fmt: skip
+    kernels.combine_splits[(sequences, row_blocks)](
+        partial_out, partial_lse, output,
+        output.stride(0), output.stride(1), output.stride(2),
+        num_kv_heads, query_length, num_splits,
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=sizes["BLOCK_M"], BLOCK_D=sizes["BLOCK_D"],
+    )  # fmt: skip
+    return output
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def triton_flat_attention(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None) -> torch.Tensor:
+    """query (batch, heads, q_len, head_dim) over a FlatHeadwiseLayer's rows -> (batch, q_len, heads, head_dim)."""
+    # lengths = context_kept + appended, added inside the kernel (saves a launch per layer and step)
+    return split_kv_attention(
+        query, layer.keys, layer.values, layer.offsets, layer.context_kept,
+        layer.num_heads, layer.max_length, scaling, num_splits, extra_length=layer.appended,
+    )  # fmt: skip
