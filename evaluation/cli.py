@@ -1,0 +1,81 @@
+"""Command line: `python -m adakv.evaluation run ...` / `adakv-eval run ...`, and `... report RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import registry, tasks
+from .runner import DEFAULT_MODEL, DTYPES, SweepConfig
+
+
+def _names(values: list[str]) -> list[str]:
+    """Accept both `--presses a b` and `--presses a,b`."""
+    return [name for value in values for name in value.split(",") if name]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adakv-eval", description="RULER-style KV cache compression sweeps.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="run or resume a sweep into a run folder")
+    run.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (embedded) or a from_pretrained path")
+    run.add_argument("--tasks", nargs="+", default=list(tasks.DEFAULT_TASKS), help=f"known: {', '.join(tasks.TASKS)}")
+    run.add_argument("--context-length", nargs="+", default=["1024"], help="tokens; several for the needle grid")
+    run.add_argument("--samples", type=int, default=5,
+                     help="samples per task and context length (needle_grid: sample i at depth (i mod 5) / 4)")
+    run.add_argument("--presses", nargs="+", default=["none", "snapkv", "adakv_snapkv"],
+                     help=f"known: {', '.join(registry.known_press_names())}")
+    run.add_argument("--ratios", nargs="+", default=["0.25", "0.5", "0.75"])
+    run.add_argument("--backend", default="mask", help="passed to each press's `backend` field")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--query-aware", action="store_true", help="also put the question at the end of the context")
+    run.add_argument("--no-fast-path", action="store_true", help="prefill once per setting (naive loop)")
+    run.add_argument("--check-naive", type=int, default=3,
+                     help="settings also run with the naive loop, to time it and compare answers")
+    run.add_argument("--threads", type=int, default=None,
+                     help="CPU threads for torch (1 is fastest on a CPU shared with other jobs)")
+    run.add_argument("--out", required=True, help="run folder (resumed when it exists)")
+    run.add_argument("--quiet", action="store_true")
+    report = commands.add_parser("report", help="rewrite tables and plots of a run folder")
+    report.add_argument("run_dir")
+    return parser
+
+
+def config_from_args(args) -> SweepConfig:
+    return SweepConfig(
+        model=args.model, tasks=_names(args.tasks), context_lengths=[int(v) for v in _names(args.context_length)],
+        samples=args.samples, presses=_names(args.presses), ratios=[float(v) for v in _names(args.ratios)],
+        backend=args.backend, seed=args.seed, query_aware=args.query_aware, dtype=args.dtype, device=args.device,
+        fast_path=not args.no_fast_path, check_naive=args.check_naive,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "report":
+            from .report import write_reports
+
+            write_reports(args.run_dir)
+            with open(f"{args.run_dir}/summary.md") as handle:
+                print(handle.read())
+            return 0
+        from .runner import run_sweep
+
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        run_sweep(config_from_args(args), args.out, progress=not args.quiet)
+        with open(f"{args.out}/summary.md") as handle:
+            print(handle.read())
+        return 0
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Answering one sample under one press: the naive loop and the one-prefill fast path.
+
+Naive: for every (press, ratio), prefill the context inside `with press(model):` (each layer is
+compressed right after its own attention ran) and answer the question from the compressed cache.
+
+Fast: every layer is compressed *after* its attention ran on the full context, so the prefill's
+hidden states, keys and values never depend on the press. `dense_prefill` runs the context once
+with a recording press that keeps each full-attention layer's `PrefillContext` (built by
+`BasePress` itself) and compresses nothing; `fast_answer` then builds each setting's cache by
+calling `press.compressed_layer` on copies of those contexts, in layer order, exactly as the hooks
+would, and answers. Keys and values are cloned per setting, so presses that edit keys in place
+(KeyRerotationPress) cannot leak into the next setting.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+
+import torch
+from transformers import DynamicCache
+
+from adakv.pipeline import answer_from_cache, encode_prompt_parts, prefill_context, split_prompt
+from adakv.presses import BasePress, PrefillContext
+
+
+@dataclass
+class RecordingPress(BasePress):
+    """Compresses nothing; keeps the PrefillContext of every full-attention layer, in layer order."""
+
+    contexts: list = field(default_factory=list)
+
+    def compressed_layer(self, context: PrefillContext):
+        self.contexts.append(context)
+        return None
+
+
+@dataclass
+class DensePrefill:
+    """The dense cache of one context and the recorded per-layer contexts."""
+
+    cache: DynamicCache
+    contexts: list[PrefillContext]
+
+
+def encode_prompt(tokenizer, sample, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context_ids, question_ids), each (1, n) on `device`, split as the pipeline splits prompts."""
+    context_text, question_text = split_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
+    context_ids, (question_ids,) = encode_prompt_parts(tokenizer, context_text, [question_text])
+    return context_ids.to(device), question_ids.to(device)
+
+
+@torch.no_grad()
+def prefill(model, context_ids: torch.Tensor) -> DynamicCache:
+    """Prefill the context into a fresh cache (compressed by the press whose block is active, if any)."""
+    cache = DynamicCache(config=model.config)
+    prefill_context(model, cache, context_ids)
+    return cache
+
+
+def naive_answer(model, tokenizer, press, context_ids, question_ids, max_new_tokens: int) -> tuple[str, DynamicCache]:
+    """Prefill with `press` active (None: dense) and answer."""
+    if press is None:
+        cache = prefill(model, context_ids)
+        return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
+    with press(model):
+        cache = prefill(model, context_ids)
+        return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
+
+
+def dense_prefill(model, context_ids: torch.Tensor) -> DensePrefill:
+    """Prefill once without compression, recording each full-attention layer's PrefillContext."""
+    recorder = RecordingPress()
+    with recorder(model):
+        cache = prefill(model, context_ids)
+    return DensePrefill(cache, recorder.contexts)
+
+
+def compressed_cache(dense: DensePrefill, press: BasePress | None) -> DynamicCache:
+    """A new cache holding `dense`'s context as `press` would have compressed it during prefill."""
+    cache = copy.copy(dense.cache)
+    cache.layers = [copy.copy(layer) for layer in dense.cache.layers]
+    if press is None:
+        return cache
+    for context in dense.contexts:
+        own = replace(context, keys=context.keys.clone(), values=context.values.clone())
+        layer = press.compressed_layer(own)
+        if layer is not None:
+            cache.layers[context.layer_idx] = layer
+    return cache
+
+
+def fast_answer(
+    model, tokenizer, dense: DensePrefill, press, question_ids, max_new_tokens: int
+) -> tuple[str, DynamicCache]:
+    """Answer from `dense` compressed by `press` (None: dense), without a new prefill."""
+    if press is None:
+        cache = compressed_cache(dense, None)
+        return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
+    with press(model):
+        cache = compressed_cache(dense, press)
+        return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache

@@ -1,0 +1,183 @@
+"""Tables and plots of a run folder: summary.md / summary.csv / per_task.csv, metrics.json, PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+
+from .metrics import mean_and_ci
+from .registry import PRESSES
+
+
+def _aggregate(results: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    rows = []
+    for keys, group in results.groupby(by, sort=True):
+        mean, ci = mean_and_ci(group["score"])
+        rows.append({**dict(zip(by, keys if isinstance(keys, tuple) else (keys,))), "score": mean, "ci95": ci,
+                     "n": len(group)})
+    return pd.DataFrame(rows)
+
+
+def press_ratio_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean score, 95% CI half-width and row count per (press, ratio), over all tasks and samples."""
+    return _aggregate(results, ["press", "ratio"])
+
+
+def per_task_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Mean score per (press, ratio) x task, tasks as columns."""
+    table = _aggregate(results, ["press", "ratio", "task"])
+    return table.pivot_table(index=["press", "ratio"], columns="task", values="score").reset_index()
+
+
+def adaptive_vs_uniform(results: pd.DataFrame) -> pd.DataFrame:
+    """Paired difference adakv_X - X per ratio, on the same (task, length, sample): mean, 95% CI, n."""
+    rows = []
+    keys = ["task", "context_length", "sample", "ratio"]
+    for name, (class_name, adaptive) in PRESSES.items():
+        uniform = next((n for n, (c, a) in PRESSES.items() if c == class_name and not a), None)
+        if not adaptive or name not in set(results.press) or uniform not in set(results.press):
+            continue
+        paired = results[results.press == name].merge(
+            results[results.press == uniform], on=keys, suffixes=("_ada", "_uni")
+        )
+        for ratio, group in paired.groupby("ratio"):
+            mean, ci = mean_and_ci(group["score_ada"] - group["score_uni"])
+            rows.append({"adaptive": name, "uniform": uniform, "ratio": ratio, "difference": mean, "ci95": ci,
+                         "n": len(group), "adaptive_score": group["score_ada"].mean(),
+                         "uniform_score": group["score_uni"].mean()})
+    return pd.DataFrame(rows)
+
+
+def _markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    columns = list(table.columns)
+    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
+    for row in table.itertuples(index=False):
+        cells = [f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def score_grid(summary: pd.DataFrame) -> pd.DataFrame:
+    """press x ratio grid of "mean ± ci" strings."""
+    labels = [f"{s:.3f} ± {c:.3f}" if c == c else f"{s:.3f}" for s, c in zip(summary.score, summary.ci95)]
+    cells = summary.assign(cell=labels)
+    grid = cells.pivot(index="press", columns="ratio", values="cell").fillna("")
+    grid.columns = [f"ratio {c:g}" for c in grid.columns]
+    return grid.reset_index()
+
+
+def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> dict:
+    """Write summary.md, summary.csv, per_task.csv, adaptive_vs_uniform.csv, metrics.json and PNGs."""
+    results = pd.read_csv(os.path.join(out, "results.csv"), keep_default_na=False)
+    summary, per_task, paired = press_ratio_table(results), per_task_table(results), adaptive_vs_uniform(results)
+    summary.to_csv(os.path.join(out, "summary.csv"), index=False)
+    per_task.to_csv(os.path.join(out, "per_task.csv"), index=False)
+    paired.to_csv(os.path.join(out, "adaptive_vs_uniform.csv"), index=False)
+    metrics_path = os.path.join(out, "metrics.json")
+    metrics = {}
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as handle:
+            metrics = json.load(handle)
+    by_task = _aggregate(results, ["press", "ratio", "task"])
+    metrics.update(rows=len(results), by_press_ratio=summary.to_dict("records"),
+                   adaptive_vs_uniform=paired.to_dict("records"), by_task=by_task.to_dict("records"))
+    if timing:
+        metrics["fast_path_timing"] = timing
+    with open(metrics_path, "w") as handle:
+        json.dump(metrics, handle, indent=2, default=str)
+
+    samples = results.groupby(["task", "context_length"])["sample"].nunique()
+    text = [f"# Results of {os.path.basename(os.path.abspath(out))}", "",
+            f"{len(results)} rows; samples per (task, context length): {samples.min()}-{samples.max()}; "
+            "score = fraction of expected answers found in the output; ± is a 95% normal-approximation CI.", "",
+            "## Score by press and compression ratio (all tasks)", "", _markdown(score_grid(summary)), "",
+            "## Score per task", "", _markdown(per_task)]
+    if not paired.empty:
+        text += ["", "## Adaptive minus uniform (paired on identical samples)", "", _markdown(paired)]
+    if metrics.get("fast_path_timing"):
+        t = metrics["fast_path_timing"]
+        text += ["", f"Fast path: speedup {t['speedup']:.2f}x over the naive loop for {t['settings_per_context']} "
+                 f"settings per context ({t['settings_checked_both_ways']} settings timed both ways, "
+                 f"{len(t['answer_mismatches'])} answer mismatches)."]
+    with open(os.path.join(out, "summary.md"), "w") as handle:
+        handle.write("\n".join(text) + "\n")
+    if plots:
+        write_plots(out, results, summary)
+    return metrics
+
+
+def write_plots(out: str, results: pd.DataFrame, summary: pd.DataFrame) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for press, group in summary.groupby("press"):
+        if press == "none":
+            axis.axhline(group.score.iloc[0], color="black", linestyle="--", label="none (dense)")
+            continue
+        group = group.sort_values("ratio")
+        axis.errorbar(group.ratio, group.score, yerr=group.ci95.fillna(0), marker="o", capsize=3, label=press,
+                      linestyle="-" if press.startswith("adakv_") else ":")
+    axis.set_xlabel("compression ratio (fraction of KV pairs removed)")
+    axis.set_ylabel("score (mean over tasks and samples)")
+    axis.set_ylim(-0.02, 1.02)
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    written.append(_save(figure, out, "score_vs_ratio.png"))
+
+    grid = results[results.task == "needle_grid"]
+    if not grid.empty:
+        written.append(_needle_grid_plot(grid, out, plt))
+    budgets_path = os.path.join(out, "budgets.csv")
+    if os.path.exists(budgets_path):
+        written.append(_budgets_plot(pd.read_csv(budgets_path), out, plt))
+    return written
+
+
+def _needle_grid_plot(grid: pd.DataFrame, out: str, plt) -> str:
+    settings = list(grid.groupby(["press", "ratio"]).groups)
+    columns = min(4, len(settings))
+    rows = -(-len(settings) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)
+    figure.subplots_adjust(wspace=0.5, hspace=0.6)
+    for axis, (press, ratio) in zip(axes.flat, settings):
+        part = grid[(grid.press == press) & (grid.ratio == ratio)]
+        table = part.pivot_table(index="depth", columns="context_length", values="score", aggfunc="mean")
+        image = axis.imshow(table.values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        axis.set_xticks(range(len(table.columns)), [str(c) for c in table.columns], fontsize=7)
+        axis.set_yticks(range(len(table.index)), [f"{float(d):.2f}" for d in table.index], fontsize=7)
+        axis.set_title(f"{press} @ {ratio:g}", fontsize=8)
+        axis.set_xlabel("context tokens", fontsize=7)
+        axis.set_ylabel("needle depth", fontsize=7)
+    for axis in list(axes.flat)[len(settings):]:
+        axis.axis("off")
+    figure.colorbar(image, ax=axes, shrink=0.8)
+    return _save(figure, out, "needle_grid.png")
+
+
+def _budgets_plot(budgets: pd.DataFrame, out: str, plt) -> str:
+    table = budgets.pivot(index="layer", columns="head", values="kept")
+    figure, axis = plt.subplots(figsize=(1.2 + 0.6 * table.shape[1], 1.5 + 0.2 * table.shape[0]))
+    image = axis.imshow(table.values, aspect="auto", cmap="viridis")
+    axis.set_xlabel("KV head")
+    axis.set_ylabel("layer")
+    axis.set_xticks(range(table.shape[1]))
+    first = budgets.iloc[0]
+    axis.set_title(f"{first.press} @ {first.ratio:g}: tokens kept per head\n"
+                   f"({first.task}, {first.context_tokens} context tokens)", fontsize=8)
+    figure.colorbar(image, ax=axis)
+    return _save(figure, out, "budgets.png")
+
+
+def _save(figure, out: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out, name)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    return path

@@ -1,0 +1,293 @@
+"""The sweep runner: every (task, sample, press, ratio) of a config, one row each in a run folder.
+
+A run folder holds config.json (what the rows mean), results.csv (one row per setting, appended
+after each sample, so an interrupted run resumes where it stopped), metrics.json and the reports.
+Resuming into a folder written by a different config is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from adakv.cache import kept_token_counts
+
+from . import engine, registry, tasks
+from .metrics import string_match
+
+KEY_COLUMNS = ["task", "context_length", "sample", "press", "ratio"]
+DEFAULT_MODEL = "smollm2"
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep computes. Fields in `EXECUTION_FIELDS` change how, not what, and may differ on
+    resume; so may `samples`, since sample i is the same whatever the count (a resume can add samples)."""
+
+    model: str = DEFAULT_MODEL
+    tasks: list[str] = field(default_factory=lambda: list(tasks.DEFAULT_TASKS))
+    context_lengths: list[int] = field(default_factory=lambda: [1024])
+    samples: int = 5
+    presses: list[str] = field(default_factory=lambda: ["none", "snapkv", "adakv_snapkv"])
+    ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    backend: str = "mask"
+    seed: int = 0
+    query_aware: bool = False
+    dtype: str = "auto"
+    device: str = "cpu"
+    fast_path: bool = True
+    check_naive: int = 3
+
+    EXECUTION_FIELDS = ("device", "fast_path", "check_naive")
+
+    def validate(self) -> None:
+        tasks.check_task_names(self.tasks)
+        registry.check_presses_available(self.presses)
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}.")
+        if not self.context_lengths or min(self.context_lengths) < 32:
+            raise ValueError(f"context lengths must be >= 32 tokens, got {self.context_lengths}.")
+        bad = [r for r in self.ratios if not 0.0 <= r < 1.0]
+        if bad or not self.ratios:
+            raise ValueError(f"ratios must be in [0, 1), got {self.ratios}.")
+        for press in self.presses:  # a bad backend or press argument fails here, before any work
+            registry.build_press(press, self.ratios[0], self.backend)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
+
+    def settings(self) -> list[tuple[str, float]]:
+        """(press, ratio) pairs; "none" runs once, at ratio 0."""
+        return [(press, 0.0) if press == registry.NO_PRESS else (press, ratio)
+                for press in self.presses for ratio in (self.ratios if press != registry.NO_PRESS else [0.0])]
+
+    def identity(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k not in (*self.EXECUTION_FIELDS, "samples")}
+
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(name: str, device: str, dtype: str = "auto"):
+    """(model, tokenizer). "smollm2" is the embedded SmolLM2-135M-Instruct; anything else goes to
+    `from_pretrained` (a local folder or a model already in the Hugging Face cache)."""
+    torch_dtype = DTYPES[dtype] or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    if name == DEFAULT_MODEL:
+        from adakv.default_model import load_default_model
+
+        return load_default_model(device=device, dtype=torch_dtype)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa")
+    return model.to(device).eval(), tokenizer
+
+
+def check_context_fits(model, context_lengths) -> None:
+    """Refuse, before any work, a context length beyond the model's position window."""
+    window = getattr(model.config, "max_position_embeddings", None)
+    too_long = [length for length in context_lengths if window is not None and length > window]
+    if too_long:
+        raise ValueError(f"Context length(s) {too_long} exceed the model's window of {window} tokens "
+                         f"(max_position_embeddings).")
+
+
+def prepare_run_folder(out: str, config: SweepConfig) -> None:
+    """Create the folder and config.json, or check that an existing one was written by this config."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        with open(path) as handle:
+            previous = json.load(handle)
+        previous_identity = {k: v for k, v in previous.items() if k not in (*SweepConfig.EXECUTION_FIELDS, "samples")}
+        differing = sorted(k for k in set(previous_identity) | set(config.identity())
+                           if previous_identity.get(k) != config.identity().get(k))
+        if differing:
+            details = "; ".join(f"{k}: folder has {previous_identity.get(k)!r}, asked {config.identity().get(k)!r}"
+                                for k in differing)
+            raise ValueError(f"{out} holds a run with a different config ({details}). "
+                             "Use another --out folder, or the same settings to resume.")
+    with open(path, "w") as handle:
+        json.dump(asdict(config), handle, indent=2)
+
+
+def read_results(out: str) -> pd.DataFrame:
+    path = os.path.join(out, "results.csv")
+    return pd.read_csv(path, keep_default_na=False) if os.path.exists(path) else pd.DataFrame()
+
+
+def _row_key(task, length, index, press, ratio) -> tuple:
+    return (task, int(length), int(index), press, round(float(ratio), 6))
+
+
+def done_keys(results: pd.DataFrame) -> set[tuple]:
+    if results.empty:
+        return set()
+    return {_row_key(*row) for row in results[KEY_COLUMNS].itertuples(index=False)}
+
+
+def _append_rows(out: str, rows: list[dict]) -> None:
+    path = os.path.join(out, "results.csv")
+    pd.DataFrame(rows).to_csv(path, mode="a", header=not os.path.exists(path), index=False)
+
+
+class Timing:
+    """Wall-clock totals of the fast path and of the naive loop on the settings checked both ways."""
+
+    def __init__(self):
+        self.prefills: list[float] = []
+        self.fast: list[float] = []
+        self.naive: list[float] = []
+        self.mismatches: list[dict] = []
+        self.checked = 0
+        self.warm = False  # the first sample is not timed: the first forwards of a process run slower
+
+    def summary(self, settings_per_context: int) -> dict:
+        if not (self.prefills and self.fast and self.naive):
+            return {}
+        prefill = sum(self.prefills) / len(self.prefills)
+        fast = sum(self.fast) / len(self.fast)
+        naive = sum(self.naive) / len(self.naive)
+        n = settings_per_context
+        return {
+            "dense_prefill_s": prefill,
+            "fast_per_setting_s": fast,
+            "naive_per_setting_s": naive,
+            "settings_per_context": n,
+            "speedup": n * naive / (prefill + n * fast),
+            "settings_checked_both_ways": self.checked,
+            "answer_mismatches": self.mismatches,
+        }
+
+
+def _timed(function, *args):
+    start = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - start
+
+
+def run_sample(model, tokenizer, config: SweepConfig, sample, todo, timing: Timing, device) -> list[dict]:
+    """Answer one sample under every (press, ratio) in `todo`; return the result rows."""
+    context_ids, question_ids = engine.encode_prompt(tokenizer, sample, device)
+    window = getattr(model.config, "max_position_embeddings", None)
+    total = context_ids.shape[1] + question_ids.shape[1] + sample.max_new_tokens
+    if window is not None and total > window:
+        raise ValueError(f"{sample.task} sample {sample.index} needs {total} positions; the model has {window}.")
+    dense = None
+    if config.fast_path:
+        dense, seconds = _timed(engine.dense_prefill, model, context_ids)
+        if timing.warm:
+            timing.prefills.append(seconds)
+    rows = []
+    for press_name, ratio in todo:
+        press = registry.build_press(press_name, ratio, config.backend)
+        if dense is not None:
+            (answer, _), seconds = _timed(engine.fast_answer, model, tokenizer, dense, press, question_ids,
+                                          sample.max_new_tokens)
+            if timing.warm:
+                timing.fast.append(seconds)
+            if timing.checked < config.check_naive and timing.warm:
+                (naive, _), naive_seconds = _timed(engine.naive_answer, model, tokenizer, press, context_ids,
+                                                   question_ids, sample.max_new_tokens)
+                timing.naive.append(naive_seconds)
+                timing.checked += 1
+                if naive != answer:
+                    timing.mismatches.append({"task": sample.task, "sample": sample.index, "press": press_name,
+                                              "ratio": ratio, "fast": answer, "naive": naive})
+        else:
+            (answer, _), seconds = _timed(engine.naive_answer, model, tokenizer, press, context_ids, question_ids,
+                                          sample.max_new_tokens)
+        rows.append({
+            "task": sample.task, "context_length": sample.metadata["context_length"], "sample": sample.index,
+            "press": press_name, "ratio": ratio, "score": string_match(answer, sample.answers),
+            "answer": answer, "expected": json.dumps(sample.answers), "depth": sample.metadata.get("depth", ""),
+            "context_tokens": context_ids.shape[1], "seconds": round(seconds, 4),
+        })
+    return rows
+
+
+def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progress: bool = True) -> pd.DataFrame:
+    """Run (or resume) the sweep into folder `out`; returns all its result rows."""
+    config.validate()
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(config.model, config.device, config.dtype)
+    check_context_fits(model, config.context_lengths)
+    prepare_run_folder(out, config)
+    done = done_keys(read_results(out))
+    settings = config.settings()
+    # sample-major order, so that an interrupted run holds about as many samples of every task
+    jobs = [(length, task, index) for length in config.context_lengths for index in range(config.samples)
+            for task in config.tasks]
+    remaining = sum(_row_key(task, length, index, *s) not in done for length, task, index in jobs for s in settings)
+    haystack = tasks.Haystack(tokenizer)
+    timing = Timing()
+    device = next(model.parameters()).device
+    pending = [job for job in jobs if any(_row_key(job[1], job[0], job[2], *s) not in done for s in settings)]
+    with tqdm(total=remaining, disable=not progress, desc="sweep", unit="answer") as bar:
+        for position, (length, task, index) in enumerate(pending):
+            todo = [s for s in settings if _row_key(task, length, index, *s) not in done]
+            sample = tasks.generate(task, index, haystack, length, config.seed, config.query_aware)
+            timing.warm = position > 0 or len(pending) == 1
+            rows = run_sample(model, tokenizer, config, sample, todo, timing, device)
+            _append_rows(out, rows)
+            _save_timing(out, timing.summary(len(settings)))
+            bar.update(len(rows))
+    timing_summary = timing.summary(len(settings))
+    _report_timing(timing_summary, progress)
+    _record_budgets(model, tokenizer, config, haystack, out, device)
+    from .report import write_reports
+
+    write_reports(out, timing=timing_summary or None)
+    return read_results(out)
+
+
+def _save_timing(out: str, summary: dict) -> None:
+    """Keep the fast-path timing in metrics.json as soon as it exists (an interrupted run keeps it too)."""
+    if not summary:
+        return
+    path = os.path.join(out, "metrics.json")
+    metrics = {}
+    if os.path.exists(path):
+        with open(path) as handle:
+            metrics = json.load(handle)
+    metrics["fast_path_timing"] = summary
+    with open(path, "w") as handle:
+        json.dump(metrics, handle, indent=2, default=str)
+
+
+def _report_timing(summary: dict, verbose: bool) -> None:
+    if not summary or not verbose:
+        return
+    print(f"One prefill, many settings: dense prefill {summary['dense_prefill_s']:.2f} s, then "
+          f"{summary['fast_per_setting_s']:.2f} s per setting; "
+          f"the naive loop took {summary['naive_per_setting_s']:.2f} s "
+          f"per setting ({summary['settings_checked_both_ways']} settings timed both ways). "
+          f"Speedup for {summary['settings_per_context']} settings per context: {summary['speedup']:.2f}x.")
+    if summary["answer_mismatches"]:
+        print(f"WARNING: fast path and naive loop disagreed on {len(summary['answer_mismatches'])} answers: "
+              f"{summary['answer_mismatches']}")
+
+
+def _record_budgets(model, tokenizer, config: SweepConfig, haystack, out: str, device) -> None:
+    """Per-head kept token counts of the first adaptive press, on the first sample, at the middle ratio."""
+    adaptive = [p for p in config.presses if registry.PRESSES.get(p, ("", False))[1]]
+    ratios = sorted(r for r in config.ratios if r > 0)
+    if not adaptive or not ratios:
+        return
+    press_name, ratio = adaptive[0], ratios[len(ratios) // 2]
+    sample = tasks.generate(config.tasks[0], 0, haystack, config.context_lengths[0], config.seed, config.query_aware)
+    context_ids, _ = engine.encode_prompt(tokenizer, sample, device)
+    press = registry.build_press(press_name, ratio, config.backend)
+    dense = engine.dense_prefill(model, context_ids)
+    with press(model):
+        cache = engine.compressed_cache(dense, press)
+        counts = kept_token_counts(cache)
+    rows = [{"press": press_name, "ratio": ratio, "task": sample.task, "layer": layer, "head": head,
+             "kept": int(kept[0, head]), "context_tokens": context_ids.shape[1]}
+            for layer, kept in sorted(counts.items()) for head in range(kept.shape[1])]
+    pd.DataFrame(rows).to_csv(os.path.join(out, "budgets.csv"), index=False)

@@ -1,0 +1,247 @@
+"""The "kv-press-text-generation" pipeline: compress a context once, answer questions from it.
+
+    import adakv  # registers the pipeline
+    from transformers import pipeline
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+    pipe(context, question="...", press=SnapKVPress(compression_ratio=0.5))  # {"answer": "..."}
+
+The prompt is split in two: the context part (chat-template prefix + context) is prefilled and
+compressed once, without seeing any question (query-agnostic compression); each question part
+(question + template suffix + answer prefix) is then fed on top of the compressed cache, answered
+greedily, and rolled back, so every question sees the same compressed context.
+
+The functions `split_prompt`, `prefill_context` and `answer_from_cache` are the building blocks; the
+evaluation runner reuses them.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from transformers import AutoModelForCausalLM, Pipeline
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.pipelines import PIPELINE_REGISTRY
+
+from adakv.cache import rollback
+from adakv.models import cache_argument_name
+from adakv.presses.base import BasePress
+
+TASK = "kv-press-text-generation"
+QUESTION_SEPARATOR = "\n\n"  # between the context and the question inside the prompt
+
+
+def split_prompt(tokenizer, context: str, question: str = "", answer_prefix: str = "") -> tuple[str, str]:
+    """Split the prompt into (context_text, question_text); their concatenation is the full prompt.
+
+    With a chat template, the prompt is one user turn whose content is
+    `context + QUESTION_SEPARATOR + question`, followed by the generation prompt and `answer_prefix`;
+    context_text ends right after the context. Without a template the prompt is the plain
+    concatenation `context`, `QUESTION_SEPARATOR + question + answer_prefix`. The separator is left
+    out when the question is empty."""
+    question_part = QUESTION_SEPARATOR + question if question else ""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return context, question_part + answer_prefix
+    content = context + question_part
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+    )
+    start, kept_context = prompt.rfind(content), context
+    if start < 0:  # the template trimmed the content's outer whitespace
+        start, kept_context = prompt.rfind(content.strip()), context.lstrip()
+    if start < 0:
+        raise ValueError("The tokenizer's chat template rewrites the message content; cannot locate the context in it.")
+    context_end = start + len(kept_context)
+    return prompt[:context_end], prompt[context_end:] + answer_prefix
+
+
+def encode_prompt_parts(tokenizer, context_text: str, question_texts: list[str]):
+    """Token ids (1, n) of the context part and of each question part.
+
+    Special tokens (BOS) are added only when there is no chat template (a template writes its own)
+    and only to the context part."""
+    add_special = getattr(tokenizer, "chat_template", None) is None
+    context_ids = tokenizer(context_text, add_special_tokens=add_special, return_tensors="pt").input_ids
+    question_ids = [
+        tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids for text in question_texts
+    ]
+    return context_ids, question_ids
+
+
+def truncate_context(tokenizer, context: str, max_context_length: int | None) -> str:
+    """Keep the first `max_context_length` tokens of the raw context (template and question not counted)."""
+    if max_context_length is None:
+        return context
+    ids = tokenizer(context, add_special_tokens=False).input_ids
+    if len(ids) <= max_context_length:
+        return context
+    return tokenizer.decode(ids[:max_context_length])
+
+
+def prefill_context(model, cache: Cache, context_ids: torch.Tensor) -> None:
+    """Run the context through the model into `cache` (empty before). Inside `with press(model):`
+    this is the forward whose keys/values the press compresses."""
+    model(input_ids=context_ids, use_cache=True, logits_to_keep=1, **{cache_argument_name(model): cache})
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """End-of-sequence ids from the model's generation config and the tokenizer."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(configured if isinstance(configured, (list, tuple)) else [configured])
+    ids.add(tokenizer.eos_token_id)
+    ids.discard(None)
+    return ids
+
+
+def sliding_layer_snapshot(cache: Cache) -> dict[int, tuple]:
+    """Copies of the sliding-window layers (e.g. Gemma3's). They drop their oldest tokens as new
+    ones arrive, so `rollback` cannot cut them back to the context; they are restored whole."""
+    return {
+        index: (layer.keys.clone(), layer.values.clone(), layer.cumulative_length)
+        for index, layer in enumerate(cache.layers)
+        if getattr(layer, "is_sliding", False) and getattr(layer, "keys", None) is not None
+    }
+
+
+def restore_sliding_layers(cache: Cache, snapshot: dict[int, tuple]) -> None:
+    for index, (keys, values, cumulative_length) in snapshot.items():
+        layer = cache.layers[index]
+        layer.keys, layer.values, layer.cumulative_length = keys, values, cumulative_length
+
+
+@torch.no_grad()
+def answer_from_cache(model, tokenizer, cache: Cache, question_ids: torch.Tensor, max_new_tokens: int) -> str:
+    """Feed `question_ids` (1, n) after the cached context, decode greedily up to `max_new_tokens`
+    tokens or an end-of-sequence token, then roll the cache back to the context.
+
+    Returns the decoded answer without special tokens, stripped. The cache may hold a compressed
+    context: call this inside the `with press(model):` block that compressed it."""
+    if question_ids.shape[0] != 1:
+        raise ValueError(f"answer_from_cache decodes one sequence at a time, got a batch of {question_ids.shape[0]}.")
+    context_length = cache.get_seq_length()
+    sliding_layers = sliding_layer_snapshot(cache)
+    stop_ids = stop_token_ids(model, tokenizer)
+    cache_kwarg = {cache_argument_name(model): cache}
+    next_input, position, answer = question_ids.to(model.device), context_length, []
+    try:
+        for _ in range(max_new_tokens):
+            positions = torch.arange(position, position + next_input.shape[1], device=model.device)[None]
+            logits = model(
+                input_ids=next_input, position_ids=positions, use_cache=True, logits_to_keep=1, **cache_kwarg
+            ).logits
+            token = int(logits[0, -1].argmax())
+            if token in stop_ids:
+                break
+            answer.append(token)
+            position += next_input.shape[1]
+            next_input = torch.tensor([[token]], device=model.device)
+    finally:
+        rollback(cache, context_length)
+        restore_sliding_layers(cache, sliding_layers)
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()
+
+
+def check_pipeline_inputs(context, question, questions, press, max_new_tokens, max_context_length, cache) -> list[str]:
+    """Validate the pipeline's arguments; return the list of questions to answer."""
+    if not isinstance(context, str):
+        raise TypeError(f"context must be a str, got {type(context).__name__}.")
+    if not context.strip():
+        raise ValueError("context is empty: pass the text to compress (a non-empty str).")
+    if question is not None and questions is not None:
+        raise ValueError("Pass either `question` (one str) or `questions` (a list of str), not both.")
+    if questions is not None:
+        if not isinstance(questions, list) or not all(isinstance(item, str) for item in questions):
+            raise TypeError("questions must be a list of str.")
+        if not questions:
+            raise ValueError("questions is an empty list: pass at least one question.")
+    elif question is not None and not isinstance(question, str):
+        raise TypeError(f"question must be a str, got {type(question).__name__}.")
+    if press is not None and not isinstance(press, BasePress):
+        raise TypeError(f"press must be an adakv press (a BasePress instance such as SnapKVPress) or None, got {type(press).__name__}.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
+    if max_context_length is not None and (not isinstance(max_context_length, int) or max_context_length < 1):
+        raise ValueError(f"max_context_length must be a positive int or None, got {max_context_length!r}.")
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache()) or None, got {type(cache).__name__}.")
+    if cache is not None and cache.get_seq_length() != 0:
+        raise ValueError("cache must be empty: the pipeline fills it with the (compressed) context.")
+    return questions if questions is not None else [question or ""]
+
+
+class KVPressTextGenerationPipeline(Pipeline):
+    """Answer one question (`question=`) or several (`questions=[...]`) about `context`, from a KV
+    cache compressed once by `press`.
+
+    Arguments of a call:
+      context: the text to compress (str, not empty).
+      question / questions: one str -> returns {"answer": str}; a list of str -> {"answers": [str]}.
+        Neither: the model continues the context (answer to an empty question).
+      answer_prefix: text the answer starts with (after the generation prompt), e.g. "Answer:".
+      press: an adakv press, or None for no compression.
+      max_new_tokens: upper bound of each answer's length (default 50).
+      max_context_length: keep only the first this many tokens of the context (default: all).
+      cache: a transformers Cache to fill (default: a new DynamicCache); after the call it holds
+        the compressed context, e.g. for `adakv.kept_token_counts(cache)`.
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = True
+    _pipeline_calls_generate = False
+
+    def _sanitize_parameters(
+        self,
+        question=None,
+        questions=None,
+        answer_prefix="",
+        press=None,
+        max_new_tokens=50,
+        max_context_length=None,
+        cache=None,
+        **kwargs,
+    ):
+        if kwargs:
+            raise TypeError(f"Unexpected arguments for {TASK}: {sorted(kwargs)}.")
+        preprocess = dict(
+            question=question, questions=questions, answer_prefix=answer_prefix, press=press,
+            max_new_tokens=max_new_tokens, max_context_length=max_context_length, cache=cache,
+        )
+        forward = dict(press=press, max_new_tokens=max_new_tokens, cache=cache)
+        postprocess = dict(single=questions is None)
+        return preprocess, forward, postprocess
+
+    def preprocess(self, context, question=None, questions=None, answer_prefix="", press=None,
+                   max_new_tokens=50, max_context_length=None, cache=None):
+        question_list = check_pipeline_inputs(
+            context, question, questions, press, max_new_tokens, max_context_length, cache
+        )
+        context = truncate_context(self.tokenizer, context, max_context_length)
+        parts = [split_prompt(self.tokenizer, context, item, answer_prefix) for item in question_list]
+        context_texts = {context_text for context_text, _ in parts}
+        if len(context_texts) != 1:
+            raise ValueError("The chat template renders the context differently for different questions.")
+        context_ids, question_ids = encode_prompt_parts(self.tokenizer, context_texts.pop(), [text for _, text in parts])
+        return {"context_ids": context_ids, "question_ids": question_ids}
+
+    def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None):
+        cache = DynamicCache() if cache is None else cache
+        with press(self.model) if press is not None else nullcontext():
+            prefill_context(self.model, cache, model_inputs["context_ids"])
+            answers = [
+                answer_from_cache(self.model, self.tokenizer, cache, ids, max_new_tokens)
+                for ids in model_inputs["question_ids"]
+            ]
+        return {"answers": answers}
+
+    def postprocess(self, model_outputs, single=True):
+        answers = model_outputs["answers"]
+        return {"answer": answers[0]} if single else {"answers": answers}
+
+
+def register_pipeline() -> None:
+    """Make `transformers.pipeline("kv-press-text-generation", ...)` build this pipeline."""
+    PIPELINE_REGISTRY.register_pipeline(
+        TASK, pipeline_class=KVPressTextGenerationPipeline, pt_model=AutoModelForCausalLM
+    )
