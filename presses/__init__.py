@@ -1,7 +1,7 @@
 """All presses. One press per file; see each file's docstring for its paper."""
 
 from .adaptive import AdaptivePress
-from .base import BasePress, PrefillContext
+from .base import BasePress, PrefillContext, WrapperPress
 from .chunk import ChunkPress
 from .composed import ComposedPress
 from .criticalkv import CriticalKVPress
@@ -37,4 +37,5 @@ __all__ = [
     "SnapKVPress",
     "StreamingLLMPress",
     "TOVAPress",
+    "WrapperPress",
 ]

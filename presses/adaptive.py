@@ -9,7 +9,7 @@ import torch
 
 from adakv.selection import adaptive_keep_mask
 
-from .base import BasePress, PrefillContext, check_compression_ratio, check_is_press
+from .base import PrefillContext, WrapperPress, check_is_press
 
 
 def check_scoring_press(press, wrapper: str) -> None:
@@ -23,7 +23,7 @@ def check_scoring_press(press, wrapper: str) -> None:
 
 
 @dataclass
-class AdaptivePress(BasePress):
+class AdaptivePress(WrapperPress):
     """Ada-KV's head-wise budget allocation around any scoring press.
 
     The layer keeps as many KV pairs as the inner press would (for PyramidKV: that layer's pyramid
@@ -32,7 +32,6 @@ class AdaptivePress(BasePress):
     guaranteed its best `alpha_safeguard * mean_budget` tokens.
     """
 
-    press: BasePress
     alpha_safeguard: float = 0.2
 
     def __post_init__(self):
@@ -40,15 +39,6 @@ class AdaptivePress(BasePress):
         check_scoring_press(self.press, "AdaptivePress")
         if not isinstance(self.alpha_safeguard, (int, float)) or not 0.0 <= self.alpha_safeguard <= 1.0:
             raise ValueError(f"alpha_safeguard must be a number in [0, 1], got {self.alpha_safeguard!r}.")
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
-
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:
-        check_compression_ratio(value)
-        self.press.compression_ratio = value
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         ratio = self.press.layer_compression_ratio(context)

@@ -193,3 +193,23 @@ def _switch_attention_implementation(model: PreTrainedModel) -> str:
     register_attention_functions()
     _set_attention_implementation(model, ADAKV_ATTENTION_PREFIX + current)
     return current
+
+
+@dataclass
+class WrapperPress(BasePress):
+    """A press around one inner press. `compression_ratio` reads and sets the inner press's."""
+
+    press: BasePress
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_is_press(self.press, type(self).__name__)
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.press.compression_ratio
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        check_compression_ratio(value)
+        self.press.compression_ratio = value

@@ -6,36 +6,25 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BasePress, PrefillContext, check_compression_ratio, check_is_press
+from .base import PrefillContext, WrapperPress
 from .composed import check_not_rerotation
 
 
 @dataclass
-class ChunkPress(BasePress):
+class ChunkPress(WrapperPress):
     """Splits the context into chunks of `chunk_length` tokens and lets the inner press compress each
     one on its own, as if only that chunk had been prefilled (`context.slice`). Every chunk keeps its
     own share, so no part of a long context is dropped entirely. Returns the concatenated keep
     masks (batch, kv_heads, seq).
     """
 
-    press: BasePress
     chunk_length: int = 1024
 
     def __post_init__(self):
         super().__post_init__()
-        check_is_press(self.press, "ChunkPress")
         check_not_rerotation(self.press, "ChunkPress")
         if isinstance(self.chunk_length, bool) or not isinstance(self.chunk_length, int) or self.chunk_length < 1:
             raise ValueError(f"chunk_length must be an integer >= 1, got {self.chunk_length!r}.")
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
-
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:
-        check_compression_ratio(value)
-        self.press.compression_ratio = value
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         masks, changed = [], False

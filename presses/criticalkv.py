@@ -10,7 +10,7 @@ import torch
 from adakv.selection import descending_rank, kept_count
 
 from .adaptive import check_scoring_press
-from .base import BasePress, PrefillContext, check_compression_ratio
+from .base import PrefillContext, WrapperPress
 from .scorer import uniform_compress
 
 # Adds to the scores of the first stage's picks so any later top-k takes them first.
@@ -33,7 +33,7 @@ def projected_value_norms(context: PrefillContext, block: int = 4096) -> torch.T
 
 
 @dataclass
-class CriticalKVPress(BasePress):
+class CriticalKVPress(WrapperPress):
     """Two-stage selection around a scoring press (e.g. SnapKVPress).
 
     Stage 1 keeps each head's best `first_stage_ratio` share of its budget by the inner press's
@@ -43,7 +43,6 @@ class CriticalKVPress(BasePress):
     score(context): (batch, kv_heads, seq), stage-1 picks first, then stage-2 order.
     """
 
-    press: BasePress
     first_stage_ratio: float = 0.5
 
     def __post_init__(self):
@@ -51,15 +50,6 @@ class CriticalKVPress(BasePress):
         check_scoring_press(self.press, "CriticalKVPress")
         if not isinstance(self.first_stage_ratio, (int, float)) or not 0.0 <= self.first_stage_ratio <= 1.0:
             raise ValueError(f"first_stage_ratio must be a number in [0, 1], got {self.first_stage_ratio!r}.")
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
-
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:
-        check_compression_ratio(value)
-        self.press.compression_ratio = value
 
     def layer_compression_ratio(self, context: PrefillContext) -> float:
         return self.press.layer_compression_ratio(context)

@@ -11,7 +11,7 @@ import torch
 
 from adakv.models import rope_cos_sin, rotate, unrotate
 
-from .base import BasePress, PrefillContext, check_compression_ratio, check_is_press
+from .base import PrefillContext, WrapperPress
 
 
 def rerotate_kept_keys(context: PrefillContext, keep: torch.Tensor) -> None:
@@ -29,7 +29,7 @@ def rerotate_kept_keys(context: PrefillContext, keep: torch.Tensor) -> None:
 
 
 @dataclass
-class KeyRerotationPress(BasePress):
+class KeyRerotationPress(WrapperPress):
     """Prunes with the inner press, then re-rotates every kept key so that the kept keys of each head
     sit at contiguous positions 0, 1, ..., n_kept - 1 in their original order, as if the cache had
     only ever held them. Works per head, so also around AdaptivePress.
@@ -40,20 +40,6 @@ class KeyRerotationPress(BasePress):
     (ChunkPress and ComposedPress refuse it as an inner press).
     """
 
-    press: BasePress
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_is_press(self.press, "KeyRerotationPress")
-
-    @property
-    def compression_ratio(self) -> float:
-        return self.press.compression_ratio
-
-    @compression_ratio.setter
-    def compression_ratio(self, value: float) -> None:
-        check_compression_ratio(value)
-        self.press.compression_ratio = value
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         keep = self.press.compress(context)
