@@ -15,6 +15,7 @@ would, and answers. Keys and values are cloned per setting, so presses that edit
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -58,12 +59,14 @@ def prefill(model, context_ids: torch.Tensor) -> DynamicCache:
     return cache
 
 
+def active(press: BasePress | None, model):
+    """`press(model)`, or a no-op context when there is no press."""
+    return nullcontext() if press is None else press(model)
+
+
 def naive_answer(model, tokenizer, press, context_ids, question_ids, max_new_tokens: int) -> tuple[str, DynamicCache]:
     """Prefill with `press` active (None: dense) and answer."""
-    if press is None:
-        cache = prefill(model, context_ids)
-        return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
-    with press(model):
+    with active(press, model):
         cache = prefill(model, context_ids)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
 
@@ -94,9 +97,6 @@ def fast_answer(
     model, tokenizer, dense: DensePrefill, press, question_ids, max_new_tokens: int
 ) -> tuple[str, DynamicCache]:
     """Answer from `dense` compressed by `press` (None: dense), without a new prefill."""
-    if press is None:
-        cache = compressed_cache(dense, None)
-        return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
-    with press(model):
+    with active(press, model):
         cache = compressed_cache(dense, press)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
