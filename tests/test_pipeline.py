@@ -213,3 +213,16 @@ def test_rollback_restores_sliding_window_layers():
     for layer, fresh_layer in zip(cache.layers, fresh.layers):
         assert torch.equal(layer.keys, fresh_layer.keys)
     assert answers[:2] == [pipe(CONTEXT, question=q)["answer"] for q in QUESTIONS]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_evict_and_mask_give_the_same_pipeline_answers(family):
+    model, tokenizer = tiny_pair(family)
+    pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
+    answers = {}
+    for backend in ("mask", "evict"):
+        cache = DynamicCache()
+        press = AdaptivePress(SnapKVPress(compression_ratio=0.6), backend=backend)
+        answers[backend] = pipe(CONTEXT, questions=QUESTIONS, press=press, cache=cache, max_new_tokens=15)["answers"]
+        assert cache.get_seq_length() == context_length(tokenizer)  # rolled back after every answer
+    assert answers["evict"] == answers["mask"]

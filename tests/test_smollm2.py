@@ -183,3 +183,18 @@ def test_demo_refuses_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["demo", "--depth", "1.5"])
     assert exit_info.value.code == 2 and "--depth" in capsys.readouterr().err
+
+
+def test_evict_and_mask_give_the_same_logits_and_answers(smollm2):
+    model, tokenizer = smollm2
+    context_ids, question_ids = prompt_ids(tokenizer)
+    results = {}
+    for backend in ("mask", "evict"):
+        press, cache = AdaptivePress(SnapKVPress(compression_ratio=0.6, window_size=16), backend=backend), DynamicCache()
+        with press(model), torch.no_grad():
+            prefill_context(model, cache, context_ids)
+            logits = model(question_ids, past_key_values=cache).logits
+        answer = pipeline(TASK, model=model, tokenizer=tokenizer)(CONTEXT, question=QUESTION, press=press, max_new_tokens=12)
+        results[backend] = (logits, answer["answer"])
+    torch.testing.assert_close(results["evict"][0], results["mask"][0], rtol=1e-4, atol=1e-4)
+    assert results["evict"][1] == results["mask"][1]
