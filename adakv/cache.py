@@ -18,6 +18,8 @@ Tokens appended later (question, answer) are kept by every head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -125,9 +127,44 @@ def kept_token_counts(cache: Cache) -> dict[int, torch.Tensor]:
 def rollback(cache: Cache, seq_len: int) -> None:
     """Drop every token after the first `seq_len` in every layer (e.g. a question and its answer).
 
-    Raises ValueError when that would cut into a compressed context."""
-    for layer in cache.layers:
+    Raises ValueError when that would cut into a compressed context, or when a sliding-window layer
+    has already dropped older tokens for newer ones (use `checkpoint` / `restore` around such use)."""
+    for index, layer in enumerate(cache.layers):
+        if layer.get_seq_length() <= seq_len:
+            continue
+        if getattr(layer, "is_sliding", False):
+            raise ValueError(
+                f"Layer {index} is a sliding-window layer that has moved past {seq_len} tokens and cannot be "
+                "rolled back; take `adakv.cache.checkpoint(cache)` before and `restore(cache, checkpoint)` after."
+            )
         if hasattr(layer, "truncate"):
             layer.truncate(seq_len)
-        elif layer.get_seq_length() > seq_len:
+        else:
             layer.keys, layer.values = layer.keys[..., :seq_len, :], layer.values[..., :seq_len, :]
+
+
+@dataclass
+class Checkpoint:
+    """What `restore` needs to bring a cache back: its length, and copies of its sliding-window layers
+    (keys, values, cumulative_length), which drop their oldest tokens as new ones arrive."""
+
+    seq_len: int
+    sliding_layers: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+
+
+def checkpoint(cache: Cache) -> Checkpoint:
+    sliding = {
+        index: (layer.keys.clone(), layer.values.clone(), layer.cumulative_length)
+        for index, layer in enumerate(cache.layers)
+        if getattr(layer, "is_sliding", False) and getattr(layer, "keys", None) is not None
+    }
+    return Checkpoint(cache.get_seq_length(), sliding)
+
+
+def restore(cache: Cache, saved: Checkpoint) -> None:
+    """Bring `cache` back to `saved`: sliding-window layers are replaced by their copies, every other
+    layer is rolled back to `saved.seq_len`."""
+    for index, (keys, values, cumulative_length) in saved.sliding_layers.items():
+        layer = cache.layers[index]
+        layer.keys, layer.values, layer.cumulative_length = keys, values, cumulative_length
+    rollback(cache, saved.seq_len)

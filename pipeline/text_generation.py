@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, Pipeline
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from adakv.cache import rollback
+from adakv.cache import checkpoint, restore
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
 
@@ -93,22 +93,6 @@ def stop_token_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def sliding_layer_snapshot(cache: Cache) -> dict[int, tuple]:
-    """Copies of the sliding-window layers (e.g. Gemma3's). They drop their oldest tokens as new
-    ones arrive, so `rollback` cannot cut them back to the context; they are restored whole."""
-    return {
-        index: (layer.keys.clone(), layer.values.clone(), layer.cumulative_length)
-        for index, layer in enumerate(cache.layers)
-        if getattr(layer, "is_sliding", False) and getattr(layer, "keys", None) is not None
-    }
-
-
-def restore_sliding_layers(cache: Cache, snapshot: dict[int, tuple]) -> None:
-    for index, (keys, values, cumulative_length) in snapshot.items():
-        layer = cache.layers[index]
-        layer.keys, layer.values, layer.cumulative_length = keys, values, cumulative_length
-
-
 @torch.no_grad()
 def answer_from_cache(model, tokenizer, cache: Cache, question_ids: torch.Tensor, max_new_tokens: int) -> str:
     """Feed `question_ids` (1, n) after the cached context, decode greedily up to `max_new_tokens`
@@ -118,8 +102,8 @@ def answer_from_cache(model, tokenizer, cache: Cache, question_ids: torch.Tensor
     context: call this inside the `with press(model):` block that compressed it."""
     if question_ids.shape[0] != 1:
         raise ValueError(f"answer_from_cache decodes one sequence at a time, got a batch of {question_ids.shape[0]}.")
-    context_length = cache.get_seq_length()
-    sliding_layers = sliding_layer_snapshot(cache)
+    saved = checkpoint(cache)
+    context_length = saved.seq_len
     stop_ids = stop_token_ids(model, tokenizer)
     cache_kwarg = {cache_argument_name(model): cache}
     next_input, position, answer = question_ids.to(model.device), context_length, []
@@ -136,8 +120,7 @@ def answer_from_cache(model, tokenizer, cache: Cache, question_ids: torch.Tensor
             position += next_input.shape[1]
             next_input = torch.tensor([[token]], device=model.device)
     finally:
-        rollback(cache, context_length)
-        restore_sliding_layers(cache, sliding_layers)
+        restore(cache, saved)
     return tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 

@@ -237,3 +237,20 @@ def test_adaptive_ratio_setter_validates():
     assert press.press.compression_ratio == 0.25
     with pytest.raises(ValueError):
         press.compression_ratio = 1.0
+
+
+def test_rollback_refuses_a_slid_window_layer_and_restore_brings_it_back():
+    from adakv.cache import checkpoint, restore
+
+    model = tiny_model("gemma3")  # layers 0 and 1 slide over 8 tokens
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(random_ids(1, 20), past_key_values=cache)
+        saved = checkpoint(cache)
+        before = [layer.keys.clone() for layer in cache.layers]
+        model(random_ids(1, 4, seed=5), past_key_values=cache)
+    with pytest.raises(ValueError, match="sliding-window layer"):
+        rollback(cache, 20)
+    restore(cache, saved)
+    assert cache.get_seq_length() == 20
+    assert all(torch.equal(layer.keys, keys) for layer, keys in zip(cache.layers, before))
