@@ -111,6 +111,11 @@ class BasePress:
     @contextmanager
     def __call__(self, model: PreTrainedModel) -> Generator[None, None, None]:
         modules = attention_modules(model)
+        if not any(is_full_attention_layer(module) for module in modules):
+            raise ValueError(
+                "Every attention layer of this model uses a sliding window (config.sliding_window / layer_types), "
+                "so a press would compress nothing. adakv compresses full-attention layers only."
+            )
         original_implementation = _switch_attention_implementation(model)
         handles = []
         try:

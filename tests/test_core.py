@@ -254,3 +254,14 @@ def test_rollback_refuses_a_slid_window_layer_and_restore_brings_it_back():
     restore(cache, saved)
     assert cache.get_seq_length() == 20
     assert all(torch.equal(layer.keys, keys) for layer, keys in zip(cache.layers, before))
+
+
+def test_a_model_with_only_sliding_window_layers_is_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from conftest import COMMON
+
+    model = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=16))
+    with pytest.raises(ValueError, match="sliding window"):
+        with SnapKVPress(0.5)(model):
+            pass
