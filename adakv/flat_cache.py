@@ -24,10 +24,12 @@ from transformers.cache_utils import DynamicLayer
 
 from . import kernels
 from .cache import check_attention_can_read
+from .triton_decode import SplitWorkspace
 
 DEFAULT_MIN_SLACK = 64
 DEFAULT_SLACK_FRACTION = 0.125
 DEFAULT_GROWTH = 2.0
+WRITE_POSITION_STEPS = 64  # decode steps whose write positions are computed at once (one launch per 64 steps)
 
 
 def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
@@ -84,6 +86,7 @@ class FlatHeadwiseLayer(DynamicLayer):
         self.is_initialized = True
         self.min_slack, self.slack_fraction, self.growth = min_slack, slack_fraction, growth
         self.appended = 0
+        self.split_workspace = SplitWorkspace()  # reused by every decode step's attention (adakv.triton_decode)
 
         keep = keep.to(device=keys.device, dtype=torch.bool).reshape(self.num_sequences, self.context_length)
         self.context_kept = keep.sum(-1)  # (sequences,) int64
@@ -129,6 +132,22 @@ class FlatHeadwiseLayer(DynamicLayer):
         rows = self.total_context_kept + slack * self.num_sequences
         self.keys = torch.empty(rows, self.head_dim, dtype=self.dtype, device=self.device)
         self.values = torch.empty_like(self.keys)
+        self._write_positions = None  # (first appended index, (steps, sequences) rows), see `_write_start`
+        self._kernel_inputs_checked = False
+
+    def _write_start(self) -> torch.Tensor:
+        """(sequences,) int64: the row where each sequence's next appended token goes (row_start + appended).
+
+        Computed for WRITE_POSITION_STEPS steps at once and then read as a row of that table, so most
+        decode steps launch no kernel and allocate nothing for it."""
+        if self._write_positions is not None:
+            first, table = self._write_positions
+            if first <= self.appended < first + table.shape[0]:
+                return table[self.appended - first]
+        steps = torch.arange(self.appended, self.appended + WRITE_POSITION_STEPS, device=self.device)
+        table = steps[:, None] + self.row_start[None, :]
+        self._write_positions = (self.appended, table)
+        return table[0]
 
     def _relayout(self, sequence_ids: torch.Tensor, slack: int) -> None:
         """Copy the used rows of `sequence_ids` (in that order) into fresh buffers with `slack` free rows each."""
@@ -167,13 +186,16 @@ class FlatHeadwiseLayer(DynamicLayer):
             )
         if self.appended + new_tokens > self.slack:
             self._grow(self.appended + new_tokens)
+        if key_states.device != self.device or value_states.device != self.device:
+            raise ValueError(f"New keys/values are on {key_states.device}, but this cache is on {self.device}.")
+        new_keys = key_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim)
+        new_values = value_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim)
+        # the buffers only change in `_allocate`; the new rows are shaped, typed and placed above, so
+        # the kernel's input checks run once per allocation, not on every step
         kernels.append_rows(
-            self.keys,
-            self.values,
-            key_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim),
-            value_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim),
-            self.row_start + self.appended,
+            self.keys, self.values, new_keys, new_values, self._write_start(), check=not self._kernel_inputs_checked
         )
+        self._kernel_inputs_checked = True
         self.appended += new_tokens
         return key_states, value_states
 

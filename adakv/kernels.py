@@ -152,8 +152,12 @@ def copy_rows(src_keys, src_values, dst_keys, dst_values, src_index, dst_index) 
         )
 
 
-def append_rows(dst_keys, dst_values, new_keys, new_values, write_start) -> None:
+def append_rows(dst_keys, dst_values, new_keys, new_values, write_start, check: bool = True) -> None:
+    """check=False skips the CUDA kernel's input checks (for callers that ran them once on buffers that
+    have not changed since, like FlatHeadwiseLayer's decode steps); new rows are still made contiguous."""
     if _on_reference(dst_keys):
         kernels_reference.append_rows(dst_keys, dst_values, new_keys, new_values, write_start)
-    else:
+    elif check:
         cuda_append_rows(dst_keys, dst_values, new_keys.contiguous(), new_values.contiguous(), write_start)
+    else:
+        load_extension().append_rows(dst_keys, dst_values, new_keys.contiguous(), new_values.contiguous(), write_start)

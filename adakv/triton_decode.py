@@ -28,6 +28,7 @@ MAX_HEAD_DIM = 256
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 2  # target grid size: a couple of programs per multiprocessor
+LOG2_E = math.log2(math.e)
 
 
 @lru_cache(maxsize=None)
@@ -92,6 +93,31 @@ def check_inputs(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         raise ValueError(f"{query.shape[1]} query heads cannot be grouped over {num_kv_heads} KV heads.")
 
 
+class SplitWorkspace:
+    """A reusable fp32 buffer for the per-split partial outputs and log2-sum-exps of decode steps.
+
+    Kept on a `FlatHeadwiseLayer` so that a decode step allocates nothing for it. Reuse is safe because
+    every call that uses it runs on the same CUDA stream (one model forward after another), so a call's
+    kernels finish reading the buffer before the next call's kernels write it."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.key = None
+        self.views: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def take(self, slots: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(partial outputs of >= slots * head_dim, log2-sum-exps of >= slots) fp32 views on `device`;
+        the buffer grows, never shrinks, and the views are reused while the sizes stay the same."""
+        key = (slots, head_dim, device)
+        if key != self.key:
+            numel = slots * (head_dim + 1)
+            if self.buffer is None or self.buffer.numel() < numel or self.buffer.device != device:
+                self.buffer = torch.empty(numel, device=device, dtype=torch.float32)
+            self.views = (self.buffer, self.buffer[slots * head_dim :])
+            self.key = key
+        return self.views
+
+
 def split_kv_attention(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -105,6 +131,7 @@ def split_kv_attention(
     out: torch.Tensor | None = None,
     tiles: dict | None = None,
     extra_length: int = 0,
+    workspace: SplitWorkspace | None = None,
 ) -> torch.Tensor:
     """query (batch, heads, q_len, head_dim) over sequences s = batch * num_kv_heads + kv_head whose rows
     are keys/values[offsets[s] : offsets[s] + lengths[s] + extra_length] -> (batch, q_len, heads, head_dim).
@@ -112,8 +139,26 @@ def split_kv_attention(
     Every length must be >= q_len (the new tokens are the last rows); max_length >= the longest length.
     offsets/lengths: int32 or int64 CUDA tensors. out: optional contiguous output buffer. tiles: overrides
     of `block_sizes` (BLOCK_N, num_warps, num_stages; for tuning). extra_length lets a caller pass
-    (context rows, appended tokens) without adding them in a separate launch."""
+    (context rows, appended tokens) without adding them in a separate launch. workspace: a reusable
+    buffer for the per-split results (see `SplitWorkspace`); None allocates one per call."""
     check_inputs(query, keys, values, num_kv_heads)
+    if out is not None:
+        batch, heads, query_length, head_dim = query.shape
+        if out.shape != (batch, query_length, heads, head_dim) or out.dtype != query.dtype:
+            raise ValueError(f"out must be ({batch}, {query_length}, {heads}, {head_dim}) {query.dtype}.")
+        if not out.is_contiguous():
+            raise ValueError("out must be contiguous.")
+    return _launch(
+        query, keys, values, offsets, lengths, num_kv_heads, max_length, scaling, num_splits, out, tiles,
+        extra_length, workspace,
+    )  # fmt: skip
+
+
+def _launch(
+    query, keys, values, offsets, lengths, num_kv_heads, max_length, scaling, num_splits, out, tiles,
+    extra_length, workspace,
+) -> torch.Tensor:  # fmt: skip
+    """`split_kv_attention` after its input checks (the decode hot path calls this directly)."""
     if query.stride(-1) != 1:
         query = query.contiguous()
     batch, heads, query_length, head_dim = query.shape
@@ -129,18 +174,17 @@ def split_kv_attention(
 
     # one workspace for the per-split outputs (slots, head_dim) and log2-sum-exps (slots,)
     slots = sequences * num_splits * query_rows
-    workspace = torch.empty(slots * (head_dim + 1), device=query.device, dtype=torch.float32)
-    partial_out, partial_lse = workspace[: slots * head_dim], workspace[slots * head_dim :]
+    if workspace is None:
+        buffer = torch.empty(slots * (head_dim + 1), device=query.device, dtype=torch.float32)
+        partial_out, partial_lse = buffer[: slots * head_dim], buffer[slots * head_dim :]
+    else:  # the kernels index from the start of each view, so the views may be longer than needed
+        partial_out, partial_lse = workspace.take(slots, head_dim, query.device)
     output = out if out is not None else query.new_empty(batch, query_length, heads, head_dim)
-    if output.shape != (batch, query_length, heads, head_dim) or output.dtype != query.dtype:
-        raise ValueError(f"out must be ({batch}, {query_length}, {heads}, {head_dim}) {query.dtype}.")
-    if not output.is_contiguous():
-        raise ValueError("out must be contiguous.")
     kernels = _kernels()
     kernels.partial_attention[(sequences, num_splits, row_blocks)](
         query, keys, values, offsets, lengths, partial_out, partial_lse,
         query.stride(0), query.stride(1), query.stride(2), keys.stride(0),
-        scaling * math.log2(math.e), extra_length, num_kv_heads, query_length, num_splits,
+        scaling * LOG2_E, extra_length, num_kv_heads, query_length, num_splits,
         GROUP=group, HEAD_DIM=head_dim, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
         **sizes,
     )  # fmt: skip
@@ -158,9 +202,25 @@ def cdiv(a: int, b: int) -> int:
 
 
 def triton_flat_attention(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None) -> torch.Tensor:
-    """query (batch, heads, q_len, head_dim) over a FlatHeadwiseLayer's rows -> (batch, q_len, heads, head_dim)."""
+    """query (batch, heads, q_len, head_dim) over a FlatHeadwiseLayer's rows -> (batch, q_len, heads, head_dim).
+
+    The layer's buffers are contiguous (rows, head_dim) tensors of its dtype by construction, so a decode
+    step checks only the query (the full check runs when that cheap test fails, for its message).
+    Single-token steps reuse the layer's split workspace; longer appends allocate theirs (it grows with
+    the number of query tokens and should not stay allocated)."""
+    if not (
+        query.dtype == layer.dtype
+        and query.is_cuda
+        and query.shape[-1] == layer.head_dim
+        and layer.keys.is_cuda
+        and query.dtype in SUPPORTED_DTYPES
+        and layer.head_dim <= MAX_HEAD_DIM
+        and query.shape[1] % layer.num_heads == 0
+    ):
+        check_inputs(query, layer.keys, layer.values, layer.num_heads)
+    workspace = layer.split_workspace if query.shape[-2] == 1 else None
     # lengths = context_kept + appended, added inside the kernel (saves a launch per layer and step)
-    return split_kv_attention(
-        query, layer.keys, layer.values, layer.offsets, layer.context_kept,
-        layer.num_heads, layer.max_length, scaling, num_splits, extra_length=layer.appended,
+    return _launch(
+        query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.num_heads, layer.max_length,
+        scaling, num_splits, None, None, layer.appended, workspace,
     )  # fmt: skip

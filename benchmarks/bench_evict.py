@@ -316,6 +316,10 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--skip-attention-cost", action="store_true", help="skip the attention-kernel timing")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(press_factories(0.5)), choices=list(press_factories(0.5)),
+        help="methods to run (default: all)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_evict.py needs a CUDA device.")
@@ -324,7 +328,8 @@ def main() -> None:
     weights_bytes, weights_32_layers_bytes = parameter_bytes_32_layers(model)
     # warm-up: every code path once (kernel JIT build, cuBLAS/flash handles), at a short context
     for name, factory in press_factories(0.5).items():
-        run_case(model, factory, 2048, 1, 3, 2)
+        if name in args.methods:
+            run_case(model, factory, 2048, 1, 3, 2)
 
     cases = [tuple(int(x) for x in case.split("x")) for case in args.cases]
     passes = []
@@ -333,7 +338,7 @@ def main() -> None:
         for batch, context in cases:
             for ratio in args.ratios:
                 for name, factory in press_factories(ratio).items():
-                    if name == "dense" and ratio != args.ratios[0]:
+                    if name not in args.methods or (name == "dense" and ratio != args.ratios[0]):
                         continue
                     row = dict(batch=batch, context=context, ratio=0.0 if name == "dense" else ratio, method=name)
                     try:

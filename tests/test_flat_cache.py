@@ -249,3 +249,35 @@ def test_cuda_kernel_wrappers_refuse_cpu_tensors():
 def test_cuda_kernel_inputs_are_checked(rows, indices, message):
     with pytest.raises((TypeError, ValueError), match=message):
         kernels.check_kernel_inputs(rows, indices, require_cuda=False)
+
+
+def test_write_positions_follow_appends_rollbacks_and_relayouts():
+    """The appended rows land at row_start + appended across the 64-step write-position tables, a rollback
+    and re-layouts, and the rows match the dense oracle."""
+    keys, values, keep = random_layer_inputs(2, 3, 40, 8, keep_prob=0.5)
+    layer = FlatHeadwiseLayer(keys, values, keep, Config(), min_slack=4)
+    added = []
+    for step in range(150):
+        if step == 100:
+            layer.truncate(layer.context_length + 70)
+            added = [torch.cat(added, dim=2)[:, :, :70]]
+        assert torch.equal(layer._write_start(), layer.row_start + layer.appended)
+        new = torch.randn(2, 3, 1 + step % 2, 8)
+        layer.update(new, -new)
+        added.append(new)
+    appended = torch.cat(added, dim=2)
+    assert_matches_oracle(layer, dense_oracle_rows(keys, values, keep, [appended], [-appended]))
+
+
+def test_split_workspace_reuses_its_buffer_and_grows():
+    from adakv.triton_decode import SplitWorkspace
+
+    workspace = SplitWorkspace()
+    out, lse = workspace.take(10, 4, torch.device("cpu"))
+    assert out.numel() >= 40 and lse.numel() >= 10 and out.dtype == torch.float32
+    assert workspace.take(10, 4, torch.device("cpu"))[0] is out  # same sizes: same views
+    buffer = workspace.buffer
+    small_out, small_lse = workspace.take(5, 4, torch.device("cpu"))
+    assert workspace.buffer is buffer and small_lse.data_ptr() == buffer.data_ptr() + 20 * 4
+    workspace.take(100, 4, torch.device("cpu"))
+    assert workspace.buffer.numel() >= 500

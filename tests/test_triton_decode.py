@@ -155,3 +155,34 @@ def test_bad_input_is_refused():
             query, layer.keys, layer.values, layer.offsets, layer.lengths, 2, layer.max_length, 0.1,
             out=torch.empty(1, 1, 8, 32, device="cuda"),
         )  # fmt: skip
+
+
+def test_decode_steps_reusing_the_layer_workspace_equal_fresh_allocations():
+    """Single-token steps reuse the layer's split workspace (poisoned here with NaN before each step) while
+    the split count changes with the length; every step equals a call with a freshly allocated workspace."""
+    layer = random_layer(1, 8, 128, 2000, 1, torch.bfloat16, min_slack=600)
+    splits_seen = set()
+    for step in range(40):
+        new = torch.randn(1, 8, 1, 128, device="cuda").to(torch.bfloat16)
+        for _ in range(13):  # lengths cross several MIN_KEYS_PER_SPLIT boundaries over the loop
+            layer.update(new, -new)
+        query = transformers_layout_query(1, 32, 1, 128, torch.bfloat16)
+        if layer.split_workspace.buffer is not None:
+            layer.split_workspace.buffer.fill_(float("nan"))
+        reused = triton_decode.triton_flat_attention(query, layer, 0.09)
+        fresh = triton_decode.split_kv_attention(
+            query, layer.keys, layer.values, layer.offsets, layer.context_kept, 8, layer.max_length, 0.09,
+            extra_length=layer.appended,
+        )  # fmt: skip
+        assert torch.equal(reused, fresh), f"step {step}"
+        splits_seen.add(triton_decode.choose_num_splits(layer.max_length, 8, 132))
+    assert len(splits_seen) > 1
+    error = relative_error(reused, reference_float64(query, layer, 0.09))
+    assert error < 1e-2, f"relative error {error:.3g}"
+
+
+def test_decode_refuses_a_query_of_another_dtype():
+    layer = random_layer(1, 2, 64, 300, 1, torch.bfloat16)
+    query = transformers_layout_query(1, 8, 1, 64, torch.float16)
+    with pytest.raises(TypeError, match="one dtype"):
+        triton_decode.triton_flat_attention(query, layer, 0.125)
