@@ -309,6 +309,14 @@ class RecordingPress(KnormPress):
         return super().compress(context)
 
 
+def recorded_contexts(model, ids) -> list:
+    """The PrefillContext of every compressed layer during a prefill of `ids`."""
+    recorder = RecordingPress(compression_ratio=0.5)
+    with torch.no_grad(), recorder(model):
+        model(ids)
+    return recorder.contexts
+
+
 def test_eager_attention_hands_the_weights_to_the_press(family):
     model = cached_model(family, "eager")
     ids = random_ids(seq_len=SEQ)
@@ -327,10 +335,7 @@ def test_eager_attention_hands_the_weights_to_the_press(family):
 def test_observed_attention_scores_are_the_mean_received_attention():
     model = cached_model("llama", "eager")
     ids = random_ids(seq_len=SEQ)
-    recorder = RecordingPress(compression_ratio=0.5)
-    with torch.no_grad(), recorder(model):
-        model(ids)
-    context = recorder.contexts[1]
+    context = recorded_contexts(model, ids)[1]
     scores = ObservedAttentionPress(compression_ratio=0.5).score(context)
     weights = context.attentions  # (1, 4 heads, seq, seq); heads 0,1 share KV head 0
     expected = torch.stack([weights[0, 0:2].mean(dim=(0, 1)), weights[0, 2:4].mean(dim=(0, 1))])
@@ -403,10 +408,7 @@ def test_expected_attention_of_one_known_query(family):
     own RoPE and modeling code."""
     model = model_of(family)
     ids = random_ids(seq_len=SEQ)
-    recorder = RecordingPress(compression_ratio=0.5)
-    with torch.no_grad(), recorder(model):
-        model(ids)
-    context = recorder.contexts[-1]
+    context = recorded_contexts(model, ids)[-1]
     module = context.module
     press = ExpectedAttentionPress(
         compression_ratio=0.5, n_future_positions=1, n_recent=1, n_sink=0, use_value_norm=False
@@ -426,10 +428,7 @@ def test_expected_attention_of_one_known_query(family):
 
 def test_expected_attention_keeps_sinks_and_uses_covariance():
     model = cached_model("llama")
-    recorder = RecordingPress(compression_ratio=0.5)
-    with torch.no_grad(), recorder(model):
-        model(random_ids(seq_len=SEQ))
-    context = recorder.contexts[0]
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
     press = ExpectedAttentionPress(compression_ratio=0.9, n_sink=3, n_recent=16, n_future_positions=8)
     keep = press.compress(context)
     assert keep[..., :3].all()
@@ -518,10 +517,7 @@ def test_key_rerotation_forwards_the_compression_ratio():
 
 def test_composed_press_chooses_among_what_earlier_presses_kept():
     model = cached_model("llama")
-    recorder = RecordingPress(compression_ratio=0.5)
-    with torch.no_grad(), recorder(model):
-        model(random_ids(seq_len=SEQ))
-    context = recorder.contexts[0]
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
     first = KnormPress(compression_ratio=0.5)
     second = StreamingLLMPress(compression_ratio=0.5, n_sink=2)
     composed = ComposedPress([first, second])
@@ -538,10 +534,7 @@ def test_composed_press_chooses_among_what_earlier_presses_kept():
 
 def test_chunk_press_keeps_its_share_of_every_chunk():
     model = cached_model("llama")
-    recorder = RecordingPress(compression_ratio=0.5)
-    with torch.no_grad(), recorder(model):
-        model(random_ids(seq_len=SEQ))
-    context = recorder.contexts[0]
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
     press = ChunkPress(StreamingLLMPress(compression_ratio=0.75, n_sink=1), chunk_length=20)
     keep = press.compress(context)
     # chunks of 20, 20, 8 keep 5, 5, 2: the first token and the newest of each chunk
@@ -574,10 +567,7 @@ def test_random_press_is_reproducible_with_a_seed():
 
 def test_knorm_and_keydiff_scores():
     model = cached_model("llama")
-    recorder = RecordingPress(compression_ratio=0.5)
-    with torch.no_grad(), recorder(model):
-        model(random_ids(seq_len=SEQ))
-    context = recorder.contexts[0]
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
     keys = context.keys[0, 0]  # (seq, head_dim)
     torch.testing.assert_close(KnormPress().score(context)[0, 0], -keys.norm(dim=-1))
     unit = keys / keys.norm(dim=-1, keepdim=True)
@@ -591,10 +581,7 @@ def test_expected_attention_with_covariance_matches_the_gaussian_formula(family)
     """Mean and covariance of 8 recent queries, rotated by the average of the model's own RoPE
     rotations at the next 4 positions: E[exp(s q.k)] = exp(s mu.k + s^2 k^T Sigma k / 2), normalised."""
     model = model_of(family)
-    recorder = RecordingPress(compression_ratio=0.5)
-    with torch.no_grad(), recorder(model):
-        model(random_ids(seq_len=SEQ))
-    context = recorder.contexts[-1]
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[-1]
     module, head_dim = context.module, context.module.head_dim
     press = ExpectedAttentionPress(n_future_positions=4, n_recent=8, n_sink=0, use_value_norm=False)
     scores = press.score(context)
