@@ -7,24 +7,26 @@ from __future__ import annotations
 
 import importlib
 
-# name -> (press class, wrapped in AdaptivePress?)
-PRESSES: dict[str, tuple[str, bool]] = {
-    "snapkv": ("SnapKVPress", False),
-    "adakv_snapkv": ("SnapKVPress", True),
-    "pyramidkv": ("PyramidKVPress", False),
-    "adakv_pyramidkv": ("PyramidKVPress", True),
-    "expected_attention": ("ExpectedAttentionPress", False),
-    "adakv_expected_attention": ("ExpectedAttentionPress", True),
-    "knorm": ("KnormPress", False),
-    "adakv_knorm": ("KnormPress", True),
-    "keydiff": ("KeyDiffPress", False),
-    "adakv_keydiff": ("KeyDiffPress", True),
-    "tova": ("TOVAPress", False),
-    "adakv_tova": ("TOVAPress", True),
-    "observed_attention": ("ObservedAttentionPress", False),
-    "adakv_observed_attention": ("ObservedAttentionPress", True),
-    "streaming_llm": ("StreamingLLMPress", False),
-    "random": ("RandomPress", False),
+# name -> (scorer class, wrapper classes applied from the inside out)
+PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "snapkv": ("SnapKVPress", ()),
+    "adakv_snapkv": ("SnapKVPress", ("AdaptivePress",)),
+    "criticalkv_snapkv": ("SnapKVPress", ("CriticalKVPress",)),
+    "adakv_criticalkv_snapkv": ("SnapKVPress", ("CriticalKVPress", "AdaptivePress")),
+    "pyramidkv": ("PyramidKVPress", ()),
+    "adakv_pyramidkv": ("PyramidKVPress", ("AdaptivePress",)),
+    "expected_attention": ("ExpectedAttentionPress", ()),
+    "adakv_expected_attention": ("ExpectedAttentionPress", ("AdaptivePress",)),
+    "knorm": ("KnormPress", ()),
+    "adakv_knorm": ("KnormPress", ("AdaptivePress",)),
+    "keydiff": ("KeyDiffPress", ()),
+    "adakv_keydiff": ("KeyDiffPress", ("AdaptivePress",)),
+    "tova": ("TOVAPress", ()),
+    "adakv_tova": ("TOVAPress", ("AdaptivePress",)),
+    "observed_attention": ("ObservedAttentionPress", ()),
+    "adakv_observed_attention": ("ObservedAttentionPress", ("AdaptivePress",)),
+    "streaming_llm": ("StreamingLLMPress", ()),
+    "random": ("RandomPress", ()),
 }
 NO_PRESS = "none"
 
@@ -51,9 +53,9 @@ def check_presses_available(names) -> None:
     check_press_names(names)
     for name in names:
         if name != NO_PRESS:
-            press_class(PRESSES[name][0])
-            if PRESSES[name][1]:
-                press_class("AdaptivePress")
+            scorer, wrappers = PRESSES[name]
+            for class_name in (scorer, *wrappers):
+                press_class(class_name)
 
 
 def build_press(name: str, compression_ratio: float, backend: str = "mask"):
@@ -61,8 +63,8 @@ def build_press(name: str, compression_ratio: float, backend: str = "mask"):
     check_press_names([name])
     if name == NO_PRESS:
         return None
-    class_name, adaptive = PRESSES[name]
-    inner = press_class(class_name)(compression_ratio=compression_ratio, backend=backend)
-    if not adaptive:
-        return inner
-    return press_class("AdaptivePress")(inner, backend=backend)
+    scorer, wrappers = PRESSES[name]
+    press = press_class(scorer)(compression_ratio=compression_ratio, backend=backend)
+    for wrapper in wrappers:
+        press = press_class(wrapper)(press, backend=backend)
+    return press

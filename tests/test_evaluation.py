@@ -198,3 +198,13 @@ def test_cli_lists_unknown_names(capsys, tmp_path):
     assert cli_main(["run", "--backend", "no-such-backend", "--out", str(tmp_path / "x")]) == 2
     assert "backend must be one of" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_registry_builds_wrapped_presses_from_the_inside_out():
+    from adakv import AdaptivePress, CriticalKVPress, SnapKVPress
+    from adakv.evaluation.registry import build_press
+
+    press = build_press("adakv_criticalkv_snapkv", 0.5, backend="evict")
+    assert isinstance(press, AdaptivePress) and isinstance(press.press, CriticalKVPress)
+    assert isinstance(press.press.press, SnapKVPress)
+    assert press.compression_ratio == 0.5 and press.backend == "evict"
