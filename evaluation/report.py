@@ -32,12 +32,16 @@ def per_task_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def adaptive_vs_uniform(results: pd.DataFrame) -> pd.DataFrame:
-    """Paired difference adakv_X - X per ratio, on the same (task, length, sample): mean, 95% CI, n."""
+    """Paired difference adakv_X - X per ratio, on the same (task, length, sample): mean, 95% CI, n.
+    X is the same press without the outermost AdaptivePress."""
     rows = []
     keys = ["task", "context_length", "sample", "ratio"]
-    for name, (class_name, adaptive) in PRESSES.items():
-        uniform = next((n for n, (c, a) in PRESSES.items() if c == class_name and not a), None)
-        if not adaptive or name not in set(results.press) or uniform not in set(results.press):
+    by_recipe = {recipe: name for name, recipe in PRESSES.items()}
+    for name, (scorer, wrappers) in PRESSES.items():
+        if wrappers[-1:] != ("AdaptivePress",):
+            continue
+        uniform = by_recipe.get((scorer, wrappers[:-1]))
+        if name not in set(results.press) or uniform not in set(results.press):
             continue
         paired = results[results.press == name].merge(
             results[results.press == uniform], on=keys, suffixes=("_ada", "_uni")
