@@ -208,3 +208,18 @@ def test_registry_builds_wrapped_presses_from_the_inside_out():
     assert isinstance(press, AdaptivePress) and isinstance(press.press, CriticalKVPress)
     assert isinstance(press.press.press, SnapKVPress)
     assert press.compression_ratio == 0.5 and press.backend == "evict"
+
+
+def test_adaptive_settings_are_paired_with_the_same_press_without_adaptive():
+    import pandas as pd
+
+    from adakv.evaluation.report import adaptive_vs_uniform
+
+    rows = []
+    for press, score in [("snapkv", 0.0), ("criticalkv_snapkv", 1.0), ("adakv_criticalkv_snapkv", 0.5), ("adakv_snapkv", 1.0)]:
+        rows.append(dict(task="t", context_length=64, sample=0, ratio=0.5, press=press, score=score))
+    table = adaptive_vs_uniform(pd.DataFrame(rows)).set_index("adaptive")
+    assert table.loc["adakv_criticalkv_snapkv", "uniform"] == "criticalkv_snapkv"
+    assert table.loc["adakv_criticalkv_snapkv", "difference"] == -0.5
+    assert table.loc["adakv_snapkv", "uniform"] == "snapkv"
+    assert "criticalkv_snapkv" not in table.index
