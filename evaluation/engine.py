@@ -5,7 +5,7 @@ compressed right after its own attention ran) and answer the question from the c
 
 Fast: every layer is compressed *after* its attention ran on the full context, so the prefill's
 hidden states, keys and values never depend on the press. `dense_prefill` runs the context once
-with a recording press that keeps each full-attention layer's `PrefillContext` (built by
+with `RecordingPress`, which keeps each full-attention layer's `PrefillContext` (built by
 `BasePress` itself) and compresses nothing; `fast_answer` then builds each setting's cache by
 calling `press.compressed_layer` on copies of those contexts, in layer order, exactly as the hooks
 would, and answers. Keys and values are cloned per setting, so presses that edit keys in place
@@ -16,24 +16,13 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers import DynamicCache
 
 from adakv.pipeline import answer_from_cache, encode_prompt_parts, prefill_context, split_prompt
-from adakv.presses import BasePress, PrefillContext
-
-
-@dataclass
-class RecordingPress(BasePress):
-    """Compresses nothing; keeps the PrefillContext of every full-attention layer, in layer order."""
-
-    contexts: list = field(default_factory=list)
-
-    def compressed_layer(self, context: PrefillContext):
-        self.contexts.append(context)
-        return None
+from adakv.presses import BasePress, PrefillContext, RecordingPress
 
 
 @dataclass

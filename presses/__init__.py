@@ -13,6 +13,7 @@ from .observed_attention import ObservedAttentionPress
 from .per_layer import PerLayerCompressionPress
 from .pyramidkv import PyramidKVPress
 from .random_press import RandomPress
+from .recording import RecordingPress
 from .scorer import ScorerPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
@@ -33,6 +34,7 @@ __all__ = [
     "PrefillContext",
     "PyramidKVPress",
     "RandomPress",
+    "RecordingPress",
     "ScorerPress",
     "SnapKVPress",
     "StreamingLLMPress",

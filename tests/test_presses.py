@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import sys
-from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
 
@@ -29,7 +28,7 @@ from adakv import (
     TOVAPress,
     kept_token_counts,
 )
-from adakv import CriticalKVPress
+from adakv import CriticalKVPress, RecordingPress
 from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
 from adakv.presses.expected_attention import future_rope
@@ -296,22 +295,9 @@ def test_observed_attention_needs_eager_attention():
     assert hook_snapshot(model) == before
 
 
-@dataclass
-class RecordingPress(KnormPress):
-    """Keeps everything it would, and remembers every context it saw."""
-
-    def __post_init__(self):
-        super().__post_init__()
-        self.contexts = []
-
-    def compress(self, context):
-        self.contexts.append(context)
-        return super().compress(context)
-
-
 def recorded_contexts(model, ids) -> list:
     """The PrefillContext of every compressed layer during a prefill of `ids`."""
-    recorder = RecordingPress(compression_ratio=0.5)
+    recorder = RecordingPress()
     with torch.no_grad(), recorder(model):
         model(ids)
     return recorder.contexts
@@ -322,7 +308,7 @@ def test_eager_attention_hands_the_weights_to_the_press(family):
     ids = random_ids(seq_len=SEQ)
     with torch.no_grad():
         reference = model(ids, output_attentions=True).attentions
-    press = RecordingPress(compression_ratio=0.5)
+    press = RecordingPress()
     with torch.no_grad(), press(model):
         model(ids)
     assert [context.layer_idx for context in press.contexts] == full_layer_indices(model)
