@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from adakv.attention import CACHE_ATTRIBUTE, register_attention_functions
+from adakv.attention import CACHE_ATTRIBUTE, allowed_positions, register_attention_functions
 from adakv.cache import ADAKV_ATTENTION_PREFIX, BACKENDS, make_compressed_layer
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
@@ -82,12 +82,10 @@ def check_is_press(press, wrapper: str) -> None:
 
 def real_token_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
     """(batch, seq) True for real tokens. Padding keys are those the last query may not attend."""
-    if attention_mask is None:
+    if attention_mask is None:  # no padding (and no need to build a seq x seq causal mask)
         return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-    last_row = attention_mask[:, 0, -1, :seq_len]
-    if last_row.dtype != torch.bool:
-        last_row = last_row > torch.finfo(last_row.dtype).min / 2
-    return last_row.expand(batch, seq_len)
+    last_query = attention_mask[:, :, -1:]
+    return allowed_positions(last_query, 1, seq_len, device)[:, 0, -1].expand(batch, seq_len)
 
 
 @dataclass
