@@ -8,12 +8,14 @@ A press replaces a layer of the model's `DynamicCache` after the context prefill
   into one flat buffer per K and V; pruned rows are freed.
 
 "mask" stays the default: it needs nothing beyond the model's own attention and accepts any mask
-(e.g. padded questions). "evict" gives the same results and really frees memory (KV at ratio r is
-(1 - r) of dense plus < 2%), but on torch 2.11 its GPU decode falls back to a reference attention
-that re-reads the whole cache and was slower than dense SDPA (benchmarks/results/). Pick "evict"
-when memory matters.
+and model option (padded question batches, attention-logit softcapping), which "evict" refuses with
+a clear error. "evict" gives the same results, really frees memory (KV at ratio r is (1 - r) of dense
+plus < 2%) and decodes through adakv's own CUDA/Triton kernels on GPU (benchmarks/results/). Pick
+"evict" when memory or decode speed matters.
 
-Tokens appended later (question, answer) are kept by every head.
+Tokens appended later (question, answer) are kept by every head. A chunked context prefill
+(adakv/chunked_prefill.py) appends each context chunk the same way and then folds the chunk's kept
+tokens into the compressed context (`fold_appended_into_context`), so the context grows chunk by chunk.
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ class MaskedLayer(DynamicLayer):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         return self.keys, self.values
+
+    def newest_keys_values(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (batch, kv_heads, count, head_dim) of the last `count` tokens (views)."""
+        return self.keys[..., -count:, :], self.values[..., -count:, :]
+
+    def fold_appended_into_context(self, keep: torch.Tensor) -> None:
+        """Make every token after the compressed context part of it; `keep` (batch, kv_heads, appended)
+        bool says which of them each head may still attend (a chunk of a chunked context prefill)."""
+        appended = self.get_seq_length() - self.context_length
+        expected = (*self.context_keep.shape[:2], appended)
+        if tuple(keep.shape) != expected:
+            raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {expected} (batch, kv_heads, appended).")
+        self.context_keep = torch.cat([self.context_keep, keep.to(self.context_keep.device, torch.bool)], dim=-1)
 
     def keep_mask(self, kv_length: int) -> torch.Tensor:
         """(batch, kv_heads, kv_length) bool: the context mask, then True for every later token."""
@@ -112,6 +127,14 @@ def make_compressed_layer(backend: str, keys: torch.Tensor, values: torch.Tensor
 
         return FlatHeadwiseLayer(keys, values, keep, config)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+
+
+def newest_keys_values(layer: DynamicLayer, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (batch, kv_heads, count, head_dim) of the last `count` tokens written to `layer`,
+    a dense DynamicLayer or a compressed one."""
+    if hasattr(layer, "newest_keys_values"):
+        return layer.newest_keys_values(count)
+    return layer.keys[..., -count:, :], layer.values[..., -count:, :]
 
 
 def compressed_layers(cache: Cache) -> dict[int, DynamicLayer]:

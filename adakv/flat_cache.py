@@ -13,6 +13,11 @@ writes only the new rows; when the slack runs out the layer is re-laid out once 
 slack (geometric growth, at least `slack_fraction` of the mean head length), so appends cost
 O(new tokens) amortised. `get_seq_length()` counts dense positions (context + appended), which
 transformers uses for positions and masks.
+
+A chunked context prefill (adakv/chunked_prefill.py) appends each context chunk like any other tokens
+(so the chunk attends to the compressed earlier context), then `fold_appended_into_context` moves the
+chunk's kept rows behind each head's context rows in fresh buffers with `min_slack` free rows: the
+context grows by the chunk, `appended` is back to 0 and the chunk's pruned rows are freed.
 """
 
 from __future__ import annotations
@@ -36,13 +41,14 @@ def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
     return torch.cumsum(counts, 0) - counts
 
 
-def compaction_indices(keep: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def compaction_indices(keep: torch.Tensor, offsets: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Source and destination rows that gather the kept rows of every sequence into the flat layout.
 
-    keep: (sequences, seq) bool; offsets: (sequences,) first row of each sequence's region.
-    Returns (src_index into the (sequences * seq) dense rows, dst_index into the flat buffer), int64."""
+    keep: (sequences, seq) bool with `kept` True entries; offsets: (sequences,) first row of each
+    sequence's region. Returns (src_index into the (sequences * seq) dense rows, dst_index into the flat
+    buffer), int64. Knowing `kept` lets the GPU build them without waiting for the host (nonzero_static)."""
     sequences, seq_len = keep.shape
-    src_index = keep.reshape(-1).nonzero().squeeze(1)  # row-major: by sequence, then position
+    src_index = torch.nonzero_static(keep.reshape(-1), size=kept).squeeze(1)  # by sequence, then position
     rank_within = (torch.cumsum(keep, dim=-1) - 1).reshape(-1).index_select(0, src_index)
     dst_index = offsets.index_select(0, torch.div(src_index, seq_len, rounding_mode="floor")) + rank_within
     return src_index, dst_index
@@ -89,11 +95,9 @@ class FlatHeadwiseLayer(DynamicLayer):
         self.split_workspace = SplitWorkspace()  # reused by every decode step's attention (adakv.triton_decode)
 
         keep = keep.to(device=keys.device, dtype=torch.bool).reshape(self.num_sequences, self.context_length)
-        self.context_kept = keep.sum(-1)  # (sequences,) int64
-        self.total_context_kept = int(self.context_kept.sum())
-        self.max_context_kept = int(self.context_kept.max()) if self.num_sequences else 0
+        self._set_context_kept(keep.sum(-1))
         self._allocate(min_slack)
-        src_index, dst_index = compaction_indices(keep, self.offsets)
+        src_index, dst_index = compaction_indices(keep, self.offsets, self.total_context_kept)
         kernels.copy_rows(
             keys.reshape(-1, self.head_dim),
             values.reshape(-1, self.head_dim),
@@ -114,12 +118,37 @@ class FlatHeadwiseLayer(DynamicLayer):
         return self.context_kept + self.appended
 
     @property
+    def max_context_kept(self) -> int:
+        """Rows of the longest compressed context, read from the GPU once per layout (at the first decode
+        step, not during the prefill, where waiting for the GPU would stall it)."""
+        if self._max_context_kept is None:
+            self._max_context_kept = int(self.context_kept.max()) if self.context_kept.numel() else 0
+        return self._max_context_kept
+
+    @property
     def max_length(self) -> int:
         return self.max_context_kept + self.appended
 
     @property
+    def cu_capacity(self) -> torch.Tensor:
+        """(sequences + 1,) int64: where each sequence's region starts, then the total row count."""
+        return torch.nn.functional.pad(torch.cumsum(self.capacity, 0), (1, 0))
+
+    @property
+    def used_rows(self) -> int:
+        """Rows that hold tokens (kept context + appended, all sequences), from host counters."""
+        return self.total_context_kept + self.appended * self.num_sequences
+
+    @property
     def total_rows(self) -> int:
         return self.keys.shape[0]
+
+    def _set_context_kept(self, context_kept: torch.Tensor) -> None:
+        """(sequences,) int64 kept context rows per sequence; the total is needed on the host to size the
+        buffers (the one point where a compression waits for the GPU)."""
+        self.context_kept = context_kept
+        self.total_context_kept = int(context_kept.sum())
+        self._max_context_kept = None
 
     def _allocate(self, slack: int) -> None:
         """Fresh buffers for the current context_kept and `slack` rows per sequence (data not copied)."""
@@ -127,8 +156,6 @@ class FlatHeadwiseLayer(DynamicLayer):
         self.capacity = self.context_kept + slack
         self.offsets = exclusive_cumsum(self.capacity)
         self.row_start = self.offsets + self.context_kept  # where appended tokens begin
-        self.cu_capacity = torch.cat([self.offsets, self.offsets.new_tensor([self.total_context_kept])])
-        self.cu_capacity[-1] += slack * self.num_sequences
         rows = self.total_context_kept + slack * self.num_sequences
         self.keys = torch.empty(rows, self.head_dim, dtype=self.dtype, device=self.device)
         self.values = torch.empty_like(self.keys)
@@ -153,14 +180,38 @@ class FlatHeadwiseLayer(DynamicLayer):
         """Copy the used rows of `sequence_ids` (in that order) into fresh buffers with `slack` free rows each."""
         old_keys, old_values, old_offsets, old_kept = self.keys, self.values, self.offsets, self.context_kept
         old_lengths = old_kept.index_select(0, sequence_ids) + self.appended
-        self.context_kept = old_kept.index_select(0, sequence_ids)
-        self.total_context_kept = int(self.context_kept.sum())
-        self.max_context_kept = int(self.context_kept.max()) if len(sequence_ids) else 0
+        self._set_context_kept(old_kept.index_select(0, sequence_ids))
         self._allocate(slack)
         used = self.total_context_kept + self.appended * len(sequence_ids)
         src_index = segment_rows(old_offsets.index_select(0, sequence_ids), old_lengths, used)
         dst_index = segment_rows(self.offsets, old_lengths, used)
         kernels.copy_rows(old_keys, old_values, self.keys, self.values, src_index, dst_index)
+
+    def fold_appended_into_context(self, keep: torch.Tensor) -> None:
+        """Make the appended tokens part of the compressed context, each head keeping only its `keep`
+        (batch, kv_heads, appended) bool rows of them, and re-lay the buffers with `min_slack` free rows
+        per sequence. Copies only kept rows (old context rows and the kept appended rows), once."""
+        expected = (self.batch_size, self.num_heads, self.appended)
+        if tuple(keep.shape) != expected:
+            raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {expected} (batch, kv_heads, appended).")
+        keep = keep.to(device=self.device, dtype=torch.bool).reshape(self.num_sequences, self.appended)
+        old_keys, old_values, old_offsets, old_kept = self.keys, self.values, self.offsets, self.context_kept
+        old_total, appended = self.total_context_kept, self.appended
+        self._set_context_kept(old_kept + keep.sum(-1))
+        self.context_length += appended
+        self.appended = 0
+        self._allocate(self.min_slack)
+        # the old context rows of each sequence, in order, to the start of its new region
+        context_src = segment_rows(old_offsets, old_kept, old_total)
+        context_dst = segment_rows(self.offsets, old_kept, old_total)
+        # the kept appended rows right behind them; compaction_indices counts sources as s * appended + j
+        dense_src, chunk_dst = compaction_indices(keep, self.offsets + old_kept, self.total_context_kept - old_total)
+        sequence = torch.div(dense_src, appended, rounding_mode="floor")
+        chunk_src = (old_offsets + old_kept).index_select(0, sequence) + dense_src - sequence * appended
+        kernels.copy_rows(
+            old_keys, old_values, self.keys, self.values,
+            torch.cat([context_src, chunk_src]), torch.cat([context_dst, chunk_dst]),
+        )  # fmt: skip
 
     def _grow(self, needed_slack: int) -> None:
         mean_length = self.total_context_kept / max(self.num_sequences, 1) + self.appended
@@ -201,6 +252,14 @@ class FlatHeadwiseLayer(DynamicLayer):
 
     def get_seq_length(self) -> int:
         return self.context_length + self.appended
+
+    def newest_keys_values(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense copies (batch, kv_heads, count, head_dim) of the last `count` appended tokens."""
+        if not 0 < count <= self.appended:
+            raise ValueError(f"count must be in [1, {self.appended}] (the appended tokens), got {count}.")
+        rows = self.row_start[:, None] + torch.arange(self.appended - count, self.appended, device=self.device)
+        shape = (self.batch_size, self.num_heads, count, self.head_dim)
+        return self.keys[rows].view(shape), self.values[rows].view(shape)
 
     def get_max_length(self) -> int:
         return -1
@@ -255,7 +314,7 @@ class FlatHeadwiseLayer(DynamicLayer):
         return self.total_rows * self.row_bytes
 
     def metadata_bytes(self) -> int:
-        tensors = (self.context_kept, self.capacity, self.offsets, self.row_start, self.cu_capacity)
+        tensors = (self.context_kept, self.capacity, self.offsets, self.row_start)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def held_bytes(self) -> int:

@@ -1,8 +1,12 @@
-"""CUDA kernels of the flattened head-wise cache (csrc/flat_cache.cu), built on first use.
+"""CUDA kernels of the flattened head-wise cache (csrc/flat_cache.cu, csrc/flat_decode.cu), built on first use.
 
 `copy_rows` and `append_rows` run the CUDA kernels for CUDA tensors and the pure-PyTorch reference
 (adakv.kernels_reference) for CPU tensors. `cuda_copy_rows` / `cuda_append_rows` always use the
 kernels and refuse anything else with a clear error.
+
+`cuda_decode_attention` / `cuda_decode_flat_attention`: single-token (decode) attention over the flat
+cache in one extension call (a split-KV kernel, plus a combine kernel when the keys are split); CUDA
+only, no CPU fallback (adakv.varlen.flat_attention picks it or another path, see `decode_supported`).
 
 The extension is compiled with torch.utils.cpp_extension + ninja into ADAKV_KERNEL_CACHE (default
 ~/.cache/adakv/kernels). Set ADAKV_KERNELS=reference to use the PyTorch reference on CUDA too
@@ -18,10 +22,16 @@ from pathlib import Path
 import torch
 
 from . import kernels_reference
+from .triton_decode import SplitWorkspace, choose_num_splits, multiprocessor_count
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ROW_ALIGNMENT_BYTES = 16  # the kernels move rows in 16-byte vectors
-SOURCES = ("flat_cache.cu", "flat_cache_binding.cpp")
+SOURCES = ("flat_cache.cu", "flat_decode.cu", "flat_cache_binding.cpp")
+# limits of csrc/flat_decode.cu (the binding checks them too)
+DECODE_MAX_GROUP = 16  # query heads per KV head
+DECODE_MAX_HEAD_DIM = 256
+DECODE_MIN_ROW_BYTES = 64  # head_dim * element size: 64..1024 bytes, a multiple of 16
+DECODE_MAX_SPLITS = 128
 
 
 class KernelBuildError(RuntimeError):
@@ -137,6 +147,133 @@ def cuda_append_rows(dst_keys, dst_values, new_keys, new_values, write_start) ->
     if write_start.shape[0] != new_keys.shape[0]:
         raise ValueError(f"write_start has {write_start.shape[0]} sequences, new_keys has {new_keys.shape[0]}.")
     load_extension().append_rows(dst_keys, dst_values, new_keys, new_values, write_start)
+
+
+def decode_supported(dtype: torch.dtype, head_dim: int, group: int) -> bool:
+    """Whether csrc/flat_decode.cu handles this dtype, head_dim and GQA group (query heads per KV head)."""
+    if dtype not in SUPPORTED_DTYPES:
+        return False
+    row_bytes = head_dim * dtype.itemsize
+    return (
+        head_dim <= DECODE_MAX_HEAD_DIM
+        and row_bytes >= DECODE_MIN_ROW_BYTES
+        and row_bytes % ROW_ALIGNMENT_BYTES == 0
+        and 1 <= group <= DECODE_MAX_GROUP
+    )
+
+
+def check_decode_inputs(query, keys, values, offsets, context_kept, appended: int, num_splits: int | None) -> None:
+    """The checks of `cuda_decode_attention`, with messages that say what to pass instead (dtypes and shapes
+    first, then devices, so the messages are the same on a machine without a GPU)."""
+    if query.dtype not in SUPPORTED_DTYPES or keys.dtype != query.dtype or values.dtype != query.dtype:
+        raise TypeError(
+            f"adakv's CUDA decode attention supports dtypes {SUPPORTED_DTYPES} with one dtype for query, keys and "
+            f"values; got {query.dtype}, {keys.dtype}, {values.dtype}."
+        )
+    if query.dim() != 4 or query.shape[2] != 1:
+        raise ValueError(f"query must be (batch, heads, 1, head_dim) (one decode token), got {tuple(query.shape)}.")
+    batch, heads, _, head_dim = query.shape
+    if keys.dim() != 2 or keys.shape != values.shape or keys.shape[-1] != head_dim:
+        raise ValueError(
+            f"keys and values must both be (rows, {head_dim}) buffers, got {tuple(keys.shape)} and "
+            f"{tuple(values.shape)}."
+        )
+    if not keys.is_contiguous() or not values.is_contiguous():
+        raise ValueError("keys and values must be contiguous.")
+    sequences = offsets.shape[0] if offsets.dim() == 1 else -1
+    for name, tensor in {"offsets": offsets, "context_kept": context_kept}.items():
+        if tensor.dtype != torch.int64 or tensor.dim() != 1 or not tensor.is_contiguous():
+            raise TypeError(f"{name} must be a contiguous 1-D int64 tensor, got {tensor.dtype} {tuple(tensor.shape)}.")
+        if tensor.shape[0] != sequences or batch == 0 or sequences == 0 or sequences % batch:
+            raise ValueError(
+                f"{name} must have batch * kv_heads entries (batch={batch}), got {tensor.shape[0]} "
+                f"(offsets has {sequences})."
+            )
+    kv_heads = sequences // batch
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads cannot be grouped over {kv_heads} KV heads.")
+    if not decode_supported(query.dtype, head_dim, heads // kv_heads):
+        raise ValueError(
+            f"adakv's CUDA decode attention supports head_dim <= {DECODE_MAX_HEAD_DIM} with head_dim * element size "
+            f"a multiple of {ROW_ALIGNMENT_BYTES} bytes and at least {DECODE_MIN_ROW_BYTES}, and up to "
+            f"{DECODE_MAX_GROUP} query heads per KV head; got head_dim={head_dim} in {query.dtype} and "
+            f"{heads // kv_heads} query heads per KV head. Use adakv.triton_decode for other shapes."
+        )
+    if not isinstance(appended, int) or appended < 0:
+        raise ValueError(f"appended must be an int >= 0, got {appended!r}.")
+    if num_splits is not None and not 1 <= num_splits <= DECODE_MAX_SPLITS:
+        raise ValueError(f"num_splits must be None or in [1, {DECODE_MAX_SPLITS}], got {num_splits}.")
+    if not query.is_cuda:
+        raise ValueError(f"adakv's CUDA decode attention needs CUDA tensors, but query is on {query.device}.")
+    for name, tensor in {"keys": keys, "values": values, "offsets": offsets, "context_kept": context_kept}.items():
+        if tensor.device != query.device:
+            raise ValueError(f"{name} is on {tensor.device} but query is on {query.device}.")
+
+
+def cuda_decode_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    context_kept: torch.Tensor,
+    appended: int,
+    scaling: float,
+    max_length: int,
+    num_splits: int | None = None,
+    workspace: SplitWorkspace | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """One decode token per query head over the flat cache -> (batch, 1, heads, head_dim) in query's dtype.
+
+    query (batch, heads, 1, head_dim), any strides; keys/values (rows, head_dim) contiguous; sequence
+    s = batch * kv_heads + kv_head (kv_heads = len(offsets) / batch) reads rows
+    [offsets[s], offsets[s] + context_kept[s] + appended) and is attended by query heads
+    kv_head * group .. kv_head * group + group - 1. offsets/context_kept: int64 CUDA tensors.
+    max_length (a host int >= every sequence's length) sets the number of splits like the Triton path
+    (`adakv.triton_decode.choose_num_splits`) unless num_splits is given. workspace: a reusable
+    `SplitWorkspace` for the per-split results (None allocates one when there is more than one split).
+    check=False skips the Python checks (the C++ binding still checks what the kernels rely on)."""
+    if check:
+        check_decode_inputs(query, keys, values, offsets, context_kept, appended, num_splits)
+    sequences = offsets.shape[0]
+    if num_splits is None:
+        num_splits = choose_num_splits(max_length, sequences, multiprocessor_count(query.device.index))
+    if num_splits == 1:
+        return load_extension().decode_attention(query, keys, values, offsets, context_kept, appended, scaling, 1)
+    batch, heads, _, head_dim = query.shape
+    slots = num_splits * sequences * (heads // (sequences // batch))  # splits x sequences x group
+    if workspace is None:
+        workspace = SplitWorkspace()
+    partial_out, partial_lse = workspace.take(slots, head_dim, query.device)
+    return load_extension().decode_attention(
+        query, keys, values, offsets, context_kept, appended, scaling, num_splits, partial_out, partial_lse
+    )
+
+
+def cuda_decode_flat_attention(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None):
+    """`cuda_decode_attention` over a FlatHeadwiseLayer (query (batch, heads, 1, head_dim) -> (batch, 1, heads,
+    head_dim)), reusing the layer's split workspace. The layer's buffers are contiguous (rows, head_dim) tensors
+    of its dtype with int64 offsets/context_kept by construction, so only the query is checked here (the full
+    check runs when that cheap test fails, for its message)."""
+    if not (
+        query.is_cuda
+        and query.dtype == layer.dtype
+        and query.dim() == 4
+        and query.shape[2] == 1
+        and query.shape[3] == layer.head_dim
+        and query.shape[0] == layer.batch_size
+        and query.shape[1] % layer.num_heads == 0
+        and layer.keys.is_cuda
+        and decode_supported(query.dtype, layer.head_dim, query.shape[1] // layer.num_heads)
+        and (num_splits is None or 1 <= num_splits <= DECODE_MAX_SPLITS)
+    ):
+        check_decode_inputs(
+            query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, num_splits
+        )
+    return cuda_decode_attention(
+        query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, scaling,
+        layer.max_length, num_splits, layer.split_workspace, check=False,
+    )  # fmt: skip
 
 
 def _on_reference(tensor: torch.Tensor) -> bool:

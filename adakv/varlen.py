@@ -4,10 +4,14 @@ sequence, attended by its GQA group of query heads.
 The new tokens of the current forward are the last `query_length` rows of every sequence; query j
 sees every row up to and including its own (causal within multi-token appends). Paths:
 
+- CUDA, one new token (decode), fp16/bf16/fp32 with a head_dim and GQA group the kernel supports
+  (`adakv.kernels.decode_supported`), adakv's CUDA extension in use (ADAKV_KERNELS is not
+  "reference"): `adakv.kernels.cuda_decode_flat_attention` (csrc/flat_decode.cu), a split-KV kernel
+  plus a combine kernel issued by one C++ call, so a decode step costs little host time.
 - CUDA, fp16/bf16/fp32, triton importable: `adakv.triton_decode` (our split-KV / flash-decoding Triton
   kernels: the keys of every sequence are split over several programs so batch 1 fills the GPU). Used
-  for decode and for appends of up to TRITON_MAX_QUERY_LENGTH tokens; longer appends go to the varlen
-  paths below when one is available, else still to Triton.
+  for the decode steps the CUDA kernel does not take and for appends of up to TRITON_MAX_QUERY_LENGTH
+  tokens; longer appends go to the varlen paths below when one is available, else still to Triton.
 - CUDA, fp16/bf16: `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside torch) when it
   accepts `seqused_k` (needed because each sequence's region ends in unused slack rows), else
   `flash_attn_varlen_func` when flash-attn is installed and accepts `seqused_k`.
@@ -23,9 +27,13 @@ from functools import lru_cache
 
 import torch
 
-from . import triton_decode
+from . import kernels, triton_decode
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+# Above this many K+V bytes per layer the Triton kernels' better memory throughput outweighs their
+# ~25-35 us larger host cost (per call on an H200: CUDA kernel 25 vs Triton 49 us at 32 MiB, 52 vs 50 us
+# at 64 MiB, 87 vs 52 us at 128 MiB; benchmarks/results/decode_kernels_NVIDIA_H200.md)
+CUDA_DECODE_MAX_BYTES = 48 * 2**20
 TRITON_MAX_QUERY_LENGTH = 512  # longer appends prefer FlashAttention's varlen kernels when available
 
 
@@ -88,15 +96,33 @@ def available_varlen_path() -> str:
     return "reference"
 
 
+def cuda_decode_usable() -> bool:
+    """Whether adakv's CUDA extension is in use (ADAKV_KERNELS is not "reference"); it is compiled on first use."""
+    return not kernels.use_reference_on_cuda()
+
+
 def available_gpu_path() -> str:
-    """Which implementation `flat_attention` uses for decoding with fp16/bf16 CUDA tensors."""
+    """Which implementation `flat_attention` uses for decoding (one new token) with fp16/bf16 CUDA tensors
+    of a head_dim and GQA group that `adakv.kernels.decode_supported` accepts."""
+    if cuda_decode_usable():
+        return "cuda_decode"
     return "triton" if triton_decode.triton_available() else available_varlen_path()
 
 
-def choose_implementation(query: torch.Tensor) -> str:
-    """The fastest path available for this query (see the module docstring)."""
+def choose_implementation(query: torch.Tensor, num_kv_heads: int | None = None, cache_bytes: int = 0) -> str:
+    """The fastest path available for this query (see the module docstring). num_kv_heads: the layer's KV
+    heads, which set the GQA group; without it the CUDA decode kernel is not considered. cache_bytes: the
+    K+V bytes the step reads; the CUDA decode kernel is chosen up to CUDA_DECODE_MAX_BYTES."""
     if not query.is_cuda:
         return "reference"
+    if (
+        num_kv_heads is not None
+        and cache_bytes <= CUDA_DECODE_MAX_BYTES
+        and query.shape[-2] == 1
+        and kernels.decode_supported(query.dtype, query.shape[-1], query.shape[1] // num_kv_heads)
+        and cuda_decode_usable()
+    ):
+        return "cuda_decode"
     use_triton = triton_decode.triton_available() and query.dtype in triton_decode.SUPPORTED_DTYPES
     if use_triton and query.shape[-1] <= triton_decode.MAX_HEAD_DIM:
         if query.shape[-2] <= TRITON_MAX_QUERY_LENGTH or query.dtype not in FLASH_DTYPES:
@@ -153,16 +179,21 @@ def flash_attn_attention(query: torch.Tensor, layer, scaling: float) -> torch.Te
     return _unpack(output, query, layer)
 
 
+IMPLEMENTATIONS = ("reference", "cuda_decode", "triton", "torch_varlen", "flash_attn")
+
+
 def flat_attention(query: torch.Tensor, layer, scaling: float, implementation: str | None = None) -> torch.Tensor:
     """Attention of `query` (batch, heads, q, head_dim) over `layer`'s flat rows -> (batch, q, heads, head_dim).
 
-    implementation: None picks the best available; or "reference", "triton", "torch_varlen", "flash_attn"."""
+    implementation: None picks the best available; or one of IMPLEMENTATIONS ("cuda_decode" takes q == 1 only)."""
     if query.shape[1] % layer.num_heads:
         raise ValueError(f"{query.shape[1]} query heads cannot be grouped over {layer.num_heads} KV heads.")
     if implementation is None:
-        implementation = choose_implementation(query)
+        implementation = choose_implementation(query, layer.num_heads, layer.used_rows * layer.row_bytes)
         if query.is_cuda and implementation == "reference":
             _warn_reference_on_gpu()
+    if implementation == "cuda_decode":
+        return kernels.cuda_decode_flat_attention(query, layer, scaling)
     if implementation == "triton":
         return triton_decode.triton_flat_attention(query, layer, scaling)
     if implementation == "torch_varlen":
@@ -171,15 +202,14 @@ def flat_attention(query: torch.Tensor, layer, scaling: float, implementation: s
         return flash_attn_attention(query, layer, scaling)
     if implementation == "reference":
         return reference_flat_attention(query, layer, scaling)
-    raise ValueError(
-        f"implementation must be None, 'reference', 'triton', 'torch_varlen' or 'flash_attn', got {implementation!r}."
-    )
+    raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}.")
 
 
 @lru_cache(maxsize=None)
 def _warn_reference_on_gpu() -> None:
     warnings.warn(
-        "Triton is not installed (or the dtype/head_dim is unsupported) and neither "
+        "Neither adakv's CUDA decode kernel (ADAKV_KERNELS=reference, or more than one new token, or an "
+        "unsupported dtype/head_dim/GQA group) nor Triton can run this attention, and neither "
         "torch.nn.attention.varlen.varlen_attn nor flash_attn_varlen_func accepts `seqused_k` here; the evict "
         "backend falls back to its PyTorch reference attention, which re-reads the whole cache.",
         stacklevel=3,

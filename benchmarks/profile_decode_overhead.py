@@ -1,7 +1,9 @@
 """Per-layer CPU overhead of one evict decode step (CUDA only): the append (FlatHeadwiseLayer.update) and the
 attention call (adakv.varlen.flat_attention), eager and back to back as in a model forward, next to the dense
 cache's concatenation and torch's SDPA over the same rows; plus a breakdown of the pieces of the attention and
-append calls (allocation, checks, each launch alone).
+append calls (allocation, checks, each launch alone). The attention is timed as flat_attention picks it
+("evict_attention") and with each decode path forced: the Triton kernels ("..._triton") and the CUDA decode
+kernel of csrc/flat_decode.cu ("..._cuda_decode", absent when the adakv in use has no such path).
 
 Shapes: Llama-3.1-8B attention (8 KV heads, 32 query heads, head_dim 128), bf16, one new token.
 Per figure: "cpu us" = host time to issue one call (perf_counter over N back-to-back calls, no sync inside);
@@ -28,6 +30,8 @@ from adakv.flat_cache import FlatHeadwiseLayer
 from adakv.varlen import flat_attention, reference_flat_attention
 
 KV_HEADS, HEADS, HEAD_DIM, DTYPE, SCALE = 8, 32, 128, torch.bfloat16, 128**-0.5
+HAS_CUDA_DECODE = hasattr(kernels, "cuda_decode_flat_attention")  # lets the script time older versions too
+PATHS = ("triton", "cuda_decode") if HAS_CUDA_DECODE else ("triton",)
 
 
 class Config:
@@ -68,7 +72,7 @@ def make_layers(batch: int, rows: int, copies: int, slack: int):
 
 def profile_case(batch: int, rows: int, calls: int, repeats: int) -> dict:
     copies = 4
-    appends_needed = 2 * (10 + calls * repeats) + 16  # two append timings below
+    appends_needed = (2 + len(PATHS)) * (10 + calls * repeats) + 16  # the append timings below
     layers, dense = make_layers(batch, rows, copies, slack=appends_needed // copies + 64)
     query = torch.randn(batch, HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
     new = torch.randn(batch, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=DTYPE)
@@ -81,20 +85,29 @@ def profile_case(batch: int, rows: int, calls: int, repeats: int) -> dict:
         return dense[next(counter) % copies]
 
     row = dict(batch=batch, rows_per_head=rows)
-    # correctness first: the fast path equals the reference (bf16 tolerance) before anything is timed
+    # correctness first: the fast paths equal the reference (bf16 tolerance) before anything is timed
     expected = reference_flat_attention(query.float(), _float_copy(layers[0]), SCALE)
     actual = flat_attention(query, layers[0], SCALE).float()
     row["max_abs_error_vs_fp32_reference"] = (actual - expected).abs().max().item()
+    for path in PATHS:
+        actual = flat_attention(query, layers[0], SCALE, implementation=path).float()
+        row[f"max_abs_error_vs_fp32_reference_{path}"] = (actual - expected).abs().max().item()
 
     row["evict_append"] = timed(lambda: next_layer().update(new, new), calls, repeats)
     row["evict_attention"] = timed(lambda: flat_attention(query, next_layer(), SCALE), calls, repeats)
+    for path in PATHS:
+        row[f"evict_attention_{path}"] = timed(
+            lambda path=path: flat_attention(query, next_layer(), SCALE, implementation=path), calls, repeats
+        )
 
-    def evict_step():
+    def evict_step(implementation=None):
         layer = next_layer()
         layer.update(new, new)
-        flat_attention(query, layer, SCALE)
+        flat_attention(query, layer, SCALE, implementation=implementation)
 
     row["evict_append_plus_attention"] = timed(evict_step, calls, repeats)
+    for path in PATHS:
+        row[f"evict_append_plus_attention_{path}"] = timed(lambda path=path: evict_step(path), calls, repeats)
 
     def dense_step():
         keys, values = dense_pair()
@@ -171,6 +184,15 @@ def breakdown(layer: FlatHeadwiseLayer, query: torch.Tensor, new: torch.Tensor, 
         ),
         "append_extension_call": lambda: extension.append_rows(scratch_k, scratch_v, new_rows, new_rows, start),
     }
+    if HAS_CUDA_DECODE:
+        parts["cuda_decode_extension_call"] = lambda: extension.decode_attention(
+            query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, SCALE, splits,
+            partial_out, partial_lse,
+        )  # fmt: skip
+        parts["cuda_decode_extension_call_one_split"] = lambda: extension.decode_attention(
+            query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, SCALE, 1
+        )
+        parts["cuda_decode_flat_attention"] = lambda: kernels.cuda_decode_flat_attention(query, layer, SCALE)
     return {name: timed(fn, calls, repeats) for name, fn in parts.items()}
 
 
@@ -193,8 +215,9 @@ def main() -> None:
     if args.out:
         args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     print(f"\n{args.label} on {meta['device']}: cpu us / call us per call")
-    names = ["evict_append", "evict_attention", "evict_append_plus_attention", "dense_cat", "dense_sdpa",
-             "dense_cat_plus_sdpa"]  # fmt: skip
+    names = ["evict_append", "evict_attention", *(f"evict_attention_{path}" for path in PATHS),
+             "evict_append_plus_attention", *(f"evict_append_plus_attention_{path}" for path in PATHS),
+             "dense_cat", "dense_sdpa", "dense_cat_plus_sdpa"]  # fmt: skip
     print("| batch | rows | " + " | ".join(names) + " |")
     for r in results:
         cells = [f"{r[n]['cpu_us']:.1f} / {r[n]['call_us']:.1f}" for n in names]

@@ -1,12 +1,19 @@
-// Torch binding of csrc/flat_cache.cu. adakv/kernels.py checks inputs with friendly messages first;
-// these checks repeat the ones the kernels rely on, so a direct call cannot corrupt memory silently.
+// Torch binding of csrc/flat_cache.cu and csrc/flat_decode.cu. adakv/kernels.py checks inputs with friendly
+// messages first; these checks repeat the ones the kernels rely on, so a direct call cannot corrupt memory
+// silently.
 
 #include <torch/extension.h>
+
+#include "flat_decode_limits.h"
 
 void launch_copy_rows(const torch::Tensor& src_keys, const torch::Tensor& src_values, torch::Tensor& dst_keys,
                       torch::Tensor& dst_values, const torch::Tensor& src_index, const torch::Tensor& dst_index);
 void launch_append_rows(torch::Tensor& dst_keys, torch::Tensor& dst_values, const torch::Tensor& new_keys,
                         const torch::Tensor& new_values, const torch::Tensor& write_start);
+torch::Tensor launch_decode_attention(const torch::Tensor& query, const torch::Tensor& keys,
+                                      const torch::Tensor& values, const torch::Tensor& offsets,
+                                      const torch::Tensor& context_kept, int64_t appended, double scaling,
+                                      int64_t num_splits, float* partial_out, float* partial_lse);
 
 namespace {
 
@@ -58,10 +65,69 @@ void append_rows(torch::Tensor dst_keys, torch::Tensor dst_values, torch::Tensor
   launch_append_rows(dst_keys, dst_values, new_keys, new_values, write_start);
 }
 
+void check_workspace(const torch::Tensor& t, const torch::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), name, " must be on ", like.device());
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name, " must be a contiguous float32 tensor");
+}
+
+// query (batch, heads, 1, head_dim) over sequences s = batch * kv_heads + kv_head (kv_heads = sequences / batch)
+// whose rows are keys/values[offsets[s] : offsets[s] + context_kept[s] + appended] -> (batch, 1, heads, head_dim).
+torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor offsets,
+                               torch::Tensor context_kept, int64_t appended, double scaling, int64_t num_splits,
+                               std::optional<torch::Tensor> partial_out, std::optional<torch::Tensor> partial_lse) {
+  check_rows(keys, keys, "keys");
+  check_rows(values, keys, "values");
+  TORCH_CHECK(keys.dim() == 2 && keys.sizes() == values.sizes(), "keys/values must both be (rows, head_dim)");
+  TORCH_CHECK(query.is_cuda() && query.device() == keys.device(), "query must be on ", keys.device());
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type(), "query must have dtype ", keys.scalar_type());
+  TORCH_CHECK(query.dim() == 4 && query.size(2) == 1 && query.size(3) == keys.size(1),
+              "query must be (batch, heads, 1, ", keys.size(1), "), got ", query.sizes());
+  const int64_t row_bytes = keys.size(1) * keys.element_size();
+  TORCH_CHECK(row_bytes >= 64 && row_bytes <= 1024 && keys.size(1) <= 256,
+              "decode_attention supports head_dim * element size of 64 to 1024 bytes and head_dim <= 256, got "
+              "head_dim ", keys.size(1));
+  check_index(offsets, keys, "offsets");
+  check_index(context_kept, keys, "context_kept");
+  const int64_t batch = query.size(0), heads = query.size(1), sequences = offsets.size(0);
+  TORCH_CHECK(context_kept.size(0) == sequences, "context_kept must have one entry per sequence");
+  TORCH_CHECK(batch > 0 && sequences % batch == 0 && sequences / batch > 0,
+              "offsets must have batch * kv_heads entries, got ", sequences, " for batch ", batch);
+  const int64_t kv_heads = sequences / batch;
+  TORCH_CHECK(heads % kv_heads == 0, heads, " query heads cannot be grouped over ", kv_heads, " KV heads");
+  const int64_t group = heads / kv_heads;
+  TORCH_CHECK(group <= adakv::kMaxGroup, "decode_attention supports GQA groups up to ", adakv::kMaxGroup,
+              ", got ", group);
+  TORCH_CHECK(sequences <= 65535, "decode_attention supports up to 65535 (batch, kv-head) sequences");
+  TORCH_CHECK(appended >= 0, "appended must be >= 0");
+  TORCH_CHECK(num_splits >= 1 && num_splits <= adakv::kMaxSplits, "num_splits must be in [1, ",
+              adakv::kMaxSplits, "], got ", num_splits);
+  float* workspace_out = nullptr;
+  float* workspace_lse = nullptr;
+  if (num_splits > 1) {
+    TORCH_CHECK(partial_out.has_value() && partial_lse.has_value(),
+                "num_splits > 1 needs the split workspace (partial_out, partial_lse)");
+    check_workspace(*partial_out, keys, "partial_out");
+    check_workspace(*partial_lse, keys, "partial_lse");
+    const int64_t slots = sequences * num_splits * group;
+    TORCH_CHECK(partial_out->numel() >= slots * keys.size(1) && partial_lse->numel() >= slots,
+                "the split workspace needs ", slots * keys.size(1), " partial outputs and ", slots,
+                " log2-sum-exps");
+    workspace_out = partial_out->data_ptr<float>();
+    workspace_lse = partial_lse->data_ptr<float>();
+  }
+  return launch_decode_attention(query, keys, values, offsets, context_kept, appended, scaling, num_splits,
+                                 workspace_out, workspace_lse);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adakv flattened head-wise cache kernels";
   m.def("copy_rows", &copy_rows, "dst[dst_index[i]] = src[src_index[i]] for K and V");
   m.def("append_rows", &append_rows, "dst[write_start[s] + j] = new[s, j] for K and V");
+  m.def("decode_attention", &decode_attention,
+        "one-token attention over the flat cache: split kernel (+ combine kernel when num_splits > 1)",
+        py::arg("query"), py::arg("keys"), py::arg("values"), py::arg("offsets"), py::arg("context_kept"),
+        py::arg("appended"), py::arg("scaling"), py::arg("num_splits"), py::arg("partial_out") = py::none(),
+        py::arg("partial_lse") = py::none());
 }

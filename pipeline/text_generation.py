@@ -10,6 +10,10 @@ compressed once, without seeing any question (query-agnostic compression); each 
 (question + template suffix + answer prefix) is then fed on top of the compressed cache, answered
 greedily, and rolled back, so every question sees the same compressed context.
 
+With `prefill_chunk_size=N` the context is prefilled N tokens at a time and the press compresses
+each chunk as it arrives (adakv.prefill_in_chunks), so contexts far longer than an ordinary prefill
+allows fit in memory; later chunks then attend to the compressed earlier ones (an approximation).
+
 The functions `split_prompt`, `prefill_context` and `answer_from_cache` are the building blocks; the
 evaluation runner reuses them.
 """
@@ -24,6 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from adakv.cache import checkpoint, restore
+from adakv.chunked_prefill import prefill_in_chunks
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
 
@@ -78,9 +83,18 @@ def truncate_context(tokenizer, context: str, max_context_length: int | None) ->
     return tokenizer.decode(ids[:max_context_length])
 
 
-def prefill_context(model, cache: Cache, context_ids: torch.Tensor) -> None:
+def prefill_context(
+    model, cache: Cache, context_ids: torch.Tensor, press: BasePress | None = None, chunk_size: int | None = None
+) -> None:
     """Run the context through the model into `cache` (empty before). Inside `with press(model):`
-    this is the forward whose keys/values the press compresses."""
+    this is the forward whose keys/values the press compresses.
+
+    chunk_size: None runs the context in one forward; an int runs it in chunks of that many tokens,
+    each compressed as it arrives by `press` (which must then be the active press, or None for a plain
+    chunked prefill), see adakv.prefill_in_chunks."""
+    if chunk_size is not None:
+        prefill_in_chunks(model, press, context_ids, chunk_size, cache=cache)
+        return
     model(input_ids=context_ids, use_cache=True, logits_to_keep=1, **{cache_argument_name(model): cache})
 
 
@@ -124,7 +138,9 @@ def answer_from_cache(model, tokenizer, cache: Cache, question_ids: torch.Tensor
     return tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 
-def check_pipeline_inputs(context, question, questions, press, max_new_tokens, max_context_length, cache) -> list[str]:
+def check_pipeline_inputs(
+    context, question, questions, press, max_new_tokens, max_context_length, cache, prefill_chunk_size=None
+) -> list[str]:
     """Validate the pipeline's arguments; return the list of questions to answer."""
     if not isinstance(context, str):
         raise TypeError(f"context must be a str, got {type(context).__name__}.")
@@ -149,6 +165,9 @@ def check_pipeline_inputs(context, question, questions, press, max_new_tokens, m
         raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache()) or None, got {type(cache).__name__}.")
     if cache is not None and cache.get_seq_length() != 0:
         raise ValueError("cache must be empty: the pipeline fills it with the (compressed) context.")
+    chunk = prefill_chunk_size
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"prefill_chunk_size must be None or an integer >= 1, got {chunk!r}.")
     return questions if questions is not None else [question or ""]
 
 
@@ -166,6 +185,10 @@ class KVPressTextGenerationPipeline(Pipeline):
       max_context_length: keep only the first this many tokens of the context (default: all).
       cache: a transformers Cache to fill (default: a new DynamicCache); after the call it holds
         the compressed context, e.g. for `adakv.kept_token_counts(cache)`.
+      prefill_chunk_size: None (default) prefills the context in one forward and then compresses it;
+        an int prefills it that many tokens at a time and compresses each chunk as it arrives
+        (adakv.prefill_in_chunks: bounded prefill memory for long contexts; later chunks attend to
+        the compressed earlier ones).
     """
 
     _load_processor = False
@@ -183,6 +206,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         max_new_tokens=50,
         max_context_length=None,
         cache=None,
+        prefill_chunk_size=None,
         **kwargs,
     ):
         if kwargs:
@@ -190,15 +214,16 @@ class KVPressTextGenerationPipeline(Pipeline):
         preprocess = dict(
             question=question, questions=questions, answer_prefix=answer_prefix, press=press,
             max_new_tokens=max_new_tokens, max_context_length=max_context_length, cache=cache,
+            prefill_chunk_size=prefill_chunk_size,
         )
-        forward = dict(press=press, max_new_tokens=max_new_tokens, cache=cache)
+        forward = dict(press=press, max_new_tokens=max_new_tokens, cache=cache, prefill_chunk_size=prefill_chunk_size)
         postprocess = dict(single=questions is None)
         return preprocess, forward, postprocess
 
     def preprocess(self, context, question=None, questions=None, answer_prefix="", press=None,
-                   max_new_tokens=50, max_context_length=None, cache=None):
+                   max_new_tokens=50, max_context_length=None, cache=None, prefill_chunk_size=None):
         question_list = check_pipeline_inputs(
-            context, question, questions, press, max_new_tokens, max_context_length, cache
+            context, question, questions, press, max_new_tokens, max_context_length, cache, prefill_chunk_size
         )
         context = truncate_context(self.tokenizer, context, max_context_length)
         parts = [split_prompt(self.tokenizer, context, item, answer_prefix) for item in question_list]
@@ -208,10 +233,10 @@ class KVPressTextGenerationPipeline(Pipeline):
         context_ids, question_ids = encode_prompt_parts(self.tokenizer, context_texts.pop(), [text for _, text in parts])
         return {"context_ids": context_ids, "question_ids": question_ids}
 
-    def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None):
+    def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None, prefill_chunk_size=None):
         cache = DynamicCache() if cache is None else cache
         with press(self.model) if press is not None else nullcontext():
-            prefill_context(self.model, cache, model_inputs["context_ids"])
+            prefill_context(self.model, cache, model_inputs["context_ids"], press, prefill_chunk_size)
             answers = [
                 answer_from_cache(self.model, self.tokenizer, cache, ids, max_new_tokens)
                 for ids in model_inputs["question_ids"]

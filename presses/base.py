@@ -6,13 +6,19 @@ hooks and restores the implementation. After a layer's attention has run on the 
 (the first forward into an empty cache layer), the forward hook builds a `PrefillContext`, asks the
 press for a keep mask of shape (batch, kv_heads, seq) and hands it to the backend, which replaces
 the cache layer. Decode steps and later question tokens are never compressed.
+
+The one exception is a chunked context prefill (adakv/chunked_prefill.py): it runs its forwards inside
+`press.receiving_context_chunks()`, and while that block is open every forward into a layer that
+already holds context is a further *chunk* of the context. The hook then compresses the chunk's
+tokens alone (a `PrefillContext` of the chunk: its keys, hidden states and positions) and folds the
+kept ones into the layer's compressed context.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Generator
+from typing import ClassVar, Generator
 
 import torch
 from torch import nn
@@ -20,7 +26,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from adakv.attention import CACHE_ATTRIBUTE, allowed_positions, register_attention_functions
-from adakv.cache import ADAKV_ATTENTION_PREFIX, BACKENDS, make_compressed_layer
+from adakv.cache import ADAKV_ATTENTION_PREFIX, BACKENDS, make_compressed_layer, newest_keys_values
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
     attention_modules,
@@ -29,7 +35,9 @@ from adakv.models import (
 
 @dataclass
 class PrefillContext:
-    """What a press sees of one attention layer right after the context prefill.
+    """What a press sees of one attention layer right after the context prefill (or, in a chunked
+    prefill, right after one chunk of the context: then every field covers the chunk's tokens only and
+    `attentions` is None).
 
     keys/values: (batch, kv_heads, seq, head_dim), rotated keys as stored in the cache.
     hidden_states: (batch, seq, hidden), the layer's input.
@@ -80,12 +88,12 @@ def check_is_press(press, wrapper: str) -> None:
         raise TypeError(f"{wrapper} wraps a press (a BasePress instance), got {type(press).__name__}.")
 
 
-def real_token_mask(attention_mask: torch.Tensor | None, batch: int, seq_len: int, device) -> torch.Tensor:
-    """(batch, seq) True for real tokens. Padding keys are those the last query may not attend."""
+def real_token_mask(attention_mask: torch.Tensor | None, batch: int, kv_length: int, device) -> torch.Tensor:
+    """(batch, kv_length) True for real tokens. Padding keys are those the last query may not attend."""
     if attention_mask is None:  # no padding (and no need to build a seq x seq causal mask)
-        return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+        return torch.ones(batch, kv_length, dtype=torch.bool, device=device)
     last_query = attention_mask[:, :, -1:]
-    return allowed_positions(last_query, 1, seq_len, device)[:, 0, -1].expand(batch, seq_len)
+    return allowed_positions(last_query, 1, kv_length, device)[:, 0, -1].expand(batch, kv_length)
 
 
 @dataclass
@@ -97,6 +105,8 @@ class BasePress:
     """
 
     backend: str = field(default="mask", kw_only=True)
+    # True only inside `receiving_context_chunks()`; a class default, not a dataclass field.
+    _receiving_context_chunks: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
@@ -129,32 +139,75 @@ class BasePress:
                 module.__dict__.pop(CACHE_ATTRIBUTE, None)
             _set_attention_implementation(model, original_implementation)
 
+    def is_active_on(self, model: PreTrainedModel) -> bool:
+        """True inside `with self(model):` (this press's hook sits on the model's attention layers)."""
+        return any(
+            getattr(hook, "__self__", None) is self
+            for module in attention_modules(model)
+            for hook in module._forward_hooks.values()
+        )
+
+    @contextmanager
+    def receiving_context_chunks(self) -> Generator[None, None, None]:
+        """Mark every forward run inside this block as one chunk of the context (adakv.chunked_prefill
+        drives it). A forward into a layer that already holds context is then compressed too: the
+        press sees the chunk's tokens only and the kept ones join the compressed context. Outside the
+        block such forwards (questions, decode steps) are never compressed."""
+        if self._receiving_context_chunks:
+            raise RuntimeError("This press is already receiving context chunks; chunked prefills do not nest.")
+        self._receiving_context_chunks = True
+        try:
+            yield
+        finally:
+            del self._receiving_context_chunks  # back to the class default, False
+
     def _after_attention(self, module: nn.Module, args, kwargs, output) -> None:
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cache = _cache_argument(kwargs)
         if cache is None:
             return
         layer = cache.layers[module.layer_idx]
-        seq_len = hidden_states.shape[1]
-        if type(layer) is not DynamicLayer or layer.get_seq_length() != seq_len:
-            return  # not the prefill of a fresh context (decode step, question, or already compressed)
-        keys, values = layer.keys, layer.values
+        new_tokens = hidden_states.shape[1]
+        first_context = type(layer) is DynamicLayer and layer.get_seq_length() == new_tokens
+        if not (first_context or self._receiving_context_chunks):
+            return  # a decode step or question tokens after the context (or a layer already compressed)
+        keys, values = newest_keys_values(layer, new_tokens)
         batch, kv_heads = keys.shape[:2]
-        tokens = real_token_mask(kwargs.get("attention_mask"), batch, seq_len, keys.device)
+        kv_length = layer.get_seq_length()
+        real = real_token_mask(kwargs.get("attention_mask"), batch, kv_length, keys.device)  # (batch, kv_length)
+        attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         context = PrefillContext(
             module=module,
             hidden_states=hidden_states,
             keys=keys,
             values=values,
             position_embeddings=kwargs["position_embeddings"],
-            attentions=output[1] if isinstance(output, tuple) and len(output) > 1 else None,
-            available=tokens[:, None, :].expand(batch, kv_heads, seq_len),
+            attentions=attentions if first_context else None,  # a chunk's weights also cover earlier keys
+            available=real[:, None, -new_tokens:].expand(batch, kv_heads, new_tokens),
             layer_idx=module.layer_idx,
             num_layers=module.config.num_hidden_layers,
         )
-        compressed = self.compressed_layer(context)
+        if first_context:
+            compressed = self.compressed_layer(context)
+        else:
+            compressed = self._compress_chunk(context, layer, real[:, None, :-new_tokens].expand(batch, kv_heads, -1))
         if compressed is not None:
             cache.layers[module.layer_idx] = compressed
+
+    def _compress_chunk(self, context: PrefillContext, layer, earlier_real: torch.Tensor):
+        """Compress a later chunk of the context, which `layer` holds as its newest tokens. Returns a
+        layer that replaces `layer`, or None when `layer` was updated in place (or stays as it is).
+
+        earlier_real: (batch, kv_heads, earlier) the real tokens before the chunk, for a layer that is
+        still dense because every earlier chunk was left uncompressed (e.g. ratio 0)."""
+        keep = self.compress(context)
+        if hasattr(layer, "fold_appended_into_context"):  # MaskedLayer or FlatHeadwiseLayer
+            layer.fold_appended_into_context(context.available if keep is None else keep)
+            return None
+        if keep is None:
+            return None  # still nothing compressed in this layer: it stays dense
+        keep = torch.cat([earlier_real, keep], dim=-1)
+        return make_compressed_layer(self.backend, layer.keys, layer.values, keep, context.module.config)
 
     def compressed_layer(self, context: PrefillContext):
         """The cache layer that replaces the dense one after compression, or None to keep it."""

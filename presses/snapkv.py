@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -13,22 +14,48 @@ from .base import PrefillContext
 from .scorer import ScorerPress
 
 
-def window_attention(context: PrefillContext, window: int) -> torch.Tensor:
-    """Softmax attention of the last `window` context queries over all keys.
+def float32_scores(queries: torch.Tensor, keys_transposed: torch.Tensor) -> torch.Tensor:
+    """Batched queries (n, rows, d) @ keys (n, d, seq) -> (n, rows, seq) float32.
 
-    Returns (batch, kv_heads, groups, window, seq) float32; unavailable keys get zero weight."""
+    On CUDA, fp16/bf16 inputs go through tensor cores with float32 accumulation and output (bmm's
+    out_dtype); the products are the same as after upcasting, so only summation order differs."""
+    if queries.is_cuda and queries.dtype in (torch.float16, torch.bfloat16) and _bmm_has_out_dtype():
+        return torch.bmm(queries, keys_transposed, out_dtype=torch.float32)
+    return torch.bmm(queries.float(), keys_transposed.float())
+
+
+@lru_cache(maxsize=None)
+def _bmm_has_out_dtype() -> bool:
+    return "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def mean_window_attention(context: PrefillContext, window: int) -> torch.Tensor:
+    """Softmax attention of the last `window` context queries over all keys, averaged over those
+    queries and over the query heads sharing each KV head: (batch, kv_heads, seq) float32.
+
+    Unavailable keys get zero weight; a query that sees no available key (padding) adds nothing."""
     module, seq_len = context.module, context.seq_len
     cos, sin = context.position_embeddings
     window_queries = queries(module, context.hidden_states[:, -window:], (cos[:, -window:], sin[:, -window:]))
     batch, num_heads, _, head_dim = window_queries.shape
     kv_heads = context.keys.shape[1]
-    grouped = window_queries.view(batch, kv_heads, num_heads // kv_heads, window, head_dim)
-    logits = torch.einsum("bhgwd,bhsd->bhgws", grouped.float(), context.keys.float()) * module.scaling
+    groups = num_heads // kv_heads
+    # one matrix per (batch, kv-head): rows are its query heads x window positions
+    grouped = window_queries.reshape(batch * kv_heads, groups * window, head_dim)
+    keys = context.keys.reshape(batch * kv_heads, seq_len, head_dim).transpose(1, 2)
+    logits = float32_scores(grouped, keys).mul_(module.scaling).view(batch, kv_heads, groups, window, seq_len)
 
-    query_positions = torch.arange(seq_len - window, seq_len, device=logits.device)
-    causal = query_positions[:, None] >= torch.arange(seq_len, device=logits.device)[None, :]
-    allowed = causal[None, None, None] & context.available[:, :, None, None, :]
-    return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1).nan_to_num(0.0)
+    # masked in place with a finite minimum: exp gives exactly 0 and a fully hidden row no NaN
+    lowest = torch.finfo(torch.float32).min
+    logits.masked_fill_(~context.available[:, :, None, None, :], lowest)
+    future = torch.ones(window, window, dtype=torch.bool, device=logits.device).triu(1)
+    logits[..., seq_len - window :].masked_fill_(future, lowest)
+    probabilities = logits.view(batch * kv_heads, groups * window, seq_len).softmax(dim=-1)
+
+    sees_a_key = context.available.cumsum(-1)[..., seq_len - window :] > 0  # (batch, kv_heads, window)
+    row_weights = sees_a_key[:, :, None, :].expand(batch, kv_heads, groups, window).float() / (groups * window)
+    mean = torch.bmm(row_weights.reshape(batch * kv_heads, 1, groups * window), probabilities)
+    return mean.view(batch, kv_heads, seq_len)
 
 
 @dataclass
@@ -49,7 +76,7 @@ class SnapKVPress(ScorerPress):
     def score(self, context: PrefillContext) -> torch.Tensor:
         seq_len = context.seq_len
         window = min(self.window_size, seq_len)
-        weights = window_attention(context, window).mean(dim=(2, 3))  # (batch, kv_heads, seq)
+        weights = mean_window_attention(context, window)  # (batch, kv_heads, seq)
         batch, kv_heads, _ = weights.shape
         pooled = F.avg_pool1d(
             weights.reshape(batch * kv_heads, 1, seq_len),

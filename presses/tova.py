@@ -8,7 +8,7 @@ import torch
 
 from .base import PrefillContext
 from .scorer import ScorerPress
-from .snapkv import window_attention
+from .snapkv import mean_window_attention
 
 
 @dataclass
@@ -20,4 +20,4 @@ class TOVAPress(ScorerPress):
     """
 
     def score(self, context: PrefillContext) -> torch.Tensor:
-        return window_attention(context, window=1).mean(dim=(2, 3))
+        return mean_window_attention(context, window=1)

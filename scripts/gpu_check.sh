@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU check of the evict backend, one command on any CUDA machine:
-#   bash scripts/gpu_check.sh            # GPU tests (kernels, Triton attention, end to end), then the
-#                                        # benchmark (results in benchmarks/results/)
+#   bash scripts/gpu_check.sh            # GPU tests (kernels, Triton and CUDA decode attention, chunked
+#                                        # prefill, end to end), then the benchmarks (benchmarks/results/)
 # Environment: PYTHON (default python3), ADAKV_SANITIZE=1 also runs the kernel tests under
-# compute-sanitizer (memcheck), BENCH_ARGS overrides the benchmark's arguments.
+# compute-sanitizer (memcheck), BENCH_ARGS overrides bench_evict.py's arguments, ADAKV_PROFILES=1 also
+# runs the per-layer decode and prefill-overhead profiles. The long-context benchmark
+# (benchmarks/bench_long_context.py) takes several minutes per million tokens and is run on its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -17,17 +19,26 @@ print('device', torch.cuda.get_device_name(), '| torch', torch.__version__, '| t
 
 echo "== GPU tests"
 export PYTHONUNBUFFERED=1
-"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_gpu.py
+"$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_gpu.py \
+  tests/test_flat_decode_kernel.py tests/test_chunked_prefill.py
 
 if [[ "${ADAKV_SANITIZE:-0}" == "1" ]]; then
   echo "== compute-sanitizer (memcheck) on the kernel tests"
   compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "kernel or flat_layer"
+  echo "== compute-sanitizer (memcheck) on the CUDA decode kernel tests"
+  compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_flat_decode_kernel.py -k "equals_reference and 128 and 7"
   echo "== compute-sanitizer (memcheck) on the Triton attention tests"
   compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_decode.py -k "fp32 and 1-64-4-3 or splits"
 fi
 
-echo "== benchmark"
+echo "== benchmarks"
+"$PYTHON" benchmarks/bench_decode_kernels.py
 # shellcheck disable=SC2086
 "$PYTHON" benchmarks/bench_evict.py ${BENCH_ARGS:---layers 8}
+if [[ "${ADAKV_PROFILES:-0}" == "1" ]]; then
+  "$PYTHON" benchmarks/profile_decode_overhead.py
+  "$PYTHON" benchmarks/profile_prefill_overhead.py --no-profiler
+fi

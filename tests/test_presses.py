@@ -33,6 +33,7 @@ from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
 from adakv.presses.expected_attention import future_rope
 from adakv.presses.pyramidkv import pyramid_keep_fraction
+from adakv.presses.snapkv import mean_window_attention
 
 from conftest import COMMON, random_ids, tiny_model
 
@@ -326,6 +327,17 @@ def test_observed_attention_scores_are_the_mean_received_attention():
     weights = context.attentions  # (1, 4 heads, seq, seq); heads 0,1 share KV head 0
     expected = torch.stack([weights[0, 0:2].mean(dim=(0, 1)), weights[0, 2:4].mean(dim=(0, 1))])
     torch.testing.assert_close(scores[0], expected)
+
+
+@pytest.mark.parametrize("window", [1, 4, SEQ])
+def test_snapkv_window_attention_is_the_models_own_attention(window):
+    """SnapKV's mean window attention equals the eager attention weights of the last `window` queries,
+    averaged over those queries and the query heads of each KV head."""
+    model = cached_model("llama", "eager")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[1]
+    weights = context.attentions[:, :, -window:]  # (1, 4 heads, window, seq); heads 0,1 share KV head 0
+    expected = torch.stack([weights[0, 0:2].mean(dim=(0, 1)), weights[0, 2:4].mean(dim=(0, 1))])
+    torch.testing.assert_close(mean_window_attention(context, window)[0], expected)
 
 
 # --- RoPE helpers, ExpectedAttention -----------------------------------------------------------

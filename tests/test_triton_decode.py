@@ -133,7 +133,8 @@ def test_repeated_runs_are_bitwise_equal():
     assert torch.equal(first, triton_decode.triton_flat_attention(query, layer, 0.09))
 
 
-def test_flat_attention_prefers_triton_on_cuda():
+def test_flat_attention_prefers_triton_on_cuda_without_the_extension(monkeypatch):
+    monkeypatch.setenv("ADAKV_KERNELS", "reference")  # the CUDA decode kernel is preferred when in use
     assert available_gpu_path() == "triton"
     layer = random_layer(1, 2, 64, 300, 1, torch.bfloat16)
     query = transformers_layout_query(1, 8, 1, 64, torch.bfloat16)
