@@ -182,9 +182,8 @@ class FlatHeadwiseLayer(DynamicLayer):
         old_lengths = old_kept.index_select(0, sequence_ids) + self.appended
         self._set_context_kept(old_kept.index_select(0, sequence_ids))
         self._allocate(slack)
-        used = self.total_context_kept + self.appended * len(sequence_ids)
-        src_index = segment_rows(old_offsets.index_select(0, sequence_ids), old_lengths, used)
-        dst_index = segment_rows(self.offsets, old_lengths, used)
+        src_index = segment_rows(old_offsets.index_select(0, sequence_ids), old_lengths, self.used_rows)
+        dst_index = segment_rows(self.offsets, old_lengths, self.used_rows)
         kernels.copy_rows(old_keys, old_values, self.keys, self.values, src_index, dst_index)
 
     def fold_appended_into_context(self, keep: torch.Tensor) -> None:

@@ -40,13 +40,22 @@ def llama_8b_config(layers: int) -> LlamaConfig:
     )  # fmt: skip
 
 
-def build_model(layers: int):
+def build_model(layers: int, config: LlamaConfig | None = None, device: str = "cuda", dtype=torch.bfloat16):
+    """A random-weight sdpa model of `config` (default: the 8B shape with `layers` layers)."""
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(
-            llama_8b_config(layers), dtype=torch.bfloat16, attn_implementation="sdpa"
+            config or llama_8b_config(layers), dtype=dtype, attn_implementation="sdpa"
         )
     return model.eval()
+
+
+def fit_line(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """Least-squares y = intercept + slope * x over float64 tensors: (intercept, slope, max abs error)."""
+    design = torch.stack([torch.ones_like(x), x], 1)
+    intercept, slope = torch.linalg.lstsq(design, y[:, None]).solution[:, 0].tolist()
+    error = (design @ torch.tensor([intercept, slope], dtype=torch.float64) - y).abs().max().item()
+    return intercept, slope, error
 
 
 def press_factories(ratio: float):
@@ -238,10 +247,8 @@ def longest_context(results: list[dict], meta: dict, capacities_gib: dict) -> li
         contexts = torch.tensor([float(r["context"]) for r in rows], dtype=torch.float64)
         kv = torch.tensor([float(r["kv_bytes"]) for r in rows], dtype=torch.float64)
         transient = torch.tensor([r["peak_gib"] * GiB for r in rows], dtype=torch.float64) - weights - kv
-        design = torch.stack([torch.ones_like(contexts), contexts], 1)
-        t0, t1 = torch.linalg.lstsq(design, transient[:, None]).solution[:, 0].tolist()
+        t0, t1, fit_error = fit_line(contexts, transient)
         kv_per_token_32 = float((kv / contexts).mean()) * 32 / layers
-        fit_error = (design @ torch.tensor([t0, t1], dtype=torch.float64) - transient).abs().max().item()
         row = dict(
             method=method, ratio=rows[0]["ratio"], kv_bytes_per_token_32_layers=kv_per_token_32,
             transient_bytes_per_token=t1, transient_fixed_gib=t0 / GiB, fit_max_error_gib=fit_error / GiB,

@@ -47,10 +47,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import DynamicCache, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_evict import GiB, kv_bytes, llama_8b_config  # noqa: E402
+from bench_evict import GiB, build_model, fit_line, kv_bytes, llama_8b_config  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
 from adakv.chunked_prefill import prefill_in_chunks  # noqa: E402
@@ -67,13 +67,6 @@ def tiny_config(layers: int) -> LlamaConfig:
         vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1 << 22,
     )  # fmt: skip
-
-
-def build_model(config: LlamaConfig, device: str, dtype: torch.dtype):
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    return model.eval()
 
 
 def make_press(method: str, ratio: float):
@@ -247,9 +240,7 @@ def longest_context(results: list[dict], capacity_bytes: float) -> list[dict]:
             continue
         contexts = torch.tensor([float(r["context"]) for r in rows], dtype=torch.float64)
         peaks = torch.tensor([r["peak_gib"] * GiB for r in rows], dtype=torch.float64)
-        design = torch.stack([torch.ones_like(contexts), contexts], 1)
-        fixed, per_token = torch.linalg.lstsq(design, peaks[:, None]).solution[:, 0].tolist()
-        fit_error = (design @ torch.tensor([fixed, per_token], dtype=torch.float64) - peaks).abs().max().item()
+        fixed, per_token, fit_error = fit_line(contexts, peaks)
         estimates.append(dict(
             method=method, fixed_gib=fixed / GiB, bytes_per_token=per_token, fit_max_error_gib=fit_error / GiB,
             max_context=int((capacity_bytes - fixed) / per_token) if per_token > 0 else None,
@@ -330,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     started = time.perf_counter()
     print(f"building the model ({args.layers} layers, {dtype}, {device}) ...", flush=True)
-    model = build_model(config, device, dtype)
+    model = build_model(config.num_hidden_layers, config, device, dtype)
     # warm-up: every method once at a short context (kernel JIT build, Triton compile, cuBLAS handles)
     warmup = argparse.Namespace(**{**vars(args), "chunk_size": max(1, args.chunk_size // 16), "decode_steps": 1})
     for method in args.methods:

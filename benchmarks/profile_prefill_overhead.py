@@ -6,8 +6,8 @@ measures, on a Llama-3.1-8B-shaped random bf16 model with `--layers` layers:
 1. whole prefills (median of `--repeats` after warm-up): dense, SnapKV evict, AdaptivePress(SnapKV)
    evict and mask, so the overhead is (press - dense) / dense;
 2. each stage alone on one recorded layer: SnapKV's scores, the uniform and the adaptive keep masks,
-   building the evict layer (compaction) and the mask layer; host time per call (CPU-bound when it
-   equals the GPU time) and GPU time per call (CUDA events around back-to-back calls);
+   building the evict layer (compaction) and the mask layer; host time per call on an idle GPU and
+   GPU time per call with the launches queued behind a long matmul (bench_decode_kernels.timings);
 3. a torch.profiler table of one AdaptivePress(SnapKV) evict prefill (top ops by host time).
 
     python benchmarks/profile_prefill_overhead.py --context 8192 --layers 8
@@ -29,6 +29,7 @@ from adakv import presses as P
 from adakv.cache import make_compressed_layer
 from adakv.selection import adaptive_keep_mask, uniform_keep_mask
 
+from bench_decode_kernels import timings
 from bench_evict import build_model
 
 RATIO = 0.75
@@ -54,27 +55,17 @@ def prefill_seconds(model, ids, make_press, repeats: int, warmup: int = 2) -> li
     return times
 
 
-def stage_cost(fn, calls: int = 20) -> dict:
-    """Host us per call (issuing `calls` back to back) and GPU us per call (CUDA events)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    started = time.perf_counter()
-    start.record()
-    for _ in range(calls):
-        fn()
-    end.record()
-    host_us = (time.perf_counter() - started) / calls * 1e6
-    end.synchronize()
-    return dict(host_us=round(host_us, 1), gpu_us=round(start.elapsed_time(end) / calls * 1000, 1))
-
-
 def stages(model, ids) -> dict:
     recorder = P.RecordingPress()
     with torch.no_grad(), recorder(model):
         model(ids, past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
     context = recorder.contexts[len(recorder.contexts) // 2]
     snapkv = P.SnapKVPress(RATIO)
+    busy = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+
+    def stage_cost(fn) -> dict:
+        return timings(fn, busy, calls=20)
+
     with torch.no_grad():
         scores = snapkv.score(context)
         keep = uniform_keep_mask(scores, context.available, RATIO)
