@@ -1,0 +1,223 @@
+"""Tensor parallelism on CPU: two spawned processes, a gloo process group.
+
+1. The cross-rank Ada-KV selection (adakv/distributed.py, both exchanges) keeps exactly the set of the
+   single-process `adaptive_keep_mask`, ties included.
+2. transformers' own tensor-parallel plan (tp_plan="auto") with presses: TP = 2 keeps the same
+   (layer, head, token) set as one process and generates the same tokens (needs accelerate).
+
+Every worker destroys its process group in a `finally`, the parent joins with a timeout and kills
+what is left, so a failing or hanging rank never outlives the test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from adakv import AdaptivePress, CriticalKVPress, KnormPress, SnapKVPress
+from adakv.distributed import EXCHANGES, distributed_adaptive_keep_mask, order_keys
+from adakv.selection import adaptive_keep_mask
+
+WORLD_SIZE = 2
+TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(rank: int, function, out_dir: str, port: int, args: tuple) -> None:
+    """One rank: joins the gloo group, runs `function(rank, *args)`, saves its result or its traceback."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    result_path = Path(out_dir) / f"rank{rank}.pt"
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=TIMEOUT_S // 2))
+        torch.save({"result": function(rank, *args)}, result_path)
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test with it
+        torch.save({"error": traceback.format_exc()}, result_path)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_on_ranks(function, tmp_path: Path, *args) -> list:
+    """Run `function(rank, *args)` on WORLD_SIZE spawned CPU processes; return every rank's result."""
+    context = mp.start_processes(
+        _worker, args=(function, str(tmp_path), free_port(), args), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
+    finished, deadline = False, time.monotonic() + TIMEOUT_S
+    try:
+        # join returns whenever one rank exits (True once all have), and raises when a rank failed
+        while not finished and time.monotonic() < deadline:
+            finished = context.join(timeout=max(deadline - time.monotonic(), 0.1))
+    except (mp.ProcessRaisedException, mp.ProcessExitedException):
+        finished = True  # the rank's traceback is in its result file
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+    assert finished, f"the ranks did not finish within {TIMEOUT_S} s (killed)"
+    results = []
+    for rank in range(WORLD_SIZE):
+        path = tmp_path / f"rank{rank}.pt"
+        assert path.exists(), f"rank {rank} wrote no result (killed or timed out after {TIMEOUT_S} s)"
+        saved = torch.load(path, weights_only=False)
+        assert "error" not in saved, f"rank {rank} failed:\n{saved['error']}"
+        results.append(saved["result"])
+    return results
+
+
+# ----- 1. the selection exchange alone -------------------------------------------------------------
+
+
+def layer_scores(case: str, batch: int = 2, heads: int = 4, seq_len: int = 40, seed: int = 0):
+    """(scores, available) of a whole layer; "ties" rounds scores to a few levels so many are equal."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, heads, seq_len, generator=generator)
+    if case == "ties":
+        scores = torch.round(scores * 2) / 2
+        scores[0, :, :5] = 0.0
+        scores[0, 1, :3] = -0.0  # equal to 0.0 for a sort
+    if case == "infinite":
+        scores[:, 0, 10:20] = float("inf")
+        scores[:, 2, :8] = float("-inf")
+    available = torch.rand(batch, heads, seq_len, generator=generator) > 0.2
+    available[1, :, :6] = False  # a padded row
+    return scores, available
+
+
+SELECTION_CASES = [(case, ratio, alpha) for case in ("random", "ties", "infinite") for ratio, alpha in [(0.5, 0.2), (0.8, 0.0), (0.3, 1.0)]]
+
+
+def _selection_on_rank(rank: int, cases) -> dict:
+    results = {}
+    for case, ratio, alpha in cases:
+        scores, available = layer_scores(case)
+        heads = scores.shape[1] // WORLD_SIZE
+        mine = slice(rank * heads, (rank + 1) * heads)
+        for exchange in EXCHANGES:
+            for radix_bits in ((1, 8) if exchange == "threshold_search" else (8,)):
+                keep = distributed_adaptive_keep_mask(
+                    scores[:, mine], available[:, mine], ratio, alpha, exchange=exchange, radix_bits=radix_bits
+                )
+                results[(case, ratio, alpha, exchange, radix_bits)] = keep
+    return results
+
+
+def test_cross_rank_selection_equals_single_process(tmp_path):
+    per_rank = run_on_ranks(_selection_on_rank, tmp_path, SELECTION_CASES)
+    for key in per_rank[0]:
+        case, ratio, alpha = key[:3]
+        scores, available = layer_scores(case)
+        expected = adaptive_keep_mask(scores, available, ratio, alpha)
+        actual = torch.cat([result[key] for result in per_rank], dim=1)
+        assert torch.equal(actual, expected), f"{key}: {int((actual != expected).sum())} pairs differ"
+        assert int(expected.sum()) > 0
+
+
+def test_order_keys_preserve_the_float_order():
+    values = torch.tensor([float("-inf"), -3.5, -1e-30, 0.0, 1e-30, 2.0, 7.25, float("inf")])
+    keys = order_keys(values)
+    assert torch.equal(keys.argsort(), torch.arange(len(values)))
+    assert int(keys.min()) >= 0 and int(keys.max()) < 2**32
+
+
+def test_bad_exchange_names_the_allowed_ones():
+    scores, available = layer_scores("random")
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        distributed_adaptive_keep_mask(scores, available, 0.5, 0.2, exchange="gossip")
+    with pytest.raises(ValueError, match="radix_bits must be one of"):
+        distributed_adaptive_keep_mask(scores, available, 0.5, 0.2, exchange="threshold_search", radix_bits=3)
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        AdaptivePress(SnapKVPress(0.5), exchange="broadcast")
+
+
+# ----- 2. transformers' tensor-parallel plan end to end ---------------------------------------------
+
+SEQ = 40
+NEW_TOKENS = 4
+
+
+def tp_presses():
+    """(name, press factory by backend): uniform presses run rank-locally, AdaptivePress exchanges."""
+    cases = {
+        "snapkv": lambda b: SnapKVPress(0.5, window_size=8, backend=b),
+        "knorm": lambda b: KnormPress(0.5, backend=b),
+        "criticalkv": lambda b: CriticalKVPress(SnapKVPress(0.5, window_size=8), backend=b),
+    }
+    for exchange in EXCHANGES:
+        cases[f"adaptive_snapkv_{exchange}"] = lambda b, e=exchange: AdaptivePress(
+            SnapKVPress(0.6, window_size=8), exchange=e, backend=b
+        )
+    cases["adaptive_criticalkv"] = lambda b: AdaptivePress(CriticalKVPress(SnapKVPress(0.5, window_size=8)), backend=b)
+    return cases
+
+
+def save_tiny_llama(path: Path) -> None:
+    from conftest import tiny_model
+
+    model = tiny_model("llama")  # 2 KV heads: one per rank
+    model.save_pretrained(path)
+
+
+def generate_with_presses(model, ids) -> dict:
+    """{(press, backend): (generated tokens, {layer: context keep mask or kept counts})}."""
+    from transformers import DynamicCache
+
+    from adakv.cache import compressed_layers
+
+    results = {}
+    for name, factory in tp_presses().items():
+        for backend in ("mask", "evict"):
+            press = factory(backend)
+            cache = DynamicCache(config=model.config)
+            with torch.no_grad(), press(model):
+                out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=cache)
+            layers = compressed_layers(cache)
+            kept = {i: layer.context_keep if backend == "mask" else layer.kept_counts() for i, layer in layers.items()}
+            results[(name, backend)] = (out[0, ids.shape[1] :].tolist(), kept)
+    return results
+
+
+def _tensor_parallel_on_rank(rank: int, model_path: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from conftest import random_ids
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, tp_plan="auto", attn_implementation="sdpa", dtype=torch.float32)
+    return generate_with_presses(model.eval(), random_ids(1, SEQ))
+
+
+def test_tensor_parallel_keeps_the_single_process_set(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' tp_plan loading needs accelerate (pip install adakv[multi])")
+    from transformers import AutoModelForCausalLM
+
+    from conftest import random_ids
+
+    save_tiny_llama(tmp_path / "model")
+    per_rank = run_on_ranks(_tensor_parallel_on_rank, tmp_path, str(tmp_path / "model"))
+    single = AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="sdpa", dtype=torch.float32)
+    expected = generate_with_presses(single.eval(), random_ids(1, SEQ))
+    for key, (tokens, kept) in expected.items():
+        assert per_rank[0][key][0] == tokens and per_rank[1][key][0] == tokens, f"{key}: generated tokens differ"
+        assert kept, f"{key}: nothing was compressed"
+        for layer, expected_kept in kept.items():
+            actual = torch.cat([result[key][1][layer] for result in per_rank], dim=1)
+            assert torch.equal(actual, expected_kept), f"{key}, layer {layer}: kept set differs"
