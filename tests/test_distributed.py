@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adakv import AdaptivePress, CriticalKVPress, KnormPress, SnapKVPress
-from adakv.distributed import EXCHANGES, distributed_adaptive_keep_mask, order_keys
+from adakv.distributed import EXCHANGES, distributed_adaptive_keep_mask, order_keys, tensor_parallel_group
+from adakv.models import attention_modules
 from adakv.selection import adaptive_keep_mask
 
 WORLD_SIZE = 2
@@ -202,7 +203,10 @@ def _tensor_parallel_on_rank(rank: int, model_path: str) -> dict:
     from conftest import random_ids
 
     model = AutoModelForCausalLM.from_pretrained(model_path, tp_plan="auto", attn_implementation="sdpa", dtype=torch.float32)
-    return generate_with_presses(model.eval(), random_ids(1, SEQ))
+    assert all(tensor_parallel_group(module) is not None for module in attention_modules(model)), "heads not sharded"
+    results = generate_with_presses(model.eval(), random_ids(1, SEQ))
+    assert all(kept.shape[1] == 1 for _, layers in results.values() for kept in layers.values()), "expected 1 head per rank"
+    return results
 
 
 def test_tensor_parallel_keeps_the_single_process_set(tmp_path):

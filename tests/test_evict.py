@@ -41,6 +41,7 @@ def run(model, press, ids, attention_mask=None, question_length=5, decode_steps=
     cache = DynamicCache(config=model.config)
     generator = torch.Generator().manual_seed(7)
     question = torch.randint(3, model.config.vocab_size, (ids.shape[0], question_length), generator=generator)
+    question = question.to(ids.device)
     logits = []
     with torch.no_grad(), press(model):
         mask = attention_mask
