@@ -182,6 +182,9 @@ def generate_with_presses(model, ids) -> dict:
     """{(press, backend): (generated tokens, {layer: context keep mask or kept counts})}."""
     from transformers import DynamicCache
 
+    from test_multi_gpu import chunked_run
+
+    from adakv import kept_token_counts
     from adakv.cache import compressed_layers
 
     results = {}
@@ -194,6 +197,10 @@ def generate_with_presses(model, ids) -> dict:
             layers = compressed_layers(cache)
             kept = {i: layer.context_keep if backend == "mask" else layer.kept_counts() for i, layer in layers.items()}
             results[(name, backend)] = (out[0, ids.shape[1] :].tolist(), kept)
+    for exchange in EXCHANGES:  # chunked prefill: every chunk's selection is exchanged
+        logits, cache = chunked_run(model, tp_presses()[f"adaptive_snapkv_{exchange}"]("evict"), ids, chunk_size=16)
+        tokens = [int(step.argmax(-1)) for step in logits]
+        results[(f"chunked_{exchange}", "evict")] = (tokens, kept_token_counts(cache))
     return results
 
 
