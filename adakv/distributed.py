@@ -39,11 +39,24 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def tensor_parallel_group(module: torch.nn.Module):
+def tensor_parallel_group(module: torch.nn.Module, local_heads: int | None = None):
     """The process group over which the attention `module`'s KV heads are sharded, or None.
 
     transformers' tensor-parallel plan turns the k projection's weight into a DTensor sharded on its
-    output features; a replicated or plain weight means every rank holds every head."""
+    output features; a replicated or plain weight means every rank holds every head. local_heads (the
+    KV heads this process computed): when fewer than the model's and no sharded weight explains it,
+    the heads were split some other way, which a layer-wide selection cannot see: refused."""
+    group = _sharding_group(module)
+    total_heads = getattr(module.config, "num_key_value_heads", None)
+    if group is None and local_heads is not None and total_heads is not None and local_heads < total_heads:
+        raise NotImplementedError(
+            f"This process holds {local_heads} of the layer's {total_heads} KV heads, but its k projection is not a "
+            "tensor-parallel DTensor: only transformers' tensor-parallel plan (tp_plan) is supported."
+        )
+    return group
+
+
+def _sharding_group(module: torch.nn.Module):
     for name in KV_PROJECTIONS:
         weight = getattr(getattr(module, name, None), "weight", None)
         mesh = getattr(weight, "device_mesh", None)

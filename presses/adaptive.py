@@ -53,7 +53,7 @@ class AdaptivePress(WrapperPress):
         if ratio == 0:
             return None
         scores = self.press.score(context)
-        group = tensor_parallel_group(context.module)
+        group = tensor_parallel_group(context.module, context.keys.shape[1])
         if group is None:
             return adaptive_keep_mask(scores, context.available, ratio, self.alpha_safeguard)
         return distributed_adaptive_keep_mask(

@@ -3,7 +3,8 @@
 1. The cross-rank Ada-KV selection (adakv/distributed.py, both exchanges) keeps exactly the set of the
    single-process `adaptive_keep_mask`, ties included.
 2. transformers' own tensor-parallel plan (tp_plan="auto") with presses: TP = 2 keeps the same
-   (layer, head, token) set as one process and generates the same tokens (needs accelerate).
+   (layer, head, token) set as one process and generates the same tokens, ordinary and chunked prefill
+   (needs accelerate). The same test runs over NCCL on 2 GPUs (marked gpu, skipped with fewer).
 
 Every worker destroys its process group in a `finally`, the parent joins with a timeout and kills
 what is left, so a failing or hanging rank never outlives the test.
@@ -38,17 +39,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _worker(rank: int, function, out_dir: str, port: int, args: tuple) -> None:
-    """One rank: joins the gloo group, runs `function(rank, *args)`, saves its result or its traceback."""
+def _worker(rank: int, function, out_dir: str, port: int, backend: str, args: tuple) -> None:
+    """One rank: joins the group (gloo on CPU, nccl on GPU `rank`), runs `function(rank, *args)`, saves its
+    result (on the CPU) or its traceback."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
         WORLD_SIZE=str(WORLD_SIZE), LOCAL_WORLD_SIZE=str(WORLD_SIZE),
     )  # fmt: skip
     torch.set_num_threads(1)
     result_path = Path(out_dir) / f"rank{rank}.pt"
+    timeout = timedelta(seconds=TIMEOUT_S // 2)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=TIMEOUT_S // 2))
-        torch.save({"result": function(rank, *args)}, result_path)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1", NVSHMEM_DISABLE_NVLS="1")
+            dist.init_process_group("nccl", rank=rank, world_size=WORLD_SIZE, timeout=timeout, device_id=torch.device("cuda", rank))
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=timeout)
+        torch.save({"result": to_cpu(function(rank, *args))}, result_path)
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the test with it
         torch.save({"error": traceback.format_exc()}, result_path)
         raise
@@ -57,11 +65,22 @@ def _worker(rank: int, function, out_dir: str, port: int, args: tuple) -> None:
             dist.destroy_process_group()
 
 
-def run_on_ranks(function, tmp_path: Path, *args) -> list:
-    """Run `function(rank, *args)` on WORLD_SIZE spawned CPU processes; return every rank's result."""
+def to_cpu(value):
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
+def run_on_ranks(function, tmp_path: Path, *args, backend: str = "gloo") -> list:
+    """Run `function(rank, *args)` on WORLD_SIZE spawned processes; return every rank's result."""
     context = mp.start_processes(
-        _worker, args=(function, str(tmp_path), free_port(), args), nprocs=WORLD_SIZE, join=False, start_method="spawn"
-    )
+        _worker, args=(function, str(tmp_path), free_port(), backend, args), nprocs=WORLD_SIZE, join=False,
+        start_method="spawn",
+    )  # fmt: skip
     finished, deadline = False, time.monotonic() + TIMEOUT_S
     try:
         # join returns whenever one rank exits (True once all have), and raises when a rank failed
@@ -211,21 +230,33 @@ def _tensor_parallel_on_rank(rank: int, model_path: str) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(model_path, tp_plan="auto", attn_implementation="sdpa", dtype=torch.float32)
     assert all(tensor_parallel_group(module) is not None for module in attention_modules(model)), "heads not sharded"
-    results = generate_with_presses(model.eval(), random_ids(1, SEQ))
+    results = generate_with_presses(model.eval(), random_ids(1, SEQ).to(model.device))
     assert all(kept.shape[1] == 1 for _, layers in results.values() for kept in layers.values()), "expected 1 head per rank"
     return results
 
 
-def test_tensor_parallel_keeps_the_single_process_set(tmp_path):
+GPU_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
+BACKENDS = [
+    pytest.param("gloo", id="cpu-gloo"),
+    pytest.param(
+        "nccl", id="gpu-nccl",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(GPU_COUNT < 2, reason=f"needs 2 CUDA devices, found {GPU_COUNT}")],
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tensor_parallel_keeps_the_single_process_set(tmp_path, backend):
     pytest.importorskip("accelerate", reason="transformers' tp_plan loading needs accelerate (pip install adakv[multi])")
     from transformers import AutoModelForCausalLM
 
     from conftest import random_ids
 
     save_tiny_llama(tmp_path / "model")
-    per_rank = run_on_ranks(_tensor_parallel_on_rank, tmp_path, str(tmp_path / "model"))
+    per_rank = run_on_ranks(_tensor_parallel_on_rank, tmp_path, str(tmp_path / "model"), backend=backend)
+    device = "cuda:0" if backend == "nccl" else "cpu"
     single = AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="sdpa", dtype=torch.float32)
-    expected = generate_with_presses(single.eval(), random_ids(1, SEQ))
+    expected = to_cpu(generate_with_presses(single.to(device).eval(), random_ids(1, SEQ).to(device)))
     for key, (tokens, kept) in expected.items():
         assert per_rank[0][key][0] == tokens and per_rank[1][key][0] == tokens, f"{key}: generated tokens differ"
         assert kept, f"{key}: nothing was compressed"
