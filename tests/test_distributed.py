@@ -24,7 +24,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from adakv import AdaptivePress, CriticalKVPress, KnormPress, SnapKVPress
+from test_presses import SCORERS
+
+from adakv import AdaptivePress, CriticalKVPress, SnapKVPress
 from adakv.distributed import EXCHANGES, distributed_adaptive_keep_mask, order_keys, tensor_parallel_group
 from adakv.models import attention_modules
 from adakv.selection import adaptive_keep_mask
@@ -176,18 +178,25 @@ NEW_TOKENS = 4
 
 
 def tp_presses():
-    """(name, press factory by backend): uniform presses run rank-locally, AdaptivePress exchanges."""
+    """(name, press factory by backend): uniform presses run rank-locally, AdaptivePress exchanges.
+    Every sdpa scorer of the press matrix except RandomPress, whose numbers depend on how many heads
+    one process draws them for (ObservedAttentionPress needs eager attention: covered on one process)."""
     cases = {
-        "snapkv": lambda b: SnapKVPress(0.5, window_size=8, backend=b),
-        "knorm": lambda b: KnormPress(0.5, backend=b),
-        "criticalkv": lambda b: CriticalKVPress(SnapKVPress(0.5, window_size=8), backend=b),
+        name: lambda b, make=make: _with_backend(make(0.5), b) for name, make in SCORERS.items()
+        if name not in ("random", "observed_attention")
     }
+    cases["criticalkv"] = lambda b: CriticalKVPress(SnapKVPress(0.5, window_size=8), backend=b)
     for exchange in EXCHANGES:
         cases[f"adaptive_snapkv_{exchange}"] = lambda b, e=exchange: AdaptivePress(
             SnapKVPress(0.6, window_size=8), exchange=e, backend=b
         )
     cases["adaptive_criticalkv"] = lambda b: AdaptivePress(CriticalKVPress(SnapKVPress(0.5, window_size=8)), backend=b)
     return cases
+
+
+def _with_backend(press, backend: str):
+    press.backend = backend
+    return press
 
 
 def save_tiny_llama(path: Path) -> None:

@@ -98,6 +98,7 @@ def _press(scorer: str, wrapper, backend: str):
 
 
 def test_explicit_device_map_on_cpu(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' device_map loading needs accelerate (pip install adakv[multi])")
     # two scorers (sdpa and eager) keep the CPU suite short; the GPU test runs every scorer
     check_split_equals_single(tmp_path, "cpu", split_device_map("cpu", "cpu"), 1e-5, ("snapkv", "observed_attention"))
 
@@ -105,4 +106,5 @@ def test_explicit_device_map_on_cpu(tmp_path):
 @pytest.mark.gpu
 @needs_two_gpus
 def test_layers_split_over_two_gpus(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers' device_map loading needs accelerate (pip install adakv[multi])")
     check_split_equals_single(tmp_path, "cuda:0", split_device_map(0, 1), tolerance=2e-4)
