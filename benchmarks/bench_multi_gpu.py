@@ -9,10 +9,13 @@ initialised by transformers itself: the model is loaded with `from_pretrained(di
 directory holding its config and an empty safetensors file, so every parameter is "missing" and gets its
 random initialisation directly as this rank's shard.
 
-Every context runs as a chunked prefill (`adakv.prefill_in_chunks`, --chunk-size tokens per forward): dense is a
-plain chunked prefill (press=None, DynamicCache), the others compress every chunk with
-AdaptivePress(SnapKVPress(r), backend="evict", exchange=--exchange). Per case and GPU: KV GiB the cache holds,
-peak GiB (torch.cuda.max_memory_allocated, weights included), prefill s, median decode ms/token.
+Methods (--methods): "dense", one ordinary forward into a DynamicCache (FlashAttention, no mask; the dense
+cache of 512k tokens is 32 GiB per GPU, so it fits an H200 pair); "dense-chunked", a plain chunked prefill
+(`adakv.prefill_in_chunks` with press=None: transformers then builds a chunk x context mask for every chunk,
+slow and large at 512k); "ada", a chunked prefill (--chunk-size tokens per forward) that compresses every
+chunk with AdaptivePress(SnapKVPress(r), backend="evict", exchange=--exchange), for every --ratios. Per case
+and GPU: KV GiB the cache holds, peak GiB (torch.cuda.max_memory_allocated, weights included), prefill s,
+median decode ms/token.
 
 Cross-rank allocation: the only extra work TP adds to AdaptivePress is the exchange of adakv/distributed.py,
 once per layer and chunk. It is timed on its own, for both exchanges, on scores of the shape one layer
@@ -59,6 +62,7 @@ from adakv.selection import adaptive_keep_mask  # noqa: E402
 
 FULL = dict(layers=32, contexts=[131072, 262144, 524288], chunk_size=32768, ratios=[0.75, 0.875])
 TINY = dict(layers=2, contexts=[512, 1024], chunk_size=128, ratios=[0.75, 0.875])
+METHODS = ("dense", "dense-chunked", "ada")
 COLLECTIVE_TIMEOUT_S = 900  # a rank that died leaves the other one waiting at most this long
 
 
@@ -70,7 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--chunk-size", type=int, default=None, help="tokens per prefill chunk (default 32768; --tiny: 128)")
     parser.add_argument("--exchange", choices=EXCHANGES, default="all_gather", help="AdaptivePress's exchange in the prefills")
     parser.add_argument("--decode-steps", type=int, default=8, help="timed decode steps after each prefill")
-    parser.add_argument("--no-dense", action="store_true", help="skip the dense prefills")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["dense", "ada"],
+                        help="dense: one ordinary forward; dense-chunked: prefill_in_chunks without a press; "
+                        "ada: chunked AdaptivePress(SnapKV) evict at every --ratios (default: dense ada)")
     parser.add_argument("--tiny", action="store_true", help="tiny random Llama (CPU + gloo without GPUs): a smoke test")
     parser.add_argument("--fit-with", type=Path, nargs="*", default=[], help="earlier result JSON files for the fit")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -128,8 +134,8 @@ def make_press(ratio: float | None, exchange: str):
     return P.AdaptivePress(P.SnapKVPress(ratio), backend="evict", exchange=exchange)
 
 
-def run_case(model, context: int, ratio: float | None, args, device: str) -> dict:
-    """One chunked prefill (and decode steps) of `context` random tokens; this rank's numbers."""
+def run_case(model, context: int, ratio: float | None, args, device: str, chunked: bool = True) -> dict:
+    """One prefill (chunked, or one forward) and decode steps of `context` random tokens; this rank's numbers."""
     from contextlib import nullcontext
 
     from transformers import DynamicCache
@@ -146,7 +152,10 @@ def run_case(model, context: int, ratio: float | None, args, device: str) -> dic
         dist.barrier()
         synchronize(device)
         started = time.perf_counter()
-        prefill_in_chunks(model, press, ids, args.chunk_size, cache=cache)
+        if chunked:
+            prefill_in_chunks(model, press, ids, args.chunk_size, cache=cache)
+        else:
+            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         synchronize(device)
         prefill_s = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
@@ -156,11 +165,11 @@ def run_case(model, context: int, ratio: float | None, args, device: str) -> dic
     return dict(peak_gib=None if peak is None else peak / GiB, kv_gib=held / GiB, prefill_s=prefill_s, decode_ms=decode_ms)
 
 
-def run_case_or_oom(model, context: int, ratio: float | None, args, device: str) -> dict:
+def run_case_or_oom(model, context: int, ratio: float | None, args, device: str, chunked: bool) -> dict:
     """`run_case`, or {"error": "OOM"} when this rank ran out of memory (both ranks hold the same shapes, so
     they run out at the same step and meet again at the next collective)."""
     try:
-        return run_case(model, context, ratio, args, device)
+        return run_case(model, context, ratio, args, device, chunked)
     except torch.OutOfMemoryError:
         pass
     gc.collect()  # outside the except block: its traceback no longer holds the case's tensors
@@ -210,12 +219,13 @@ def gather_ranks(row: dict) -> list[dict]:
 
 def sweep(model, config, args, device: str, save) -> list[dict]:
     results = []
-    cases = ([None] if not args.no_dense else []) + list(args.ratios)
+    cases = [(method, None, method == "dense-chunked") for method in args.methods if method.startswith("dense")]
+    if "ada" in args.methods:
+        cases += [(f"ada_snapkv-evict-chunked r={ratio} ({args.exchange})", ratio, True) for ratio in args.ratios]
     for context in sorted(args.contexts):
-        chunks = -(-context // args.chunk_size)
-        for ratio in cases:
-            method = "dense" if ratio is None else f"ada_snapkv-evict r={ratio} ({args.exchange})"
-            per_rank = gather_ranks(run_case_or_oom(model, context, ratio, args, device))
+        for method, ratio, chunked in cases:
+            chunks = -(-context // args.chunk_size) if chunked else 1
+            per_rank = gather_ranks(run_case_or_oom(model, context, ratio, args, device, chunked))
             if any("error" in r for r in per_rank):
                 results.append(dict(context=context, method=method, ratio=ratio or 0.0, error="OOM"))
                 if dist.get_rank() == 0:
@@ -326,8 +336,8 @@ def run(args, argv, device: str) -> None:
     started = time.perf_counter()
     model = load_random_tp_model(config, dtype)
     warmup = argparse.Namespace(**{**vars(args), "chunk_size": max(1, args.chunk_size // 16), "decode_steps": 1})
-    for ratio in [None, args.ratios[0]]:  # kernel builds, Triton compiles, NCCL communicators
-        run_case(model, 4 * warmup.chunk_size, ratio, warmup, device)
+    for ratio, chunked in [(None, False), (None, True), (args.ratios[0], True)]:  # kernel builds, Triton, NCCL
+        run_case(model, 4 * warmup.chunk_size, ratio, warmup, device, chunked)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.machine()})"
     meta = dict(
         device=name, world_size=dist.get_world_size(), torch=torch.__version__, transformers=transformers.__version__,

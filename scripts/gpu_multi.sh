@@ -3,8 +3,9 @@
 #   bash scripts/gpu_multi.sh
 # 1. tests: layers split over cuda:0 / cuda:1 by a device_map (every press, both backends) and tensor
 #    parallelism (transformers' tp_plan) over NCCL and gloo: keep sets and tokens equal one process's;
-# 2. benchmarks/bench_multi_gpu.py under torchrun (TP = 2, 8B shape): 128k and 256k in one run, 512k in a
-#    second (each well inside a 10-minute command), the second fitting the longest context with both.
+# 2. benchmarks/bench_multi_gpu.py under torchrun (TP = 2, 8B shape, dense one-forward prefill vs chunked
+#    AdaptivePress(SnapKV) evict at r = 0.75 and 0.875): 128k and 256k in one run, 512k in a second (each
+#    meant to stay inside a 10-minute command), the second fitting the longest context over both.
 # Environment: PYTHON (default python3), BENCH_ARGS (extra arguments for both benchmark runs),
 # SKIP_TESTS=1 / SKIP_BENCH=1. NVLink multicast stays off (exported below and set again by the benchmark).
 set -euo pipefail

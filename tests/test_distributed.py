@@ -272,3 +272,23 @@ def test_tensor_parallel_keeps_the_single_process_set(tmp_path, backend):
         for layer, expected_kept in kept.items():
             actual = torch.cat([result[key][1][layer] for result in per_rank], dim=1)
             assert torch.equal(actual, expected_kept), f"{key}, layer {layer}: kept set differs"
+
+
+# ----- 3. the 2-GPU benchmark's command line -----------------------------------------------------------
+
+
+def test_multi_gpu_benchmark_parses_its_arguments():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_multi_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_multi_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert os.environ["NCCL_NVLS_ENABLE"] == "0" and os.environ["NVSHMEM_DISABLE_NVLS"] == "1"
+    args = bench.parse_args([])
+    assert args.contexts == [131072, 262144, 524288] and args.ratios == [0.75, 0.875] and args.layers == 32
+    assert bench.parse_args(["--tiny"]).contexts == [512, 1024]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ratios", "1.5"])
+    with pytest.raises(SystemExit, match="torchrun"):
+        bench.start_process_group() if "RANK" not in os.environ else pytest.skip("running under torchrun")
