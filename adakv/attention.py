@@ -68,8 +68,11 @@ def headwise_mask(
 def on_device_of(tensor: torch.Tensor):
     """Make the tensor's GPU the current CUDA device for the block. Triton launches its kernels on the
     current device, which is not the layer's when a model is split over GPUs (device_map): accelerate
-    moves the tensors between layers but leaves the current device alone."""
-    return torch.cuda.device(tensor.device) if tensor.is_cuda else nullcontext()
+    moves the tensors between layers but leaves the current device alone. On one GPU (the decode hot
+    path) this costs one device-index read per layer."""
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return nullcontext()
 
 
 def adakv_attention(base: str, module: nn.Module, query, key, value, attention_mask, **kwargs):

@@ -11,13 +11,17 @@ from test_evict import run
 from test_presses import SCORERS, attention_for
 from transformers import AutoModelForCausalLM
 
-from adakv import AdaptivePress, kept_token_counts, prefill_in_chunks
+from adakv import AdaptivePress, CriticalKVPress, kept_token_counts, prefill_in_chunks
 from adakv.cache import compressed_layers
 from adakv.flat_cache import FlatHeadwiseLayer
 
 RATIO = 0.5
 NUM_LAYERS = COMMON["num_hidden_layers"]
-WRAPPERS = {"none": lambda press: press, "adaptive": AdaptivePress}
+WRAPPERS = {
+    "none": lambda press: press,
+    "adaptive": AdaptivePress,
+    "adaptive_critical": lambda press: AdaptivePress(CriticalKVPress(press)),  # reads o_proj on the layer's device
+}
 
 GPU_COUNT = torch.cuda.device_count() if torch.cuda.is_available() else 0
 needs_two_gpus = pytest.mark.skipif(GPU_COUNT < 2, reason=f"needs 2 CUDA devices, found {GPU_COUNT}")
