@@ -4,6 +4,8 @@ with both halves of the map on "cpu" (the device_map loading path, accelerate's 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from conftest import COMMON, random_ids, tiny_model
@@ -112,3 +114,19 @@ def test_explicit_device_map_on_cpu(tmp_path):
 def test_layers_split_over_two_gpus(tmp_path):
     pytest.importorskip("accelerate", reason="transformers' device_map loading needs accelerate (pip install adakv[multi])")
     check_split_equals_single(tmp_path, "cuda:0", split_device_map(0, 1), tolerance=2e-4)
+
+
+def test_evict_attention_switches_to_the_layers_gpu(monkeypatch):
+    """Triton launches on the current device: on_device_of makes the query's GPU current when it is not."""
+    from types import SimpleNamespace
+
+    from adakv import attention
+
+    switched = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: switched.append(device) or nullcontext())
+    on_second = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    on_first = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    with attention.on_device_of(on_second), attention.on_device_of(on_first), attention.on_device_of(torch.zeros(1)):
+        pass
+    assert switched == [torch.device("cuda", 1)]
