@@ -5,7 +5,7 @@
     python -m torch.distributed.run --nproc-per-node 2 benchmarks/bench_multi_gpu.py --tiny   # CPU + gloo smoke test
 
 Model: Llama-3.1-8B-shaped (32 layers, 8 KV heads: 4 per rank), random bf16 weights. The weights are
-initialised by transformers itself: the model is loaded with `from_pretrained(dir, tp_plan="auto")` from a
+initialised by transformers itself: the model is loaded with `from_pretrained(dir, distributed_config=DistributedConfig(tp_plan="auto"))` from a
 directory holding its config and an empty safetensors file, so every parameter is "missing" and gets its
 random initialisation directly as this rank's shard.
 
@@ -111,14 +111,16 @@ def load_random_tp_model(config, dtype):
     """transformers' tensor-parallel model with randomly initialised weights (no checkpoint to read)."""
     import transformers
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DistributedConfig
 
     transformers.logging.set_verbosity_error()  # not the list of every (deliberately) missing weight
     torch.manual_seed(0)  # replicated parameters (embeddings, norms) must agree on every rank
     with tempfile.TemporaryDirectory() as directory:
         config.save_pretrained(directory)
         save_file({}, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
-        model = AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto", dtype=dtype, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, distributed_config=DistributedConfig(tp_plan="auto"), dtype=dtype, attn_implementation="sdpa"
+        )
     return model.eval()
 
 

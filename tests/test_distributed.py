@@ -233,11 +233,13 @@ def generate_with_presses(model, ids) -> dict:
 
 
 def _tensor_parallel_on_rank(rank: int, model_path: str) -> dict:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, DistributedConfig
 
     from conftest import random_ids
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, tp_plan="auto", attn_implementation="sdpa", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, distributed_config=DistributedConfig(tp_plan="auto"), attn_implementation="sdpa", dtype=torch.float32
+    )
     assert all(tensor_parallel_group(module) is not None for module in attention_modules(model)), "heads not sharded"
     results = generate_with_presses(model.eval(), random_ids(1, SEQ).to(model.device))
     assert all(kept.shape[1] == 1 for _, layers in results.values() for kept in layers.values()), "expected 1 head per rank"
