@@ -39,21 +39,33 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
-def tensor_parallel_group(module: torch.nn.Module, local_heads: int | None = None):
-    """The process group over which the attention `module`'s KV heads are sharded, or None.
+def tensor_parallel_group(module: torch.nn.Module, local_heads: int):
+    """The process group over which the attention `module`'s KV heads are split, or None.
 
     transformers' tensor-parallel plan turns the k projection's weight into a DTensor sharded on its
-    output features; a replicated or plain weight means every rank holds every head. local_heads (the
-    KV heads this process computed): when fewer than the model's and no sharded weight explains it,
-    the heads were split some other way, which a layer-wide selection cannot see: refused."""
+    output features. local_heads: the KV heads this process computed. When it equals the model's count the
+    heads are replicated (e.g. Phi3's plan gathers the fused qkv output), and the selection is local. When
+    it is smaller and no sharded weight explains it, the heads were split some other way, which a
+    layer-wide selection cannot see: refused."""
     group = _sharding_group(module)
-    total_heads = getattr(module.config, "num_key_value_heads", None)
-    if group is None and local_heads is not None and total_heads is not None and local_heads < total_heads:
+    total_heads = module.config.num_key_value_heads
+    if local_heads >= total_heads:
+        return None
+    if group is None:
         raise NotImplementedError(
             f"This process holds {local_heads} of the layer's {total_heads} KV heads, but its k projection is not a "
             "tensor-parallel DTensor: only transformers' tensor-parallel plan (tp_plan) is supported."
         )
     return group
+
+
+def weight_for_local_heads(weight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The columns of a row-sharded output projection that this process's heads feed: the local shard when
+    the heads are split like the weight, the whole weight (gathered) when every rank holds every head."""
+    local = local_tensor(weight)
+    if local.shape[-1] == in_features or local is weight:
+        return local
+    return weight.full_tensor()
 
 
 def _sharding_group(module: torch.nn.Module):

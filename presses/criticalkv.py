@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adakv.distributed import local_tensor
+from adakv.distributed import weight_for_local_heads
 from adakv.selection import descending_rank, kept_count
 
 from .adaptive import check_scoring_press
@@ -24,8 +24,9 @@ def projected_value_norms(context: PrefillContext, block: int = 4096) -> torch.T
     module, values = context.module, context.values
     batch, kv_heads, seq_len, head_dim = values.shape
     groups = module.num_key_value_groups
-    # under tensor parallelism o_proj is row-sharded: the local shard holds exactly this rank's heads' columns
-    weight = local_tensor(module.o_proj.weight).float().view(-1, kv_heads, groups, head_dim)  # (hidden, kv_heads, groups, head_dim)
+    # under tensor parallelism o_proj is row-sharded: use the columns of the heads this rank holds
+    weight = weight_for_local_heads(module.o_proj.weight, kv_heads * groups * head_dim)
+    weight = weight.float().view(-1, kv_heads, groups, head_dim)  # (hidden, kv_heads, groups, head_dim)
     norms = []
     for start in range(0, seq_len, block):  # blocks bound the (.., seq, hidden) intermediate
         chunk = values[:, :, start : start + block].float()

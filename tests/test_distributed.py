@@ -199,26 +199,25 @@ def _with_backend(press, backend: str):
     return press
 
 
-def save_tiny_llama(path: Path) -> None:
+def save_tiny(family: str, path: Path) -> None:
     from conftest import tiny_model
 
-    model = tiny_model("llama")  # 2 KV heads: one per rank
-    model.save_pretrained(path)
+    tiny_model(family).save_pretrained(path)  # 2 KV heads
 
 
-def generate_with_presses(model, ids) -> dict:
+def generate_with_presses(model, ids, names) -> dict:
     """{(press, backend): (generated tokens, {layer: context keep mask or kept counts})}."""
-    from transformers import DynamicCache
-
     from test_multi_gpu import chunked_run
+    from transformers import DynamicCache
 
     from adakv import kept_token_counts
     from adakv.cache import compressed_layers
 
     results = {}
-    for name, factory in tp_presses().items():
+    presses = tp_presses()
+    for name in names:
         for backend in ("mask", "evict"):
-            press = factory(backend)
+            press = presses[name](backend)
             cache = DynamicCache(config=model.config)
             with torch.no_grad(), press(model):
                 out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=cache)
@@ -226,13 +225,21 @@ def generate_with_presses(model, ids) -> dict:
             kept = {i: layer.context_keep if backend == "mask" else layer.kept_counts() for i, layer in layers.items()}
             results[(name, backend)] = (out[0, ids.shape[1] :].tolist(), kept)
     for exchange in EXCHANGES:  # chunked prefill: every chunk's selection is exchanged
-        logits, cache = chunked_run(model, tp_presses()[f"adaptive_snapkv_{exchange}"]("evict"), ids, chunk_size=16)
+        logits, cache = chunked_run(model, presses[f"adaptive_snapkv_{exchange}"]("evict"), ids, chunk_size=16)
         tokens = [int(step.argmax(-1)) for step in logits]
         results[(f"chunked_{exchange}", "evict")] = (tokens, kept_token_counts(cache))
     return results
 
 
-def _tensor_parallel_on_rank(rank: int, model_path: str) -> dict:
+# Llama's plan splits the KV heads (one per rank); Phi3's gathers its fused qkv output, so every rank holds
+# both heads and selects locally (CriticalKV then needs the whole o_proj).
+FAMILIES = {
+    "llama": (1, tuple(tp_presses())),
+    "phi3": (2, ("snapkv", "criticalkv", "adaptive_snapkv_all_gather", "adaptive_snapkv_threshold_search", "adaptive_criticalkv")),
+}
+
+
+def _tensor_parallel_on_rank(rank: int, model_path: str, family: str) -> dict:
     from transformers import AutoModelForCausalLM, DistributedConfig
 
     from conftest import random_ids
@@ -240,9 +247,12 @@ def _tensor_parallel_on_rank(rank: int, model_path: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         model_path, distributed_config=DistributedConfig(tp_plan="auto"), attn_implementation="sdpa", dtype=torch.float32
     )
-    assert all(tensor_parallel_group(module) is not None for module in attention_modules(model)), "heads not sharded"
-    results = generate_with_presses(model.eval(), random_ids(1, SEQ).to(model.device))
-    assert all(kept.shape[1] == 1 for _, layers in results.values() for kept in layers.values()), "expected 1 head per rank"
+    heads_per_rank, names = FAMILIES[family]
+    split = [tensor_parallel_group(module, heads_per_rank) is not None for module in attention_modules(model)]
+    assert all(split) if heads_per_rank == 1 else not any(split), f"heads split: {split}"
+    results = generate_with_presses(model.eval(), random_ids(1, SEQ).to(model.device), names)
+    held = {kept.shape[1] for _, layers in results.values() for kept in layers.values()}
+    assert held == {heads_per_rank}, f"expected {heads_per_rank} KV heads per rank, got {held}"
     return results
 
 
@@ -256,23 +266,30 @@ BACKENDS = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_tensor_parallel_keeps_the_single_process_set(tmp_path, backend):
+def test_tensor_parallel_keeps_the_single_process_set(tmp_path, backend, family):
     pytest.importorskip("accelerate", reason="transformers' tp_plan loading needs accelerate (pip install adakv[multi])")
     from transformers import AutoModelForCausalLM
 
     from conftest import random_ids
 
-    save_tiny_llama(tmp_path / "model")
-    per_rank = run_on_ranks(_tensor_parallel_on_rank, tmp_path, str(tmp_path / "model"), backend=backend)
+    save_tiny(family, tmp_path / "model")
+    per_rank = run_on_ranks(_tensor_parallel_on_rank, tmp_path, str(tmp_path / "model"), family, backend=backend)
     device = "cuda:0" if backend == "nccl" else "cpu"
     single = AutoModelForCausalLM.from_pretrained(tmp_path / "model", attn_implementation="sdpa", dtype=torch.float32)
-    expected = to_cpu(generate_with_presses(single.to(device).eval(), random_ids(1, SEQ).to(device)))
+    ids = random_ids(1, SEQ).to(device)
+    expected = to_cpu(generate_with_presses(single.to(device).eval(), ids, FAMILIES[family][1]))
+    heads_per_rank = FAMILIES[family][0]
     for key, (tokens, kept) in expected.items():
         assert per_rank[0][key][0] == tokens and per_rank[1][key][0] == tokens, f"{key}: generated tokens differ"
         assert kept, f"{key}: nothing was compressed"
         for layer, expected_kept in kept.items():
-            actual = torch.cat([result[key][1][layer] for result in per_rank], dim=1)
+            if heads_per_rank == 1:  # each rank holds one head: together they hold the layer
+                actual = torch.cat([result[key][1][layer] for result in per_rank], dim=1)
+            else:  # every rank holds every head and must select the same
+                assert torch.equal(per_rank[0][key][1][layer], per_rank[1][key][1][layer]), f"{key}: ranks differ"
+                actual = per_rank[0][key][1][layer]
             assert torch.equal(actual, expected_kept), f"{key}, layer {layer}: kept set differs"
 
 
