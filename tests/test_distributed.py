@@ -171,6 +171,15 @@ def test_bad_exchange_names_the_allowed_ones():
         AdaptivePress(SnapKVPress(0.5), exchange="broadcast")
 
 
+def test_heads_split_without_a_tensor_parallel_plan_are_refused():
+    from conftest import tiny_model
+
+    module = attention_modules(tiny_model("llama"))[0]  # 2 KV heads, plain weights
+    assert tensor_parallel_group(module, local_heads=2) is None
+    with pytest.raises(NotImplementedError, match="holds 1 of the layer's 2 KV heads"):
+        tensor_parallel_group(module, local_heads=1)
+
+
 # ----- 2. transformers' tensor-parallel plan end to end ---------------------------------------------
 
 SEQ = 40
