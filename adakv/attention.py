@@ -11,6 +11,7 @@ unchanged; for a `MaskedLayer` it folds the per-head keep mask into the attentio
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -64,6 +65,16 @@ def headwise_mask(
     return allowed & per_query_head
 
 
+def on_device_of(tensor: torch.Tensor):
+    """Make the tensor's GPU the current CUDA device for the block. Triton launches its kernels on the
+    current device, which is not the layer's when a model is split over GPUs (device_map): accelerate
+    moves the tensors between layers but leaves the current device alone. On one GPU (the decode hot
+    path) this costs one device-index read per layer."""
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return nullcontext()
+
+
 def adakv_attention(base: str, module: nn.Module, query, key, value, attention_mask, **kwargs):
     """query: (batch, heads, q_len, head_dim); key/value: (batch, kv_heads, kv_len, head_dim)."""
     base_forward = sdpa_attention_forward if base == "sdpa" else _eager_forward_of(module)
@@ -71,7 +82,8 @@ def adakv_attention(base: str, module: nn.Module, query, key, value, attention_m
     if layer is None:
         return base_forward(module, query, key, value, attention_mask, **kwargs)
     if isinstance(layer, FlatHeadwiseLayer):
-        return evict_attention(module, query, layer, attention_mask, **kwargs)
+        with on_device_of(query):
+            return evict_attention(module, query, layer, attention_mask, **kwargs)
     mask = headwise_mask(attention_mask, layer.keep_mask(key.shape[-2]), query.shape[-2], module.num_key_value_groups)
     if base == "eager":
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(

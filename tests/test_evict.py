@@ -42,9 +42,11 @@ def run(model, press, ids, attention_mask=None, question_length=5, decode_steps=
     cache = DynamicCache(config=model.config)
     generator = torch.Generator().manual_seed(7)
     question = torch.randint(3, model.config.vocab_size, (ids.shape[0], question_length), generator=generator)
+    question = question.to(ids.device)
     question_mask = torch.ones_like(question)
     if question_padding is not None:
-        question_mask = (torch.arange(question_length)[None, :] >= question_padding[:, None]).long()
+        positions = torch.arange(question_length, device=ids.device)
+        question_mask = (positions[None, :] >= question_padding.to(ids.device)[:, None]).long()
         attention_mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     logits = []
     with torch.no_grad(), press(model):
@@ -72,8 +74,8 @@ def assert_same_run(model, press_name, ids, attention_mask=None, question_paddin
     mask_counts, evict_counts = kept_token_counts(mask_cache), kept_token_counts(evict_cache)
     assert mask_counts.keys() == evict_counts.keys()
     # the mask backend counts a padded question's padding positions too; evict never stores them
-    unstored = 0 if question_padding is None else question_padding[:, None]
     for index in mask_counts:
+        unstored = 0 if question_padding is None else question_padding[:, None].to(evict_counts[index].device)
         assert torch.equal(mask_counts[index] - unstored, evict_counts[index])
 
 
