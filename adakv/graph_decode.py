@@ -289,7 +289,13 @@ def graph_decoder_for(model: nn.Module, cuda_graphs) -> GraphDecoder | None:
         raise ValueError(f"cuda_graphs must be one of {CUDA_GRAPH_OPTIONS}, got {cuda_graphs!r}.")
     if cuda_graphs is False:
         return None
-    device = next(model.parameters()).device
+    devices = {parameter.device for parameter in model.parameters()}
+    device = next(iter(devices))
+    if cuda_graphs is True and len(devices) > 1:
+        raise ValueError(
+            f"cuda_graphs=True needs the whole model on one GPU, but its parameters are on {sorted(map(str, devices))}. "
+            "Decode eagerly (cuda_graphs=False) with layers split across devices."
+        )
     if cuda_graphs is True and device.type != "cuda":
         raise ValueError(
             f"cuda_graphs=True needs a model on a CUDA device, but this model is on {device}. "
