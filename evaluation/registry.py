@@ -27,6 +27,7 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "adakv_observed_attention": ("ObservedAttentionPress", ("AdaptivePress",)),
     "streaming_llm": ("StreamingLLMPress", ()),
     "random": ("RandomPress", ()),
+    "chunkkv_snapkv": ("SnapKVPress", ("ChunkKVPress",)),
 }
 NO_PRESS = "none"
 

@@ -3,6 +3,7 @@
 from .adaptive import AdaptivePress
 from .base import BasePress, PrefillContext, WrapperPress
 from .chunk import ChunkPress
+from .chunkkv import ChunkKVPress
 from .composed import ComposedPress
 from .criticalkv import CriticalKVPress
 from .expected_attention import ExpectedAttentionPress
@@ -22,6 +23,7 @@ from .tova import TOVAPress
 __all__ = [
     "AdaptivePress",
     "BasePress",
+    "ChunkKVPress",
     "ChunkPress",
     "ComposedPress",
     "CriticalKVPress",

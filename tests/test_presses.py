@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 
 from adakv import (
     AdaptivePress,
+    ChunkKVPress,
     ChunkPress,
     ComposedPress,
     ExpectedAttentionPress,
@@ -64,6 +65,7 @@ WRAPPERS = {
     "per_layer": lambda press, r: PerLayerCompressionPress(press, [ratio * (r > 0) for ratio in LAYER_RATIOS]),
     "key_rerotation": lambda press, r: KeyRerotationPress(press),
     "critical": lambda press, r: CriticalKVPress(press),
+    "chunkkv": lambda press, r: ChunkKVPress(press, chunk_length=5),
 }
 
 
@@ -603,3 +605,41 @@ def test_expected_attention_with_covariance_matches_the_gaussian_formula(family)
     logits = logits + 0.5 * module.scaling**2 * torch.einsum("hsd,hde,hse->hs", keys, covariance, keys)
     expected = logits.softmax(-1).view(-1, groups, SEQ).mean(1)
     torch.testing.assert_close(scores[0], expected, rtol=1e-4, atol=1e-6)
+
+
+# --- ChunkKV -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunkkv_keeps_the_best_whole_chunks(shared):
+    model = cached_model("llama")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[1]
+    inner = KnormPress(compression_ratio=0.5)
+    keep = ChunkKVPress(inner, chunk_length=4, shared_across_heads=shared).compress(context)
+    chunk_means = inner.score(context).view(1, 2, SEQ // 4, 4).mean(-1)  # (1, kv_heads, 12 chunks)
+    if shared:
+        chunk_means = chunk_means.mean(1, keepdim=True).expand(1, 2, -1)
+    for head in range(2):
+        best = chunk_means[0, head].topk(6).indices  # 24 kept tokens = 6 whole chunks
+        expected = torch.zeros(SEQ // 4, dtype=torch.bool)
+        expected[best] = True
+        assert torch.equal(keep[0, head], expected.repeat_interleave(4))
+    if shared:
+        assert torch.equal(keep[0, 0], keep[0, 1])
+
+
+def test_chunkkv_cuts_only_the_last_chunk_to_fill_the_budget():
+    model = cached_model("llama")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
+    inner = KnormPress(compression_ratio=0.75)  # 12 tokens: two whole chunks of 5 and the best 2 of a third
+    keep = ChunkKVPress(inner, chunk_length=5).compress(context)
+    assert keep.sum(-1).tolist() == [[12, 12]]
+    per_chunk = torch.nn.functional.pad(keep[0, 0], (0, 2)).view(-1, 5).sum(-1)
+    assert sorted(per_chunk.tolist(), reverse=True)[:3] == [5, 5, 2] and per_chunk.sum() == 12
+
+
+def test_chunkkv_refuses_bad_settings():
+    with pytest.raises(ValueError, match="chunk_length"):
+        ChunkKVPress(KnormPress(), chunk_length=0)
+    with pytest.raises(TypeError, match="scoring press"):
+        ChunkKVPress(ComposedPress([KnormPress()]))
