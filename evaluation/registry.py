@@ -28,6 +28,8 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "streaming_llm": ("StreamingLLMPress", ()),
     "random": ("RandomPress", ()),
     "chunkkv_snapkv": ("SnapKVPress", ("ChunkKVPress",)),
+    "lagkv": ("LagKVPress", ()),
+    "adakv_lagkv": ("LagKVPress", ("AdaptivePress",)),
 }
 NO_PRESS = "none"
 

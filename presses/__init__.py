@@ -10,6 +10,7 @@ from .expected_attention import ExpectedAttentionPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
 from .knorm import KnormPress
+from .lagkv import LagKVPress
 from .observed_attention import ObservedAttentionPress
 from .per_layer import PerLayerCompressionPress
 from .pyramidkv import PyramidKVPress
@@ -31,6 +32,7 @@ __all__ = [
     "KeyDiffPress",
     "KeyRerotationPress",
     "KnormPress",
+    "LagKVPress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
     "PrefillContext",

@@ -20,6 +20,7 @@ from adakv import (
     KeyDiffPress,
     KeyRerotationPress,
     KnormPress,
+    LagKVPress,
     ObservedAttentionPress,
     PerLayerCompressionPress,
     PyramidKVPress,
@@ -55,6 +56,7 @@ SCORERS = {
     "observed_attention": lambda r: ObservedAttentionPress(compression_ratio=r),
     "expected_attention": lambda r: ExpectedAttentionPress(compression_ratio=r, n_future_positions=16, n_recent=16),
     "keydiff": lambda r: KeyDiffPress(compression_ratio=r),
+    "lagkv": lambda r: LagKVPress(compression_ratio=r, n_sink=2, lag_size=8),
 }
 
 WRAPPERS = {
@@ -643,3 +645,40 @@ def test_chunkkv_refuses_bad_settings():
         ChunkKVPress(KnormPress(), chunk_length=0)
     with pytest.raises(TypeError, match="scoring press"):
         ChunkKVPress(ComposedPress([KnormPress()]))
+
+
+# --- LagKV -------------------------------------------------------------------------------------
+
+
+def test_lagkv_scores_each_partition_against_the_next():
+    model = cached_model("qwen2")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[1]
+    n_sink, lag = 3, 8  # 45 tokens after the sinks: partitions at 3, 11, 19, 27 are scored, 35..47 is recent
+    scores = LagKVPress(n_sink=n_sink, lag_size=lag).score(context)
+    for head in range(2):
+        for start in range(n_sink, 35, lag):
+            expected = 0
+            for states in (context.keys[0, head], context.values[0, head]):
+                current, following = states[start : start + lag], states[start + lag : start + 2 * lag]
+                low, high = following.min(0).values, following.max(0).values
+                expected = expected + ((current - low) / (high - low)).std(-1).softmax(-1)
+            torch.testing.assert_close(scores[0, head, start : start + lag], expected)
+    assert (scores[..., :n_sink] >= 4).all()
+    recent = scores[0, 0, 35:]
+    assert (recent >= 2).all() and (recent < 3).all() and (recent.diff() > 0).all()
+    assert (scores[..., n_sink:35] <= 2).all()
+
+
+def test_lagkv_keeps_sinks_then_the_recent_window():
+    model = cached_model("llama")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
+    keep = LagKVPress(compression_ratio=0.75, n_sink=2, lag_size=16).compress(context)  # 12 kept, recent = 30
+    assert keep[0, 0].nonzero().flatten().tolist() == [0, 1, *range(38, 48)]
+    assert LagKVPress(n_sink=2, lag_size=100).score(context)[..., 2:].diff(dim=-1).gt(0).all()  # all recent
+
+
+def test_lagkv_refuses_bad_settings():
+    with pytest.raises(ValueError, match="lag_size"):
+        LagKVPress(lag_size=0)
+    with pytest.raises(ValueError, match="n_sink"):
+        LagKVPress(n_sink=-1)
