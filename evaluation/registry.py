@@ -30,6 +30,7 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "chunkkv_snapkv": ("SnapKVPress", ("ChunkKVPress",)),
     "lagkv": ("LagKVPress", ()),
     "adakv_lagkv": ("LagKVPress", ("AdaptivePress",)),
+    "simlayerkv": ("SimLayerKVPress", ()),
 }
 NO_PRESS = "none"
 

@@ -17,6 +17,7 @@ from .pyramidkv import PyramidKVPress
 from .random_press import RandomPress
 from .recording import RecordingPress
 from .scorer import ScorerPress
+from .simlayerkv import SimLayerKVPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
 from .tova import TOVAPress
@@ -40,6 +41,7 @@ __all__ = [
     "RandomPress",
     "RecordingPress",
     "ScorerPress",
+    "SimLayerKVPress",
     "SnapKVPress",
     "StreamingLLMPress",
     "TOVAPress",

@@ -25,6 +25,7 @@ from adakv import (
     PerLayerCompressionPress,
     PyramidKVPress,
     RandomPress,
+    SimLayerKVPress,
     SnapKVPress,
     StreamingLLMPress,
     TOVAPress,
@@ -57,6 +58,7 @@ SCORERS = {
     "expected_attention": lambda r: ExpectedAttentionPress(compression_ratio=r, n_future_positions=16, n_recent=16),
     "keydiff": lambda r: KeyDiffPress(compression_ratio=r),
     "lagkv": lambda r: LagKVPress(compression_ratio=r, n_sink=2, lag_size=8),
+    "simlayerkv": lambda r: SimLayerKVPress(compression_ratio=r, lazy_threshold=0.0),  # every layer lazy
 }
 
 WRAPPERS = {
@@ -682,3 +684,39 @@ def test_lagkv_refuses_bad_settings():
         LagKVPress(lag_size=0)
     with pytest.raises(ValueError, match="n_sink"):
         LagKVPress(n_sink=-1)
+
+
+# --- SimLayerKV --------------------------------------------------------------------------------
+
+
+def share_on_sinks_and_recent(context, n_last: int, n_sink: int, kept: int) -> float:
+    """From the eager attention weights: the last n_last queries' mean attention on the first n_sink and
+    the last (kept - n_sink) tokens."""
+    weights = context.attentions[0, :, -n_last:].mean(dim=(0, 1))  # (seq,)
+    return (weights[:n_sink].sum() + weights[SEQ - (kept - n_sink) :].sum()).item()
+
+
+@pytest.mark.parametrize("lazy_count", [1, 2])
+def test_simlayerkv_compresses_only_the_lazy_layers(lazy_count):
+    model = cached_model("llama", "eager")
+    ids = random_ids(seq_len=SEQ)
+    kept = expected_kept(SEQ, 0.75)
+    shares = [share_on_sinks_and_recent(c, 8, 2, kept) for c in recorded_contexts(model, ids)]
+    ranked = sorted(shares, reverse=True)
+    threshold = (ranked[lazy_count - 1] + ranked[lazy_count]) / 2
+    press = SimLayerKVPress(compression_ratio=0.75, lazy_threshold=threshold, n_last=8, n_sink=2)
+    with press(model):
+        out = greedy(model, ids, max_new_tokens=1)
+    layers = compressed_layers(out.past_key_values)
+    assert sorted(layers) == sorted(i for i, share in enumerate(shares) if share >= threshold)
+    assert len(layers) == lazy_count
+    expected = [0, 1, *range(SEQ - (kept - 2), SEQ)]
+    for layer in layers.values():
+        assert all(layer.context_keep[0, h].nonzero().flatten().tolist() == expected for h in range(2))
+
+
+def test_simlayerkv_refuses_bad_settings():
+    with pytest.raises(ValueError, match="lazy_threshold"):
+        SimLayerKVPress(lazy_threshold=1.5)
+    with pytest.raises(ValueError, match="n_last"):
+        SimLayerKVPress(n_last=0)
