@@ -31,6 +31,8 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "lagkv": ("LagKVPress", ()),
     "adakv_lagkv": ("LagKVPress", ("AdaptivePress",)),
     "simlayerkv": ("SimLayerKVPress", ()),
+    "block_snapkv": ("SnapKVPress", ("BlockPress",)),
+    "block_keydiff": ("KeyDiffPress", ("BlockPress",)),
 }
 NO_PRESS = "none"
 

@@ -2,6 +2,7 @@
 
 from .adaptive import AdaptivePress
 from .base import BasePress, PrefillContext, WrapperPress
+from .block import BlockPress
 from .chunk import ChunkPress
 from .chunkkv import ChunkKVPress
 from .composed import ComposedPress
@@ -25,6 +26,7 @@ from .tova import TOVAPress
 __all__ = [
     "AdaptivePress",
     "BasePress",
+    "BlockPress",
     "ChunkKVPress",
     "ChunkPress",
     "ComposedPress",

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 
 from adakv import (
     AdaptivePress,
+    BlockPress,
     ChunkKVPress,
     ChunkPress,
     ComposedPress,
@@ -70,6 +71,7 @@ WRAPPERS = {
     "key_rerotation": lambda press, r: KeyRerotationPress(press),
     "critical": lambda press, r: CriticalKVPress(press),
     "chunkkv": lambda press, r: ChunkKVPress(press, chunk_length=5),
+    "block": lambda press, r: BlockPress(press, block_size=CHUNK),
 }
 
 
@@ -720,3 +722,53 @@ def test_simlayerkv_refuses_bad_settings():
         SimLayerKVPress(lazy_threshold=1.5)
     with pytest.raises(ValueError, match="n_last"):
         SimLayerKVPress(n_last=0)
+
+
+# --- BlockPress --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scorer", sorted(SCORERS))
+def test_block_press_with_one_block_is_the_inner_press(scorer):
+    model = cached_model("llama", attention_for(scorer))
+    ids, attention_mask = random_ids(batch=2, seq_len=SEQ, seed=3), torch.ones(2, SEQ, dtype=torch.long)
+    ids[0, :7], attention_mask[0, :7] = 0, 0
+    recorder = RecordingPress()
+    with torch.no_grad(), recorder(model):
+        model(ids, attention_mask=attention_mask)
+    inner = SCORERS[scorer](RATIO)
+    for context in recorder.contexts:
+        assert torch.equal(BlockPress(inner, block_size=SEQ).compress(context), inner.compress(context))
+
+
+def test_block_press_of_a_context_free_score_is_the_global_top_k():
+    model = cached_model("llama")
+    inner = KnormPress(compression_ratio=0.7)
+    for context in recorded_contexts(model, random_ids(seq_len=SEQ)):
+        assert torch.equal(BlockPress(inner, block_size=7).compress(context), inner.compress(context))
+
+
+class SizeRecordingKnorm(KnormPress):
+    """KnormPress that remembers how many tokens every call to `score` saw."""
+
+    sizes: list
+
+    def score(self, context):
+        self.sizes.append(context.seq_len)
+        return super().score(context)
+
+
+def test_block_press_scores_at_most_the_kept_tokens_plus_one_block():
+    model = cached_model("llama")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
+    inner = SizeRecordingKnorm(compression_ratio=0.75)
+    inner.sizes = []
+    keep = BlockPress(inner, block_size=8).compress(context)
+    assert keep.sum(-1).tolist() == [[12, 12]]
+    assert len(inner.sizes) == SEQ // 8 and max(inner.sizes) <= 2 * 12 + 8
+
+
+def test_block_press_refuses_bad_settings():
+    with pytest.raises(ValueError, match="block_size"):
+        BlockPress(KnormPress(), block_size=0)
+    with pytest.raises(TypeError, match="scoring press"):
+        BlockPress(ChunkPress(KnormPress()))
