@@ -7,6 +7,7 @@ from .chunk import ChunkPress
 from .chunkkv import ChunkKVPress
 from .composed import ComposedPress
 from .criticalkv import CriticalKVPress
+from .decoding import DecodingPress
 from .expected_attention import ExpectedAttentionPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
@@ -14,6 +15,7 @@ from .knorm import KnormPress
 from .lagkv import LagKVPress
 from .observed_attention import ObservedAttentionPress
 from .per_layer import PerLayerCompressionPress
+from .prefill_decoding import PrefillDecodingPress
 from .pyramidkv import PyramidKVPress
 from .random_press import RandomPress
 from .recording import RecordingPress
@@ -31,6 +33,7 @@ __all__ = [
     "ChunkPress",
     "ComposedPress",
     "CriticalKVPress",
+    "DecodingPress",
     "ExpectedAttentionPress",
     "KeyDiffPress",
     "KeyRerotationPress",
@@ -39,6 +42,7 @@ __all__ = [
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
     "PrefillContext",
+    "PrefillDecodingPress",
     "PyramidKVPress",
     "RandomPress",
     "RecordingPress",

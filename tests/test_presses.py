@@ -32,7 +32,7 @@ from adakv import (
     TOVAPress,
     kept_token_counts,
 )
-from adakv import CriticalKVPress, RecordingPress
+from adakv import CriticalKVPress, DecodingPress, RecordingPress
 from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
 from adakv.presses.expected_attention import future_rope
@@ -152,6 +152,33 @@ def test_matrix_generates_and_keeps_the_budget(family, scorer, wrapper):
     appended = {i: out.past_key_values.layers[i].get_seq_length() - SEQ for i in counts}
     for layer, total in kept_token_counts(out.past_key_values).items():
         assert torch.equal(total, counts[layer] + appended[layer])
+
+
+DECODING_TARGET = 20
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("scorer", sorted(SCORERS))
+def test_matrix_decoding_press_keeps_the_target(family, scorer, adaptive):
+    """Every scorer (alone or in AdaptivePress) inside DecodingPress: the cache is compressed at the second
+    generated step to DECODING_TARGET tokens per head (on average with AdaptivePress), then grows by one."""
+    inner = SCORERS[scorer](0.0)
+    inner = AdaptivePress(inner) if adaptive else inner
+    if scorer == "observed_attention":
+        with pytest.raises(TypeError, match="attention weights"):
+            DecodingPress(inner)
+        return
+    model = cached_model(family)
+    press = DecodingPress(inner, compression_interval=2, target_size=DECODING_TARGET)
+    with press(model):
+        out = greedy(model, random_ids(seq_len=SEQ), max_new_tokens=4)  # 3 tokens fed back: compressed after 2
+    counts = kept_token_counts(out.past_key_values)
+    assert sorted(counts) == full_layer_indices(model)
+    for per_head in counts.values():
+        if adaptive:
+            assert per_head.sum().item() == (DECODING_TARGET + 1) * per_head.shape[-1]
+        else:
+            assert per_head.tolist() == [[DECODING_TARGET + 1] * per_head.shape[-1]]
 
 
 # At ratio 0 no scorer runs, so every scorer alone and every wrapper around one scorer cover it.
