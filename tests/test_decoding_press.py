@@ -18,6 +18,7 @@ from adakv import (
     PrefillDecodingPress,
     SnapKVPress,
     kept_token_counts,
+    rollback,
 )
 from adakv.cache import MaskedLayer, compressed_layers
 from adakv.flat_cache import DEFAULT_MIN_SLACK, FlatHeadwiseLayer
@@ -183,3 +184,14 @@ def test_decoding_press_refuses_bad_settings():
         PrefillDecodingPress(KnormPress(0.5), DecodingPress(KnormPress()), backend="evict")
     with pytest.raises(TypeError, match="DecodingPress"):
         PrefillDecodingPress(KnormPress(0.5), KnormPress())
+
+
+@pytest.mark.parametrize("backend", ["mask", "evict"])
+def test_rollback_into_a_generation_compressed_while_decoding_is_refused(backend):
+    model = tiny_model("llama")
+    press = DecodingPress(KnormPress(), compression_interval=4, target_size=10, backend=backend)
+    _, cache = greedy_steps(model, press, random_ids(1, 24), 6)
+    with pytest.raises(ValueError, match="compressed context"):
+        rollback(cache, 24)
+    rollback(cache, 29)  # the tokens after the last compression can still go
+    assert cache.get_seq_length() == 29
