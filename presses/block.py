@@ -11,7 +11,7 @@ import torch
 from adakv.selection import kept_count, top_k_keep_mask
 
 from .adaptive import check_scoring_press
-from .base import PrefillContext, WrapperPress
+from .base import PrefillContext, WrapperPress, check_integer_fields
 
 
 def gather_along(tensor: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -71,8 +71,7 @@ class BlockPress(WrapperPress):
     def __post_init__(self):
         super().__post_init__()
         check_scoring_press(self.press, "BlockPress")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {self.block_size!r}.")
+        check_integer_fields(self, {"block_size": 1})
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         ratio = self.press.layer_compression_ratio(context)

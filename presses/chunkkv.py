@@ -10,7 +10,7 @@ import torch
 from adakv.selection import kept_count, ranks_of_order
 
 from .adaptive import check_scoring_press
-from .base import PrefillContext, WrapperPress
+from .base import PrefillContext, WrapperPress, check_integer_fields
 
 
 def chunk_mean_scores(
@@ -62,8 +62,7 @@ class ChunkKVPress(WrapperPress):
     def __post_init__(self):
         super().__post_init__()
         check_scoring_press(self.press, "ChunkKVPress")
-        if isinstance(self.chunk_length, bool) or not isinstance(self.chunk_length, int) or self.chunk_length < 1:
-            raise ValueError(f"chunk_length must be an integer >= 1, got {self.chunk_length!r}.")
+        check_integer_fields(self, {"chunk_length": 1})
         if not isinstance(self.shared_across_heads, bool):
             raise TypeError(f"shared_across_heads must be True or False, got {self.shared_across_heads!r}.")
 

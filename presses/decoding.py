@@ -15,7 +15,7 @@ from adakv.flat_cache import FlatHeadwiseLayer
 from adakv.selection import adaptive_budget_keep_mask, top_k_keep_mask
 
 from .adaptive import AdaptivePress, check_scoring_press
-from .base import BasePress, PrefillContext, real_token_mask
+from .base import BasePress, PrefillContext, check_integer_fields, real_token_mask
 from .observed_attention import ObservedAttentionPress
 
 QUERY_WINDOW_FIELDS = ("window_size", "n_recent", "n_last")  # how presses name the recent queries they read
@@ -128,10 +128,7 @@ class DecodingPress(BasePress):
         check_scoring_press(self.scorer, "DecodingPress")
         if any(isinstance(inner, ObservedAttentionPress) for inner in inner_presses(self.press)):
             raise TypeError("DecodingPress scores without attention weights; ObservedAttentionPress needs them.")
-        for name in ("compression_interval", "target_size", "hidden_states_buffer_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_integer_fields(self, {"compression_interval": 1, "target_size": 1, "hidden_states_buffer_size": 1})
         window = query_window(self.press)
         if window > self.hidden_states_buffer_size:
             raise ValueError(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PrefillContext
+from .base import PrefillContext, check_integer_fields
 from .scorer import ScorerPress
 from .streaming_llm import first_available
 
@@ -51,10 +51,7 @@ class LagKVPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("n_sink", "lag_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "n_sink" else 1):
-                raise ValueError(f"{name} must be an integer >= {0 if name == 'n_sink' else 1}, got {value!r}.")
+        check_integer_fields(self, {"n_sink": 0, "lag_size": 1})
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         available = context.available

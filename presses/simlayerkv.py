@@ -9,7 +9,7 @@ import torch
 
 from adakv.selection import uniform_keep_mask
 
-from .base import PrefillContext
+from .base import PrefillContext, check_integer_fields
 from .scorer import ScorerPress
 from .snapkv import mean_window_attention
 from .streaming_llm import sink_and_recency_scores
@@ -45,10 +45,7 @@ class SimLayerKVPress(ScorerPress):
             raise TypeError(f"lazy_threshold must be a number in [0, 1], got {self.lazy_threshold!r}.")
         if not 0.0 <= self.lazy_threshold <= 1.0:
             raise ValueError(f"lazy_threshold must be a number in [0, 1], got {self.lazy_threshold!r}.")
-        for name, minimum in (("n_last", 1), ("n_sink", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        check_integer_fields(self, {"n_last": 1, "n_sink": 0})
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         return sink_and_recency_scores(context.available, self.n_sink)
