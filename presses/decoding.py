@@ -36,22 +36,28 @@ def query_window(press: BasePress) -> int:
 
 @dataclass
 class RecentInputs:
-    """One layer's most recent inputs: hidden states (batch, n, hidden) and their rotary cos/sin (batch, n,
-    rotary_dim), n <= the buffer size; and the tokens added since the layer was last compressed."""
+    """One layer's most recent inputs, at least the last `limit` tokens once that many arrived: pieces of
+    (hidden states (batch, n, hidden), cos, sin (batch, n, rotary_dim)), concatenated only when a compression
+    reads them (a decode step adds a reference, no copy); and the tokens added since the last compression."""
 
-    hidden_states: torch.Tensor | None = None
-    cos: torch.Tensor | None = None
-    sin: torch.Tensor | None = None
+    pieces: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     since_compression: int = 0
 
     def add(self, hidden_states: torch.Tensor, position_embeddings, limit: int) -> None:
         batch = hidden_states.shape[0]
         cos, sin = (t.expand(batch, *t.shape[1:]) for t in position_embeddings)
-        if self.hidden_states is not None:
-            hidden_states = torch.cat([self.hidden_states, hidden_states], dim=1)
-            cos, sin = torch.cat([self.cos, cos], dim=1), torch.cat([self.sin, sin], dim=1)
-        # copies, so the buffer does not keep a whole prefill's activations alive
-        self.hidden_states, self.cos, self.sin = (t[:, -limit:].clone() for t in (hidden_states, cos, sin))
+        if hidden_states.shape[1] >= limit:  # a prefill: copies, so a prompt's activations are not kept alive
+            self.pieces = [tuple(t[:, -limit:].clone() for t in (hidden_states, cos, sin))]
+            return
+        self.pieces.append((hidden_states, cos, sin))
+        while sum(piece[0].shape[1] for piece in self.pieces[1:]) >= limit:
+            self.pieces.pop(0)
+
+    def last(self, limit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hidden_states, cos, sin) of the last `limit` tokens (fewer if fewer arrived)."""
+        if len(self.pieces) > 1:
+            self.pieces = [tuple(torch.cat(parts, dim=1)[:, -limit:] for parts in zip(*self.pieces))]
+        return self.pieces[0]
 
 
 def right_aligned_rows(layer: FlatHeadwiseLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,12 +171,13 @@ class DecodingPress(BasePress):
         index = module.layer_idx
         layer = cache.layers[index]
         keys, values, available = decoding_view(layer, attention_mask)
+        hidden_states, cos, sin = recent.last(self.hidden_states_buffer_size)
         context = PrefillContext(
             module=module,
-            hidden_states=recent.hidden_states,
+            hidden_states=hidden_states,
             keys=keys,
             values=values,
-            position_embeddings=(recent.cos, recent.sin),
+            position_embeddings=(cos, sin),
             attentions=None,
             available=available,
             layer_idx=index,

@@ -22,6 +22,7 @@ from adakv import (
 )
 from adakv.cache import MaskedLayer, compressed_layers
 from adakv.flat_cache import DEFAULT_MIN_SLACK, FlatHeadwiseLayer
+from adakv.presses.decoding import RecentInputs
 
 
 # --- the cache methods -------------------------------------------------------------------------
@@ -59,6 +60,21 @@ def test_masked_layer_restrict_to_covers_the_appended_tokens():
     assert torch.equal(layer.context_keep, wanted & torch.cat([keep, torch.ones(1, 2, 3, dtype=torch.bool)], -1))
     with pytest.raises(ValueError, match="seq_length"):
         layer.restrict_to(wanted[..., :5])
+
+
+def test_recent_inputs_hold_the_last_tokens():
+    hidden = torch.randn(2, 20, 6)
+    cos, sin = torch.randn(1, 20, 4), torch.randn(1, 20, 4)  # batch 1: broadcast over the batch
+    recent = RecentInputs()
+    recent.add(hidden[:, :10], (cos[:, :10], sin[:, :10]), limit=4)
+    for step in range(10, 20):
+        recent.add(hidden[:, step : step + 1], (cos[:, step : step + 1], sin[:, step : step + 1]), limit=4)
+        if step in (11, 19):
+            last_hidden, last_cos, last_sin = recent.last(4)
+            assert torch.equal(last_hidden, hidden[:, step - 3 : step + 1])
+            assert torch.equal(last_cos, cos[:, step - 3 : step + 1].expand(2, 4, 4))
+            assert torch.equal(last_sin, sin[:, step - 3 : step + 1].expand(2, 4, 4))
+    assert sum(piece[0].shape[1] for piece in recent.pieces) <= 4
 
 
 # --- DecodingPress end to end ------------------------------------------------------------------
