@@ -58,7 +58,7 @@ class LagKVPress(ScorerPress):
         batch, kv_heads, seq_len = available.shape
         scores = torch.zeros(batch, kv_heads, seq_len, device=available.device)
         partitions = max((seq_len - self.n_sink) // self.lag_size - 1, 0)  # those with a next partition
-        end = self.n_sink + partitions * self.lag_size  # where the recent window starts
+        end = min(self.n_sink + partitions * self.lag_size, seq_len)  # where the recent window starts
         if partitions > 0:
             scores[..., self.n_sink : end] = self.partition_scores(context, partitions)
         recent = torch.arange(seq_len - end, device=available.device, dtype=torch.float32)

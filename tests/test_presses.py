@@ -706,6 +706,7 @@ def test_lagkv_keeps_sinks_then_the_recent_window():
     keep = LagKVPress(compression_ratio=0.75, n_sink=2, lag_size=16).compress(context)  # 12 kept, recent = 30
     assert keep[0, 0].nonzero().flatten().tolist() == [0, 1, *range(38, 48)]
     assert LagKVPress(n_sink=2, lag_size=100).score(context)[..., 2:].diff(dim=-1).gt(0).all()  # all recent
+    assert (LagKVPress(n_sink=SEQ + 5).score(context) >= 4).all()  # shorter than the sinks: all sinks
 
 
 def test_lagkv_refuses_bad_settings():
