@@ -77,6 +77,17 @@ class MaskedLayer(DynamicLayer):
             raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {expected} (batch, kv_heads, appended).")
         self.context_keep = torch.cat([self.context_keep, keep.to(self.context_keep.device, torch.bool)], dim=-1)
 
+    def restrict_to(self, keep: torch.Tensor) -> None:
+        """Make every token so far (context and appended) part of the compressed context, each head keeping
+        only `keep` (batch, kv_heads, seq_length) bool of the positions it attends now (compression during
+        decoding, DecodingPress). Only attention is restricted: the dense keys and values stay, so a mask
+        layer's memory keeps growing with the sequence (and the mask with it); backend "evict" frees the rows."""
+        seq_length = self.get_seq_length()
+        expected = (*self.context_keep.shape[:2], seq_length)
+        if tuple(keep.shape) != expected:
+            raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {expected} (batch, kv_heads, seq_length).")
+        self.context_keep = self.keep_mask(seq_length) & keep.to(self.context_keep.device, torch.bool)
+
     def keep_mask(self, kv_length: int) -> torch.Tensor:
         """(batch, kv_heads, kv_length) bool: the context mask, then True for every later token."""
         appended = kv_length - self.context_length

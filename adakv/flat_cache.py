@@ -379,3 +379,27 @@ class FlatHeadwiseLayer(DynamicLayer):
         keys = self.keys[index].masked_fill(~valid[..., None], 0)
         values = self.values[index].masked_fill(~valid[..., None], 0)
         return keys, values
+
+    def recompress(self, keep: torch.Tensor, slack: int | None = None) -> None:
+        """Compress the whole cached sequence again (compression during decoding, DecodingPress): each head
+        keeps only its `keep` (batch, kv_heads, max_length) bool rows, where index j is the head's j-th used
+        row (entries past a head's length are ignored). The appended tokens become part of
+        the compressed context (appended = 0) and the buffers are re-laid out with only the kept rows and
+        `slack` (default `min_slack`) free rows per head; get_seq_length() still counts dense positions."""
+        expected = (self.batch_size, self.num_heads, self.max_length)
+        if tuple(keep.shape) != expected:
+            raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {expected} (batch, kv_heads, max_length).")
+        width = self.max_length
+        used = torch.arange(width, device=self.device)[None, :] < self.lengths[:, None]
+        keep = keep.to(device=self.device, dtype=torch.bool).reshape(self.num_sequences, width) & used
+        old_keys, old_values, old_offsets = self.keys, self.values, self.offsets
+        self._set_context_kept(keep.sum(-1))
+        self.context_length += self.appended
+        self.appended = 0
+        self.padded_appends = False  # every row is context now
+        self._allocate(self.min_slack if slack is None else slack)
+        # compaction_indices counts sources as sequence * width + j: map them to the old rows
+        dense_src, dst_index = compaction_indices(keep, self.offsets, self.total_context_kept)
+        sequence = torch.div(dense_src, width, rounding_mode="floor")
+        src_index = old_offsets.index_select(0, sequence) + dense_src - sequence * width
+        kernels.copy_rows(old_keys, old_values, self.keys, self.values, src_index, dst_index)

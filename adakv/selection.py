@@ -12,9 +12,13 @@ import torch
 
 def descending_rank(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """Rank of each element along `dim` when sorted by descending score (0 = best)."""
-    order = scores.argsort(dim=dim, descending=True, stable=True)
+    return ranks_of_order(scores.argsort(dim=dim, descending=True, stable=True), dim)
+
+
+def ranks_of_order(order: torch.Tensor, dim: int) -> torch.Tensor:
+    """Invert a permutation along `dim`: order[..., r] = i (i ranks r-th) -> ranks[..., i] = r."""
     ranks = torch.empty_like(order)
-    ranks.scatter_(dim, order, torch.arange(scores.shape[dim], device=scores.device).expand_as(order))
+    ranks.scatter_(dim, order, torch.arange(order.shape[dim], device=order.device).expand_as(order))
     return ranks
 
 
@@ -26,8 +30,12 @@ def kept_count(num_available: torch.Tensor, compression_ratio: float) -> torch.T
 
 def uniform_keep_mask(scores: torch.Tensor, available: torch.Tensor, compression_ratio: float) -> torch.Tensor:
     """Every (batch, head) keeps its own best `(1 - ratio) * available` tokens."""
+    return top_k_keep_mask(scores, available, kept_count(available.sum(-1), compression_ratio))
+
+
+def top_k_keep_mask(scores: torch.Tensor, available: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Every (batch, head) keeps its own best `budget[batch, head]` available tokens (all of them if fewer)."""
     masked = scores.float().masked_fill(~available, float("-inf"))
-    budget = kept_count(available.sum(-1), compression_ratio)  # (batch, kv_heads)
     return (descending_rank(masked, dim=-1) < budget.unsqueeze(-1)) & available
 
 
@@ -62,8 +70,14 @@ def adaptive_keep_mask(
     earlier token (a stable sort of the (heads * seq) scores). adakv.distributed reproduces exactly
     this order when the heads are split over tensor-parallel ranks.
     """
+    return adaptive_budget_keep_mask(scores, available, layer_budget(available, compression_ratio), alpha_safeguard)
+
+
+def adaptive_budget_keep_mask(
+    scores: torch.Tensor, available: torch.Tensor, budget: torch.Tensor, alpha_safeguard: float
+) -> torch.Tensor:
+    """Ada-KV allocation of `budget` (batch,) tokens per layer row over the heads of that row."""
     batch, heads, seq_len = scores.shape
-    budget = layer_budget(available, compression_ratio)  # (batch,)
     boosted = safeguarded_scores(scores, available, budget, heads, alpha_safeguard).reshape(batch, heads * seq_len)
     layer_rank = descending_rank(boosted, dim=-1).reshape(batch, heads, seq_len)
     return (layer_rank < budget.view(batch, 1, 1)) & available

@@ -27,6 +27,12 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "adakv_observed_attention": ("ObservedAttentionPress", ("AdaptivePress",)),
     "streaming_llm": ("StreamingLLMPress", ()),
     "random": ("RandomPress", ()),
+    "chunkkv_snapkv": ("SnapKVPress", ("ChunkKVPress",)),
+    "lagkv": ("LagKVPress", ()),
+    "adakv_lagkv": ("LagKVPress", ("AdaptivePress",)),
+    "simlayerkv": ("SimLayerKVPress", ()),
+    "block_snapkv": ("SnapKVPress", ("BlockPress",)),
+    "block_keydiff": ("KeyDiffPress", ("BlockPress",)),
 }
 NO_PRESS = "none"
 

@@ -2,19 +2,25 @@
 
 from .adaptive import AdaptivePress
 from .base import BasePress, PrefillContext, WrapperPress
+from .block import BlockPress
 from .chunk import ChunkPress
+from .chunkkv import ChunkKVPress
 from .composed import ComposedPress
 from .criticalkv import CriticalKVPress
+from .decoding import DecodingPress
 from .expected_attention import ExpectedAttentionPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
 from .knorm import KnormPress
+from .lagkv import LagKVPress
 from .observed_attention import ObservedAttentionPress
 from .per_layer import PerLayerCompressionPress
+from .prefill_decoding import PrefillDecodingPress
 from .pyramidkv import PyramidKVPress
 from .random_press import RandomPress
 from .recording import RecordingPress
 from .scorer import ScorerPress
+from .simlayerkv import SimLayerKVPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
 from .tova import TOVAPress
@@ -22,20 +28,26 @@ from .tova import TOVAPress
 __all__ = [
     "AdaptivePress",
     "BasePress",
+    "BlockPress",
+    "ChunkKVPress",
     "ChunkPress",
     "ComposedPress",
     "CriticalKVPress",
+    "DecodingPress",
     "ExpectedAttentionPress",
     "KeyDiffPress",
     "KeyRerotationPress",
     "KnormPress",
+    "LagKVPress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
     "PrefillContext",
+    "PrefillDecodingPress",
     "PyramidKVPress",
     "RandomPress",
     "RecordingPress",
     "ScorerPress",
+    "SimLayerKVPress",
     "SnapKVPress",
     "StreamingLLMPress",
     "TOVAPress",

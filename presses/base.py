@@ -5,7 +5,9 @@ attention implementation to its adakv twin; leaving the block (also by an except
 hooks and restores the implementation. After a layer's attention has run on the *context prefill*
 (the first forward into an empty cache layer), the forward hook builds a `PrefillContext`, asks the
 press for a keep mask of shape (batch, kv_heads, seq) and hands it to the backend, which replaces
-the cache layer. Decode steps and later question tokens are never compressed.
+the cache layer. Decode steps and later question tokens go to `after_appended_tokens`, which does
+nothing for presses that compress the context only; DecodingPress overrides it to re-compress the
+cache as generation goes on.
 
 The one exception is a chunked context prefill (adakv/chunked_prefill.py): it runs its forwards inside
 `press.receiving_context_chunks()`, and while that block is open every forward into a layer that
@@ -82,6 +84,14 @@ class PrefillContext:
 def check_compression_ratio(ratio: float) -> None:
     if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"compression_ratio must be a number in [0, 1), got {ratio!r}.")
+
+
+def check_integer_fields(press, minimums: dict[str, int]) -> None:
+    """Raise ValueError unless each named field of `press` is an integer (not a bool) >= its minimum."""
+    for name, minimum in minimums.items():
+        value = getattr(press, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
 def check_is_press(press, wrapper: str) -> None:
@@ -179,7 +189,9 @@ class BasePress:
         new_tokens = hidden_states.shape[1]
         first_context = type(layer) is DynamicLayer and layer.get_seq_length() == new_tokens
         if not (first_context or self._receiving_context_chunks):
-            return  # a decode step or question tokens after the context (or a layer already compressed)
+            # a decode step or question tokens after the context (or a layer already compressed)
+            self.after_appended_tokens(module, cache, hidden_states, kwargs)
+            return
         keys, values = newest_keys_values(layer, new_tokens)
         batch, kv_heads = keys.shape[:2]
         kv_length = layer.get_seq_length()
@@ -202,6 +214,15 @@ class BasePress:
             compressed = self._compress_chunk(context, layer, real[:, None, :-new_tokens].expand(batch, kv_heads, -1))
         if compressed is not None:
             cache.layers[module.layer_idx] = compressed
+
+    def after_appended_tokens(self, module: nn.Module, cache, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        """Extension point for compression after the context: called once per full-attention layer after its
+        attention ran on tokens added behind the context (decode steps, question tokens; not context chunks).
+        The default does nothing. A press that overrides it may replace `cache.layers[module.layer_idx]` or
+        change it in place (MaskedLayer.restrict_to, FlatHeadwiseLayer.recompress); see DecodingPress.
+
+        hidden_states: (batch, new_tokens, hidden), the layer's input; kwargs: the attention module's keyword
+        arguments (position_embeddings (cos, sin) each (batch, new_tokens, rotary_dim), attention_mask, ...)."""
 
     def _compress_chunk(self, context: PrefillContext, layer, earlier_real: torch.Tensor):
         """Compress a later chunk of the context, which `layer` holds as its newest tokens. Returns a

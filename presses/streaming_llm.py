@@ -33,7 +33,11 @@ class StreamingLLMPress(ScorerPress):
             raise ValueError(f"n_sink must be an integer >= 0, got {self.n_sink!r}.")
 
     def score(self, context: PrefillContext) -> torch.Tensor:
-        seq_len = context.seq_len
-        recency = torch.arange(seq_len, device=context.keys.device, dtype=torch.float32)
-        sinks = first_available(context.available, self.n_sink)
-        return recency.expand(context.available.shape) + seq_len * sinks.float()
+        return sink_and_recency_scores(context.available, self.n_sink)
+
+
+def sink_and_recency_scores(available: torch.Tensor, n_sink: int) -> torch.Tensor:
+    """(batch, kv_heads, seq) float32: the position index, plus seq for the first `n_sink` available tokens."""
+    seq_len = available.shape[-1]
+    recency = torch.arange(seq_len, device=available.device, dtype=torch.float32)
+    return recency.expand(available.shape) + seq_len * first_available(available, n_sink).float()

@@ -23,6 +23,10 @@ PRESSES = {
         CriticalKVPress(P.SnapKVPress(0.5, window_size=8)), backend=backend
     ),
     "pyramidkv": lambda backend: P.PyramidKVPress(0.5, window_size=8, backend=backend),
+    "lagkv": lambda backend: P.LagKVPress(0.6, n_sink=2, lag_size=8, backend=backend),
+    "simlayerkv": lambda backend: P.SimLayerKVPress(0.6, lazy_threshold=0.3, n_last=8, backend=backend),
+    "block_snapkv": lambda backend: P.BlockPress(P.SnapKVPress(0.5, window_size=8), block_size=12, backend=backend),
+    "chunkkv_snapkv": lambda backend: P.ChunkKVPress(P.SnapKVPress(0.5, window_size=8), chunk_length=4, backend=backend),
 }
 FAMILY_PRESSES = ("snapkv", "adaptive_snapkv")
 

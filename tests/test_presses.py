@@ -13,22 +13,26 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Phi3Config
 
 from adakv import (
     AdaptivePress,
+    BlockPress,
+    ChunkKVPress,
     ChunkPress,
     ComposedPress,
     ExpectedAttentionPress,
     KeyDiffPress,
     KeyRerotationPress,
     KnormPress,
+    LagKVPress,
     ObservedAttentionPress,
     PerLayerCompressionPress,
     PyramidKVPress,
     RandomPress,
+    SimLayerKVPress,
     SnapKVPress,
     StreamingLLMPress,
     TOVAPress,
     kept_token_counts,
 )
-from adakv import CriticalKVPress, RecordingPress
+from adakv import CriticalKVPress, DecodingPress, RecordingPress
 from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
 from adakv.presses.expected_attention import future_rope
@@ -54,6 +58,8 @@ SCORERS = {
     "observed_attention": lambda r: ObservedAttentionPress(compression_ratio=r),
     "expected_attention": lambda r: ExpectedAttentionPress(compression_ratio=r, n_future_positions=16, n_recent=16),
     "keydiff": lambda r: KeyDiffPress(compression_ratio=r),
+    "lagkv": lambda r: LagKVPress(compression_ratio=r, n_sink=2, lag_size=8),
+    "simlayerkv": lambda r: SimLayerKVPress(compression_ratio=r, lazy_threshold=0.0),  # every layer lazy
 }
 
 WRAPPERS = {
@@ -64,6 +70,8 @@ WRAPPERS = {
     "per_layer": lambda press, r: PerLayerCompressionPress(press, [ratio * (r > 0) for ratio in LAYER_RATIOS]),
     "key_rerotation": lambda press, r: KeyRerotationPress(press),
     "critical": lambda press, r: CriticalKVPress(press),
+    "chunkkv": lambda press, r: ChunkKVPress(press, chunk_length=5),
+    "block": lambda press, r: BlockPress(press, block_size=CHUNK),
 }
 
 
@@ -144,6 +152,33 @@ def test_matrix_generates_and_keeps_the_budget(family, scorer, wrapper):
     appended = {i: out.past_key_values.layers[i].get_seq_length() - SEQ for i in counts}
     for layer, total in kept_token_counts(out.past_key_values).items():
         assert torch.equal(total, counts[layer] + appended[layer])
+
+
+DECODING_TARGET = 20
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("scorer", sorted(SCORERS))
+def test_matrix_decoding_press_keeps_the_target(family, scorer, adaptive):
+    """Every scorer (alone or in AdaptivePress) inside DecodingPress: the cache is compressed at the second
+    generated step to DECODING_TARGET tokens per head (on average with AdaptivePress), then grows by one."""
+    inner = SCORERS[scorer](0.0)
+    inner = AdaptivePress(inner) if adaptive else inner
+    if scorer == "observed_attention":
+        with pytest.raises(TypeError, match="attention weights"):
+            DecodingPress(inner)
+        return
+    model = cached_model(family)
+    press = DecodingPress(inner, compression_interval=2, target_size=DECODING_TARGET)
+    with press(model):
+        out = greedy(model, random_ids(seq_len=SEQ), max_new_tokens=4)  # 3 tokens fed back: compressed after 2
+    counts = kept_token_counts(out.past_key_values)
+    assert sorted(counts) == full_layer_indices(model)
+    for per_head in counts.values():
+        if adaptive:
+            assert per_head.sum().item() == (DECODING_TARGET + 1) * per_head.shape[-1]
+        else:
+            assert per_head.tolist() == [[DECODING_TARGET + 1] * per_head.shape[-1]]
 
 
 # At ratio 0 no scorer runs, so every scorer alone and every wrapper around one scorer cover it.
@@ -603,3 +638,165 @@ def test_expected_attention_with_covariance_matches_the_gaussian_formula(family)
     logits = logits + 0.5 * module.scaling**2 * torch.einsum("hsd,hde,hse->hs", keys, covariance, keys)
     expected = logits.softmax(-1).view(-1, groups, SEQ).mean(1)
     torch.testing.assert_close(scores[0], expected, rtol=1e-4, atol=1e-6)
+
+
+# --- ChunkKV -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_chunkkv_keeps_the_best_whole_chunks(shared):
+    model = cached_model("llama")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[1]
+    inner = KnormPress(compression_ratio=0.5)
+    keep = ChunkKVPress(inner, chunk_length=4, shared_across_heads=shared).compress(context)
+    chunk_means = inner.score(context).view(1, 2, SEQ // 4, 4).mean(-1)  # (1, kv_heads, 12 chunks)
+    if shared:
+        chunk_means = chunk_means.mean(1, keepdim=True).expand(1, 2, -1)
+    for head in range(2):
+        best = chunk_means[0, head].topk(6).indices  # 24 kept tokens = 6 whole chunks
+        expected = torch.zeros(SEQ // 4, dtype=torch.bool)
+        expected[best] = True
+        assert torch.equal(keep[0, head], expected.repeat_interleave(4))
+    if shared:
+        assert torch.equal(keep[0, 0], keep[0, 1])
+
+
+def test_chunkkv_cuts_only_the_last_chunk_to_fill_the_budget():
+    model = cached_model("llama")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
+    inner = KnormPress(compression_ratio=0.75)  # 12 tokens: two whole chunks of 5 and the best 2 of a third
+    keep = ChunkKVPress(inner, chunk_length=5).compress(context)
+    assert keep.sum(-1).tolist() == [[12, 12]]
+    per_chunk = torch.nn.functional.pad(keep[0, 0], (0, 2)).view(-1, 5).sum(-1)
+    assert sorted(per_chunk.tolist(), reverse=True)[:3] == [5, 5, 2] and per_chunk.sum() == 12
+
+
+def test_chunkkv_refuses_bad_settings():
+    with pytest.raises(ValueError, match="chunk_length"):
+        ChunkKVPress(KnormPress(), chunk_length=0)
+    with pytest.raises(TypeError, match="scoring press"):
+        ChunkKVPress(ComposedPress([KnormPress()]))
+
+
+# --- LagKV -------------------------------------------------------------------------------------
+
+
+def test_lagkv_scores_each_partition_against_the_next():
+    model = cached_model("qwen2")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[1]
+    n_sink, lag = 3, 8  # 45 tokens after the sinks: partitions at 3, 11, 19, 27 are scored, 35..47 is recent
+    scores = LagKVPress(n_sink=n_sink, lag_size=lag).score(context)
+    for head in range(2):
+        for start in range(n_sink, 35, lag):
+            expected = 0
+            for states in (context.keys[0, head], context.values[0, head]):
+                current, following = states[start : start + lag], states[start + lag : start + 2 * lag]
+                low, high = following.min(0).values, following.max(0).values
+                expected = expected + ((current - low) / (high - low)).std(-1).softmax(-1)
+            torch.testing.assert_close(scores[0, head, start : start + lag], expected)
+    assert (scores[..., :n_sink] >= 4).all()
+    recent = scores[0, 0, 35:]
+    assert (recent >= 2).all() and (recent < 3).all() and (recent.diff() > 0).all()
+    assert (scores[..., n_sink:35] <= 2).all()
+
+
+def test_lagkv_keeps_sinks_then_the_recent_window():
+    model = cached_model("llama")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
+    keep = LagKVPress(compression_ratio=0.75, n_sink=2, lag_size=16).compress(context)  # 12 kept, recent = 30
+    assert keep[0, 0].nonzero().flatten().tolist() == [0, 1, *range(38, 48)]
+    assert LagKVPress(n_sink=2, lag_size=100).score(context)[..., 2:].diff(dim=-1).gt(0).all()  # all recent
+    assert (LagKVPress(n_sink=SEQ + 5).score(context) >= 4).all()  # shorter than the sinks: all sinks
+
+
+def test_lagkv_refuses_bad_settings():
+    with pytest.raises(ValueError, match="lag_size"):
+        LagKVPress(lag_size=0)
+    with pytest.raises(ValueError, match="n_sink"):
+        LagKVPress(n_sink=-1)
+
+
+# --- SimLayerKV --------------------------------------------------------------------------------
+
+
+def share_on_sinks_and_recent(context, n_last: int, n_sink: int, kept: int) -> float:
+    """From the eager attention weights: the last n_last queries' mean attention on the first n_sink and
+    the last (kept - n_sink) tokens."""
+    weights = context.attentions[0, :, -n_last:].mean(dim=(0, 1))  # (seq,)
+    return (weights[:n_sink].sum() + weights[SEQ - (kept - n_sink) :].sum()).item()
+
+
+@pytest.mark.parametrize("lazy_count", [1, 2])
+def test_simlayerkv_compresses_only_the_lazy_layers(lazy_count):
+    model = cached_model("llama", "eager")
+    ids = random_ids(seq_len=SEQ)
+    kept = expected_kept(SEQ, 0.75)
+    shares = [share_on_sinks_and_recent(c, 8, 2, kept) for c in recorded_contexts(model, ids)]
+    ranked = sorted(shares, reverse=True)
+    threshold = (ranked[lazy_count - 1] + ranked[lazy_count]) / 2
+    press = SimLayerKVPress(compression_ratio=0.75, lazy_threshold=threshold, n_last=8, n_sink=2)
+    with press(model):
+        out = greedy(model, ids, max_new_tokens=1)
+    layers = compressed_layers(out.past_key_values)
+    assert sorted(layers) == sorted(i for i, share in enumerate(shares) if share >= threshold)
+    assert len(layers) == lazy_count
+    expected = [0, 1, *range(SEQ - (kept - 2), SEQ)]
+    for layer in layers.values():
+        assert all(layer.context_keep[0, h].nonzero().flatten().tolist() == expected for h in range(2))
+
+
+def test_simlayerkv_refuses_bad_settings():
+    with pytest.raises(ValueError, match="lazy_threshold"):
+        SimLayerKVPress(lazy_threshold=1.5)
+    with pytest.raises(ValueError, match="n_last"):
+        SimLayerKVPress(n_last=0)
+
+
+# --- BlockPress --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scorer", sorted(SCORERS))
+def test_block_press_with_one_block_is_the_inner_press(scorer):
+    model = cached_model("llama", attention_for(scorer))
+    ids, attention_mask = random_ids(batch=2, seq_len=SEQ, seed=3), torch.ones(2, SEQ, dtype=torch.long)
+    ids[0, :7], attention_mask[0, :7] = 0, 0
+    recorder = RecordingPress()
+    with torch.no_grad(), recorder(model):
+        model(ids, attention_mask=attention_mask)
+    inner = SCORERS[scorer](RATIO)
+    for context in recorder.contexts:
+        assert torch.equal(BlockPress(inner, block_size=SEQ).compress(context), inner.compress(context))
+
+
+def test_block_press_of_a_context_free_score_is_the_global_top_k():
+    model = cached_model("llama")
+    inner = KnormPress(compression_ratio=0.7)
+    for context in recorded_contexts(model, random_ids(seq_len=SEQ)):
+        assert torch.equal(BlockPress(inner, block_size=7).compress(context), inner.compress(context))
+
+
+class SizeRecordingKnorm(KnormPress):
+    """KnormPress that remembers how many tokens every call to `score` saw."""
+
+    sizes: list
+
+    def score(self, context):
+        self.sizes.append(context.seq_len)
+        return super().score(context)
+
+
+def test_block_press_scores_at_most_the_kept_tokens_plus_one_block():
+    model = cached_model("llama")
+    context = recorded_contexts(model, random_ids(seq_len=SEQ))[0]
+    inner = SizeRecordingKnorm(compression_ratio=0.75)
+    inner.sizes = []
+    keep = BlockPress(inner, block_size=8).compress(context)
+    assert keep.sum(-1).tolist() == [[12, 12]]
+    assert len(inner.sizes) == SEQ // 8 and max(inner.sizes) <= 2 * 12 + 8
+
+
+def test_block_press_refuses_bad_settings():
+    with pytest.raises(ValueError, match="block_size"):
+        BlockPress(KnormPress(), block_size=0)
+    with pytest.raises(TypeError, match="scoring press"):
+        BlockPress(ChunkPress(KnormPress()))

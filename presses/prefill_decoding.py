@@ -1,0 +1,47 @@
+"""PrefillDecodingPress: one press for the context, another (a DecodingPress) while generating."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .base import BasePress, PrefillContext, check_is_press
+from .decoding import DecodingPress
+
+
+@dataclass
+class PrefillDecodingPress(BasePress):
+    """Compresses the context with `prefill_press` (any press, e.g. AdaptivePress(SnapKVPress(0.5))), then
+    keeps re-compressing during generation with `decoding_press`. Returns the prefill press's keep mask
+    (batch, kv_heads, seq) for the context. The decoding press must use this press's backend.
+    """
+
+    prefill_press: BasePress
+    decoding_press: DecodingPress
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_is_press(self.prefill_press, "PrefillDecodingPress")
+        if not isinstance(self.decoding_press, DecodingPress):
+            raise TypeError(
+                f"PrefillDecodingPress needs a DecodingPress as decoding_press, got {type(self.decoding_press).__name__}."
+            )
+        if self.decoding_press.backend != self.backend:
+            raise ValueError(
+                f"The decoding press has backend {self.decoding_press.backend!r} but PrefillDecodingPress has "
+                f"{self.backend!r}; give both the same backend."
+            )
+
+    @property
+    def compression_ratio(self) -> float:
+        """The prefill press's ratio (the context's share removed)."""
+        return getattr(self.prefill_press, "compression_ratio", 0.0)
+
+    def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        self.decoding_press.compress(context)  # remembers the layer's last inputs
+        return self.prefill_press.compress(context)
+
+    def after_appended_tokens(self, module: nn.Module, cache, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        self.decoding_press.after_appended_tokens(module, cache, hidden_states, kwargs)
