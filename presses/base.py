@@ -131,6 +131,11 @@ class BasePress:
     def __call__(self, model: PreTrainedModel, cuda_graphs: bool | str = False) -> Generator[None, None, None]:
         """Hook the press onto `model` for the block. cuda_graphs=True replays decode steps from a CUDA graph
         (adakv/graph_decode.py; backend "evict", CUDA models; "emulate" runs its CPU emulation for tests)."""
+        if cuda_graphs and type(self).after_appended_tokens is not BasePress.after_appended_tokens:
+            raise ValueError(
+                f"{type(self).__name__} acts on every decode step from a hook, which a replayed CUDA graph would skip; "
+                "use cuda_graphs=False with presses that compress during decoding."
+            )
         decoder = graph_decoder_for(model, cuda_graphs)
         self.graph_decoder = decoder  # kept after the block for inspection (captures, replays)
         modules = attention_modules(model)

@@ -110,6 +110,14 @@ def test_cuda_graphs_on_a_cpu_model_is_a_clear_error():
             pass
 
 
+def test_presses_that_compress_during_decoding_refuse_graphs():
+    model = tiny_model("llama")
+    press = P.DecodingPress(P.SnapKVPress(0.5, window_size=8), compression_interval=8, target_size=16)
+    with pytest.raises(ValueError, match="DecodingPress acts on every decode step"):
+        with press(model, cuda_graphs="emulate"):
+            pass
+
+
 def test_the_model_is_restored_after_the_block():
     model = tiny_model("llama")
     forward, generate_method = model.forward, model.generate
