@@ -204,3 +204,25 @@ def test_an_empty_prompt_inside_a_press_says_a_token_is_needed(backend):
         # the block still works after the refusal
         model(random_ids(1, 20), past_key_values=DynamicCache(config=model.config))
     assert model.config._attn_implementation == "sdpa"
+
+
+# ---------------------------------------------------------------- the demo and the evaluation follow the default
+
+
+def test_demo_and_evaluation_leave_the_backend_unset():
+    import argparse
+
+    from adakv.demo import add_arguments, demo_presses
+    from adakv.evaluation import registry
+    from adakv.evaluation.cli import build_parser, config_from_args
+
+    demo_parser = argparse.ArgumentParser()
+    add_arguments(demo_parser)
+    demo_backend = demo_parser.parse_args([]).backend
+    assert demo_backend is None
+    assert all(press.resolved_backend == "evict" for _, _, press in demo_presses([0.5], demo_backend) if press)
+    config = config_from_args(build_parser().parse_args(["run", "--out", "unused"]))
+    assert config.backend is None
+    press = registry.build_press("adakv_snapkv", 0.5, config.backend)
+    assert press.backend is None and press.press.backend is None and press.resolved_backend == "evict"
+    assert registry.build_press("adakv_snapkv", 0.5, "mask").explicit_backend == "mask"
