@@ -41,9 +41,14 @@ def softcapping_model():
 def test_a_press_without_backend_evicts_on_every_family(family, make_press):
     press = make_press()
     assert press.backend is None and press.resolved_backend == "evict"
+    model = tiny_model(family)
+    ids = random_ids(2, 40)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :7] = 0  # a left-padded batch
     with warnings.catch_warnings():
         warnings.simplefilter("error", BackendFallbackWarning)  # no fallback on these models
-        assert compressed_layer_types(tiny_model(family), press) == {FlatHeadwiseLayer}
+        assert compressed_layer_types(model, press) == {FlatHeadwiseLayer}
+        assert compressed_layer_types(model, press, ids, attention_mask) == {FlatHeadwiseLayer}
 
 
 @pytest.mark.parametrize("make_press, ratio", [
@@ -74,6 +79,27 @@ def test_a_default_press_really_frees_memory(make_press, ratio):
     assert allowance == len(layers) * (64 * 4 * 128 + 4 * 4 * 8)
     assert held <= (1 - ratio) * dense_bytes + allowance
     assert held < (1 - ratio + 0.07) * dense_bytes  # the allowance is small next to what was freed
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_default_press_frees_memory_on_cuda():
+    from test_gpu import small_llama  # bf16 llama on CUDA
+
+    model = small_llama()
+    ids = torch.randint(3, 1000, (2, 2000), device="cuda")
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :100] = 0
+    dense_bytes = 2 * 2 * 2000 * 2 * 64 * 2 * model.config.num_hidden_layers  # K+V, batch, seq, heads, dim, bf16
+    press = P.AdaptivePress(P.SnapKVPress(0.75, window_size=32))
+    with torch.no_grad(), press(model):
+        output = model.generate(ids, attention_mask=attention_mask, max_new_tokens=8, do_sample=False,
+                                pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
+    layers = list(compressed_layers(output.past_key_values).values())
+    assert len(layers) == model.config.num_hidden_layers
+    assert all(isinstance(layer, FlatHeadwiseLayer) and layer.device.type == "cuda" for layer in layers)
+    allowance = sum(layer.slack * layer.num_sequences * layer.row_bytes + layer.metadata_bytes() for layer in layers)
+    assert sum(layer.held_bytes() for layer in layers) <= 0.25 * dense_bytes + allowance
 
 
 # ---------------------------------------------------------------- fallback and explicit evict
