@@ -11,6 +11,7 @@ unchanged; for a `MaskedLayer` it folds the per-head keep mask into the attentio
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from functools import partial
 
 import torch
@@ -64,6 +65,16 @@ def headwise_mask(
     return allowed & per_query_head
 
 
+def on_device_of(tensor: torch.Tensor):
+    """Make the tensor's GPU the current CUDA device for the block. Triton launches its kernels on the
+    current device, which is not the layer's when a model is split over GPUs (device_map): accelerate
+    moves the tensors between layers but leaves the current device alone. On one GPU (the decode hot
+    path) this costs one device-index read per layer."""
+    if tensor.is_cuda and tensor.device.index != torch.cuda.current_device():
+        return torch.cuda.device(tensor.device)
+    return nullcontext()
+
+
 def adakv_attention(base: str, module: nn.Module, query, key, value, attention_mask, **kwargs):
     """query: (batch, heads, q_len, head_dim); key/value: (batch, kv_heads, kv_len, head_dim)."""
     base_forward = sdpa_attention_forward if base == "sdpa" else _eager_forward_of(module)
@@ -71,7 +82,8 @@ def adakv_attention(base: str, module: nn.Module, query, key, value, attention_m
     if layer is None:
         return base_forward(module, query, key, value, attention_mask, **kwargs)
     if isinstance(layer, FlatHeadwiseLayer):
-        return evict_attention(module, query, layer, attention_mask, **kwargs)
+        with on_device_of(query):
+            return evict_attention(module, query, layer, attention_mask, **kwargs)
     mask = headwise_mask(attention_mask, layer.keep_mask(key.shape[-2]), query.shape[-2], module.num_key_value_groups)
     if base == "eager":
         mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
@@ -80,21 +92,42 @@ def adakv_attention(base: str, module: nn.Module, query, key, value, attention_m
     return base_forward(module, query, key, value, mask, **kwargs)
 
 
-def check_appended_tokens_unpadded(attention_mask: torch.Tensor | None, layer: FlatHeadwiseLayer, query_length: int):
-    """The flat layout attends every appended token causally; refuse masks that hide some of them
-    (e.g. a batch of questions padded to one length). Checked for multi-token appends only."""
-    if attention_mask is None or query_length == 1:
-        return
-    kv_length = layer.get_seq_length()
-    allowed = allowed_positions(attention_mask, query_length, kv_length, attention_mask.device)
-    causal = allowed_positions(None, query_length, kv_length, attention_mask.device)
-    appended = slice(layer.context_length, kv_length)
-    if not torch.equal(allowed[..., appended].expand(layer.batch_size, 1, -1, -1), causal[..., appended].expand(layer.batch_size, 1, -1, -1)):
+def appended_left_padding(attention_mask: torch.Tensor, past_length: int, query_length: int) -> torch.Tensor | None:
+    """(batch,) leading tokens of the new block that are padding, or None when there is none.
+
+    The model's mask (batch or 1, 1, query_length, past_length + query_length) hides padding keys; the new
+    tokens of each batch row must be left padding followed by real tokens that attend causally, the
+    shape a batch of questions padded to one length has. Anything else raises NotImplementedError."""
+    kv_length = past_length + query_length
+    allowed = allowed_positions(attention_mask, query_length, kv_length, attention_mask.device)[:, 0, :, past_length:]
+    padding_keys = ~allowed[:, -1, :]  # (batch, query_length): new tokens the last query may not see
+    padding = padding_keys.sum(-1)
+    if not bool(padding.any()):
+        return None
+    positions = torch.arange(query_length, device=allowed.device)
+    expected_keys = positions[None, :] >= padding[:, None]
+    causal = positions[:, None] >= positions[None, :]
+    expected = causal[None] & expected_keys[:, None, :]
+    real_queries = expected_keys[:, :, None]
+    if not (torch.equal(padding_keys, ~expected_keys) and bool(((allowed == expected) | ~real_queries).all())):
         raise NotImplementedError(
-            "The evict backend attends every token added after the compressed context; this attention mask "
-            "hides some of them (padding inside a question?). Give every batch row a question of the same "
-            "length, or use backend='mask'."
+            "The evict backend supports new tokens that are left padding followed by real tokens attending "
+            "causally (a question batch padded on the left); this attention mask hides other new tokens "
+            "(right padding, or a custom mask). Pad on the left, or use backend='mask'."
         )
+    return padding
+
+
+def note_appended_padding(module: nn.Module, hidden_states: torch.Tensor, attention_mask) -> None:
+    """Before a multi-token append to a flat layer, tell the layer which leading tokens of each batch row
+    are padding, so it never writes them (called from the press's forward pre-hook on `self_attn`)."""
+    layer = _compressed_layer(module)
+    query_length = hidden_states.shape[1]
+    if not isinstance(layer, FlatHeadwiseLayer) or attention_mask is None or query_length == 1:
+        return
+    padding = appended_left_padding(attention_mask, layer.get_seq_length(), query_length)
+    if padding is not None:
+        layer.skip_leading_tokens(padding.expand(layer.batch_size))
 
 
 def evict_attention(module: nn.Module, query, layer: FlatHeadwiseLayer, attention_mask, **kwargs):
@@ -103,11 +136,15 @@ def evict_attention(module: nn.Module, query, layer: FlatHeadwiseLayer, attentio
         raise NotImplementedError("The evict backend does not support attention logit softcapping; use backend='mask'.")
     if query.shape[0] != layer.batch_size:
         raise ValueError(f"Query batch {query.shape[0]} differs from the cache's batch {layer.batch_size}.")
-    check_appended_tokens_unpadded(attention_mask, layer, query.shape[-2])
     scaling = kwargs.get("scaling")
     if scaling is None:
         scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-    return flat_attention(query, layer, scaling), None
+    output = flat_attention(query, layer, scaling)
+    if layer.last_append_padding is not None and query.shape[-2] > 1:
+        # padding queries saw too few rows (maybe none): zero them so no NaN reaches dense layers
+        steps = torch.arange(query.shape[-2], device=output.device)
+        output = output.masked_fill((steps[None, :] < layer.last_append_padding[:, None])[..., None, None], 0)
+    return output, None
 
 
 BASE_IMPLEMENTATIONS = {"sdpa": sdpa_mask, "eager": eager_mask}

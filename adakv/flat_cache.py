@@ -5,14 +5,21 @@ Per layer, one K and one V buffer of shape (rows, head_dim) hold the rows of eve
 
     rows [offsets[s], offsets[s] + capacity[s])      region of sequence s
     first context_kept[s] rows                        kept context rows, in position order
-    next `appended` rows                              tokens added after the context (every head keeps them)
+    next rows, up to seq_lengths[s]                   tokens added after the context (every head keeps them)
     the rest (`slack` rows)                           free room for later tokens
+
+`seq_lengths` (sequences,) is a device tensor: the append kernel writes behind it and advances it, and
+the attention kernels read it, so a decode step needs no host bookkeeping on the GPU and can be
+captured in a CUDA graph (adakv/graph_decode.py). The host keeps `appended`, the number of dense
+positions added after the context; a sequence holds one row per appended position except the left
+padding of a padded question batch, which is never written (`skip_leading_tokens`).
 
 Every head receives the same appended tokens, so all sequences share one slack size. An append
 writes only the new rows; when the slack runs out the layer is re-laid out once with a larger
 slack (geometric growth, at least `slack_fraction` of the mean head length), so appends cost
-O(new tokens) amortised. `get_seq_length()` counts dense positions (context + appended), which
-transformers uses for positions and masks.
+O(new tokens) amortised; `reserve(tokens)` makes room up front (graph decoding does, so that no
+re-layout moves the buffers under a captured graph). `get_seq_length()` counts dense positions
+(context + appended), which transformers uses for positions and masks.
 
 A chunked context prefill (adakv/chunked_prefill.py) appends each context chunk like any other tokens
 (so the chunk attends to the compressed earlier context), then `fold_appended_into_context` moves the
@@ -22,6 +29,7 @@ context grows by the chunk, `appended` is back to 0 and the chunk's pruned rows 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -34,7 +42,7 @@ from .triton_decode import SplitWorkspace
 DEFAULT_MIN_SLACK = 64
 DEFAULT_SLACK_FRACTION = 0.125
 DEFAULT_GROWTH = 2.0
-WRITE_POSITION_STEPS = 64  # decode steps whose write positions are computed at once (one launch per 64 steps)
+_LAYOUT_IDS = itertools.count()  # every allocation gets a new id: a captured graph is valid for one layout
 
 
 def exclusive_cumsum(counts: torch.Tensor) -> torch.Tensor:
@@ -92,6 +100,9 @@ class FlatHeadwiseLayer(DynamicLayer):
         self.is_initialized = True
         self.min_slack, self.slack_fraction, self.growth = min_slack, slack_fraction, growth
         self.appended = 0
+        self.padded_appends = False  # a padded question batch skipped rows: positions != rows after the context
+        self.pending_padding: torch.Tensor | None = None  # (batch,) left padding of the next append
+        self.last_append_padding: torch.Tensor | None = None  # (batch,) left padding of the latest append
         self.split_workspace = SplitWorkspace()  # reused by every decode step's attention (adakv.triton_decode)
 
         keep = keep.to(device=keys.device, dtype=torch.bool).reshape(self.num_sequences, self.context_length)
@@ -114,8 +125,9 @@ class FlatHeadwiseLayer(DynamicLayer):
 
     @property
     def lengths(self) -> torch.Tensor:
-        """(sequences,) rows in use per (batch, kv-head)."""
-        return self.context_kept + self.appended
+        """(sequences,) int64 rows in use per (batch, kv-head), on the device (the tensor itself: appends
+        advance it in place)."""
+        return self.seq_lengths
 
     @property
     def max_context_kept(self) -> int:
@@ -127,6 +139,7 @@ class FlatHeadwiseLayer(DynamicLayer):
 
     @property
     def max_length(self) -> int:
+        """An upper bound of the longest sequence (exact unless a padded append skipped rows)."""
         return self.max_context_kept + self.appended
 
     @property
@@ -136,7 +149,8 @@ class FlatHeadwiseLayer(DynamicLayer):
 
     @property
     def used_rows(self) -> int:
-        """Rows that hold tokens (kept context + appended, all sequences), from host counters."""
+        """Rows that hold tokens (kept context + appended, all sequences), from host counters; an upper
+        bound after a padded append, whose skipped rows the host does not count."""
         return self.total_context_kept + self.appended * self.num_sequences
 
     @property
@@ -155,42 +169,36 @@ class FlatHeadwiseLayer(DynamicLayer):
         self.slack = slack
         self.capacity = self.context_kept + slack
         self.offsets = exclusive_cumsum(self.capacity)
-        self.row_start = self.offsets + self.context_kept  # where appended tokens begin
         rows = self.total_context_kept + slack * self.num_sequences
         self.keys = torch.empty(rows, self.head_dim, dtype=self.dtype, device=self.device)
         self.values = torch.empty_like(self.keys)
-        self._write_positions = None  # (first appended index, (steps, sequences) rows), see `_write_start`
+        self.seq_lengths = self.context_kept.clone()  # appends advance it on the device
+        self.layout_id = next(_LAYOUT_IDS)
         self._kernel_inputs_checked = False
 
-    def _write_start(self) -> torch.Tensor:
-        """(sequences,) int64: the row where each sequence's next appended token goes (row_start + appended).
-
-        Computed for WRITE_POSITION_STEPS steps at once and then read as a row of that table, so most
-        decode steps launch no kernel and allocate nothing for it."""
-        if self._write_positions is not None:
-            first, table = self._write_positions
-            if first <= self.appended < first + table.shape[0]:
-                return table[self.appended - first]
-        steps = torch.arange(self.appended, self.appended + WRITE_POSITION_STEPS, device=self.device)
-        table = steps[:, None] + self.row_start[None, :]
-        self._write_positions = (self.appended, table)
-        return table[0]
-
     def _relayout(self, sequence_ids: torch.Tensor, slack: int) -> None:
-        """Copy the used rows of `sequence_ids` (in that order) into fresh buffers with `slack` free rows each."""
+        """Copy the used rows of `sequence_ids` (in that order) into fresh buffers with `slack` free rows each.
+        Waits for the GPU once (the exact row count sizes the copy)."""
         old_keys, old_values, old_offsets, old_kept = self.keys, self.values, self.offsets, self.context_kept
-        old_lengths = old_kept.index_select(0, sequence_ids) + self.appended
+        old_lengths = self.seq_lengths.index_select(0, sequence_ids)
+        used_rows = int(old_lengths.sum())
         self._set_context_kept(old_kept.index_select(0, sequence_ids))
         self._allocate(slack)
-        src_index = segment_rows(old_offsets.index_select(0, sequence_ids), old_lengths, self.used_rows)
-        dst_index = segment_rows(self.offsets, old_lengths, self.used_rows)
+        src_index = segment_rows(old_offsets.index_select(0, sequence_ids), old_lengths, used_rows)
+        dst_index = segment_rows(self.offsets, old_lengths, used_rows)
         kernels.copy_rows(old_keys, old_values, self.keys, self.values, src_index, dst_index)
+        self.seq_lengths.copy_(old_lengths)
 
     def fold_appended_into_context(self, keep: torch.Tensor) -> None:
         """Make the appended tokens part of the compressed context, each head keeping only its `keep`
         (batch, kv_heads, appended) bool rows of them, and re-lay the buffers with `min_slack` free rows
         per sequence. Copies only kept rows (old context rows and the kept appended rows), once."""
         expected = (self.batch_size, self.num_heads, self.appended)
+        if self.padded_appends:
+            raise NotImplementedError(
+                "Cannot fold appended tokens into the context after a padded append (a question batch padded to "
+                "different lengths); chunked context prefill pads only its first chunk."
+            )
         if tuple(keep.shape) != expected:
             raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {expected} (batch, kv_heads, appended).")
         keep = keep.to(device=self.device, dtype=torch.bool).reshape(self.num_sequences, self.appended)
@@ -211,6 +219,12 @@ class FlatHeadwiseLayer(DynamicLayer):
             old_keys, old_values, self.keys, self.values,
             torch.cat([context_src, chunk_src]), torch.cat([context_dst, chunk_dst]),
         )  # fmt: skip
+
+    def reserve(self, tokens: int) -> None:
+        """Make room for `tokens` more appended tokens now (one re-layout at most), so the next `tokens`
+        appends move no buffer: graph decoding calls it before capturing."""
+        if self.appended + tokens > self.slack:
+            self._grow(self.appended + tokens)
 
     def _grow(self, needed_slack: int) -> None:
         mean_length = self.total_context_kept / max(self.num_sequences, 1) + self.appended
@@ -234,29 +248,55 @@ class FlatHeadwiseLayer(DynamicLayer):
                 f"holds batch={self.batch_size}, kv_heads={self.num_heads}, head_dim={self.head_dim}. "
                 "Continue with the same batch that filled the cache."
             )
-        if self.appended + new_tokens > self.slack:
-            self._grow(self.appended + new_tokens)
+        self.reserve(new_tokens)
         if key_states.device != self.device or value_states.device != self.device:
             raise ValueError(f"New keys/values are on {key_states.device}, but this cache is on {self.device}.")
         new_keys = key_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim)
         new_values = value_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim)
+        first_token = self._take_pending_first_token(new_tokens)
         # the buffers only change in `_allocate`; the new rows are shaped, typed and placed above, so
         # the kernel's input checks run once per allocation, not on every step
         kernels.append_rows(
-            self.keys, self.values, new_keys, new_values, self._write_start(), check=not self._kernel_inputs_checked
-        )
+            self.keys, self.values, new_keys, new_values, self.offsets, self.seq_lengths, first_token,
+            check=not self._kernel_inputs_checked or first_token is not None,
+        )  # fmt: skip
         self._kernel_inputs_checked = True
         self.appended += new_tokens
         return key_states, value_states
+
+    def skip_leading_tokens(self, padding: torch.Tensor) -> None:
+        """Have the next append leave out the first padding[b] tokens of batch row b (the left padding of a
+        question batch padded to one length): those rows are never written, so no head attends to them.
+        padding: (batch,) int64 with entries in [0, new_tokens) of that append."""
+        if padding.shape != (self.batch_size,):
+            raise ValueError(f"padding must have shape ({self.batch_size},) (one count per batch row), got {tuple(padding.shape)}.")
+        self.pending_padding = padding.to(self.device, torch.int64)
+
+    def _take_pending_first_token(self, new_tokens: int) -> torch.Tensor | None:
+        """(sequences,) tokens to skip in this append, or None; remembers the padding for the attention."""
+        padding, self.pending_padding = self.pending_padding, None
+        self.last_append_padding = padding
+        if padding is None:
+            return None
+        if new_tokens == 1:
+            raise ValueError("A single new token cannot be left padding (skip_leading_tokens before a 1-token append).")
+        self.padded_appends = True
+        return padding.repeat_interleave(self.num_heads)
+
+    def advance_after_replay(self, new_tokens: int) -> None:
+        """Host bookkeeping of an append that a replayed CUDA graph did on the device (the graph advanced
+        `seq_lengths`; the host counter of dense positions follows here)."""
+        self.appended += new_tokens
 
     def get_seq_length(self) -> int:
         return self.context_length + self.appended
 
     def newest_keys_values(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense copies (batch, kv_heads, count, head_dim) of the last `count` appended tokens."""
+        """Dense copies (batch, kv_heads, count, head_dim) of the last `count` rows of every sequence (the
+        last `count` appended tokens; not defined after a padded append)."""
         if not 0 < count <= self.appended:
             raise ValueError(f"count must be in [1, {self.appended}] (the appended tokens), got {count}.")
-        rows = self.row_start[:, None] + torch.arange(self.appended - count, self.appended, device=self.device)
+        rows = (self.offsets + self.seq_lengths - count)[:, None] + torch.arange(count, device=self.device)
         shape = (self.batch_size, self.num_heads, count, self.head_dim)
         return self.keys[rows].view(shape), self.values[rows].view(shape)
 
@@ -265,7 +305,7 @@ class FlatHeadwiseLayer(DynamicLayer):
 
     def kept_counts(self) -> torch.Tensor:
         """(batch, kv_heads) number of rows each head attends to."""
-        return self.lengths.view(self.batch_size, self.num_heads)
+        return self.seq_lengths.clone().view(self.batch_size, self.num_heads)
 
     def truncate(self, seq_len: int) -> None:
         """Drop tokens after the first `seq_len` positions; the compressed context cannot be cut."""
@@ -273,7 +313,17 @@ class FlatHeadwiseLayer(DynamicLayer):
             raise ValueError(
                 f"Cannot roll back to {seq_len} tokens: the compressed context holds {self.context_length}."
             )
-        self.appended = min(self.appended, seq_len - self.context_length)
+        appended = min(self.appended, seq_len - self.context_length)
+        if appended == self.appended:
+            return
+        if self.padded_appends and appended > 0:
+            raise NotImplementedError(
+                f"Cannot roll back to {seq_len} tokens: a padded question batch was appended, so rows no longer "
+                f"match positions; roll back to the compressed context ({self.context_length} tokens) instead."
+            )
+        self.appended = appended
+        self.padded_appends = self.padded_appends and appended > 0
+        self.seq_lengths.copy_(self.context_kept + appended)  # in place: a captured graph reads this tensor
 
     def crop(self, length_or_tokens_to_remove: int) -> None:
         # transformers' convention changed between releases: a negative number removes that many
@@ -313,15 +363,17 @@ class FlatHeadwiseLayer(DynamicLayer):
         return self.total_rows * self.row_bytes
 
     def metadata_bytes(self) -> int:
-        tensors = (self.context_kept, self.capacity, self.offsets, self.row_start)
+        tensors = (self.context_kept, self.capacity, self.offsets, self.seq_lengths)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def held_bytes(self) -> int:
         return self.kv_bytes() + self.metadata_bytes()
 
     def dense_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded copies (sequences, max_length, head_dim) of every sequence's used rows, zero past its length."""
-        steps = torch.arange(self.max_length, device=self.device)
+        """Padded copies (sequences, max_context_kept + slack, head_dim) of every sequence's used rows, zero past
+        its length. The width depends on the layout only, not on the appended count, so code that reads
+        these copies stays right inside a CUDA graph replayed while the cache grows."""
+        steps = torch.arange(self.max_context_kept + self.slack, device=self.device)
         valid = steps[None, :] < self.lengths[:, None]
         index = torch.where(valid, self.offsets[:, None] + steps[None, :], 0)
         keys = self.keys[index].masked_fill(~valid[..., None], 0)

@@ -134,19 +134,23 @@ def cuda_copy_rows(src_keys, src_values, dst_keys, dst_values, src_index, dst_in
     load_extension().copy_rows(src_keys, src_values, dst_keys, dst_values, src_index, dst_index)
 
 
-def cuda_append_rows(dst_keys, dst_values, new_keys, new_values, write_start) -> None:
-    """CUDA kernel: dst[write_start[s] + j] = new[s, j] for K and V. Shapes as in the reference."""
+def cuda_append_rows(dst_keys, dst_values, new_keys, new_values, offsets, lengths, first_token=None) -> None:
+    """CUDA kernel: dst[offsets[s] + lengths[s] + j - first[s]] = new[s, j] for K and V and every j >= first[s],
+    then lengths[s] += new_tokens - first[s]. Shapes as in the reference."""
+    indices = {"offsets": offsets, "lengths": lengths}
+    if first_token is not None:
+        indices["first_token"] = first_token
     check_kernel_inputs(
-        {"dst_keys": dst_keys, "dst_values": dst_values, "new_keys": new_keys, "new_values": new_values},
-        {"write_start": write_start},
+        {"dst_keys": dst_keys, "dst_values": dst_values, "new_keys": new_keys, "new_values": new_values}, indices
     )
     if new_keys.dim() != 3 or new_keys.shape != new_values.shape:
         raise ValueError("new_keys/new_values must both be (sequences, new_tokens, head_dim).")
     if dst_keys.dim() != 2 or dst_keys.shape != dst_values.shape:
         raise ValueError("dst_keys/dst_values must both be (rows, head_dim).")
-    if write_start.shape[0] != new_keys.shape[0]:
-        raise ValueError(f"write_start has {write_start.shape[0]} sequences, new_keys has {new_keys.shape[0]}.")
-    load_extension().append_rows(dst_keys, dst_values, new_keys, new_values, write_start)
+    for name, tensor in indices.items():
+        if tensor.shape[0] != new_keys.shape[0]:
+            raise ValueError(f"{name} has {tensor.shape[0]} sequences, new_keys has {new_keys.shape[0]}.")
+    load_extension().append_rows(dst_keys, dst_values, new_keys, new_values, offsets, lengths, first_token)
 
 
 def decode_supported(dtype: torch.dtype, head_dim: int, group: int) -> bool:
@@ -162,7 +166,7 @@ def decode_supported(dtype: torch.dtype, head_dim: int, group: int) -> bool:
     )
 
 
-def check_decode_inputs(query, keys, values, offsets, context_kept, appended: int, num_splits: int | None) -> None:
+def check_decode_inputs(query, keys, values, offsets, lengths, num_splits: int | None) -> None:
     """The checks of `cuda_decode_attention`, with messages that say what to pass instead (dtypes and shapes
     first, then devices, so the messages are the same on a machine without a GPU)."""
     if query.dtype not in SUPPORTED_DTYPES or keys.dtype != query.dtype or values.dtype != query.dtype:
@@ -181,7 +185,7 @@ def check_decode_inputs(query, keys, values, offsets, context_kept, appended: in
     if not keys.is_contiguous() or not values.is_contiguous():
         raise ValueError("keys and values must be contiguous.")
     sequences = offsets.shape[0] if offsets.dim() == 1 else -1
-    for name, tensor in {"offsets": offsets, "context_kept": context_kept}.items():
+    for name, tensor in {"offsets": offsets, "lengths": lengths}.items():
         if tensor.dtype != torch.int64 or tensor.dim() != 1 or not tensor.is_contiguous():
             raise TypeError(f"{name} must be a contiguous 1-D int64 tensor, got {tensor.dtype} {tuple(tensor.shape)}.")
         if tensor.shape[0] != sequences or batch == 0 or sequences == 0 or sequences % batch:
@@ -199,13 +203,11 @@ def check_decode_inputs(query, keys, values, offsets, context_kept, appended: in
             f"{DECODE_MAX_GROUP} query heads per KV head; got head_dim={head_dim} in {query.dtype} and "
             f"{heads // kv_heads} query heads per KV head. Use adakv.triton_decode for other shapes."
         )
-    if not isinstance(appended, int) or appended < 0:
-        raise ValueError(f"appended must be an int >= 0, got {appended!r}.")
     if num_splits is not None and not 1 <= num_splits <= DECODE_MAX_SPLITS:
         raise ValueError(f"num_splits must be None or in [1, {DECODE_MAX_SPLITS}], got {num_splits}.")
     if not query.is_cuda:
         raise ValueError(f"adakv's CUDA decode attention needs CUDA tensors, but query is on {query.device}.")
-    for name, tensor in {"keys": keys, "values": values, "offsets": offsets, "context_kept": context_kept}.items():
+    for name, tensor in {"keys": keys, "values": values, "offsets": offsets, "lengths": lengths}.items():
         if tensor.device != query.device:
             raise ValueError(f"{name} is on {tensor.device} but query is on {query.device}.")
 
@@ -215,8 +217,7 @@ def cuda_decode_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     offsets: torch.Tensor,
-    context_kept: torch.Tensor,
-    appended: int,
+    lengths: torch.Tensor,
     scaling: float,
     max_length: int,
     num_splits: int | None = None,
@@ -227,33 +228,34 @@ def cuda_decode_attention(
 
     query (batch, heads, 1, head_dim), any strides; keys/values (rows, head_dim) contiguous; sequence
     s = batch * kv_heads + kv_head (kv_heads = len(offsets) / batch) reads rows
-    [offsets[s], offsets[s] + context_kept[s] + appended) and is attended by query heads
-    kv_head * group .. kv_head * group + group - 1. offsets/context_kept: int64 CUDA tensors.
+    [offsets[s], offsets[s] + lengths[s]) and is attended by query heads kv_head * group .. kv_head * group +
+    group - 1. offsets/lengths: int64 CUDA tensors; the kernel reads the lengths on the device, so a CUDA
+    graph that captured this call stays right while the lengths change.
     max_length (a host int >= every sequence's length) sets the number of splits like the Triton path
     (`adakv.triton_decode.choose_num_splits`) unless num_splits is given. workspace: a reusable
     `SplitWorkspace` for the per-split results (None allocates one when there is more than one split).
     check=False skips the Python checks (the C++ binding still checks what the kernels rely on)."""
     if check:
-        check_decode_inputs(query, keys, values, offsets, context_kept, appended, num_splits)
+        check_decode_inputs(query, keys, values, offsets, lengths, num_splits)
     sequences = offsets.shape[0]
     if num_splits is None:
         num_splits = choose_num_splits(max_length, sequences, multiprocessor_count(query.device.index))
     if num_splits == 1:
-        return load_extension().decode_attention(query, keys, values, offsets, context_kept, appended, scaling, 1)
+        return load_extension().decode_attention(query, keys, values, offsets, lengths, scaling, 1)
     batch, heads, _, head_dim = query.shape
     slots = num_splits * sequences * (heads // (sequences // batch))  # splits x sequences x group
     if workspace is None:
         workspace = SplitWorkspace()
     partial_out, partial_lse = workspace.take(slots, head_dim, query.device)
     return load_extension().decode_attention(
-        query, keys, values, offsets, context_kept, appended, scaling, num_splits, partial_out, partial_lse
+        query, keys, values, offsets, lengths, scaling, num_splits, partial_out, partial_lse
     )
 
 
 def cuda_decode_flat_attention(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None):
     """`cuda_decode_attention` over a FlatHeadwiseLayer (query (batch, heads, 1, head_dim) -> (batch, 1, heads,
     head_dim)), reusing the layer's split workspace. The layer's buffers are contiguous (rows, head_dim) tensors
-    of its dtype with int64 offsets/context_kept by construction, so only the query is checked here (the full
+    of its dtype with int64 offsets/seq_lengths by construction, so only the query is checked here (the full
     check runs when that cheap test fails, for its message)."""
     if not (
         query.is_cuda
@@ -268,10 +270,10 @@ def cuda_decode_flat_attention(query: torch.Tensor, layer, scaling: float, num_s
         and (num_splits is None or 1 <= num_splits <= DECODE_MAX_SPLITS)
     ):
         check_decode_inputs(
-            query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, num_splits
+            query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, num_splits
         )
     return cuda_decode_attention(
-        query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, scaling,
+        query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, scaling,
         layer.max_length, num_splits, layer.split_workspace, check=False,
     )  # fmt: skip
 
@@ -289,12 +291,17 @@ def copy_rows(src_keys, src_values, dst_keys, dst_values, src_index, dst_index) 
         )
 
 
-def append_rows(dst_keys, dst_values, new_keys, new_values, write_start, check: bool = True) -> None:
-    """check=False skips the CUDA kernel's input checks (for callers that ran them once on buffers that
+def append_rows(dst_keys, dst_values, new_keys, new_values, offsets, lengths, first_token=None, check: bool = True):
+    """Append new rows behind each sequence's used rows and advance `lengths` (see `cuda_append_rows`).
+    check=False skips the CUDA kernel's input checks (for callers that ran them once on buffers that
     have not changed since, like FlatHeadwiseLayer's decode steps); new rows are still made contiguous."""
     if _on_reference(dst_keys):
-        kernels_reference.append_rows(dst_keys, dst_values, new_keys, new_values, write_start)
+        kernels_reference.append_rows(dst_keys, dst_values, new_keys, new_values, offsets, lengths, first_token)
     elif check:
-        cuda_append_rows(dst_keys, dst_values, new_keys.contiguous(), new_values.contiguous(), write_start)
+        cuda_append_rows(
+            dst_keys, dst_values, new_keys.contiguous(), new_values.contiguous(), offsets, lengths, first_token
+        )
     else:
-        load_extension().append_rows(dst_keys, dst_values, new_keys.contiguous(), new_values.contiguous(), write_start)
+        load_extension().append_rows(
+            dst_keys, dst_values, new_keys.contiguous(), new_values.contiguous(), offsets, lengths, first_token
+        )

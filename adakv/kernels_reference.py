@@ -5,8 +5,9 @@ of shape (rows, head_dim) per K and V. Both jobs move whole rows:
 
 - `copy_rows`: dst[dst_index[i]] = src[src_index[i]] for K and V (compaction after the prefill, and
   re-layout when a head runs out of slack).
-- `append_rows`: dst[write_start[s] + j] = new[s, j] for every sequence s and new token j (decode
-  steps and question prefill).
+- `append_rows`: dst[offsets[s] + lengths[s] + j - first[s]] = new[s, j] for every sequence s and new
+  token j >= first[s] (decode steps and question prefill; `first` skips a padded question's left
+  padding), then lengths[s] grows by the rows written.
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ def copy_rows(
     dst_values.index_copy_(0, dst_index, src_values.index_select(0, src_index))
 
 
-def append_destinations(write_start: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """(sequences,) first free row of each sequence -> (sequences * new_tokens,) destination rows."""
-    steps = torch.arange(new_tokens, device=write_start.device, dtype=write_start.dtype)
-    return (write_start[:, None] + steps[None, :]).reshape(-1)
-
-
 def append_rows(
     dst_keys: torch.Tensor,
     dst_values: torch.Tensor,
     new_keys: torch.Tensor,
     new_values: torch.Tensor,
-    write_start: torch.Tensor,
+    offsets: torch.Tensor,
+    lengths: torch.Tensor,
+    first_token: torch.Tensor | None = None,
 ) -> None:
-    """dst_*: (rows, head_dim); new_*: (sequences, new_tokens, head_dim); write_start: (sequences,) int64."""
+    """dst_*: (rows, head_dim); new_*: (sequences, new_tokens, head_dim); offsets/lengths/first_token:
+    (sequences,) int64. Advances `lengths` in place."""
     sequences, new_tokens, head_dim = new_keys.shape
-    destinations = append_destinations(write_start, new_tokens)
-    dst_keys.index_copy_(0, destinations, new_keys.reshape(-1, head_dim))
-    dst_values.index_copy_(0, destinations, new_values.reshape(-1, head_dim))
+    if first_token is None:
+        first_token = torch.zeros_like(lengths)
+    tokens = torch.arange(new_tokens, device=lengths.device)
+    written = tokens[None, :] >= first_token[:, None]  # (sequences, new_tokens)
+    destinations = (offsets + lengths - first_token)[:, None] + tokens[None, :]
+    dst_keys[destinations[written]] = new_keys[written]
+    dst_values[destinations[written]] = new_values[written]
+    lengths += new_tokens - first_token

@@ -31,24 +31,39 @@ def uniform_keep_mask(scores: torch.Tensor, available: torch.Tensor, compression
     return (descending_rank(masked, dim=-1) < budget.unsqueeze(-1)) & available
 
 
+def layer_budget(available: torch.Tensor, compression_ratio: float) -> torch.Tensor:
+    """(batch,) int64: the layer's total budget, the sum of what each head would keep on its own."""
+    return kept_count(available.sum(-1), compression_ratio).sum(-1)
+
+
+def safeguarded_scores(
+    scores: torch.Tensor, available: torch.Tensor, budget: torch.Tensor, total_heads: int, alpha_safeguard: float
+) -> torch.Tensor:
+    """Ada-KV's safeguard: every head's best `floor(alpha * budget / total_heads)` available tokens get +inf,
+    unavailable ones -inf, the rest keep their score. budget: (batch,) layer budget; total_heads: the
+    layer's KV heads (more than `scores.shape[1]` when the heads are split over tensor-parallel ranks).
+    Returns float32 (batch, heads, seq). -0.0 becomes +0.0, so equal scores compare equal bit for bit."""
+    masked = (scores.float() + 0.0).masked_fill(~available, float("-inf"))
+    mean_budget = budget.to(torch.float64) / total_heads
+    floor = torch.floor(alpha_safeguard * mean_budget).long().unsqueeze(-1)  # (batch, 1)
+    floor = torch.minimum(floor, available.sum(-1))  # a head cannot keep more than it has
+    guaranteed = (descending_rank(masked, dim=-1) < floor.unsqueeze(-1)) & available
+    return masked.masked_fill(guaranteed, float("inf"))
+
+
 def adaptive_keep_mask(
     scores: torch.Tensor, available: torch.Tensor, compression_ratio: float, alpha_safeguard: float
 ) -> torch.Tensor:
     """Ada-KV allocation: the layer keeps the same total as a uniform selection would, but the
     budget flows between heads. Each head is first guaranteed its best `alpha * mean_budget` tokens
     (the safeguard); the rest of the layer's budget goes to the best remaining scores of all heads.
+
+    Ties are broken by position in the layer: among equal scores the lower head index wins, then the
+    earlier token (a stable sort of the (heads * seq) scores). adakv.distributed reproduces exactly
+    this order when the heads are split over tensor-parallel ranks.
     """
     batch, heads, seq_len = scores.shape
-    masked = scores.float().masked_fill(~available, float("-inf"))
-    per_head_budget = kept_count(available.sum(-1), compression_ratio)  # (batch, kv_heads)
-    layer_budget = per_head_budget.sum(-1)  # (batch,)
-
-    mean_budget = layer_budget.to(torch.float64) / heads
-    floor = torch.floor(alpha_safeguard * mean_budget).long().unsqueeze(-1)  # (batch, 1)
-    floor = torch.minimum(floor, available.sum(-1))  # a head cannot keep more than it has
-    guaranteed = (descending_rank(masked, dim=-1) < floor.unsqueeze(-1)) & available
-
-    # Guaranteed tokens rank first layer-wide, then everything else by score.
-    boosted = masked.masked_fill(guaranteed, float("inf")).reshape(batch, heads * seq_len)
+    budget = layer_budget(available, compression_ratio)  # (batch,)
+    boosted = safeguarded_scores(scores, available, budget, heads, alpha_safeguard).reshape(batch, heads * seq_len)
     layer_rank = descending_rank(boosted, dim=-1).reshape(batch, heads, seq_len)
-    return (layer_rank < layer_budget.view(batch, 1, 1)) & available
+    return (layer_rank < budget.view(batch, 1, 1)) & available

@@ -219,8 +219,7 @@ def triton_flat_attention(query: torch.Tensor, layer, scaling: float, num_splits
     ):
         check_inputs(query, layer.keys, layer.values, layer.num_heads)
     workspace = layer.split_workspace if query.shape[-2] == 1 else None
-    # lengths = context_kept + appended, added inside the kernel (saves a launch per layer and step)
     return _launch(
-        query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.num_heads, layer.max_length,
-        scaling, num_splits, None, None, layer.appended, workspace,
+        query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, layer.num_heads, layer.max_length,
+        scaling, num_splits, None, None, 0, workspace,
     )  # fmt: skip

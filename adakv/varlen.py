@@ -52,12 +52,12 @@ def attention_output(per_sequence: torch.Tensor, batch: int) -> torch.Tensor:
 def reference_flat_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
     """query: (batch, heads, q, head_dim) -> (batch, q, heads, head_dim)."""
     batch, _, query_length, _ = query.shape
-    keys, values = layer.dense_rows()  # (sequences, max_length, head_dim)
+    keys, values = layer.dense_rows()  # (sequences, width, head_dim)
     lengths = layer.lengths
     steps = torch.arange(keys.shape[1], device=query.device)
     # query j may see rows < length - query_length + j + 1
     last_visible = lengths[:, None] - query_length + torch.arange(query_length, device=query.device)[None, :]
-    allowed = steps[None, None, :] <= last_visible[:, :, None]  # (sequences, q, max_length)
+    allowed = steps[None, None, :] <= last_visible[:, :, None]  # (sequences, q, width)
     queries = grouped_queries(query, layer.num_heads)
     scores = torch.matmul(queries, keys.unsqueeze(1).transpose(-1, -2)) * scaling
     scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))

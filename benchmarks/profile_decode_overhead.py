@@ -131,7 +131,7 @@ def _float_copy(layer: FlatHeadwiseLayer):
         pass
 
     view = View()
-    for name in ("num_heads", "num_sequences", "offsets", "context_kept", "appended", "max_length", "device"):
+    for name in ("num_heads", "num_sequences", "offsets", "context_kept", "appended", "max_context_kept", "slack", "device"):
         setattr(view, name, getattr(layer, name))
     view.keys, view.values = layer.keys.float(), layer.values.float()
     view.lengths = layer.lengths
@@ -155,9 +155,9 @@ def breakdown(layer: FlatHeadwiseLayer, query: torch.Tensor, new: torch.Tensor, 
 
     def partial():
         k.partial_attention[(sequences, splits, 1)](
-            query, layer.keys, layer.values, layer.offsets, layer.context_kept, partial_out, partial_lse,
+            query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, partial_out, partial_lse,
             query.stride(0), query.stride(1), query.stride(2), layer.keys.stride(0),
-            SCALE * 1.4426950408889634, layer.appended, KV_HEADS, 1, splits,
+            SCALE * 1.4426950408889634, 0, KV_HEADS, 1, splits,
             GROUP=group, HEAD_DIM=HEAD_DIM, DOT_PRECISION="tf32", **sizes,
         )  # fmt: skip
 
@@ -167,10 +167,10 @@ def breakdown(layer: FlatHeadwiseLayer, query: torch.Tensor, new: torch.Tensor, 
             KV_HEADS, 1, splits, GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_M=sizes["BLOCK_M"], BLOCK_D=sizes["BLOCK_D"],
         )  # fmt: skip
 
-    write_start = layer.row_start + layer.appended
     new_rows = new.reshape(sequences, 1, HEAD_DIM)
     scratch_k, scratch_v = torch.empty_like(layer.keys[: 2 * sequences]), torch.empty_like(layer.values[: 2 * sequences])
     start = torch.arange(0, 2 * sequences, 2, device="cuda")
+    scratch_lengths = torch.zeros(sequences, dtype=torch.int64, device="cuda")
     extension = kernels.load_extension()
     parts = {
         "triton_partial_attention_launch": partial,
@@ -178,19 +178,20 @@ def breakdown(layer: FlatHeadwiseLayer, query: torch.Tensor, new: torch.Tensor, 
         "workspace_torch_empty": lambda: torch.empty(slots * (HEAD_DIM + 1), device="cuda", dtype=torch.float32),
         "output_new_empty": lambda: query.new_empty(query.shape[0], 1, HEADS, HEAD_DIM),
         "check_inputs": lambda: triton_decode.check_inputs(query, layer.keys, layer.values, KV_HEADS),
-        "row_start_plus_appended": lambda: layer.row_start + layer.appended,
         "check_kernel_inputs": lambda: kernels.check_kernel_inputs(
-            {"a": layer.keys, "b": layer.values, "c": new_rows, "d": new_rows}, {"w": write_start}
+            {"a": layer.keys, "b": layer.values, "c": new_rows, "d": new_rows},
+            {"o": layer.offsets, "l": layer.seq_lengths},
         ),
-        "append_extension_call": lambda: extension.append_rows(scratch_k, scratch_v, new_rows, new_rows, start),
+        "append_extension_call": lambda: extension.append_rows(
+            scratch_k, scratch_v, new_rows, new_rows, start, scratch_lengths.zero_()
+        ),
     }
     if HAS_CUDA_DECODE:
         parts["cuda_decode_extension_call"] = lambda: extension.decode_attention(
-            query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, SCALE, splits,
-            partial_out, partial_lse,
+            query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, SCALE, splits, partial_out, partial_lse,
         )  # fmt: skip
         parts["cuda_decode_extension_call_one_split"] = lambda: extension.decode_attention(
-            query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, SCALE, 1
+            query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, SCALE, 1
         )
         parts["cuda_decode_flat_attention"] = lambda: kernels.cuda_decode_flat_attention(query, layer, SCALE)
     return {name: timed(fn, calls, repeats) for name, fn in parts.items()}

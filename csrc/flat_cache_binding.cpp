@@ -9,10 +9,11 @@
 void launch_copy_rows(const torch::Tensor& src_keys, const torch::Tensor& src_values, torch::Tensor& dst_keys,
                       torch::Tensor& dst_values, const torch::Tensor& src_index, const torch::Tensor& dst_index);
 void launch_append_rows(torch::Tensor& dst_keys, torch::Tensor& dst_values, const torch::Tensor& new_keys,
-                        const torch::Tensor& new_values, const torch::Tensor& write_start);
+                        const torch::Tensor& new_values, const torch::Tensor& offsets, torch::Tensor& lengths,
+                        const c10::optional<torch::Tensor>& first_token);
 torch::Tensor launch_decode_attention(const torch::Tensor& query, const torch::Tensor& keys,
                                       const torch::Tensor& values, const torch::Tensor& offsets,
-                                      const torch::Tensor& context_kept, int64_t appended, double scaling,
+                                      const torch::Tensor& lengths, double scaling,
                                       int64_t num_splits, float* partial_out, float* partial_lse);
 
 namespace {
@@ -52,7 +53,7 @@ void copy_rows(torch::Tensor src_keys, torch::Tensor src_values, torch::Tensor d
 }
 
 void append_rows(torch::Tensor dst_keys, torch::Tensor dst_values, torch::Tensor new_keys, torch::Tensor new_values,
-                 torch::Tensor write_start) {
+                 torch::Tensor offsets, torch::Tensor lengths, c10::optional<torch::Tensor> first_token) {
   check_rows(dst_keys, dst_keys, "dst_keys");
   check_rows(dst_values, dst_keys, "dst_values");
   check_rows(new_keys, dst_keys, "new_keys");
@@ -60,9 +61,15 @@ void append_rows(torch::Tensor dst_keys, torch::Tensor dst_values, torch::Tensor
   TORCH_CHECK(dst_keys.dim() == 2 && dst_keys.sizes() == dst_values.sizes(), "dst_* must be (rows, head_dim)");
   TORCH_CHECK(new_keys.dim() == 3 && new_keys.sizes() == new_values.sizes(),
               "new_* must be (sequences, new_tokens, head_dim)");
-  check_index(write_start, dst_keys, "write_start");
-  TORCH_CHECK(write_start.size(0) == new_keys.size(0), "write_start must have one entry per sequence");
-  launch_append_rows(dst_keys, dst_values, new_keys, new_values, write_start);
+  check_index(offsets, dst_keys, "offsets");
+  check_index(lengths, dst_keys, "lengths");
+  TORCH_CHECK(offsets.size(0) == new_keys.size(0) && lengths.size(0) == new_keys.size(0),
+              "offsets and lengths must have one entry per sequence");
+  if (first_token.has_value()) {
+    check_index(*first_token, dst_keys, "first_token");
+    TORCH_CHECK(first_token->size(0) == new_keys.size(0), "first_token must have one entry per sequence");
+  }
+  launch_append_rows(dst_keys, dst_values, new_keys, new_values, offsets, lengths, first_token);
 }
 
 void check_workspace(const torch::Tensor& t, const torch::Tensor& like, const char* name) {
@@ -71,9 +78,9 @@ void check_workspace(const torch::Tensor& t, const torch::Tensor& like, const ch
 }
 
 // query (batch, heads, 1, head_dim) over sequences s = batch * kv_heads + kv_head (kv_heads = sequences / batch)
-// whose rows are keys/values[offsets[s] : offsets[s] + context_kept[s] + appended] -> (batch, 1, heads, head_dim).
+// whose rows are keys/values[offsets[s] : offsets[s] + lengths[s]] -> (batch, 1, heads, head_dim).
 torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::Tensor values, torch::Tensor offsets,
-                               torch::Tensor context_kept, int64_t appended, double scaling, int64_t num_splits,
+                               torch::Tensor lengths, double scaling, int64_t num_splits,
                                std::optional<torch::Tensor> partial_out, std::optional<torch::Tensor> partial_lse) {
   check_rows(keys, keys, "keys");
   check_rows(values, keys, "values");
@@ -87,9 +94,9 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
               "decode_attention supports head_dim * element size of 64 to 1024 bytes and head_dim <= 256, got "
               "head_dim ", keys.size(1));
   check_index(offsets, keys, "offsets");
-  check_index(context_kept, keys, "context_kept");
+  check_index(lengths, keys, "lengths");
   const int64_t batch = query.size(0), heads = query.size(1), sequences = offsets.size(0);
-  TORCH_CHECK(context_kept.size(0) == sequences, "context_kept must have one entry per sequence");
+  TORCH_CHECK(lengths.size(0) == sequences, "lengths must have one entry per sequence");
   TORCH_CHECK(batch > 0 && sequences % batch == 0 && sequences / batch > 0,
               "offsets must have batch * kv_heads entries, got ", sequences, " for batch ", batch);
   const int64_t kv_heads = sequences / batch;
@@ -98,7 +105,6 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
   TORCH_CHECK(group <= adakv::kMaxGroup, "decode_attention supports GQA groups up to ", adakv::kMaxGroup,
               ", got ", group);
   TORCH_CHECK(sequences <= 65535, "decode_attention supports up to 65535 (batch, kv-head) sequences");
-  TORCH_CHECK(appended >= 0, "appended must be >= 0");
   TORCH_CHECK(num_splits >= 1 && num_splits <= adakv::kMaxSplits, "num_splits must be in [1, ",
               adakv::kMaxSplits, "], got ", num_splits);
   float* workspace_out = nullptr;
@@ -115,7 +121,7 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
     workspace_out = partial_out->data_ptr<float>();
     workspace_lse = partial_lse->data_ptr<float>();
   }
-  return launch_decode_attention(query, keys, values, offsets, context_kept, appended, scaling, num_splits,
+  return launch_decode_attention(query, keys, values, offsets, lengths, scaling, num_splits,
                                  workspace_out, workspace_lse);
 }
 
@@ -124,10 +130,13 @@ torch::Tensor decode_attention(torch::Tensor query, torch::Tensor keys, torch::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "adakv flattened head-wise cache kernels";
   m.def("copy_rows", &copy_rows, "dst[dst_index[i]] = src[src_index[i]] for K and V");
-  m.def("append_rows", &append_rows, "dst[write_start[s] + j] = new[s, j] for K and V");
+  m.def("append_rows", &append_rows,
+        "dst[offsets[s] + lengths[s] + j - first[s]] = new[s, j] for j >= first[s], then lengths[s] advances",
+        py::arg("dst_keys"), py::arg("dst_values"), py::arg("new_keys"), py::arg("new_values"), py::arg("offsets"),
+        py::arg("lengths"), py::arg("first_token") = py::none());
   m.def("decode_attention", &decode_attention,
         "one-token attention over the flat cache: split kernel (+ combine kernel when num_splits > 1)",
-        py::arg("query"), py::arg("keys"), py::arg("values"), py::arg("offsets"), py::arg("context_kept"),
-        py::arg("appended"), py::arg("scaling"), py::arg("num_splits"), py::arg("partial_out") = py::none(),
+        py::arg("query"), py::arg("keys"), py::arg("values"), py::arg("offsets"), py::arg("lengths"),
+        py::arg("scaling"), py::arg("num_splits"), py::arg("partial_out") = py::none(),
         py::arg("partial_lse") = py::none());
 }

@@ -1,7 +1,7 @@
 // Split-KV decode attention over adakv's flattened head-wise KV cache (see adakv/flat_cache.py and
 // adakv/kernels.py `cuda_decode_attention`): one query token per query head, one C++ call per layer.
 //
-// Sequence s = batch * kv_heads + kv_head owns rows [offsets[s], offsets[s] + context_kept[s] + appended)
+// Sequence s = batch * kv_heads + kv_head owns rows [offsets[s], offsets[s] + lengths[s]) (lengths read on the device)
 // of the flat keys/values (rows, head_dim); it is attended by query heads kv_head * group + g, g < group.
 //
 // decode_split_kernel, grid (num_splits, sequences), 128 threads (4 warps): block (split, s) takes the
@@ -100,12 +100,11 @@ struct DecodeParams {
   const uint4* keys;
   const uint4* values;
   const int64_t* offsets;
-  const int64_t* context_kept;
+  const int64_t* lengths;  // rows in use per sequence (read on the device: graph-replayable)
   void* out;             // (batch, 1, heads, head_dim), used when num_splits == 1
   float* partial_out;    // used when num_splits > 1
   float* partial_lse;
   int64_t query_stride_batch, query_stride_head, query_stride_dim;
-  int64_t appended;
   float scale_log2;      // scaling * log2(e)
   int head_dim, vectors; // vectors: 16-byte vectors per row
   int kv_heads, group, num_splits;
@@ -143,7 +142,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   const int slot = lane / LANES;  // which of the warp's kKeySlots rows
   const int group = p.group;
 
-  const int64_t length = p.context_kept[sequence] + p.appended;
+  const int64_t length = p.lengths[sequence];
   const int64_t chunk = (length + p.num_splits - 1) / p.num_splits;
   const int64_t begin = min(length, (int64_t)split * chunk);
   const int64_t end = min(length, begin + chunk);
@@ -436,7 +435,7 @@ void launch_typed(const DecodeParams& p, int sequences, cudaStream_t stream) {
 // query (batch, heads, 1, head_dim) -> (batch, 1, heads, head_dim); the binding has checked the inputs.
 // partial_out / partial_lse: the split workspace (only read when num_splits > 1).
 at::Tensor launch_decode_attention(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-                                   const at::Tensor& offsets, const at::Tensor& context_kept, int64_t appended,
+                                   const at::Tensor& offsets, const at::Tensor& lengths,
                                    double scaling, int64_t num_splits, float* partial_out, float* partial_lse) {
   const c10::cuda::CUDAGuard guard(query.device());
   const int64_t batch = query.size(0), heads = query.size(1), head_dim = query.size(3);
@@ -455,14 +454,13 @@ at::Tensor launch_decode_attention(const at::Tensor& query, const at::Tensor& ke
   p.keys = reinterpret_cast<const uint4*>(keys.data_ptr());
   p.values = reinterpret_cast<const uint4*>(values.data_ptr());
   p.offsets = offsets.data_ptr<int64_t>();
-  p.context_kept = context_kept.data_ptr<int64_t>();
+  p.lengths = lengths.data_ptr<int64_t>();
   p.out = out.data_ptr();
   p.partial_out = partial_out;
   p.partial_lse = partial_lse;
   p.query_stride_batch = query.stride(0);
   p.query_stride_head = query.stride(1);
   p.query_stride_dim = query.stride(3);
-  p.appended = appended;
   p.scale_log2 = static_cast<float>(scaling) * kLog2E;
   p.head_dim = static_cast<int>(head_dim);
   p.vectors = static_cast<int>(head_dim * query.element_size() / 16);

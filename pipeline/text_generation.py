@@ -186,6 +186,8 @@ class KVPressTextGenerationPipeline(Pipeline):
       max_context_length: keep only the first this many tokens of the context (default: all).
       cache: a transformers Cache to fill (default: a new DynamicCache); after the call it holds
         the compressed context, e.g. for `adakv.kept_token_counts(cache)`.
+      cuda_graphs: True replays the answers' decode steps from a CUDA graph (press with backend "evict",
+        model on CUDA; see adakv/graph_decode.py). Default False: eager decoding.
       prefill_chunk_size: None (default) prefills the context in one forward and then compresses it;
         an int prefills it that many tokens at a time and compresses each chunk as it arrives
         (adakv.prefill_in_chunks: bounded prefill memory for long contexts; later chunks attend to
@@ -208,6 +210,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         max_context_length=None,
         cache=None,
         prefill_chunk_size=None,
+        cuda_graphs=False,
         **kwargs,
     ):
         if kwargs:
@@ -217,7 +220,10 @@ class KVPressTextGenerationPipeline(Pipeline):
             max_new_tokens=max_new_tokens, max_context_length=max_context_length, cache=cache,
             prefill_chunk_size=prefill_chunk_size,
         )
-        forward = dict(press=press, max_new_tokens=max_new_tokens, cache=cache, prefill_chunk_size=prefill_chunk_size)
+        forward = dict(
+            press=press, max_new_tokens=max_new_tokens, cache=cache, prefill_chunk_size=prefill_chunk_size,
+            cuda_graphs=cuda_graphs,
+        )  # fmt: skip
         postprocess = dict(single=questions is None)
         return preprocess, forward, postprocess
 
@@ -234,9 +240,11 @@ class KVPressTextGenerationPipeline(Pipeline):
         context_ids, question_ids = encode_prompt_parts(self.tokenizer, context_texts.pop(), [text for _, text in parts])
         return {"context_ids": context_ids, "question_ids": question_ids}
 
-    def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None, prefill_chunk_size=None):
+    def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None, prefill_chunk_size=None, cuda_graphs=False):
         cache = DynamicCache() if cache is None else cache
-        with press(self.model) if press is not None else nullcontext():
+        if cuda_graphs and press is None:
+            raise ValueError("cuda_graphs=True decodes over a compressed (evict) cache: pass a press too.")
+        with press(self.model, cuda_graphs=cuda_graphs) if press is not None else nullcontext():
             prefill_context(self.model, cache, model_inputs["context_ids"], press, prefill_chunk_size)
             answers = [
                 answer_from_cache(self.model, self.tokenizer, cache, ids, max_new_tokens)

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from adakv.attention import CACHE_ATTRIBUTE, allowed_positions, register_attention_functions
+from adakv.attention import CACHE_ATTRIBUTE, allowed_positions, note_appended_padding, register_attention_functions
 from adakv.cache import (
     ADAKV_ATTENTION_PREFIX,
     BACKENDS,
@@ -36,6 +36,7 @@ from adakv.cache import (
     make_compressed_layer,
     newest_keys_values,
 )
+from adakv.graph_decode import graph_decoder_for
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
     attention_modules,
@@ -189,7 +190,11 @@ class BasePress:
         raise NotImplementedError
 
     @contextmanager
-    def __call__(self, model: PreTrainedModel) -> Generator[None, None, None]:
+    def __call__(self, model: PreTrainedModel, cuda_graphs: bool | str = False) -> Generator[None, None, None]:
+        """Hook the press onto `model` for the block. cuda_graphs=True replays decode steps from a CUDA graph
+        (adakv/graph_decode.py; backend "evict", CUDA models; "emulate" runs its CPU emulation for tests)."""
+        decoder = graph_decoder_for(model, cuda_graphs)
+        self.graph_decoder = decoder  # kept after the block for inspection (captures, replays)
         modules = attention_modules(model)
         if not any(is_full_attention_layer(module) for module in modules):
             raise ValueError(
@@ -204,8 +209,12 @@ class BasePress:
                 handles.append(module.register_forward_pre_hook(_remember_cache, with_kwargs=True))
                 if is_full_attention_layer(module):
                     handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+            if decoder is not None:
+                decoder.install()
             yield
         finally:
+            if decoder is not None:
+                decoder.uninstall()
             for handle in handles:
                 handle.remove()
             for module in modules:
@@ -308,6 +317,7 @@ def _remember_cache(module: nn.Module, args, kwargs) -> None:
             "both to run the model and for a press to compress."
         )
     setattr(module, CACHE_ATTRIBUTE, _cache_argument(kwargs))
+    note_appended_padding(module, hidden_states, kwargs.get("attention_mask"))
 
 
 def _set_attention_implementation(model: PreTrainedModel, implementation: str) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adakv.distributed import weight_for_local_heads
 from adakv.selection import descending_rank, kept_count
 
 from .adaptive import check_scoring_press
@@ -22,8 +23,10 @@ def projected_value_norms(context: PrefillContext, block: int = 4096) -> torch.T
     read it: (batch, kv_heads, seq). This is how much evicting the value could move the output."""
     module, values = context.module, context.values
     batch, kv_heads, seq_len, head_dim = values.shape
-    groups = module.config.num_attention_heads // kv_heads
-    weight = module.o_proj.weight.float().view(-1, kv_heads, groups, head_dim)  # (hidden, kv_heads, groups, head_dim)
+    groups = module.num_key_value_groups
+    # under tensor parallelism o_proj is row-sharded: use the columns of the heads this rank holds
+    weight = weight_for_local_heads(module.o_proj.weight, kv_heads * groups * head_dim)
+    weight = weight.float().view(-1, kv_heads, groups, head_dim)  # (hidden, kv_heads, groups, head_dim)
     norms = []
     for start in range(0, seq_len, block):  # blocks bound the (.., seq, hidden) intermediate
         chunk = values[:, :, start : start + block].float()

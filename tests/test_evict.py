@@ -35,30 +35,37 @@ def left_padded_batch(seq_len: int = 40, pad: int = 9):
     return ids, attention_mask
 
 
-def run(model, press, ids, attention_mask=None, question_length=5, decode_steps=4):
+def run(model, press, ids, attention_mask=None, question_length=5, decode_steps=4, question_padding=None):
     """Prefill the context with `press`, then a question (multi-token append) and a few greedy steps.
+    question_padding: (batch,) left padding of each row's question (a question batch padded to one length).
     Returns the list of last-position logits of every forward and the cache."""
     cache = DynamicCache(config=model.config)
     generator = torch.Generator().manual_seed(7)
     question = torch.randint(3, model.config.vocab_size, (ids.shape[0], question_length), generator=generator)
+    question = question.to(ids.device)
+    question_mask = torch.ones_like(question)
+    if question_padding is not None:
+        positions = torch.arange(question_length, device=ids.device)
+        question_mask = (positions[None, :] >= question_padding.to(ids.device)[:, None]).long()
+        attention_mask = torch.ones_like(ids) if attention_mask is None else attention_mask
     logits = []
     with torch.no_grad(), press(model):
         mask = attention_mask
         out = model(ids, attention_mask=mask, past_key_values=cache)
         logits.append(out.logits[:, -1])
         next_ids = question
-        for _ in range(decode_steps + 1):
+        for step in range(decode_steps + 1):
             if mask is not None:
-                mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+                mask = torch.cat([mask, question_mask if step == 0 else torch.ones_like(next_ids)], dim=1)
             out = model(next_ids, attention_mask=mask, past_key_values=cache)
             logits.append(out.logits[:, -1])
             next_ids = out.logits[:, -1:].argmax(-1)
     return logits, cache
 
 
-def assert_same_run(model, press_name, ids, attention_mask=None):
-    mask_logits, mask_cache = run(model, PRESSES[press_name]("mask"), ids, attention_mask)
-    evict_logits, evict_cache = run(model, PRESSES[press_name]("evict"), ids, attention_mask)
+def assert_same_run(model, press_name, ids, attention_mask=None, question_padding=None):
+    mask_logits, mask_cache = run(model, PRESSES[press_name]("mask"), ids, attention_mask, question_padding=question_padding)
+    evict_logits, evict_cache = run(model, PRESSES[press_name]("evict"), ids, attention_mask, question_padding=question_padding)
     layers = compressed_layers(evict_cache)
     assert layers and all(isinstance(layer, FlatHeadwiseLayer) for layer in layers.values())
     assert all(isinstance(layer, MaskedLayer) for layer in compressed_layers(mask_cache).values())
@@ -66,8 +73,10 @@ def assert_same_run(model, press_name, ids, attention_mask=None):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"forward {step}: {m}")
     mask_counts, evict_counts = kept_token_counts(mask_cache), kept_token_counts(evict_cache)
     assert mask_counts.keys() == evict_counts.keys()
+    # the mask backend counts a padded question's padding positions too; evict never stores them
     for index in mask_counts:
-        assert torch.equal(mask_counts[index], evict_counts[index])
+        unstored = 0 if question_padding is None else question_padding[:, None].to(evict_counts[index].device)
+        assert torch.equal(mask_counts[index] - unstored, evict_counts[index])
 
 
 @pytest.mark.parametrize("press_name", FAMILY_PRESSES)
@@ -163,15 +172,24 @@ def test_batch_mismatch_with_the_cache_is_refused():
             model(random_ids(3, 1), past_key_values=cache)
 
 
-def test_padded_question_is_refused():
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_padded_question_batch_matches_mask(family, attn_implementation):
+    """Questions of different lengths padded on the left on top of a left-padded context batch: evict
+    stores no padding row and gives the mask backend's logits."""
+    model = tiny_model(family, attn_implementation)
+    ids, attention_mask = left_padded_batch()
+    assert_same_run(model, "adaptive_snapkv", ids, attention_mask, question_padding=torch.tensor([0, 3]))
+
+
+def test_right_padded_question_is_refused():
     model = tiny_model("llama")
     ids, attention_mask = left_padded_batch()
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), P.SnapKVPress(0.5, window_size=8, backend="evict")(model):
         model(ids, attention_mask=attention_mask, past_key_values=cache)
         question = random_ids(2, 4)
-        question_mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
-        with pytest.raises(NotImplementedError, match="padding inside a question"):
+        question_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+        with pytest.raises(NotImplementedError, match="left padding followed by real tokens"):
             model(question, attention_mask=torch.cat([attention_mask, question_mask], 1), past_key_values=cache)
 
 

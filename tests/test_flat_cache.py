@@ -24,14 +24,16 @@ def random_layer_inputs(batch, heads, seq_len, head_dim, dtype=torch.float32, se
     return keys, values, keep
 
 
-def dense_oracle_rows(keys, values, keep, appended_keys=(), appended_values=()):
-    """Per (batch, head): the list of kept rows followed by every appended row, as a (len, d) tensor."""
+def dense_oracle_rows(keys, values, keep, appended_keys=(), appended_values=(), skip=None):
+    """Per (batch, head): the list of kept rows followed by every appended row, as a (len, d) tensor.
+    skip: (batch,) leading tokens of the first appended step that batch row leaves out (its padding)."""
     batch, heads = keep.shape[:2]
     expected = {}
     for b in range(batch):
+        first = [0 if skip is None else int(skip[b])] + [0] * len(appended_keys)
         for h in range(heads):
-            k = [keys[b, h, keep[b, h]]] + [step[b, h] for step in appended_keys]
-            v = [values[b, h, keep[b, h]]] + [step[b, h] for step in appended_values]
+            k = [keys[b, h, keep[b, h]]] + [step[b, h, first[i] :] for i, step in enumerate(appended_keys)]
+            v = [values[b, h, keep[b, h]]] + [step[b, h, first[i] :] for i, step in enumerate(appended_values)]
             expected[b * heads + h] = (torch.cat(k), torch.cat(v))
     return expected
 
@@ -223,8 +225,12 @@ def test_reference_kernels_move_rows():
     kernels.copy_rows(src, -src, dst_k, dst_v, torch.tensor([3, 7]), torch.tensor([5, 0]))
     assert torch.equal(dst_k[5], src[3]) and torch.equal(dst_v[0], -src[7])
     new = torch.ones(2, 2, 2)
-    kernels_reference.append_rows(dst_k, dst_v, new, new, torch.tensor([1, 3]))
-    assert dst_k[1:5].eq(1).all() and dst_k[0].eq(src[7]).all()
+    lengths = torch.tensor([0, 1])
+    kernels_reference.append_rows(dst_k, dst_v, new, new, torch.tensor([1, 2]), lengths)
+    assert dst_k[1:5].eq(1).all() and dst_k[0].eq(src[7]).all() and lengths.tolist() == [2, 3]
+    padded = torch.arange(12.0).view(2, 3, 2)
+    kernels_reference.append_rows(dst_k, dst_v, padded, -padded, torch.tensor([0, 3]), torch.tensor([0, 0]), torch.tensor([2, 1]))
+    assert torch.equal(dst_k[0], padded[0, 2]) and torch.equal(dst_v[3:5], -padded[1, 1:])
 
 
 def test_cuda_kernel_wrappers_refuse_cpu_tensors():
@@ -233,7 +239,7 @@ def test_cuda_kernel_wrappers_refuse_cpu_tensors():
     with pytest.raises(ValueError, match="need CUDA tensors.*cpu"):
         kernels.cuda_copy_rows(rows, rows, rows, rows, index, index)
     with pytest.raises(ValueError, match="need CUDA tensors"):
-        kernels.cuda_append_rows(rows, rows, rows.view(1, 4, 8), rows.view(1, 4, 8), index)
+        kernels.cuda_append_rows(rows, rows, rows.view(1, 4, 8), rows.view(1, 4, 8), index, index)
 
 
 @pytest.mark.parametrize(
@@ -251,9 +257,9 @@ def test_cuda_kernel_inputs_are_checked(rows, indices, message):
         kernels.check_kernel_inputs(rows, indices, require_cuda=False)
 
 
-def test_write_positions_follow_appends_rollbacks_and_relayouts():
-    """The appended rows land at row_start + appended across the 64-step write-position tables, a rollback
-    and re-layouts, and the rows match the dense oracle."""
+def test_device_lengths_follow_appends_rollbacks_and_relayouts():
+    """The device lengths (which the kernels read) follow appends, a rollback and re-layouts, and the rows
+    match the dense oracle."""
     keys, values, keep = random_layer_inputs(2, 3, 40, 8, keep_prob=0.5)
     layer = FlatHeadwiseLayer(keys, values, keep, Config(), min_slack=4)
     added = []
@@ -261,12 +267,42 @@ def test_write_positions_follow_appends_rollbacks_and_relayouts():
         if step == 100:
             layer.truncate(layer.context_length + 70)
             added = [torch.cat(added, dim=2)[:, :, :70]]
-        assert torch.equal(layer._write_start(), layer.row_start + layer.appended)
+        assert torch.equal(layer.seq_lengths, layer.context_kept + layer.appended)
         new = torch.randn(2, 3, 1 + step % 2, 8)
         layer.update(new, -new)
         added.append(new)
     appended = torch.cat(added, dim=2)
     assert_matches_oracle(layer, dense_oracle_rows(keys, values, keep, [appended], [-appended]))
+
+
+def test_reserve_makes_room_once_and_later_appends_move_no_buffer():
+    keys, values, keep = random_layer_inputs(1, 2, 30, 8, keep_prob=0.5)
+    layer = FlatHeadwiseLayer(keys, values, keep, Config(), min_slack=4)
+    layer.reserve(50)
+    buffers = (layer.keys.data_ptr(), layer.values.data_ptr(), layer.seq_lengths.data_ptr())
+    for _ in range(50):
+        new = torch.randn(1, 2, 1, 8)
+        layer.update(new, new)
+    assert (layer.keys.data_ptr(), layer.values.data_ptr(), layer.seq_lengths.data_ptr()) == buffers
+    layer.update(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))  # past the reserve: one re-layout
+    assert layer.keys.data_ptr() != buffers[0]
+
+
+def test_skipped_leading_tokens_are_never_written():
+    """A padded append writes only each row's real tokens; lengths differ per batch row; a rollback to the
+    context works, a rollback into the padded append is refused."""
+    keys, values, keep = random_layer_inputs(2, 3, 20, 8, keep_prob=0.5)
+    layer = FlatHeadwiseLayer(keys, values, keep, Config(), min_slack=4)
+    new = torch.randn(2, 3, 5, 8)
+    layer.skip_leading_tokens(torch.tensor([3, 0]))
+    layer.update(new, -new)
+    counts = layer.kept_counts()
+    assert torch.equal(counts, keep.sum(-1) + torch.tensor([[2], [5]]))
+    assert_matches_oracle(layer, dense_oracle_rows(keys, values, keep, [new], [-new], skip=torch.tensor([3, 0])))
+    with pytest.raises(NotImplementedError, match="padded question batch"):
+        layer.truncate(layer.context_length + 2)
+    layer.truncate(layer.context_length)
+    assert torch.equal(layer.kept_counts(), keep.sum(-1)) and not layer.padded_appends
 
 
 def test_split_workspace_reuses_its_buffer_and_grows():

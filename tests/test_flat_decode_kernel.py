@@ -212,7 +212,7 @@ def test_decode_loop_matches_reference_and_reruns_are_bitwise_equal():
         poison_workspace(layer)
         reused = kernels.cuda_decode_flat_attention(query, layer, 0.09)
         fresh = kernels.cuda_decode_attention(
-            query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, 0.09,
+            query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, 0.09,
             layer.max_length,
         )  # fmt: skip
         assert torch.equal(reused, fresh), f"step {step}: reused workspace differs from a fresh one"
@@ -265,18 +265,18 @@ def test_bad_input_is_refused_on_gpu():
         kernels.cuda_decode_flat_attention(query, layer, 0.1, num_splits=129)
     with pytest.raises(ValueError, match="on cpu"):
         kernels.cuda_decode_attention(
-            query, layer.keys, layer.values, layer.offsets.cpu(), layer.context_kept, 0, 0.1, layer.max_length
+            query, layer.keys, layer.values, layer.offsets.cpu(), layer.seq_lengths, 0.1, layer.max_length
         )
     extension = kernels.load_extension()  # the binding's own checks (direct calls skip the Python ones)
     with pytest.raises(RuntimeError, match="split workspace"):
-        extension.decode_attention(query, layer.keys, layer.values, layer.offsets, layer.context_kept, 1, 0.1, 4)
+        extension.decode_attention(query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, 0.1, 4)
     with pytest.raises(RuntimeError, match="int64"):
-        extension.decode_attention(query, layer.keys, layer.values, layer.offsets.int(), layer.context_kept, 1, 0.1, 1)
+        extension.decode_attention(query, layer.keys, layer.values, layer.offsets.int(), layer.seq_lengths, 0.1, 1)
     # a GQA group above the kernel's limit is refused by the Python wrapper before the binding (a direct
     # binding call with group 17 crashed the process on an H200 instead of raising; not yet understood)
     wide = torch.randn(1, 34, 1, 64, device="cuda").bfloat16()
     with pytest.raises(ValueError, match="16 query heads per KV head"):
-        kernels.cuda_decode_attention(wide, layer.keys, layer.values, layer.offsets, layer.context_kept, 1, 0.1, 200)
+        kernels.cuda_decode_attention(wide, layer.keys, layer.values, layer.offsets, layer.seq_lengths, 0.1, 200)
 
 
 # ----- CPU: checks and dispatch -----------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def test_checks_refuse_cpu_tensors_with_a_clear_error():
         kernels.cuda_decode_flat_attention(query, layer, 0.1)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         kernels.cuda_decode_attention(
-            query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, 0.1, layer.max_length
+            query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, 0.1, layer.max_length
         )
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         flat_attention(query, layer, 0.1, implementation="cuda_decode")
@@ -331,8 +331,7 @@ def test_checks_refuse_cpu_tensors_with_a_clear_error():
         (dict(query=torch.randn(1, 7, 1, 64)), ValueError, "cannot be grouped"),
         (dict(query=torch.randn(1, 34, 1, 64)), ValueError, "up to 16 query heads"),
         (dict(offsets=torch.zeros(2, dtype=torch.int32)), TypeError, "int64"),
-        (dict(context_kept=torch.zeros(3, dtype=torch.int64)), ValueError, "batch \\* kv_heads"),
-        (dict(appended=-1), ValueError, "appended"),
+        (dict(lengths=torch.zeros(3, dtype=torch.int64)), ValueError, "batch \\* kv_heads"),
         (dict(num_splits=0), ValueError, "num_splits"),
     ],
 )
@@ -340,7 +339,7 @@ def test_checks_name_the_problem(change, error, message):
     layer = cpu_layer()
     arguments = dict(
         query=torch.randn(1, 8, 1, 64), keys=layer.keys, values=layer.values, offsets=layer.offsets,
-        context_kept=layer.context_kept, appended=layer.appended, num_splits=None,
+        lengths=layer.seq_lengths, num_splits=None,
     )  # fmt: skip
     arguments.update(change)
     with pytest.raises(error, match=message):
@@ -353,7 +352,7 @@ def test_checks_refuse_unsupported_head_dims():
         query = torch.randn(1, 8, 1, head_dim).to(dtype)
         with pytest.raises(ValueError, match="supports head_dim"):
             kernels.check_decode_inputs(
-                query, layer.keys, layer.values, layer.offsets, layer.context_kept, layer.appended, None
+                query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, None
             )
 
 

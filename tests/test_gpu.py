@@ -45,17 +45,22 @@ def test_copy_rows_kernel_equals_reference(dtype, head_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("new_tokens", [1, 7])
-def test_append_rows_kernel_equals_reference(dtype, new_tokens):
+@pytest.mark.parametrize("new_tokens, padded", [(1, False), (7, False), (7, True)])
+def test_append_rows_kernel_equals_reference(dtype, new_tokens, padded):
+    """Rows land behind each sequence's length, the lengths advance, and left padding is never written."""
     sequences, head_dim = 64, 128
-    write_start = torch.arange(sequences, device="cuda") * 20 + torch.randint(0, 5, (sequences,), device="cuda")
+    offsets = torch.arange(sequences, device="cuda") * 20
+    lengths = torch.randint(0, 5, (sequences,), device="cuda")
+    first = torch.randint(0, new_tokens, (sequences,), device="cuda") if padded else None
     new_k = torch.randn(sequences, new_tokens, head_dim, device="cuda").to(dtype)
     new_v = torch.randn(sequences, new_tokens, head_dim, device="cuda").to(dtype)
     expected_k, expected_v = poisoned(sequences * 20 + 20, head_dim, dtype), poisoned(sequences * 20 + 20, head_dim, dtype)
     actual_k, actual_v = expected_k.clone(), expected_v.clone()
-    kernels_reference.append_rows(expected_k, expected_v, new_k, new_v, write_start)
-    kernels.cuda_append_rows(actual_k, actual_v, new_k, new_v, write_start)
+    expected_lengths, actual_lengths = lengths.clone(), lengths.clone()
+    kernels_reference.append_rows(expected_k, expected_v, new_k, new_v, offsets, expected_lengths, first)
+    kernels.cuda_append_rows(actual_k, actual_v, new_k, new_v, offsets, actual_lengths, first)
     torch.cuda.synchronize()
+    assert torch.equal(actual_lengths, expected_lengths)
     assert torch.equal(actual_k.nan_to_num(7.0), expected_k.nan_to_num(7.0))
     assert torch.equal(actual_v.nan_to_num(7.0), expected_v.nan_to_num(7.0))
 

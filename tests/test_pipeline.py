@@ -239,3 +239,18 @@ def test_evict_and_mask_give_the_same_pipeline_answers(family):
         answers[backend] = pipe(CONTEXT, questions=QUESTIONS, press=press, cache=cache, max_new_tokens=15)["answers"]
         assert cache.get_seq_length() == context_length(tokenizer)  # rolled back after every answer
     assert answers["evict"] == answers["mask"]
+
+
+def test_graph_decoded_answers_equal_eager_answers():
+    """The pipeline's cuda_graphs switch (its CPU emulation here): the same answers, one capture serving every
+    question (each answer is rolled back in place, so the layout and the captured step stay valid)."""
+    model, tokenizer = tiny_pair()
+    pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
+    press = AdaptivePress(SnapKVPress(compression_ratio=0.6), backend="evict")
+    questions = [QUESTIONS[0], QUESTIONS[1], QUESTIONS[0]]
+    eager = pipe(CONTEXT, questions=questions, press=press, max_new_tokens=15)["answers"]
+    graphed = pipe(CONTEXT, questions=questions, press=press, max_new_tokens=15, cuda_graphs="emulate")["answers"]
+    assert graphed == eager
+    assert press.graph_decoder.captures == 1 and press.graph_decoder.replays > 20
+    with pytest.raises(ValueError, match="pass a press too"):
+        pipe(CONTEXT, question=QUESTIONS[0], cuda_graphs=True)

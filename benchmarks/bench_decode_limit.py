@@ -1,0 +1,308 @@
+"""Decode latency against the memory-bandwidth limit (CUDA only; Llama-3.1-8B shape, random bf16 weights).
+
+For each batch x context case, one process measures side by side:
+
+- dense-eager: transformers' DynamicCache, eager decode;
+- dense-compiled: transformers' StaticCache filled with the same prefill, decode steps through
+  `torch.compile(model.forward, mode="reduce-overhead")` (CUDA graphs), what a user picks today;
+- snapkv-evict-eager / -graph and adaptive-snapkv-evict-eager / -graph at each ratio: the press prefills and
+  compresses, then the same cache is decoded eagerly and then inside `press(model, cuda_graphs=True)`.
+
+Every row: decode ms/token (median of `--steps` CUDA-event timings per step after `--warmup` steps; two
+passes, both kept, the second reported), KV GiB held, peak GiB, and
+limit_ms = (weight bytes read per step + KV bytes read per step) / copy bandwidth, the bandwidth measured in
+the same run with a large device-to-device copy (bytes read + bytes written over its time). Weight bytes
+leave out the input embedding (a step reads one row of it). Graph rows also give the graph pool's memory.
+
+    python benchmarks/bench_decode_limit.py --cases 1x8192 1x32768 1x131072 8x8192 8x32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache, StaticCache
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_evict import GiB, build_model, kv_bytes  # noqa: E402
+
+from adakv import presses as P  # noqa: E402
+
+
+def copy_bandwidth(gib: float = 4.0) -> float:
+    """Bytes per second of a device-to-device copy (read + write), median of 10 after a warm-up."""
+    source = torch.empty(int(gib * GiB), dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    del source, target
+    return 2 * gib * GiB / statistics.median(times[2:])
+
+
+def weight_bytes(model) -> int:
+    embedding = model.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = model.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def step_timings(step, token: torch.Tensor, warmup: int, steps: int) -> list[float]:
+    """ms of each of `steps` decode steps (CUDA events around each, no host wait inside the loop)."""
+    events = []
+    for index in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        token = step(token)
+        end.record()
+        if index >= warmup:
+            events.append((start, end))
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def two_passes(step, token, warmup, steps) -> list[float]:
+    return [statistics.median(step_timings(step, token, warmup, steps)) for _ in range(2)]
+
+
+def greedy_step(model, cache, cache_position: torch.Tensor | None = None, forward=None):
+    """A decode step feeding its own argmax back (no host wait); cache_position advances on the device."""
+    forward = forward or model
+
+    def step(token):
+        kwargs = {}
+        if cache_position is not None:
+            kwargs = dict(cache_position=cache_position, position_ids=cache_position.expand(token.shape[0], 1))
+        logits = forward(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs).logits
+        if cache_position is not None:
+            cache_position.add_(1)
+        return logits[:, -1:].argmax(-1)
+
+    return step
+
+
+def prefill(model, ids, cache, press=None):
+    with torch.no_grad(), press(model) if press is not None else nullcontext():
+        model(ids, past_key_values=cache, logits_to_keep=1)
+    torch.cuda.synchronize()
+
+
+def row(batch, context, method, ratio, passes, limit_s, kv, peak, **extra) -> dict:
+    return dict(
+        batch=batch, context=context, method=method, ratio=ratio, decode_ms=passes[-1], decode_ms_passes=passes,
+        limit_ms=limit_s * 1000, ratio_to_limit=passes[-1] / (limit_s * 1000), kv_gib=kv / GiB, peak_gib=peak / GiB,
+        **extra,
+    )  # fmt: skip
+
+
+def dense_rows(model, ids, args, bandwidth, weights) -> list[dict]:
+    batch, context = ids.shape
+    cache = DynamicCache(config=model.config)
+    torch.cuda.reset_peak_memory_stats()
+    prefill(model, ids, cache)
+    held = kv_bytes(cache)
+    limit = (weights + held) / bandwidth
+    token = ids[:, -1:]
+    with torch.no_grad():
+        eager = two_passes(greedy_step(model, cache), token, args.warmup, args.steps)
+    rows = [row(batch, context, "dense-eager", 0.0, eager, limit, held, torch.cuda.max_memory_allocated())]
+    print(rows[-1], flush=True)
+    if args.no_compiled:
+        return rows
+    length = context + 2 * (args.warmup + args.steps) + 8
+    static = StaticCache(config=model.config, max_cache_len=length)
+    positions = torch.arange(context, device="cuda")
+    for index, layer in enumerate(cache.layers):
+        static.update(layer.keys[..., :context, :], layer.values[..., :context, :], index, {"cache_position": positions})
+    del cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    compiled = torch.compile(model.forward, mode="reduce-overhead")
+    cache_position = torch.tensor([context], device="cuda")
+    started = time.perf_counter()
+    with torch.no_grad():
+        step = greedy_step(model, static, cache_position, compiled)
+        token = step(step(step(token)))  # compile and record the graphs
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - started
+        timings = two_passes(step, token, args.warmup, args.steps)
+    static_bytes = sum(layer.keys.numel() * 2 * layer.keys.element_size() for layer in static.layers)
+    # the static cache attends over all max_cache_len positions, so that is what a step reads
+    limit = (weights + static_bytes) / bandwidth
+    rows.append(row(batch, context, "dense-compiled", 0.0, timings, limit, static_bytes, torch.cuda.max_memory_allocated(), compile_s=compile_s))
+    print(rows[-1], flush=True)
+    del static, compiled
+    torch._dynamo.reset()
+    return rows
+
+
+PRESSES = {
+    "snapkv": lambda ratio: P.SnapKVPress(ratio, backend="evict"),
+    "adaptive-snapkv": lambda ratio: P.AdaptivePress(P.SnapKVPress(ratio), backend="evict"),
+}
+
+
+def press_rows(model, ids, args, bandwidth, weights, name, ratio) -> list[dict]:
+    batch, context = ids.shape
+    press = PRESSES[name](ratio)
+    cache = DynamicCache(config=model.config)
+    torch.cuda.reset_peak_memory_stats()
+    prefill(model, ids, cache, press)
+    token = ids[:, -1:]
+    with torch.no_grad(), press(model):
+        eager = two_passes(greedy_step(model, cache), token, args.warmup, args.steps)
+    held = kv_bytes(cache)
+    limit = (weights + held) / bandwidth
+    rows = [row(batch, context, f"{name}-evict-eager", ratio, eager, limit, held, torch.cuda.max_memory_allocated())]
+    print(rows[-1], flush=True)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad(), press(model, cuda_graphs=True):
+        step = greedy_step(model, cache)
+        token = step(step(token))  # warm-up, then capture
+        torch.cuda.synchronize()
+        pool = torch.cuda.memory_allocated() - before
+        graph = two_passes(step, token, args.warmup, args.steps)
+        decoder = press.graph_decoder
+    held = kv_bytes(cache)
+    limit = (weights + held) / bandwidth
+    rows.append(
+        row(batch, context, f"{name}-evict-graph", ratio, graph, limit, held, torch.cuda.max_memory_allocated(),
+            graph_pool_gib=pool / GiB, captures=decoder.captures, graph_disabled=decoder.disabled_reason)
+    )  # fmt: skip
+    print(rows[-1], flush=True)
+    return rows
+
+
+def run_case(model, batch, context, args, bandwidth, weights) -> list[dict]:
+    ids = torch.randint(10, 128000, (batch, context), device="cuda")
+    rows = dense_rows(model, ids, args, bandwidth, weights)
+    for ratio in args.ratios:
+        for name in PRESSES:
+            gc.collect()
+            torch.cuda.empty_cache()
+            rows.extend(press_rows(model, ids, args, bandwidth, weights, name, ratio))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--cases", nargs="+", default=["1x8192", "1x32768", "1x131072", "8x8192", "8x32768"])
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75, 0.875])
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile dense baseline")
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--tag", default="", help="suffix of the result files (runs split over several calls)")
+    parser.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files into --out")
+    args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
+
+    device = torch.cuda.get_device_name()
+    model = build_model(args.layers)
+    bandwidth = copy_bandwidth()
+    weights = weight_bytes(model)
+    meta = dict(
+        device=device, torch=torch.__version__, transformers=transformers.__version__, layers=args.layers,
+        copy_bandwidth_tb_s=bandwidth / 1e12, weight_gib=weights / GiB, steps=args.steps, warmup=args.warmup,
+    )  # fmt: skip
+    print(meta, flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"decode_limit_{device.replace(' ', '_')}{args.tag}"
+    rows = []
+    for case in args.cases:
+        batch, context = (int(part) for part in case.split("x"))
+        rows.extend(dict(row, device=device) for row in run_case(model, batch, context, args, bandwidth, weights))
+        stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_table(stem.with_suffix(".md"), meta, rows)
+
+
+def merge(files: list[str], out: Path) -> None:
+    """One JSON, table and plot from runs of the same device and settings split over several processes."""
+    runs = [json.loads(Path(name).read_text()) for name in files]
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(runs[0]["meta"], merged_runs=[run["meta"] for run in runs])
+    rows = [row for run in runs for row in run["rows"]]
+    stem = out / f"decode_limit_{meta['device'].replace(' ', '_')}"
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_table(stem.with_suffix(".md"), meta, rows)
+    plot(stem.with_suffix(".png"), meta, rows)
+
+
+def plot(path: Path, meta: dict, rows: list[dict], ratio: float = 0.75) -> None:
+    """Decode latency and peak memory against context at batch 1: dense (eager, compiled), uniform SnapKV
+    and AdaptivePress(SnapKV) at `ratio` (graph and eager), with the bandwidth limit of the adaptive rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ["dense-eager", "dense-compiled", "snapkv-evict-eager", "snapkv-evict-graph",
+               "adaptive-snapkv-evict-eager", "adaptive-snapkv-evict-graph"]  # fmt: skip
+    figure, (latency, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method in methods:
+        points = sorted(
+            (r["context"], r["decode_ms"], r["peak_gib"])
+            for r in rows
+            if r["batch"] == 1 and r["method"] == method and r["ratio"] in (0.0, ratio)
+        )
+        if points:
+            contexts, decode_ms, peak = zip(*points)
+            style = "--" if "eager" in method else "-"
+            latency.plot(contexts, decode_ms, style, marker="o", label=method)
+            memory.plot(contexts, peak, style, marker="o", label=method)
+    limit = sorted((r["context"], r["limit_ms"]) for r in rows if r["batch"] == 1 and r["method"] == "adaptive-snapkv-evict-graph" and r["ratio"] == ratio)
+    if limit:
+        latency.plot(*zip(*limit), ":", color="black", label=f"bandwidth limit, adaptive r={ratio}")
+    for axis, label in ((latency, "decode ms / token"), (memory, "peak GiB")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("context tokens (batch 1)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    latency.set_yscale("log")
+    latency.legend(fontsize=7)
+    figure.suptitle(f"{meta['device']}, Llama-3.1-8B shape ({meta['layers']} layers, bf16), evict ratio {ratio}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
+    lines = [
+        f"Device: {meta['device']}; torch {meta['torch']}; transformers {meta['transformers']}; Llama-3.1-8B shape, "
+        f"{meta['layers']} layers, bf16, random weights. Copy bandwidth measured in the same run: "
+        f"{meta['copy_bandwidth_tb_s']:.2f} TB/s; weights read per step {meta['weight_gib']:.2f} GiB. decode ms = "
+        f"median of {meta['steps']} steps, pass 2 (pass 1 in brackets).",
+        "",
+        "| batch | context | method | ratio | decode ms | limit ms | x limit | KV GiB | peak GiB |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['batch']} | {r['context']} | {r['method']} | {r['ratio']} | {r['decode_ms']:.2f} "
+            f"({r['decode_ms_passes'][0]:.2f}) | {r['limit_ms']:.2f} | {r['ratio_to_limit']:.2f} | "
+            f"{r['kv_gib']:.2f} | {r['peak_gib']:.1f} |"
+        )
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

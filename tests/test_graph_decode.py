@@ -1,0 +1,210 @@
+"""CUDA-graph decoding (adakv/graph_decode.py) gives the tokens of eager decoding.
+
+On CPU the runner runs with `cuda_graphs="emulate"`: "replay" re-runs the captured step with every host
+counter frozen at its capture-time value, as a real graph would, so a decode path that read host state
+instead of the device lengths would give other tokens here. The GPU tests replay real CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+from transformers import DynamicCache
+
+from adakv import graph_decode
+from adakv import presses as P
+from adakv.flat_cache import FlatHeadwiseLayer
+
+GRAPHABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def evict_press(ratio: float = 0.5):
+    return P.AdaptivePress(P.SnapKVPress(ratio, window_size=8), backend="evict")
+
+
+def padded_batch(pad: int = 7, device="cpu"):
+    ids = random_ids(2, 40)
+    mask = torch.ones_like(ids)
+    ids[1, :pad], mask[1, :pad] = 0, 0
+    return ids.to(device), mask.to(device)
+
+
+def generate(model, cuda_graphs, ids, mask, press=None, **kwargs):
+    press = press or evict_press()
+    with torch.no_grad(), press(model, cuda_graphs=cuda_graphs):
+        torch.manual_seed(0)
+        tokens = model.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, **kwargs)
+    return tokens, press.graph_decoder
+
+
+@pytest.mark.parametrize("family", GRAPHABLE_FAMILIES)
+@pytest.mark.parametrize("sampling", [False, True])
+def test_emulated_graph_decoding_gives_the_eager_tokens(family, sampling):
+    model = tiny_model(family)
+    ids, mask = padded_batch()
+    options = dict(do_sample=True, top_k=20) if sampling else dict(do_sample=False)
+    eager, _ = generate(model, False, ids, mask, **options)
+    graphed, decoder = generate(model, "emulate", ids, mask, **options)
+    assert torch.equal(graphed, eager)
+    assert decoder.captures == 1 and decoder.replays == 22  # the first decode step is the eager warm-up
+
+
+def test_a_forward_loop_without_generate_recaptures_when_the_slack_runs_out(monkeypatch):
+    """Without generate's max_new_tokens the runner reserves RESERVE_TOKENS; when they are used up the
+    layers are re-laid out with more slack and the step is captured again, tokens unchanged."""
+    monkeypatch.setattr(graph_decode, "RESERVE_TOKENS", 3)
+    model = tiny_model("llama")
+    ids = random_ids(1, 40)
+
+    def greedy_loop(cuda_graphs):
+        cache, tokens, press = DynamicCache(config=model.config), [], evict_press()
+        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs):
+            logits = model(ids, past_key_values=cache).logits
+            for _ in range(150):  # past the 64-row default slack and past its doubling
+                tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+                logits = model(tokens[-1], past_key_values=cache).logits
+        return torch.cat(tokens, 1), cache, press.graph_decoder
+
+    eager, eager_cache, _ = greedy_loop(False)
+    graphed, graph_cache, decoder = greedy_loop("emulate")
+    assert torch.equal(graphed, eager)
+    assert decoder.captures >= 3, decoder.captures
+    for eager_layer, graph_layer in zip(eager_cache.layers, graph_cache.layers):
+        assert graph_layer.appended == eager_layer.appended == 150
+        assert torch.equal(graph_layer.seq_lengths, eager_layer.seq_lengths)
+
+
+def test_layers_that_are_not_flat_decode_eagerly_with_one_warning():
+    model = tiny_model("gemma3")  # two sliding-window layers stay dense
+    ids, mask = padded_batch()
+    eager, _ = generate(model, False, ids, mask)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graphed, decoder = generate(model, "emulate", ids, mask)
+    messages = [str(w.message) for w in caught if "CUDA-graph decoding is off" in str(w.message)]
+    assert len(messages) == 1 and "layer 0" in messages[0] and "FlatHeadwiseLayer" in messages[0]
+    assert torch.equal(graphed, eager) and decoder.captures == 0
+
+
+def test_mask_backend_decodes_eagerly_with_a_warning():
+    model = tiny_model("llama")
+    ids, mask = padded_batch()
+    press = P.SnapKVPress(0.5, window_size=8, backend="mask")
+    with pytest.warns(UserWarning, match="backend 'mask'"):
+        _, decoder = generate(model, "emulate", ids, mask, press=press)
+    assert decoder.captures == 0
+
+
+def test_cuda_graphs_on_a_cpu_model_is_a_clear_error():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="needs a model on a CUDA device.*cpu"):
+        with evict_press()(model, cuda_graphs=True):
+            pass
+    with pytest.raises(ValueError, match="cuda_graphs must be one of"):
+        with evict_press()(model, cuda_graphs="yes"):
+            pass
+
+
+def test_the_model_is_restored_after_the_block():
+    model = tiny_model("llama")
+    forward, generate_method = model.forward, model.generate
+    with pytest.raises(RuntimeError, match="boom"):
+        with evict_press()(model, cuda_graphs="emulate"):
+            assert model.forward != forward
+            raise RuntimeError("boom")
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
+    assert model.forward == forward and model.generate == generate_method
+
+
+# ----- GPU: real CUDA graphs ------------------------------------------------------------------------------
+@gpu_test
+@pytest.mark.parametrize("family", GRAPHABLE_FAMILIES)
+def test_cuda_graph_decoding_gives_the_eager_tokens_in_fp32(family):
+    model = tiny_model(family).cuda()
+    ids, mask = padded_batch(device="cuda")
+    eager, _ = generate(model, False, ids, mask)
+    graphed, decoder = generate(model, True, ids, mask)
+    assert torch.equal(graphed, eager)
+    assert decoder.captures == 1 and decoder.replays == 22  # the first decode step is the eager warm-up
+
+
+@gpu_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_recaptures_after_a_forced_relayout(monkeypatch, dtype):
+    monkeypatch.setattr(graph_decode, "RESERVE_TOKENS", 5)
+    model = tiny_model("llama").cuda().to(dtype)
+    ids = random_ids(2, 64).cuda()
+
+    def greedy_loop(cuda_graphs):
+        cache, tokens, press = DynamicCache(config=model.config), [], evict_press()
+        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs):
+            logits = model(ids, past_key_values=cache).logits
+            for _ in range(150):
+                tokens.append(logits[:, -1].argmax(-1, keepdim=True))
+                logits = model(tokens[-1], past_key_values=cache).logits
+        return torch.cat(tokens, 1), press.graph_decoder
+
+    eager, _ = greedy_loop(False)
+    graphed, decoder = greedy_loop(True)
+    assert decoder.captures >= 3
+    assert torch.equal(graphed, eager)
+
+
+@gpu_test
+def test_leaving_the_block_frees_the_graph_memory():
+    model = tiny_model("llama").cuda()
+    ids, mask = padded_batch(device="cuda")
+    generate(model, True, ids, mask)  # kernels compiled, allocator warm
+    gc.collect()
+    before = torch.cuda.memory_allocated()
+    _, decoder = generate(model, True, ids, mask)
+    gc.collect()
+    torch.cuda.synchronize()
+    assert decoder.step is None
+    left = torch.cuda.memory_allocated() - before
+    assert left < 1 << 20, f"{left} bytes still allocated"
+
+
+@gpu_test
+def test_every_cache_layer_stays_flat_and_counts_match():
+    model = tiny_model("qwen2").cuda()
+    ids, mask = padded_batch(device="cuda")
+    cache = DynamicCache(config=model.config)
+    press = evict_press()
+    with torch.no_grad(), press(model, cuda_graphs=True):
+        model.generate(ids, attention_mask=mask, max_new_tokens=10, past_key_values=cache, pad_token_id=0)
+    assert all(isinstance(layer, FlatHeadwiseLayer) for layer in cache.layers)
+    for layer in cache.layers:
+        assert torch.equal(layer.seq_lengths, layer.context_kept + layer.appended)
+
+
+@gpu_test
+def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens():
+    """Teacher-forced on the eager greedy answer, the graph-replayed steps pick the same argmax at >= 99% of
+    256 steps in bf16 (the two paths may round differently: the first decode step runs eagerly)."""
+    from adakv import load_default_model
+
+    model, tokenizer = load_default_model(device="cuda", dtype=torch.bfloat16)
+    text = "Write a long story about a lighthouse keeper and the ships she guides. " * 40
+    ids = tokenizer(text, return_tensors="pt").input_ids.cuda()
+
+    def argmax_steps(cuda_graphs, forced=None):
+        cache, press, picks = DynamicCache(config=model.config), evict_press(0.5), []
+        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs):
+            logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
+            for step in range(256):
+                picks.append(logits[:, -1].argmax(-1, keepdim=True))
+                token = picks[-1] if forced is None else forced[:, step : step + 1]
+                logits = model(token, past_key_values=cache, logits_to_keep=1).logits
+        return torch.cat(picks, 1), press.graph_decoder
+
+    eager, _ = argmax_steps(False)
+    graphed, decoder = argmax_steps(True, forced=eager)
+    agreement = (graphed == eager).float().mean().item()
+    assert decoder.captures == 1 and decoder.replays == 255
+    assert agreement >= 0.99, agreement
