@@ -7,11 +7,13 @@ A press replaces a layer of the model's `DynamicCache` after the context prefill
 - `FlatHeadwiseLayer` (backend "evict", adakv/flat_cache.py) gathers the kept rows of every head
   into one flat buffer per K and V; pruned rows are freed.
 
-"mask" stays the default: it needs nothing beyond the model's own attention and accepts any mask
-and model option (padded question batches, attention-logit softcapping), which "evict" refuses with
-a clear error. "evict" gives the same results, really frees memory (KV at ratio r is (1 - r) of dense
-plus < 2%) and decodes through adakv's own CUDA/Triton kernels on GPU (benchmarks/results/). Pick
-"evict" when memory or decode speed matters.
+"evict" is the default: a press whose `backend` is not set (None) evicts. It gives the same results
+as "mask", really frees memory (KV at ratio r is (1 - r) of dense plus < 2%) and decodes through
+adakv's own CUDA/Triton kernels on GPU (benchmarks/results/). Where the evict backend
+cannot serve the model (see `evict_refusal`, decided once at `with press(model):` from the model's
+config), such a press falls back to "mask" with one `BackendFallbackWarning` naming the reason; an
+explicit backend="evict" raises instead. "mask" stays available (backend="mask") for research on
+masks: it needs nothing beyond the model's own attention and accepts any mask and model option.
 
 Tokens appended later (question, answer) are kept by every head. A chunked context prefill
 (adakv/chunked_prefill.py) appends each context chunk the same way and then folds the chunk's kept
@@ -27,6 +29,22 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 ADAKV_ATTENTION_PREFIX = "adakv_"
 BACKENDS = ("mask", "evict")
+DEFAULT_BACKEND = "evict"  # what a press whose `backend` is None (not set) uses
+
+
+class BackendFallbackWarning(UserWarning):
+    """A press with no backend set falls back from "evict" to "mask" for a model the evict backend cannot serve."""
+
+
+def evict_refusal(config) -> str | None:
+    """Why the evict backend cannot serve a model with this config (a sentence), or None when it can."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if getattr(text_config, "attn_logit_softcapping", None) is not None:
+        return (
+            f"the model caps its attention logits (config.attn_logit_softcapping={text_config.attn_logit_softcapping}), "
+            "which the evict backend's attention kernels do not apply"
+        )
+    return None
 
 
 def check_attention_can_read(config, backend: str) -> None:

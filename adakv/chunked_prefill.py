@@ -39,7 +39,7 @@ transformers passes mask=None); the others get transformers' mask as usual.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Generator, Iterator
+from typing import Generator
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -142,7 +142,10 @@ def check_input_ids(input_ids) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise TypeError("input_ids must be a 2-D tensor of token ids (batch, seq).")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): pass at least one context token.")
+        raise ValueError(
+            f"input_ids is empty (shape {tuple(input_ids.shape)}): at least one token is needed "
+            "(the context is empty?)."
+        )
 
 
 def check_left_padding(attention_mask, input_ids: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -160,6 +163,11 @@ def check_left_padding(attention_mask, input_ids: torch.Tensor, chunk_size: int)
             "prefill_in_chunks supports left padding only (each row of attention_mask is 0...0 1...1); "
             "this mask has padding after a real token."
         )
+    if not mask.any(-1).all():
+        raise ValueError(
+            "A row of attention_mask is all padding (an empty context in the batch): at least one token is "
+            "needed in every row."
+        )
     pads = int((mask == 0).sum(-1).max())
     if pads >= chunk_size:
         raise ValueError(
@@ -167,16 +175,6 @@ def check_left_padding(attention_mask, input_ids: torch.Tensor, chunk_size: int)
             f"(chunk_size={chunk_size}): use chunk_size > {pads}, or batch contexts of closer lengths."
         )
     return attention_mask
-
-
-def press_tree(press: BasePress) -> Iterator[BasePress]:
-    """The press and every press it wraps (`.press` of wrappers, `.presses` of ComposedPress)."""
-    yield press
-    inner = getattr(press, "press", None)
-    if isinstance(inner, BasePress):
-        yield from press_tree(inner)
-    for item in getattr(press, "presses", None) or []:
-        yield from press_tree(item)
 
 
 def check_press(model: PreTrainedModel, press: BasePress | None) -> None:
@@ -189,7 +187,7 @@ def check_press(model: PreTrainedModel, press: BasePress | None) -> None:
         return
     if not isinstance(press, BasePress):
         raise TypeError(f"press must be an adakv press (a BasePress instance) or None, got {type(press).__name__}.")
-    for part in press_tree(press):
+    for part in press.press_tree():
         if isinstance(part, KeyRerotationPress):
             raise ValueError(
                 "KeyRerotationPress cannot run in a chunked prefill: it re-positions the kept keys of a whole "

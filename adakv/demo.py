@@ -61,8 +61,9 @@ def haystack(tokenizer, n_tokens: int, needle: str = NEEDLE, depth: float = 0.5)
     return f"{text[:cut]}\n\n{needle}\n\n{text[cut:].lstrip()}".strip()
 
 
-def demo_presses(ratios: list[float], backend: str = "mask") -> list[tuple[str, float, BasePress | None]]:
-    """(name, ratio, press) rows: no press, then every press at every ratio."""
+def demo_presses(ratios: list[float], backend: str | None = None) -> list[tuple[str, float, BasePress | None]]:
+    """(name, ratio, press) rows: no press, then every press at every ratio. backend None: the presses'
+    default (evict)."""
     builders = {
         "SnapKV": lambda ratio: SnapKVPress(compression_ratio=ratio, backend=backend),
         "AdaptivePress(SnapKV)": lambda ratio: AdaptivePress(SnapKVPress(compression_ratio=ratio), backend=backend),
@@ -141,8 +142,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "question is part of the compressed prompt, so query-aware presses such as SnapKV can see it",
     )
     parser.add_argument(
-        "--backend", choices=("mask", "evict"), default="evict",
-        help="how presses apply their choice: evict frees the pruned keys/values (default), mask only hides them",
+        "--backend", choices=("mask", "evict"), default=None,
+        help="how presses apply their choice: evict frees the pruned keys/values (the presses' default), "
+        "mask only hides them",
     )
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
 
@@ -181,7 +183,8 @@ def run(args: argparse.Namespace) -> list[DemoRow]:
     print(f"Prompt: {n_context} tokens of chat template + Paul Graham essays with a needle at depth {args.depth:.0%}, "
           f"then {n_question} of question and answer prefix. Needle: {NEEDLE!r}")
     mode = "only the context (query-agnostic)" if args.query_agnostic else "context and question (query-aware)"
-    print(f"Question: {QUESTION!r}, answer prefix {ANSWER_PREFIX!r}. Compressed: {mode}; backend {args.backend!r}.\n")
+    print(f"Question: {QUESTION!r}, answer prefix {ANSWER_PREFIX!r}. Compressed: {mode}; "
+          f"backend {args.backend or 'evict'!r}.\n")
 
     rows = []
     settings = demo_presses(args.ratios, args.backend)
@@ -190,7 +193,7 @@ def run(args: argparse.Namespace) -> list[DemoRow]:
     print(format_table(rows))
     right = sum(row.correct for row in rows)
     held_note = ("the evict backend frees pruned pairs; its flat buffers keep a little slack per head for new tokens"
-                 if args.backend == "evict" else "the mask backend keeps the dense cache and only hides pruned pairs")
+                 if args.backend != "mask" else "the mask backend keeps the dense cache and only hides pruned pairs")
     print(f"\n{right}/{len(rows)} answers name {EXPECTED!r}. KV pairs = (token, KV head) pairs over all layers; "
           f"MiB held = keys + values the cache holds after the prefill ({held_note}). "
           f"Total time {time.perf_counter() - started:.0f} s.")

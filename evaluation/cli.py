@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--presses", nargs="+", default=["none", "snapkv", "adakv_snapkv"],
                      help=f"known: {', '.join(registry.known_press_names())}")
     run.add_argument("--ratios", nargs="+", default=["0.25", "0.5", "0.75"])
-    run.add_argument("--backend", default="mask", help="passed to each press's `backend` field")
+    run.add_argument("--backend", default=None,
+                     help="passed to each press's `backend` field: mask or evict (default: not set, the presses "
+                     "evict, or fall back to mask with a warning on a model evict cannot serve)")
     run.add_argument("--device", default="cpu")
     run.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
     run.add_argument("--seed", type=int, default=0)

@@ -64,8 +64,9 @@ def check_presses_available(names) -> None:
                 press_class(class_name)
 
 
-def build_press(name: str, compression_ratio: float, backend: str = "mask"):
-    """The press registered as `name` at `compression_ratio`, or None for "none"."""
+def build_press(name: str, compression_ratio: float, backend: str | None = None):
+    """The press registered as `name` at `compression_ratio`, or None for "none". backend None leaves
+    it unset (the presses' default: evict)."""
     check_press_names([name])
     if name == NO_PRESS:
         return None

@@ -36,7 +36,7 @@ class SweepConfig:
     samples: int = 5
     presses: list[str] = field(default_factory=lambda: ["none", "snapkv", "adakv_snapkv"])
     ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    backend: str = "mask"
+    backend: str | None = None  # None: the presses' default (evict)
     seed: int = 0
     query_aware: bool = False
     dtype: str = "auto"

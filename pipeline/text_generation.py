@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from adakv.cache import checkpoint, restore
-from adakv.chunked_prefill import prefill_in_chunks
+from adakv.chunked_prefill import check_input_ids, prefill_in_chunks
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
 
@@ -92,6 +92,7 @@ def prefill_context(
     chunk_size: None runs the context in one forward; an int runs it in chunks of that many tokens,
     each compressed as it arrives by `press` (which must then be the active press, or None for a plain
     chunked prefill), see adakv.prefill_in_chunks."""
+    check_input_ids(context_ids)  # an empty context: at least one token is needed
     if chunk_size is not None:
         prefill_in_chunks(model, press, context_ids, chunk_size, cache=cache)
         return
@@ -145,7 +146,7 @@ def check_pipeline_inputs(
     if not isinstance(context, str):
         raise TypeError(f"context must be a str, got {type(context).__name__}.")
     if not context.strip():
-        raise ValueError("context is empty: pass the text to compress (a non-empty str).")
+        raise ValueError("context is empty: at least one token is needed; pass the text to compress (a non-empty str).")
     if question is not None and questions is not None:
         raise ValueError("Pass either `question` (one str) or `questions` (a list of str), not both.")
     if questions is not None:

@@ -18,9 +18,10 @@ kept ones into the layer's compressed context.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import ClassVar, Generator
+from typing import ClassVar, Generator, Iterator
 
 import torch
 from torch import nn
@@ -28,7 +29,15 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from adakv.attention import CACHE_ATTRIBUTE, allowed_positions, note_appended_padding, register_attention_functions
-from adakv.cache import ADAKV_ATTENTION_PREFIX, BACKENDS, make_compressed_layer, newest_keys_values
+from adakv.cache import (
+    ADAKV_ATTENTION_PREFIX,
+    BACKENDS,
+    DEFAULT_BACKEND,
+    BackendFallbackWarning,
+    evict_refusal,
+    make_compressed_layer,
+    newest_keys_values,
+)
 from adakv.graph_decode import graph_decoder_for
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
@@ -107,21 +116,84 @@ def real_token_mask(attention_mask: torch.Tensor | None, batch: int, kv_length: 
     return allowed_positions(last_query, 1, kv_length, device)[:, 0, -1].expand(batch, kv_length)
 
 
+def describe_backend(press: BasePress) -> str:
+    return f"{type(press).__name__}(backend={press.backend!r})"
+
+
 @dataclass
 class BasePress:
     """Base of every press. Subclasses implement `compress(context) -> keep mask`.
 
-    backend: how the keep mask is applied. "mask" keeps the dense cache and excludes pruned
-    positions per head inside attention (works everywhere, saves no memory).
+    backend: how the keep mask is applied. None (not set, the default) evicts: "evict" semantics,
+    except on a model the evict backend cannot serve (`adakv.cache.evict_refusal`), where the press
+    falls back to "mask" with one BackendFallbackWarning. "evict" gathers the kept rows into a flat
+    per-head cache and frees the rest (and raises where it cannot serve the model); "mask" keeps the
+    dense cache and excludes pruned positions per head inside attention (works everywhere, saves no
+    memory). A press that wraps others runs with the one backend set anywhere in it (`explicit_backend`).
     """
 
-    backend: str = field(default="mask", kw_only=True)
+    backend: str | None = field(default=None, kw_only=True)
     # True only inside `receiving_context_chunks()`; a class default, not a dataclass field.
     _receiving_context_chunks: ClassVar[bool] = False
+    # The backend chosen for the model inside `with press(model):` (see `backend_for`); None outside.
+    _backend_in_use: ClassVar[str | None] = None
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}.")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None (not set: evict), got {self.backend!r}.")
+        _ = self.explicit_backend  # conflicting backends between this press and the presses it wraps fail here
+
+    def inner_presses(self) -> tuple[BasePress, ...]:
+        """The presses this one wraps directly (none for a plain press)."""
+        return ()
+
+    def press_tree(self) -> Iterator[BasePress]:
+        """This press and every press it wraps, depth first."""
+        yield self
+        for inner in self.inner_presses():
+            if isinstance(inner, BasePress):  # wrappers check their inner presses' types themselves
+                yield from inner.press_tree()
+
+    @property
+    def explicit_backend(self) -> str | None:
+        """The backend set on this press or on any press inside it, or None when none is set.
+
+        The rule for composed presses: a wrapper with no backend takes the one set inside it, an inner
+        press with no backend runs with its wrapper's, and two different backends set in one composed
+        press (wrapper vs inner, or two members of a ComposedPress) raise a ValueError naming both."""
+        chosen = None
+        for press in self.press_tree():
+            if press.backend is None:
+                continue
+            if chosen is not None and press.backend != chosen.backend:
+                raise ValueError(
+                    f"{type(self).__name__} holds presses with conflicting backends: {describe_backend(chosen)} "
+                    f"and {describe_backend(press)}. A composed press runs with one backend: set it on one of "
+                    "them (e.g. the outermost) or give them all the same."
+                )
+            chosen = chosen or press
+        return None if chosen is None else chosen.backend
+
+    @property
+    def resolved_backend(self) -> str:
+        """The backend this press uses on a model the evict backend can serve: the explicit one, else "evict"."""
+        return self.explicit_backend or DEFAULT_BACKEND
+
+    def backend_for(self, config) -> str:
+        """The backend this press uses on a model with `config`. With no backend set and a model the
+        evict backend cannot serve, "mask" with one BackendFallbackWarning; an explicit "evict" raises."""
+        backend, refusal = self.explicit_backend, evict_refusal(config)
+        if refusal is None or backend == "mask":
+            return backend or DEFAULT_BACKEND
+        if backend == "evict":
+            raise NotImplementedError(f"backend='evict' cannot serve this model: {refusal}. Use backend='mask'.")
+        warnings.warn(
+            f"{type(self).__name__} has no backend set, so it would evict, but {refusal}; it falls back to "
+            "backend='mask' (the dense cache is kept, no memory is freed). Pass backend='mask' to silence this.",
+            BackendFallbackWarning,
+            stacklevel=4,
+        )
+        return "mask"
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         """Return the keep mask (batch, kv_heads, seq) bool, or None to leave the layer as it is."""
@@ -144,8 +216,9 @@ class BasePress:
                 "Every attention layer of this model uses a sliding window (config.sliding_window / layer_types), "
                 "so a press would compress nothing. adakv compresses full-attention layers only."
             )
+        backend = self.backend_for(model.config)
         original_implementation = _switch_attention_implementation(model)
-        handles = []
+        handles, self._backend_in_use = [], backend
         try:
             for module in modules:
                 handles.append(module.register_forward_pre_hook(_remember_cache, with_kwargs=True))
@@ -162,6 +235,7 @@ class BasePress:
             for module in modules:
                 module.__dict__.pop(CACHE_ATTRIBUTE, None)
             _set_attention_implementation(model, original_implementation)
+            self.__dict__.pop("_backend_in_use", None)  # back to the class default, None
 
     def is_active_on(self, model: PreTrainedModel) -> bool:
         """True inside `with self(model):` (this press's hook sits on the model's attention layers)."""
@@ -242,14 +316,18 @@ class BasePress:
         if keep is None:
             return None  # still nothing compressed in this layer: it stays dense
         keep = torch.cat([earlier_real, keep], dim=-1)
-        return make_compressed_layer(self.backend, layer.keys, layer.values, keep, context.module.config)
+        return make_compressed_layer(self._backend(context), layer.keys, layer.values, keep, context.module.config)
 
     def compressed_layer(self, context: PrefillContext):
         """The cache layer that replaces the dense one after compression, or None to keep it."""
         keep = self.compress(context)
         if keep is None:
             return None
-        return make_compressed_layer(self.backend, context.keys, context.values, keep, context.module.config)
+        return make_compressed_layer(self._backend(context), context.keys, context.values, keep, context.module.config)
+
+    def _backend(self, context: PrefillContext) -> str:
+        """The backend chosen at `with press(model):`, or (called outside such a block) chosen now."""
+        return self._backend_in_use or self.backend_for(context.module.config)
 
 
 def _cache_argument(kwargs: dict):
@@ -258,8 +336,13 @@ def _cache_argument(kwargs: dict):
 
 
 def _remember_cache(module: nn.Module, args, kwargs) -> None:
-    setattr(module, CACHE_ATTRIBUTE, _cache_argument(kwargs))
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if hidden_states.shape[1] == 0:
+        raise ValueError(
+            "The model was given 0 tokens (an empty prompt or context?): at least one token is needed, "
+            "both to run the model and for a press to compress."
+        )
+    setattr(module, CACHE_ATTRIBUTE, _cache_argument(kwargs))
     note_appended_padding(module, hidden_states, kwargs.get("attention_mask"))
 
 
@@ -297,6 +380,9 @@ class WrapperPress(BasePress):
     def __post_init__(self):
         super().__post_init__()
         check_is_press(self.press, type(self).__name__)
+
+    def inner_presses(self) -> tuple[BasePress, ...]:
+        return (self.press,)
 
     @property
     def compression_ratio(self) -> float:

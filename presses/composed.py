@@ -36,6 +36,9 @@ class ComposedPress(BasePress):
             check_is_press(press, "ComposedPress")
             check_not_rerotation(press, "ComposedPress")
 
+    def inner_presses(self) -> tuple[BasePress, ...]:
+        return tuple(self.presses) if isinstance(self.presses, (list, tuple)) else ()
+
     @property
     def compression_ratio(self) -> float:
         """Overall fraction removed: 1 - product of each press's kept fraction (before rounding)."""

@@ -33,6 +33,9 @@ class PerLayerCompressionPress(BasePress):
         for ratio in self.compression_ratios:
             check_compression_ratio(ratio)
 
+    def inner_presses(self) -> tuple[BasePress, ...]:
+        return (self.press,)
+
     @property
     def compression_ratio(self) -> float:
         """Mean of the per-layer ratios."""

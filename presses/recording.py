@@ -15,6 +15,10 @@ class RecordingPress(BasePress):
 
     contexts: list[PrefillContext] = field(default_factory=list)
 
+    def backend_for(self, config) -> str:
+        """No compressed layer is ever built, so no backend is chosen for the model (and none falls back)."""
+        return self.resolved_backend
+
     def compressed_layer(self, context: PrefillContext):
         self.contexts.append(context)
         return None

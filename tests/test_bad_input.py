@@ -171,7 +171,7 @@ def test_observed_attention_without_eager_attention():
             model(random_ids(seq_len=16))
 
 
-@pytest.mark.parametrize("backend", ["evict_typo", None])
+@pytest.mark.parametrize("backend", ["evict_typo", "", 1])
 def test_unknown_backend(backend):
     with pytest.raises(ValueError, match="backend must be one of"):
         KnormPress(backend=backend)

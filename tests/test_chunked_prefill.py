@@ -387,8 +387,14 @@ def test_bad_chunk_size(chunk_size):
 
 
 def test_empty_input():
-    with pytest.raises(ValueError, match="input_ids is empty"):
+    with pytest.raises(ValueError, match="input_ids is empty.*at least one token is needed"):
         run_refused(PRESSES["snapkv"]("mask"), ids=torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids is empty.*at least one token is needed"):
+        run_refused(P.SnapKVPress(0.5), ids=torch.zeros(1, 0, dtype=torch.long))  # the default backend
+    all_padding = torch.ones(2, SEQ, dtype=torch.long)
+    all_padding[1] = 0  # the second context of the batch is empty
+    with pytest.raises(ValueError, match="all padding.*at least one token is needed in every row"):
+        run_refused(P.SnapKVPress(0.5), ids=random_ids(2, SEQ), chunk_size=2 * SEQ, attention_mask=all_padding)
     with pytest.raises(TypeError, match="2-D tensor"):
         run_refused(PRESSES["snapkv"]("mask"), ids=torch.arange(5))
 

@@ -107,7 +107,7 @@ def test_masked_attention_equals_physically_gathered_cache(family, attn_implemen
     into a smaller dense cache that plain attention reads; both must give the same logits."""
     model = tiny_model(family, attn_implementation)
     ids = random_ids(1, 48)
-    press = SnapKVPress(0.6, window_size=8)
+    press = SnapKVPress(0.6, window_size=8, backend="mask")
     masked_cache, _ = prefill(model, ids, press)
     next_ids = random_ids(1, 3, seed=7)
     positions = torch.arange(48, 51)[None]
@@ -132,7 +132,7 @@ def test_masking_changes_the_output():
     """Guard against a mask that is silently ignored."""
     model = tiny_model()
     ids = random_ids(1, 48)
-    press = SnapKVPress(0.75, window_size=4)
+    press = SnapKVPress(0.75, window_size=4, backend="mask")
     dense_cache, _ = prefill(model, ids)
     masked_cache, _ = prefill(model, ids, press)
     with torch.no_grad():

@@ -191,6 +191,19 @@ def test_bad_input_is_refused(kwargs, error):
         pipe(kwargs.pop("context"), **kwargs)
 
 
+@pytest.mark.parametrize("press", [None, SnapKVPress(compression_ratio=0.5)], ids=["no press", "default press"])
+def test_an_empty_context_says_a_token_is_needed(press):
+    model, tokenizer = tiny_pair()
+    pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="context is empty: at least one token is needed"):
+        pipe("", question=QUESTIONS[0], press=press)
+    empty_ids = torch.zeros(1, 0, dtype=torch.long)  # e.g. a context that encodes to no token
+    with pytest.raises(ValueError, match="at least one token is needed"):
+        prefill_context(model, DynamicCache(), empty_ids, press)
+    with pytest.raises(ValueError, match="at least one token is needed"):
+        prefill_context(model, DynamicCache(), empty_ids, press, chunk_size=8)
+
+
 def test_a_cache_that_is_not_empty_is_refused():
     model, tokenizer = tiny_pair()
     pipe = pipeline(TASK, model=model, tokenizer=tokenizer)

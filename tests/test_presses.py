@@ -115,8 +115,12 @@ def greedy(model, ids, attention_mask=None, max_new_tokens=3):
 
 
 def context_counts(cache) -> dict[int, torch.Tensor]:
-    """Kept context tokens per compressed layer: (batch, kv_heads), without the appended tokens."""
-    return {index: layer.context_keep.sum(-1) for index, layer in compressed_layers(cache).items()}
+    """Kept context tokens per compressed layer: (batch, kv_heads), without the appended tokens.
+    Either backend: presses without a backend evict (FlatHeadwiseLayer), backend="mask" gives MaskedLayer."""
+    return {
+        index: layer.context_keep.sum(-1) if layer.backend == "mask" else layer.context_kept.view(layer.batch_size, -1)
+        for index, layer in compressed_layers(cache).items()
+    }
 
 
 @pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
@@ -234,6 +238,7 @@ def test_left_padding_is_never_kept(scorer, wrapper):
     attention_mask[0, :pad] = 0
     ids[0, :pad] = 0
     press = WRAPPERS[wrapper](SCORERS[scorer](RATIO), RATIO)
+    press.backend = "mask"  # the test reads which positions each head kept (MaskedLayer.context_keep)
     with press(model):
         out = greedy(model, ids, attention_mask)
     layers = compressed_layers(out.past_key_values)
@@ -309,7 +314,7 @@ def test_streaming_llm_keeps_sinks_and_recent_tokens():
     ids = random_ids(batch=2, seq_len=SEQ)
     attention_mask = torch.ones_like(ids)
     attention_mask[0, :pad] = 0
-    with StreamingLLMPress(compression_ratio=0.75, n_sink=4)(model):
+    with StreamingLLMPress(compression_ratio=0.75, n_sink=4, backend="mask")(model):
         out = greedy(model, ids, attention_mask, max_new_tokens=1)
     for layer in compressed_layers(out.past_key_values).values():
         for row, start in ((0, pad), (1, 0)):
@@ -505,7 +510,7 @@ def test_key_rerotation_equals_keys_computed_at_the_new_positions(family, adapti
     attention_mask = torch.ones_like(ids)
     attention_mask[0, :pad] = 0
     inner = KnormPress(compression_ratio=0.5)
-    press = KeyRerotationPress(AdaptivePress(inner) if adaptive else inner)
+    press = KeyRerotationPress(AdaptivePress(inner) if adaptive else inner, backend="mask")  # reads dense keys
 
     inputs = {}
 
@@ -591,7 +596,7 @@ def test_random_press_is_reproducible_with_a_seed():
     model = cached_model("llama")
     masks = []
     for seed in (7, 7, 8):
-        with RandomPress(compression_ratio=0.5, seed=seed)(model):
+        with RandomPress(compression_ratio=0.5, seed=seed, backend="mask")(model):
             out = greedy(model, random_ids(seq_len=SEQ), max_new_tokens=1)
         masks.append(torch.stack([layer.context_keep for layer in compressed_layers(out.past_key_values).values()]))
     assert torch.equal(masks[0], masks[1])
