@@ -27,6 +27,8 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "adakv_observed_attention": ("ObservedAttentionPress", ("AdaptivePress",)),
     "streaming_llm": ("StreamingLLMPress", ()),
     "random": ("RandomPress", ()),
+    "cur": ("CURPress", ()),
+    "adakv_cur": ("CURPress", ("AdaptivePress",)),
 }
 NO_PRESS = "none"
 

@@ -5,6 +5,7 @@ from .base import BasePress, PrefillContext, WrapperPress
 from .chunk import ChunkPress
 from .composed import ComposedPress
 from .criticalkv import CriticalKVPress
+from .cur import CURPress
 from .expected_attention import ExpectedAttentionPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
@@ -25,6 +26,7 @@ __all__ = [
     "ChunkPress",
     "ComposedPress",
     "CriticalKVPress",
+    "CURPress",
     "ExpectedAttentionPress",
     "KeyDiffPress",
     "KeyRerotationPress",

@@ -29,6 +29,7 @@ from adakv import (
     kept_token_counts,
 )
 from adakv import CriticalKVPress, RecordingPress
+from adakv import CURPress
 from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
 from adakv.presses.expected_attention import future_rope
@@ -54,6 +55,7 @@ SCORERS = {
     "observed_attention": lambda r: ObservedAttentionPress(compression_ratio=r),
     "expected_attention": lambda r: ExpectedAttentionPress(compression_ratio=r, n_future_positions=16, n_recent=16),
     "keydiff": lambda r: KeyDiffPress(compression_ratio=r),
+    "cur": lambda r: CURPress(compression_ratio=r, rank=4),
 }
 
 WRAPPERS = {

@@ -1,0 +1,85 @@
+"""Press-specific behaviour of CURPress, FinchPress, DuoAttentionPress, HeadKVPress, ThinKPress and
+MergePress (their runs through the press x wrapper x family matrix are in test_presses.py)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from adakv import CURPress
+from adakv.presses.cur import leverage_scores
+
+from conftest import random_ids
+from test_presses import SEQ, cached_model, recorded_contexts
+
+
+def context_of(layer: int = 1, family: str = "llama", seq_len: int = SEQ, attn_implementation: str = "sdpa"):
+    return recorded_contexts(cached_model(family, attn_implementation), random_ids(seq_len=seq_len))[layer]
+
+
+# --- CUR ---------------------------------------------------------------------------------------
+
+
+def svd_leverage(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    left, _, _ = torch.linalg.svd(matrix.double(), full_matrices=False)
+    return left[:, :rank].square().sum(-1).float()
+
+
+@pytest.mark.parametrize("rank", [1, 3, 8, 100])
+def test_leverage_scores_are_the_row_norms_of_the_top_left_singular_vectors(rank):
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(2, 3, 40, 8, generator=generator)
+    available = torch.ones(2, 3, 40, dtype=torch.bool)
+    scores = leverage_scores(rows, available, rank)
+    for b in range(2):
+        for h in range(3):
+            torch.testing.assert_close(scores[b, h], svd_leverage(rows[b, h], rank), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scores.sum(-1), torch.full((2, 3), float(min(rank, 8))), rtol=1e-4, atol=1e-4)
+
+
+def test_leverage_scores_ignore_unavailable_rows():
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.randn(1, 1, 30, 6, generator=generator)
+    available = torch.ones(1, 1, 30, dtype=torch.bool)
+    available[..., :7] = False
+    rows_with_noise = rows.clone()
+    rows_with_noise[..., :7, :] = 1e3  # padding garbage must not move the scores of the real rows
+    scores = leverage_scores(rows_with_noise, available, 4)
+    assert (scores[..., :7] == 0).all()
+    torch.testing.assert_close(scores[0, 0, 7:], svd_leverage(rows[0, 0, 7:], 4), rtol=1e-4, atol=1e-5)
+
+
+def test_rank_deficient_matrix_has_no_spurious_directions():
+    rows = torch.zeros(1, 1, 10, 4)
+    rows[..., 0] = torch.arange(1.0, 11.0)  # rank one
+    scores = leverage_scores(rows, torch.ones(1, 1, 10, dtype=torch.bool), 4)
+    expected = torch.arange(1.0, 11.0).square() / torch.arange(1.0, 11.0).square().sum()
+    torch.testing.assert_close(scores[0, 0], expected)
+
+
+def test_cur_keeps_the_token_that_alone_spans_a_direction():
+    context = context_of()
+    keys, values = context.keys.clone(), context.values.clone()
+    # token 20 of head 0 gets a key and a value direction no other token has: leverage 1 in both
+    keys[0, 0, :, -1] = 0
+    values[0, 0, :, -1] = 0
+    keys[0, 0, 20, -1] = 0.01
+    values[0, 0, 20, -1] = 0.01
+    context = replace(context, keys=keys, values=values)
+    press = CURPress(compression_ratio=0.9, rank=keys.shape[-1])
+    scores = press.score(context)
+    assert scores[0, 0, 20] == pytest.approx(1.0, abs=1e-4)
+    assert press.compress(context)[0, 0, 20]
+    both = scores
+    keys_only = CURPress(rank=4, leverage_of="keys").score(context)
+    values_only = CURPress(rank=4, leverage_of="values").score(context)
+    torch.testing.assert_close(CURPress(rank=4).score(context), keys_only * values_only)
+    assert not torch.allclose(both, CURPress(rank=4).score(context))  # the rank matters
+
+
+@pytest.mark.parametrize("field, value", [("rank", 0), ("rank", 2.0), ("rank", True), ("leverage_of", "queries")])
+def test_cur_bad_input(field, value):
+    with pytest.raises(ValueError, match=field):
+        CURPress(**{field: value})
