@@ -29,6 +29,8 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "random": ("RandomPress", ()),
     "cur": ("CURPress", ()),
     "adakv_cur": ("CURPress", ("AdaptivePress",)),
+    "finch": ("FinchPress", ()),
+    "adakv_finch": ("FinchPress", ("AdaptivePress",)),
 }
 NO_PRESS = "none"
 

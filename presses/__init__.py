@@ -7,6 +7,7 @@ from .composed import ComposedPress
 from .criticalkv import CriticalKVPress
 from .cur import CURPress
 from .expected_attention import ExpectedAttentionPress
+from .finch import FinchPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
 from .knorm import KnormPress
@@ -28,6 +29,7 @@ __all__ = [
     "CriticalKVPress",
     "CURPress",
     "ExpectedAttentionPress",
+    "FinchPress",
     "KeyDiffPress",
     "KeyRerotationPress",
     "KnormPress",

@@ -29,7 +29,7 @@ from adakv import (
     kept_token_counts,
 )
 from adakv import CriticalKVPress, RecordingPress
-from adakv import CURPress
+from adakv import CURPress, FinchPress
 from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
 from adakv.presses.expected_attention import future_rope
@@ -56,6 +56,7 @@ SCORERS = {
     "expected_attention": lambda r: ExpectedAttentionPress(compression_ratio=r, n_future_positions=16, n_recent=16),
     "keydiff": lambda r: KeyDiffPress(compression_ratio=r),
     "cur": lambda r: CURPress(compression_ratio=r, rank=4),
+    "finch": lambda r: FinchPress(compression_ratio=r, window_size=8, chunk_length=10),
 }
 
 WRAPPERS = {

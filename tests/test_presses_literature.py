@@ -8,8 +8,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adakv import CURPress
+from adakv import CURPress, FinchPress
 from adakv.presses.cur import leverage_scores
+from adakv.presses.snapkv import mean_window_attention
+from adakv.selection import kept_count
 
 from conftest import random_ids
 from test_presses import SEQ, cached_model, recorded_contexts
@@ -83,3 +85,68 @@ def test_cur_keeps_the_token_that_alone_spans_a_direction():
 def test_cur_bad_input(field, value):
     with pytest.raises(ValueError, match=field):
         CURPress(**{field: value})
+
+
+# --- Finch -------------------------------------------------------------------------------------
+
+
+def finch_reference(context, window: int, chunk: int, ratio: float) -> list[list[set[int]]]:
+    """Finch's bounded cache, step by step with Python sets, from the eager attention weights: the
+    question's attention restricted to a key set S is w / sum(w over S), row by row."""
+    weights = context.attentions[0, :, -window:].double()  # (heads, window, seq)
+    seq_len = context.seq_len
+    kv_heads = context.keys.shape[1]
+    groups = weights.shape[0] // kv_heads
+    budget = int(kept_count(torch.tensor(seq_len), ratio)) - window
+    question = set(range(seq_len - window, seq_len))
+    kept = []
+    for head in range(kv_heads):
+        rows = weights[head * groups : (head + 1) * groups].reshape(-1, seq_len)
+        cache: set[int] = set()
+        for start in range(0, seq_len - window, chunk):
+            candidates = cache | set(range(start, min(start + chunk, seq_len - window)))
+            keys = sorted(candidates | question)
+            restricted = rows[:, keys] / rows[:, keys].sum(-1, keepdim=True)
+            attention = dict(zip(keys, restricted.mean(0).tolist()))
+            cache = set(sorted(candidates, key=lambda i: (-attention[i], i))[:budget])
+        kept.append(cache | question)
+    return [kept]
+
+
+@pytest.mark.parametrize("chunk", [7, 10, 100])
+def test_finch_keeps_the_bounded_cache_of_the_question_attention(chunk):
+    context = context_of(attn_implementation="eager")
+    press = FinchPress(compression_ratio=0.6, window_size=8, chunk_length=chunk)
+    keep = press.compress(context)
+    expected = finch_reference(context, 8, chunk, 0.6)
+    for head, positions in enumerate(expected[0]):
+        assert set(keep[0, head].nonzero().flatten().tolist()) == positions
+
+
+def test_finch_in_one_chunk_is_a_top_k_of_the_question_attention():
+    context = context_of()
+    press = FinchPress(compression_ratio=0.5, window_size=8, chunk_length=SEQ)
+    keep = press.compress(context)
+    attention = mean_window_attention(context, 8)[..., : SEQ - 8]
+    top = attention.topk(SEQ // 2 - 8, dim=-1).indices.sort(-1).values
+    for head in range(2):
+        assert keep[0, head].nonzero().flatten().tolist() == top[0, head].tolist() + list(range(SEQ - 8, SEQ))
+
+
+def test_finch_chunks_change_the_choice_and_order_larger_budgets():
+    context = context_of(attn_implementation="eager")
+    small = FinchPress(compression_ratio=0.6, window_size=8, chunk_length=7)
+    assert not torch.equal(small.compress(context), FinchPress(0.6, window_size=8, chunk_length=SEQ).compress(context))
+    # the score order: the question first, and its top `budget` is exactly the bounded cache
+    scores = small.score(context)
+    ranks = scores[0].argsort(dim=-1, descending=True, stable=True)
+    assert set(ranks[0, :8].tolist()) == set(range(SEQ - 8, SEQ))
+    kept = set(small.compress(context)[0, 0].nonzero().flatten().tolist())
+    assert set(ranks[0, : SEQ - round(SEQ * 0.6)].tolist()) == kept
+
+
+@pytest.mark.parametrize("field", ["window_size", "chunk_length"])
+@pytest.mark.parametrize("value", [0, 2.5, True])
+def test_finch_bad_input(field, value):
+    with pytest.raises(ValueError, match=field):
+        FinchPress(**{field: value})
