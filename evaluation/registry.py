@@ -31,6 +31,7 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "adakv_cur": ("CURPress", ("AdaptivePress",)),
     "finch": ("FinchPress", ()),
     "adakv_finch": ("FinchPress", ("AdaptivePress",)),
+    "duo_attention": ("DuoAttentionPress", ()),
 }
 NO_PRESS = "none"
 

@@ -6,6 +6,7 @@ from .chunk import ChunkPress
 from .composed import ComposedPress
 from .criticalkv import CriticalKVPress
 from .cur import CURPress
+from .duo_attention import DuoAttentionPress
 from .expected_attention import ExpectedAttentionPress
 from .finch import FinchPress
 from .key_rerotation import KeyRerotationPress
@@ -28,6 +29,7 @@ __all__ = [
     "ComposedPress",
     "CriticalKVPress",
     "CURPress",
+    "DuoAttentionPress",
     "ExpectedAttentionPress",
     "FinchPress",
     "KeyDiffPress",

@@ -8,8 +8,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adakv import CURPress, FinchPress
+from adakv import CURPress, DuoAttentionPress, FinchPress
 from adakv.presses.cur import leverage_scores
+from adakv.presses.duo_attention import count_streaming_heads
 from adakv.presses.snapkv import mean_window_attention
 from adakv.selection import kept_count
 
@@ -150,3 +151,63 @@ def test_finch_chunks_change_the_choice_and_order_larger_budgets():
 def test_finch_bad_input(field, value):
     with pytest.raises(ValueError, match=field):
         FinchPress(**{field: value})
+
+
+# --- DuoAttention ------------------------------------------------------------------------------
+
+
+def group_mean_window_weights(context, window: int) -> torch.Tensor:
+    """(kv_heads, seq): eager attention of the last `window` queries, averaged over them and each group."""
+    weights = context.attentions[0, :, -window:]  # (heads, window, seq)
+    kv_heads = context.keys.shape[1]
+    return weights.reshape(kv_heads, -1, context.seq_len).mean(1)
+
+
+@pytest.mark.parametrize("budget, expected", [(40, 0), (39, 1), (33, 1), (32, 2), (19, 3), (12, 4)])
+def test_count_streaming_heads_is_the_fewest_that_fit(budget, expected):
+    share = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
+    available = torch.ones(1, 4, 10, dtype=torch.bool)
+    # k streaming heads keep 3 tokens each, the others 10: cost 40 - 7k
+    assert count_streaming_heads(share, available, torch.tensor([budget]), 3).tolist() == [expected]
+
+
+def test_count_streaming_heads_takes_the_most_local_heads_first():
+    share = torch.tensor([[0.1, 0.9, 0.5]])
+    available = torch.ones(1, 3, 10, dtype=torch.bool)
+    available[0, 1, :8] = False  # the most local head has only 2 tokens: streaming saves nothing there
+    assert count_streaming_heads(share, available, torch.tensor([15]), 3).tolist() == [2]
+
+
+def test_duo_attention_local_share_is_the_attention_on_sinks_and_recent_tokens():
+    context = context_of(attn_implementation="eager")
+    press = DuoAttentionPress(n_sink=2, n_recent=4, window_size=8)
+    weights = group_mean_window_weights(context, 8)
+    expected = weights[:, [0, 1, 44, 45, 46, 47]].sum(-1)
+    torch.testing.assert_close(press.local_share(context)[0], expected)
+
+
+def test_duo_attention_streams_the_most_local_head_and_keeps_everything_in_the_other():
+    context = context_of(attn_implementation="eager")
+    press = DuoAttentionPress(compression_ratio=0.25, n_sink=2, n_recent=4, window_size=8)
+    keep = press.compress(context)[0]
+    share = press.local_share(context)[0]
+    streaming, retrieval = int(share.argmax()), int(share.argmin())
+    assert press.streaming_heads(context)[0].tolist() == [head == streaming for head in range(2)]
+    assert keep[retrieval].all()
+    # layer budget 2 * 36 = 72: 48 for the retrieval head, 24 = 2 sinks + the 22 most recent
+    assert keep[streaming].nonzero().flatten().tolist() == [0, 1, *range(SEQ - 22, SEQ)]
+
+
+def test_duo_attention_streams_every_head_when_the_budget_is_small():
+    context = context_of()
+    press = DuoAttentionPress(compression_ratio=0.75, n_sink=2, n_recent=4, window_size=8)
+    assert press.streaming_heads(context).all()
+    keep = press.compress(context)[0]
+    for head in range(2):
+        assert keep[head].nonzero().flatten().tolist() == [0, 1, *range(SEQ - 10, SEQ)]
+
+
+@pytest.mark.parametrize("field, value", [("n_sink", -1), ("n_recent", 0), ("window_size", 0), ("n_recent", 1.5)])
+def test_duo_attention_bad_input(field, value):
+    with pytest.raises(ValueError, match=field):
+        DuoAttentionPress(**{field: value})
