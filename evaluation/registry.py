@@ -32,6 +32,7 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "finch": ("FinchPress", ()),
     "adakv_finch": ("FinchPress", ("AdaptivePress",)),
     "duo_attention": ("DuoAttentionPress", ()),
+    "headkv_snapkv": ("SnapKVPress", ("HeadKVPress",)),
 }
 NO_PRESS = "none"
 

@@ -9,6 +9,7 @@ from .cur import CURPress
 from .duo_attention import DuoAttentionPress
 from .expected_attention import ExpectedAttentionPress
 from .finch import FinchPress
+from .headkv import HeadKVPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
 from .knorm import KnormPress
@@ -32,6 +33,7 @@ __all__ = [
     "DuoAttentionPress",
     "ExpectedAttentionPress",
     "FinchPress",
+    "HeadKVPress",
     "KeyDiffPress",
     "KeyRerotationPress",
     "KnormPress",

@@ -20,6 +20,15 @@ def last_available(available: torch.Tensor, count: int) -> torch.Tensor:
     return available & (available.flip(-1).long().cumsum(-1).flip(-1) <= count)
 
 
+def local_attention_share(context: PrefillContext, window: int, n_sink: int, n_recent: int) -> torch.Tensor:
+    """(batch, kv_heads): the part of the attention of the last `window` queries (averaged over them and
+    the query heads of each KV head) that falls on each head's first `n_sink` and last `n_recent`
+    available tokens."""
+    attention = mean_window_attention(context, min(window, context.seq_len))
+    local = first_available(context.available, n_sink) | last_available(context.available, n_recent)
+    return (attention * local).sum(-1)
+
+
 def count_streaming_heads(local_share: torch.Tensor, available: torch.Tensor, budget: torch.Tensor, floor: int):
     """How many heads of each batch row must become streaming heads so the layer fits its budget.
 
@@ -71,9 +80,7 @@ class DuoAttentionPress(ScorerPress):
 
     def local_share(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads) share of the observation window's attention on sinks and recent tokens."""
-        attention = mean_window_attention(context, min(self.window_size, context.seq_len))
-        local = first_available(context.available, self.n_sink) | last_available(context.available, self.n_recent)
-        return (attention * local).sum(-1)
+        return local_attention_share(context, self.window_size, self.n_sink, self.n_recent)
 
     def streaming_heads(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads) bool: the heads that keep only sinks and recent tokens at this layer's ratio."""

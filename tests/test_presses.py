@@ -29,7 +29,7 @@ from adakv import (
     kept_token_counts,
 )
 from adakv import CriticalKVPress, RecordingPress
-from adakv import CURPress, DuoAttentionPress, FinchPress
+from adakv import CURPress, DuoAttentionPress, FinchPress, HeadKVPress
 from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
 from adakv.presses.expected_attention import future_rope
@@ -59,14 +59,15 @@ SCORERS = {
     "finch": lambda r: FinchPress(compression_ratio=r, window_size=8, chunk_length=10),
     "duo_attention": lambda r: DuoAttentionPress(compression_ratio=r, n_sink=2, n_recent=4, window_size=8),
 }
-# Scorers whose own compress gives heads different lengths (the layer keeps the uniform total), and the
-# wrappers that keep the inner press's own compress (the others select per head from its scores).
+# Presses that give heads different lengths (the layer keeps the uniform total): these wrappers, these
+# scorers' own compress, and the wrappers that keep the inner press's own compress.
+HEADWISE_WRAPPERS = {"adaptive", "headkv"}
 HEADWISE_SCORERS = {"duo_attention"}
 COMPRESS_FORWARDING_WRAPPERS = {"none", "chunk", "composed", "key_rerotation"}
 
 
 def allocates_across_heads(scorer: str, wrapper: str) -> bool:
-    return wrapper == "adaptive" or (scorer in HEADWISE_SCORERS and wrapper in COMPRESS_FORWARDING_WRAPPERS)
+    return wrapper in HEADWISE_WRAPPERS or (scorer in HEADWISE_SCORERS and wrapper in COMPRESS_FORWARDING_WRAPPERS)
 
 WRAPPERS = {
     "none": lambda press, r: press,
@@ -76,6 +77,7 @@ WRAPPERS = {
     "per_layer": lambda press, r: PerLayerCompressionPress(press, [ratio * (r > 0) for ratio in LAYER_RATIOS]),
     "key_rerotation": lambda press, r: KeyRerotationPress(press),
     "critical": lambda press, r: CriticalKVPress(press),
+    "headkv": lambda press, r: HeadKVPress(press, window_size=8),
 }
 
 

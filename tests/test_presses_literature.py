@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adakv import CURPress, DuoAttentionPress, FinchPress
+from adakv import CURPress, DuoAttentionPress, FinchPress, HeadKVPress, KnormPress
 from adakv.presses.cur import leverage_scores
 from adakv.presses.duo_attention import count_streaming_heads
 from adakv.presses.snapkv import mean_window_attention
@@ -211,3 +211,77 @@ def test_duo_attention_streams_every_head_when_the_budget_is_small():
 def test_duo_attention_bad_input(field, value):
     with pytest.raises(ValueError, match=field):
         DuoAttentionPress(**{field: value})
+
+
+# --- HeadKV ------------------------------------------------------------------------------------
+
+
+class FixedImportanceHeadKV(HeadKVPress):
+    """HeadKVPress with given head importances (batch, kv_heads), to test the allocation alone."""
+
+    importance: torch.Tensor | None = None
+
+    def head_importance(self, context):
+        return self.importance
+
+
+def dhondt(weights: list[float], seats: int, caps: list[int]) -> list[int]:
+    """Reference D'Hondt apportionment: each seat to the largest weight / (seats so far + 1)."""
+    given = [0] * len(weights)
+    for _ in range(seats):
+        quotients = [w / (g + 1) if g < cap else -1.0 for w, g, cap in zip(weights, given, caps)]
+        given[quotients.index(max(quotients))] += 1
+    return given
+
+
+@pytest.mark.parametrize("importance", [[3.0, 1.0], [0.2, 0.7], [1.0, 0.0], [0.5, 0.5]])
+@pytest.mark.parametrize("base_fraction", [0.0, 0.5, 0.9])
+def test_headkv_pools_the_budget_in_proportion_to_importance(importance, base_fraction):
+    context = context_of()
+    inner = KnormPress(compression_ratio=0.5)
+    press = FixedImportanceHeadKV(inner, base_fraction=base_fraction)
+    press.importance = torch.tensor([importance])
+    keep = press.compress(context)[0]
+    floor = int(base_fraction * 24)
+    expected = [floor + extra for extra in dhondt(importance, 48 - 2 * floor, [SEQ - floor] * 2)]
+    assert keep.sum(-1).tolist() == expected
+    for head in range(2):  # within its budget, each head keeps its best tokens by the inner press
+        best = inner.score(context)[0, head].topk(expected[head]).indices.sort().values
+        assert keep[head].nonzero().flatten().tolist() == best.tolist()
+
+
+def test_headkv_never_gives_a_head_more_than_it_has():
+    context = context_of()
+    available = context.available.clone()
+    available[0, 0, :40] = False  # head 0 has 8 tokens, head 1 has 48: layer budget 4 + 24
+    press = FixedImportanceHeadKV(KnormPress(compression_ratio=0.5), base_fraction=0.0)
+    press.importance = torch.tensor([[1.0, 0.01]])
+    keep = press.compress(context.restrict(available))[0]
+    assert keep.sum(-1).tolist() == [8, 20]
+    assert not keep[0, :40].any()
+
+
+def test_headkv_with_a_full_base_fraction_is_the_uniform_inner_press():
+    context = context_of()
+    inner = KnormPress(compression_ratio=0.5)
+    assert torch.equal(HeadKVPress(inner, base_fraction=1.0).compress(context), inner.compress(context))
+
+
+def test_headkv_importance_is_the_window_attention_on_the_distant_context():
+    context = context_of(attn_implementation="eager")
+    press = HeadKVPress(KnormPress(), window_size=8, n_sink=2)
+    distant = group_mean_window_weights(context, 8)[:, 2 : SEQ - 8].sum(-1)
+    torch.testing.assert_close(press.head_importance(context)[0], distant, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"base_fraction": 1.5}, {"base_fraction": "0.5"}, {"window_size": 0}, {"n_sink": -1}]
+)
+def test_headkv_bad_input(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        HeadKVPress(KnormPress(), **kwargs)
+
+
+def test_headkv_needs_a_scoring_press():
+    with pytest.raises(TypeError, match="scoring press"):
+        HeadKVPress(HeadKVPress(KnormPress()))
