@@ -33,6 +33,7 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "adakv_finch": ("FinchPress", ("AdaptivePress",)),
     "duo_attention": ("DuoAttentionPress", ()),
     "headkv_snapkv": ("SnapKVPress", ("HeadKVPress",)),
+    "think_snapkv": ("SnapKVPress", ("ThinKPress",)),
 }
 NO_PRESS = "none"
 

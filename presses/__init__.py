@@ -21,6 +21,7 @@ from .recording import RecordingPress
 from .scorer import ScorerPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
+from .think import ThinKPress
 from .tova import TOVAPress
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "ScorerPress",
     "SnapKVPress",
     "StreamingLLMPress",
+    "ThinKPress",
     "TOVAPress",
     "WrapperPress",
 ]

@@ -8,13 +8,16 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adakv import CURPress, DuoAttentionPress, FinchPress, HeadKVPress, KnormPress
+from adakv import CURPress, DuoAttentionPress, FinchPress, HeadKVPress, KnormPress, SnapKVPress, ThinKPress
 from adakv.presses.cur import leverage_scores
 from adakv.presses.duo_attention import count_streaming_heads
+from adakv.models import queries
 from adakv.presses.snapkv import mean_window_attention
 from adakv.selection import kept_count
 
 from conftest import random_ids
+from test_chunked_prefill import run_refused
+from test_evict import left_padded_batch, run
 from test_presses import SEQ, cached_model, recorded_contexts
 
 
@@ -285,3 +288,71 @@ def test_headkv_bad_input(kwargs):
 def test_headkv_needs_a_scoring_press():
     with pytest.raises(TypeError, match="scoring press"):
         HeadKVPress(HeadKVPress(KnormPress()))
+
+
+# --- ThinK -------------------------------------------------------------------------------------
+
+
+def test_think_zeroes_the_channels_with_the_smallest_query_key_norm_product():
+    context = context_of()
+    original = context.keys.clone()
+    inner = KnormPress(compression_ratio=0.5)
+    expected_keep = inner.compress(context)
+    press = ThinKPress(inner, key_channel_compression_ratio=0.25, window_size=8)
+    keep = press.compress(context)
+    assert torch.equal(keep, expected_keep)  # tokens: the inner press's choice, made on the original keys
+
+    cos, sin = context.position_embeddings
+    window_queries = queries(context.module, context.hidden_states[:, -8:], (cos[:, -8:], sin[:, -8:]))[0]
+    head_dim = original.shape[-1]
+    for head in range(2):
+        group = window_queries[2 * head : 2 * head + 2].reshape(-1, head_dim)  # query heads 2h, 2h + 1
+        product = group.norm(dim=0) * original[0, head].norm(dim=0)
+        pruned = set(product.argsort()[: head_dim // 4].tolist())
+        zero = {c for c in range(head_dim) if (context.keys[0, head, :, c] == 0).all()}
+        assert zero == pruned
+        kept_channels = sorted(set(range(head_dim)) - pruned)
+        assert torch.equal(context.keys[0, head][:, kept_channels], original[0, head][:, kept_channels])
+
+
+def test_think_logits_are_those_of_queries_and_keys_without_the_pruned_channels():
+    """Zeroing a key channel is the same as dropping that channel from the query and the key."""
+    context = context_of()
+    press = ThinKPress(KnormPress(compression_ratio=0.0), key_channel_compression_ratio=0.5, window_size=8)
+    pruned = press.pruned_channels(context)[0, 0]
+    keys = context.keys[0, 0].clone()
+    query = torch.randn(keys.shape[-1], generator=torch.Generator().manual_seed(0))
+    press.compress(context)
+    torch.testing.assert_close(context.keys[0, 0] @ query, keys[:, ~pruned] @ query[~pruned])
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_think_gives_the_same_logits_on_both_backends(padded):
+    model = cached_model("qwen3")
+    ids, attention_mask = left_padded_batch() if padded else (random_ids(1, SEQ), None)
+    logits = {}
+    for backend in ("mask", "evict"):
+        press = ThinKPress(SnapKVPress(0.5, window_size=8), window_size=8, backend=backend)
+        logits[backend], _ = run(model, press, ids, attention_mask)
+    for mask_logits, evict_logits in zip(logits["mask"], logits["evict"]):
+        torch.testing.assert_close(evict_logits, mask_logits, rtol=1e-5, atol=1e-5)
+    unpruned, _ = run(model, SnapKVPress(0.5, window_size=8), ids, attention_mask)
+    assert not torch.allclose(unpruned[1], logits["mask"][1])  # the channels mattered
+
+
+def test_think_is_refused_in_a_chunked_prefill():
+    with pytest.raises(ValueError, match="ThinKPress cannot run in a chunked prefill"):
+        run_refused(ThinKPress(SnapKVPress(0.5)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"key_channel_compression_ratio": 1.0}, "key_channel_compression_ratio"),
+        ({"key_channel_compression_ratio": -0.1}, "key_channel_compression_ratio"),
+        ({"window_size": 0}, "window_size"),
+    ],
+)
+def test_think_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ThinKPress(KnormPress(), **kwargs)
