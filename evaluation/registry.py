@@ -34,6 +34,8 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "duo_attention": ("DuoAttentionPress", ()),
     "headkv_snapkv": ("SnapKVPress", ("HeadKVPress",)),
     "think_snapkv": ("SnapKVPress", ("ThinKPress",)),
+    "merge_snapkv": ("SnapKVPress", ("MergePress",)),
+    "merge_streaming_llm": ("StreamingLLMPress", ("MergePress",)),
 }
 NO_PRESS = "none"
 

@@ -13,6 +13,7 @@ from .headkv import HeadKVPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
 from .knorm import KnormPress
+from .merge import MergePress
 from .observed_attention import ObservedAttentionPress
 from .per_layer import PerLayerCompressionPress
 from .pyramidkv import PyramidKVPress
@@ -38,6 +39,7 @@ __all__ = [
     "KeyDiffPress",
     "KeyRerotationPress",
     "KnormPress",
+    "MergePress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
     "PrefillContext",

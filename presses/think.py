@@ -76,5 +76,7 @@ class ThinKPress(WrapperPress):
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         keep = self.press.compress(context)
         if self.key_channel_compression_ratio > 0:
-            context.keys.masked_fill_(self.pruned_channels(context)[:, :, None, :], 0)
+            pruned = self.pruned_channels(context)
+            with torch.no_grad():  # an edit of the cache, not part of any computation to differentiate
+                context.keys.masked_fill_(pruned[:, :, None, :], 0)
         return keep

@@ -29,7 +29,7 @@ from adakv import (
     kept_token_counts,
 )
 from adakv import CriticalKVPress, RecordingPress
-from adakv import CURPress, DuoAttentionPress, FinchPress, HeadKVPress, ThinKPress
+from adakv import CURPress, DuoAttentionPress, FinchPress, HeadKVPress, MergePress, ThinKPress
 from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
 from adakv.presses.expected_attention import future_rope
@@ -63,7 +63,7 @@ SCORERS = {
 # scorers' own compress, and the wrappers that keep the inner press's own compress.
 HEADWISE_WRAPPERS = {"adaptive", "headkv"}
 HEADWISE_SCORERS = {"duo_attention"}
-COMPRESS_FORWARDING_WRAPPERS = {"none", "chunk", "composed", "key_rerotation", "think"}
+COMPRESS_FORWARDING_WRAPPERS = {"none", "chunk", "composed", "key_rerotation", "think", "merge"}
 
 
 def allocates_across_heads(scorer: str, wrapper: str) -> bool:
@@ -79,6 +79,7 @@ WRAPPERS = {
     "critical": lambda press, r: CriticalKVPress(press),
     "headkv": lambda press, r: HeadKVPress(press, window_size=8),
     "think": lambda press, r: ThinKPress(press, key_channel_compression_ratio=0.5 * (r > 0), window_size=8),
+    "merge": lambda press, r: MergePress(press, window_size=8),
 }
 
 

@@ -8,9 +8,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from adakv import CURPress, DuoAttentionPress, FinchPress, HeadKVPress, KnormPress, SnapKVPress, ThinKPress
+from adakv import (
+    CURPress,
+    DuoAttentionPress,
+    FinchPress,
+    HeadKVPress,
+    KnormPress,
+    MergePress,
+    SnapKVPress,
+    StreamingLLMPress,
+    ThinKPress,
+)
 from adakv.presses.cur import leverage_scores
 from adakv.presses.duo_attention import count_streaming_heads
+from adakv.presses.merge import merge_evicted_values
 from adakv.models import queries
 from adakv.presses.snapkv import mean_window_attention
 from adakv.selection import kept_count
@@ -356,3 +367,83 @@ def test_think_is_refused_in_a_chunked_prefill():
 def test_think_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ThinKPress(KnormPress(), **kwargs)
+
+
+# --- Merge (CaM) -------------------------------------------------------------------------------
+
+
+def merge_reference(values, keep, available, attention, merge_window):
+    """Loop version of the merge for one (batch, head): values (seq, d), the rest (seq,)."""
+    merged = values.double().clone()
+    kept = keep.nonzero().flatten().tolist()
+    for i in range(values.shape[0]):
+        if keep[i] or not available[i]:
+            continue
+        targets = [j for j in kept if j > i][:merge_window]
+        if not targets:
+            continue
+        mean = sum(attention[j].item() for j in targets) / len(targets)
+        probability = min(1.0, attention[i].item() / mean)
+        for j in targets:
+            merged[j] += probability * values[i].double() / len(targets)
+    return merged
+
+
+@pytest.mark.parametrize("merge_window", [1, 3])
+def test_merge_folds_each_evicted_value_into_the_next_kept_ones(merge_window):
+    context = context_of()
+    keys, values = context.keys.clone(), context.values.clone()
+    inner = KnormPress(compression_ratio=0.7)
+    press = MergePress(inner, merge_window=merge_window, window_size=8)
+    attention = mean_window_attention(context, 8)
+    keep = press.compress(context)
+    assert torch.equal(keep, inner.compress(context))
+    assert torch.equal(context.keys, keys)
+    for head in range(2):
+        expected = merge_reference(values[0, head], keep[0, head], context.available[0, head], attention[0, head],
+                                   merge_window)
+        torch.testing.assert_close(context.values[0, head].double(), expected, rtol=1e-5, atol=1e-6)
+        # the attention-weighted sum of kept values regains min(a_i, mean a of targets) v_i per evicted i
+        a, kept = attention[0, head].double(), keep[0, head]
+        before = (a[kept, None] * values[0, head][kept].double()).sum(0)
+        after = (a[kept, None] * context.values[0, head][kept].double()).sum(0)
+        regained = (a[kept, None] * (expected[kept] - values[0, head][kept].double())).sum(0)
+        torch.testing.assert_close(after - before, regained, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(context.values, values)
+
+
+def test_merge_restores_the_evicted_term_when_the_evicted_token_draws_less_attention():
+    original = torch.tensor([[[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [4.0, 0.0]]]])  # (1, 1, 4, 2)
+    values = original.clone()
+    keep = torch.tensor([[[True, False, True, True]]])
+    attention = torch.tensor([[[0.4, 0.1, 0.2, 0.3]]])
+    merge_evicted_values(values, keep, torch.ones_like(keep), attention, merge_window=2)
+    # token 1 (a = 0.1) goes to tokens 2 and 3 (mean a = 0.25): p = 0.4, each gets 0.2 * v_1
+    torch.testing.assert_close(values[0, 0], torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.2], [4.0, 0.2]]))
+    added = (attention[0, 0, :, None] * (values - original)[0, 0]).sum(0)
+    torch.testing.assert_close(added, 0.1 * original[0, 0, 1])  # exactly the evicted term a_1 v_1
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_merge_gives_the_same_logits_on_both_backends(padded):
+    model = cached_model("llama")
+    ids, attention_mask = left_padded_batch() if padded else (random_ids(1, SEQ), None)
+    logits = {}
+    for backend in ("mask", "evict"):
+        press = MergePress(StreamingLLMPress(0.6), window_size=8, backend=backend)
+        logits[backend], _ = run(model, press, ids, attention_mask)
+    for mask_logits, evict_logits in zip(logits["mask"], logits["evict"]):
+        torch.testing.assert_close(evict_logits, mask_logits, rtol=1e-5, atol=1e-5)
+    dropped, _ = run(model, StreamingLLMPress(0.6), ids, attention_mask)
+    assert not torch.allclose(dropped[1], logits["mask"][1])  # the merged values changed the answer's logits
+
+
+def test_merge_is_refused_in_a_chunked_prefill():
+    with pytest.raises(ValueError, match="MergePress cannot run in a chunked prefill"):
+        run_refused(MergePress(SnapKVPress(0.5)))
+
+
+@pytest.mark.parametrize("field, value", [("merge_window", 0), ("window_size", 0), ("merge_window", 1.5)])
+def test_merge_bad_input(field, value):
+    with pytest.raises(ValueError, match=field):
+        MergePress(KnormPress(), **{field: value})
