@@ -43,7 +43,8 @@ class ThinKPress(WrapperPress):
     chunked prefill (the evict backend hands a chunk's keys out as copies, so an in-place edit would
     not reach the cache).
 
-    compress -> the inner press's keep mask (batch, kv_heads, seq); context.keys edited in place.
+    compress -> the inner press's keep mask (batch, kv_heads, seq), or every available token when the
+    inner press prunes none; context.keys edited in place.
     """
 
     key_channel_compression_ratio: float = 0.5
@@ -75,8 +76,10 @@ class ThinKPress(WrapperPress):
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         keep = self.press.compress(context)
-        if self.key_channel_compression_ratio > 0:
-            pruned = self.pruned_channels(context)
-            with torch.no_grad():  # an edit of the cache, not part of any computation to differentiate
-                context.keys.masked_fill_(pruned[:, :, None, :], 0)
-        return keep
+        if self.key_channel_compression_ratio == 0:
+            return keep
+        pruned = self.pruned_channels(context)
+        with torch.no_grad():  # an edit of the cache, not part of any computation to differentiate
+            context.keys.masked_fill_(pruned[:, :, None, :], 0)
+        # with no token pruned, still hand back a mask so the layer is rebuilt from the edited keys
+        return context.available if keep is None else keep

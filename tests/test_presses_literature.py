@@ -27,6 +27,7 @@ from adakv.presses.snapkv import mean_window_attention
 from adakv.selection import kept_count
 
 from conftest import random_ids
+from adakv.evaluation import engine, registry
 from test_chunked_prefill import run_refused
 from test_evict import left_padded_batch, run
 from test_presses import SEQ, cached_model, recorded_contexts
@@ -34,6 +35,19 @@ from test_presses import SEQ, cached_model, recorded_contexts
 
 def context_of(layer: int = 1, family: str = "llama", seq_len: int = SEQ, attn_implementation: str = "sdpa"):
     return recorded_contexts(cached_model(family, attn_implementation), random_ids(seq_len=seq_len))[layer]
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, "0.5", None])
+@pytest.mark.parametrize("press_class", [CURPress, FinchPress, DuoAttentionPress], ids=lambda cls: cls.__name__)
+def test_scorer_ratio_outside_0_1(press_class, ratio):
+    with pytest.raises(ValueError, match=r"compression_ratio must be a number in \[0, 1\)"):
+        press_class(compression_ratio=ratio)
+
+
+@pytest.mark.parametrize("wrapper", [HeadKVPress, ThinKPress, MergePress], ids=lambda cls: cls.__name__)
+def test_wrappers_need_a_press(wrapper):
+    with pytest.raises(TypeError, match="BasePress instance"):
+        wrapper(0.5)
 
 
 # --- CUR ---------------------------------------------------------------------------------------
@@ -333,8 +347,9 @@ def test_think_logits_are_those_of_queries_and_keys_without_the_pruned_channels(
     pruned = press.pruned_channels(context)[0, 0]
     keys = context.keys[0, 0].clone()
     query = torch.randn(keys.shape[-1], generator=torch.Generator().manual_seed(0))
-    press.compress(context)
+    keep = press.compress(context)
     torch.testing.assert_close(context.keys[0, 0] @ query, keys[:, ~pruned] @ query[~pruned])
+    assert torch.equal(keep, context.available)  # no token pruned, but the layer is rebuilt from the edited keys
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -447,3 +462,33 @@ def test_merge_is_refused_in_a_chunked_prefill():
 def test_merge_bad_input(field, value):
     with pytest.raises(ValueError, match=field):
         MergePress(KnormPress(), **{field: value})
+
+
+# --- registry names and the evaluation's fast path ----------------------------------------------
+
+NEW_REGISTRY_NAMES = [
+    "cur", "adakv_cur", "finch", "adakv_finch", "duo_attention", "headkv_snapkv", "think_snapkv", "merge_snapkv",
+    "merge_streaming_llm",
+]
+
+
+def question_logits(model, cache, question) -> torch.Tensor:
+    return model(question, past_key_values=cache).logits[:, -1]
+
+
+@pytest.mark.parametrize("backend", ["mask", "evict"])
+@pytest.mark.parametrize("name", NEW_REGISTRY_NAMES)
+def test_registry_presses_give_the_same_answer_through_the_fast_path(name, backend):
+    """The evaluation compresses one recorded dense prefill many ways (`compressed_layer` on copies);
+    that must equal compressing during the prefill, also for presses that edit keys or values."""
+    model = cached_model("llama")
+    ids, question = random_ids(1, SEQ), random_ids(1, 4, seed=9)
+    press = registry.build_press(name, 0.5, backend=backend)
+    with torch.no_grad():
+        dense = engine.dense_prefill(model, ids)
+        with press(model):
+            fast = question_logits(model, engine.compressed_cache(dense, press), question)
+            naive = question_logits(model, engine.prefill(model, ids), question)
+            fast_again = question_logits(model, engine.compressed_cache(dense, press), question)
+    torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_again, naive, rtol=1e-5, atol=1e-5)  # the recorded prefill is left as it was
