@@ -83,6 +83,14 @@ def check_compression_ratio(ratio: float) -> None:
         raise ValueError(f"compression_ratio must be a number in [0, 1), got {ratio!r}.")
 
 
+def check_integer_fields(press, minimums: dict[str, int]) -> None:
+    """Raise ValueError unless each field named in `minimums` is an integer (not a bool) >= its minimum."""
+    for name, minimum in minimums.items():
+        value = getattr(press, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+
+
 def check_is_press(press, wrapper: str) -> None:
     if not isinstance(press, BasePress):
         raise TypeError(f"{wrapper} wraps a press (a BasePress instance), got {type(press).__name__}.")

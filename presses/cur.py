@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PrefillContext
+from .base import PrefillContext, check_integer_fields
 from .scorer import ScorerPress
 
 LEVERAGE_SOURCES = ("keys", "values", "keys_and_values")
@@ -61,8 +61,7 @@ class CURPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ValueError(f"rank must be an integer >= 1, got {self.rank!r}.")
+        check_integer_fields(self, {"rank": 1})
         if self.leverage_of not in LEVERAGE_SOURCES:
             raise ValueError(f"leverage_of must be one of {LEVERAGE_SOURCES}, got {self.leverage_of!r}.")
 

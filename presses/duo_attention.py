@@ -9,7 +9,7 @@ import torch
 
 from adakv.selection import adaptive_keep_mask, kept_count
 
-from .base import PrefillContext
+from .base import PrefillContext, check_integer_fields
 from .scorer import ScorerPress
 from .snapkv import mean_window_attention
 from .streaming_llm import first_available
@@ -73,10 +73,7 @@ class DuoAttentionPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, minimum in (("n_sink", 0), ("n_recent", 1), ("window_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        check_integer_fields(self, {"n_sink": 0, "n_recent": 1, "window_size": 1})
 
     def local_share(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads) share of the observation window's attention on sinks and recent tokens."""

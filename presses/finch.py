@@ -9,7 +9,7 @@ import torch
 
 from adakv.selection import kept_count, top_k_keep_mask
 
-from .base import PrefillContext
+from .base import PrefillContext, check_integer_fields
 from .scorer import ScorerPress
 from .snapkv import mean_window_attention
 
@@ -44,10 +44,7 @@ class FinchPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("window_size", "chunk_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_integer_fields(self, {"window_size": 1, "chunk_length": 1})
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         seq_len, available = context.seq_len, context.available

@@ -10,7 +10,7 @@ import torch
 from adakv.selection import adaptive_keep_mask, descending_rank, kept_count
 
 from .adaptive import check_scoring_press
-from .base import PrefillContext, WrapperPress
+from .base import PrefillContext, WrapperPress, check_integer_fields
 from .duo_attention import local_attention_share
 
 
@@ -46,10 +46,7 @@ class HeadKVPress(WrapperPress):
             raise ValueError(f"base_fraction must be a number in [0, 1], got {self.base_fraction!r}.")
         if not 0.0 <= self.base_fraction <= 1.0:
             raise ValueError(f"base_fraction must be a number in [0, 1], got {self.base_fraction!r}.")
-        for name, minimum in (("window_size", 1), ("n_sink", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        check_integer_fields(self, {"window_size": 1, "n_sink": 0})
 
     def head_importance(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads) in [0, 1]: the window's attention on the distant context, rounded to 1e-6 so

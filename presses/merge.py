@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from .base import PrefillContext, WrapperPress
+from .base import PrefillContext, WrapperPress, check_integer_fields
 from .composed import check_not_rerotation
 from .snapkv import mean_window_attention
 
@@ -85,10 +85,7 @@ class MergePress(WrapperPress):
     def __post_init__(self):
         super().__post_init__()
         check_not_rerotation(self.press, "MergePress")
-        for name in ("merge_window", "window_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_integer_fields(self, {"merge_window": 1, "window_size": 1})
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         keep = self.press.compress(context)

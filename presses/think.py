@@ -9,7 +9,7 @@ import torch
 
 from adakv.models import queries
 
-from .base import PrefillContext, WrapperPress, check_compression_ratio
+from .base import PrefillContext, WrapperPress, check_compression_ratio, check_integer_fields
 from .composed import check_not_rerotation
 
 
@@ -63,8 +63,7 @@ class ThinKPress(WrapperPress):
             raise ValueError(
                 f"key_channel_compression_ratio must be a number in [0, 1), got {self.key_channel_compression_ratio!r}."
             ) from None
-        if isinstance(self.window_size, bool) or not isinstance(self.window_size, int) or self.window_size < 1:
-            raise ValueError(f"window_size must be an integer >= 1, got {self.window_size!r}.")
+        check_integer_fields(self, {"window_size": 1})
 
     def pruned_channels(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads, head_dim) bool: the channels each head drops."""

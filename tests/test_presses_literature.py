@@ -162,7 +162,7 @@ def test_finch_in_one_chunk_is_a_top_k_of_the_question_attention():
         assert keep[0, head].nonzero().flatten().tolist() == top[0, head].tolist() + list(range(SEQ - 8, SEQ))
 
 
-def test_finch_chunks_change_the_choice_and_order_larger_budgets():
+def test_finch_chunks_change_the_choice_and_the_scores_rank_the_cache_first():
     context = context_of(attn_implementation="eager")
     small = FinchPress(compression_ratio=0.6, window_size=8, chunk_length=7)
     assert not torch.equal(small.compress(context), FinchPress(0.6, window_size=8, chunk_length=SEQ).compress(context))
@@ -352,20 +352,6 @@ def test_think_logits_are_those_of_queries_and_keys_without_the_pruned_channels(
     assert torch.equal(keep, context.available)  # no token pruned, but the layer is rebuilt from the edited keys
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_think_gives_the_same_logits_on_both_backends(padded):
-    model = cached_model("qwen3")
-    ids, attention_mask = left_padded_batch() if padded else (random_ids(1, SEQ), None)
-    logits = {}
-    for backend in ("mask", "evict"):
-        press = ThinKPress(SnapKVPress(0.5, window_size=8), window_size=8, backend=backend)
-        logits[backend], _ = run(model, press, ids, attention_mask)
-    for mask_logits, evict_logits in zip(logits["mask"], logits["evict"]):
-        torch.testing.assert_close(evict_logits, mask_logits, rtol=1e-5, atol=1e-5)
-    unpruned, _ = run(model, SnapKVPress(0.5, window_size=8), ids, attention_mask)
-    assert not torch.allclose(unpruned[1], logits["mask"][1])  # the channels mattered
-
-
 def test_think_is_refused_in_a_chunked_prefill():
     with pytest.raises(ValueError, match="ThinKPress cannot run in a chunked prefill"):
         run_refused(ThinKPress(SnapKVPress(0.5)))
@@ -439,20 +425,6 @@ def test_merge_restores_the_evicted_term_when_the_evicted_token_draws_less_atten
     torch.testing.assert_close(added, 0.1 * original[0, 0, 1])  # exactly the evicted term a_1 v_1
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_merge_gives_the_same_logits_on_both_backends(padded):
-    model = cached_model("llama")
-    ids, attention_mask = left_padded_batch() if padded else (random_ids(1, SEQ), None)
-    logits = {}
-    for backend in ("mask", "evict"):
-        press = MergePress(StreamingLLMPress(0.6), window_size=8, backend=backend)
-        logits[backend], _ = run(model, press, ids, attention_mask)
-    for mask_logits, evict_logits in zip(logits["mask"], logits["evict"]):
-        torch.testing.assert_close(evict_logits, mask_logits, rtol=1e-5, atol=1e-5)
-    dropped, _ = run(model, StreamingLLMPress(0.6), ids, attention_mask)
-    assert not torch.allclose(dropped[1], logits["mask"][1])  # the merged values changed the answer's logits
-
-
 def test_merge_is_refused_in_a_chunked_prefill():
     with pytest.raises(ValueError, match="MergePress cannot run in a chunked prefill"):
         run_refused(MergePress(SnapKVPress(0.5)))
@@ -492,3 +464,32 @@ def test_registry_presses_give_the_same_answer_through_the_fast_path(name, backe
             fast_again = question_logits(model, engine.compressed_cache(dense, press), question)
     torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fast_again, naive, rtol=1e-5, atol=1e-5)  # the recorded prefill is left as it was
+
+
+# --- presses that edit the cache: both backends ------------------------------------------------
+
+IN_PLACE_PRESSES = {  # name: (family, the press on a backend, its inner press alone)
+    "think": (
+        "qwen3",
+        lambda backend: ThinKPress(SnapKVPress(0.5, window_size=8), window_size=8, backend=backend),
+        lambda: SnapKVPress(0.5, window_size=8),
+    ),
+    "merge": (
+        "llama",
+        lambda backend: MergePress(StreamingLLMPress(0.6), window_size=8, backend=backend),
+        lambda: StreamingLLMPress(0.6),
+    ),
+}
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", sorted(IN_PLACE_PRESSES))
+def test_presses_that_edit_the_cache_give_the_same_logits_on_both_backends(name, padded):
+    family, make_press, make_inner = IN_PLACE_PRESSES[name]
+    model = cached_model(family)
+    ids, attention_mask = left_padded_batch() if padded else (random_ids(1, SEQ), None)
+    logits = {backend: run(model, make_press(backend), ids, attention_mask)[0] for backend in ("mask", "evict")}
+    for mask_logits, evict_logits in zip(logits["mask"], logits["evict"]):
+        torch.testing.assert_close(evict_logits, mask_logits, rtol=1e-5, atol=1e-5)
+    inner_alone, _ = run(model, make_inner(), ids, attention_mask)
+    assert not torch.allclose(inner_alone[1], logits["mask"][1])  # the edit changed the answer's logits
