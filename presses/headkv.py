@@ -63,8 +63,9 @@ class HeadKVPress(WrapperPress):
         inner = self.press.score(context).float().masked_fill(~available, float("-inf"))
         rank = descending_rank(inner, dim=-1)  # (batch, kv_heads, seq), 0 = the head's best token
         layer_budget = kept_count(available.sum(-1), ratio).sum(-1)  # (batch,)
-        # the floor AdaptivePress' selection guarantees every head (alpha * mean budget)
-        floor = torch.floor(self.base_fraction * layer_budget.double() / available.shape[1]).long()[:, None, None]
+        # the floor adaptive_keep_mask guarantees every head: alpha * mean budget, computed as it does
+        mean_budget = layer_budget.to(torch.float64) / available.shape[1]
+        floor = torch.floor(self.base_fraction * mean_budget).long()[:, None, None]
         quotients = self.head_importance(context)[..., None] / (rank - floor + 1).clamp(min=1)
         allocation = torch.where(rank < floor, float("inf"), quotients)
         return adaptive_keep_mask(allocation, available, ratio, self.base_fraction)

@@ -27,6 +27,7 @@ from adakv.presses.snapkv import mean_window_attention
 from adakv.selection import kept_count
 
 from conftest import random_ids
+from adakv import kept_token_counts
 from adakv.evaluation import engine, registry
 from test_chunked_prefill import run_refused
 from test_evict import left_padded_batch, run
@@ -466,30 +467,41 @@ def test_registry_presses_give_the_same_answer_through_the_fast_path(name, backe
     torch.testing.assert_close(fast_again, naive, rtol=1e-5, atol=1e-5)  # the recorded prefill is left as it was
 
 
-# --- presses that edit the cache: both backends ------------------------------------------------
+# --- both backends ----------------------------------------------------------------------------
 
-IN_PLACE_PRESSES = {  # name: (family, the press on a backend, its inner press alone)
-    "think": (
-        "qwen3",
-        lambda backend: ThinKPress(SnapKVPress(0.5, window_size=8), window_size=8, backend=backend),
-        lambda: SnapKVPress(0.5, window_size=8),
-    ),
-    "merge": (
-        "llama",
-        lambda backend: MergePress(StreamingLLMPress(0.6), window_size=8, backend=backend),
-        lambda: StreamingLLMPress(0.6),
-    ),
+BACKEND_PRESSES = {  # name: (family, the press on a backend)
+    "cur": ("llama", lambda backend: CURPress(0.5, rank=4, backend=backend)),
+    "finch": ("llama", lambda backend: FinchPress(0.5, window_size=8, chunk_length=10, backend=backend)),
+    "duo_attention": ("qwen2", lambda backend: DuoAttentionPress(0.3, n_recent=4, window_size=8, backend=backend)),
+    "headkv": ("llama", lambda backend: HeadKVPress(SnapKVPress(0.6, window_size=8), window_size=8, backend=backend)),
+    "think": ("qwen3", lambda backend: ThinKPress(SnapKVPress(0.5, window_size=8), window_size=8, backend=backend)),
+    "merge": ("llama", lambda backend: MergePress(StreamingLLMPress(0.6), window_size=8, backend=backend)),
 }
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("name", sorted(IN_PLACE_PRESSES))
-def test_presses_that_edit_the_cache_give_the_same_logits_on_both_backends(name, padded):
-    family, make_press, make_inner = IN_PLACE_PRESSES[name]
+@pytest.mark.parametrize("name", sorted(BACKEND_PRESSES))
+def test_evict_gives_the_logits_and_counts_of_mask(name, padded):
+    family, make_press = BACKEND_PRESSES[name]
     model = cached_model(family)
     ids, attention_mask = left_padded_batch() if padded else (random_ids(1, SEQ), None)
-    logits = {backend: run(model, make_press(backend), ids, attention_mask)[0] for backend in ("mask", "evict")}
-    for mask_logits, evict_logits in zip(logits["mask"], logits["evict"]):
+    runs = {backend: run(model, make_press(backend), ids, attention_mask) for backend in ("mask", "evict")}
+    for mask_logits, evict_logits in zip(runs["mask"][0], runs["evict"][0]):
         torch.testing.assert_close(evict_logits, mask_logits, rtol=1e-5, atol=1e-5)
-    inner_alone, _ = run(model, make_inner(), ids, attention_mask)
-    assert not torch.allclose(inner_alone[1], logits["mask"][1])  # the edit changed the answer's logits
+    mask_counts, evict_counts = kept_token_counts(runs["mask"][1]), kept_token_counts(runs["evict"][1])
+    assert mask_counts.keys() == evict_counts.keys() and mask_counts
+    assert all(torch.equal(mask_counts[index], evict_counts[index]) for index in mask_counts)
+
+
+INNER_PRESSES = {"think": lambda: SnapKVPress(0.5, window_size=8), "merge": lambda: StreamingLLMPress(0.6)}
+
+
+@pytest.mark.parametrize("name", sorted(INNER_PRESSES))
+def test_the_cache_edits_change_the_answer(name):
+    family, make_press = BACKEND_PRESSES[name]
+    inner = INNER_PRESSES[name]
+    model = cached_model(family)
+    edited, _ = run(model, make_press("mask"), random_ids(1, SEQ))
+    inner_alone, _ = run(model, inner(), random_ids(1, SEQ))
+    assert torch.allclose(inner_alone[0], edited[0])  # the prefill's own logits come before any edit
+    assert not torch.allclose(inner_alone[1], edited[1])
