@@ -59,15 +59,6 @@ SCORERS = {
     "finch": lambda r: FinchPress(compression_ratio=r, window_size=8, chunk_length=10),
     "duo_attention": lambda r: DuoAttentionPress(compression_ratio=r, n_sink=2, n_recent=4, window_size=8),
 }
-# Presses that give heads different lengths (the layer keeps the uniform total): these wrappers, these
-# scorers' own compress, and the wrappers that keep the inner press's own compress.
-HEADWISE_WRAPPERS = {"adaptive", "headkv"}
-HEADWISE_SCORERS = {"duo_attention"}
-COMPRESS_FORWARDING_WRAPPERS = {"none", "chunk", "composed", "key_rerotation", "think", "merge"}
-
-
-def allocates_across_heads(scorer: str, wrapper: str) -> bool:
-    return wrapper in HEADWISE_WRAPPERS or (scorer in HEADWISE_SCORERS and wrapper in COMPRESS_FORWARDING_WRAPPERS)
 
 WRAPPERS = {
     "none": lambda press, r: press,
@@ -81,6 +72,16 @@ WRAPPERS = {
     "think": lambda press, r: ThinKPress(press, key_channel_compression_ratio=0.5 * (r > 0), window_size=8),
     "merge": lambda press, r: MergePress(press, window_size=8),
 }
+
+# Presses that give heads different lengths (the layer keeps the uniform total): these wrappers, these
+# scorers' own compress, and the wrappers that keep the inner press's own compress.
+HEADWISE_WRAPPERS = {"adaptive", "headkv"}
+HEADWISE_SCORERS = {"duo_attention"}
+COMPRESS_FORWARDING_WRAPPERS = {"none", "chunk", "composed", "key_rerotation", "think", "merge"}
+
+
+def allocates_across_heads(scorer: str, wrapper: str) -> bool:
+    return wrapper in HEADWISE_WRAPPERS or (scorer in HEADWISE_SCORERS and wrapper in COMPRESS_FORWARDING_WRAPPERS)
 
 
 def attention_for(scorer: str) -> str:
