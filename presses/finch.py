@@ -32,6 +32,8 @@ class FinchPress(ScorerPress):
     new cache. Because the softmax is renormalised over each step's candidates, the result differs
     from one top-k over the whole context. Finch also recomputes the next chunk's keys against the
     compressed cache; here the keys are those of the ordinary full prefill (the press runs after it).
+    Cost: one window-attention pass over the sequence per chunk, so seq / chunk_length passes per layer;
+    raise `chunk_length` for long contexts.
 
     score (batch, kv_heads, seq): an order from which the per-head top-`budget` is exactly the final
     cache: question tokens first, then the final cache by its last attention, then the tokens dropped
