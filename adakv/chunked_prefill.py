@@ -193,6 +193,8 @@ def check_press(model: PreTrainedModel, press: BasePress | None) -> None:
                 "KeyRerotationPress cannot run in a chunked prefill: it re-positions the kept keys of a whole "
                 "context, which the chunks after it would no longer line up with. Use its inner press."
             )
+        if getattr(part, "refuses_chunked_prefill", None):  # e.g. presses that edit the cached context in place
+            raise ValueError(f"{type(part).__name__} cannot run in a chunked prefill: {part.refuses_chunked_prefill}")
         if isinstance(part, ObservedAttentionPress):
             raise ValueError(
                 "ObservedAttentionPress cannot run in a chunked prefill: a later chunk's attention weights also "

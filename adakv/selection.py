@@ -28,15 +28,15 @@ def kept_count(num_available: torch.Tensor, compression_ratio: float) -> torch.T
     return torch.minimum(kept.clamp(min=1), num_available.long())
 
 
+def top_k_keep_mask(scores: torch.Tensor, available: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
+    """Every (batch, head) keeps its own best `budget[batch, head]` available tokens (ties: earlier first)."""
+    masked = scores.float().masked_fill(~available, float("-inf"))
+    return (descending_rank(masked, dim=-1) < budget.unsqueeze(-1)) & available
+
+
 def uniform_keep_mask(scores: torch.Tensor, available: torch.Tensor, compression_ratio: float) -> torch.Tensor:
     """Every (batch, head) keeps its own best `(1 - ratio) * available` tokens."""
     return top_k_keep_mask(scores, available, kept_count(available.sum(-1), compression_ratio))
-
-
-def top_k_keep_mask(scores: torch.Tensor, available: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-    """Every (batch, head) keeps its own best `budget[batch, head]` available tokens (all of them if fewer)."""
-    masked = scores.float().masked_fill(~available, float("-inf"))
-    return (descending_rank(masked, dim=-1) < budget.unsqueeze(-1)) & available
 
 
 def layer_budget(available: torch.Tensor, compression_ratio: float) -> torch.Tensor:

@@ -33,6 +33,15 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "simlayerkv": ("SimLayerKVPress", ()),
     "block_snapkv": ("SnapKVPress", ("BlockPress",)),
     "block_keydiff": ("KeyDiffPress", ("BlockPress",)),
+    "cur": ("CURPress", ()),
+    "adakv_cur": ("CURPress", ("AdaptivePress",)),
+    "finch": ("FinchPress", ()),
+    "adakv_finch": ("FinchPress", ("AdaptivePress",)),
+    "duo_attention": ("DuoAttentionPress", ()),
+    "headkv_snapkv": ("SnapKVPress", ("HeadKVPress",)),
+    "think_snapkv": ("SnapKVPress", ("ThinKPress",)),
+    "merge_snapkv": ("SnapKVPress", ("MergePress",)),
+    "merge_streaming_llm": ("StreamingLLMPress", ("MergePress",)),
 }
 NO_PRESS = "none"
 

@@ -8,11 +8,16 @@ from .chunkkv import ChunkKVPress
 from .composed import ComposedPress
 from .criticalkv import CriticalKVPress
 from .decoding import DecodingPress
+from .cur import CURPress
+from .duo_attention import DuoAttentionPress
 from .expected_attention import ExpectedAttentionPress
+from .finch import FinchPress
+from .headkv import HeadKVPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
 from .knorm import KnormPress
 from .lagkv import LagKVPress
+from .merge import MergePress
 from .observed_attention import ObservedAttentionPress
 from .per_layer import PerLayerCompressionPress
 from .prefill_decoding import PrefillDecodingPress
@@ -23,6 +28,7 @@ from .scorer import ScorerPress
 from .simlayerkv import SimLayerKVPress
 from .snapkv import SnapKVPress
 from .streaming_llm import StreamingLLMPress
+from .think import ThinKPress
 from .tova import TOVAPress
 
 __all__ = [
@@ -34,11 +40,16 @@ __all__ = [
     "ComposedPress",
     "CriticalKVPress",
     "DecodingPress",
+    "CURPress",
+    "DuoAttentionPress",
     "ExpectedAttentionPress",
+    "FinchPress",
+    "HeadKVPress",
     "KeyDiffPress",
     "KeyRerotationPress",
     "KnormPress",
     "LagKVPress",
+    "MergePress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
     "PrefillContext",
@@ -50,6 +61,7 @@ __all__ = [
     "SimLayerKVPress",
     "SnapKVPress",
     "StreamingLLMPress",
+    "ThinKPress",
     "TOVAPress",
     "WrapperPress",
 ]

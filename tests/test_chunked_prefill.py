@@ -103,7 +103,7 @@ MATRIX = [
     (scorer, wrapper)
     for scorer in sorted(SCORERS)
     for wrapper in sorted(WRAPPERS)
-    if scorer != "observed_attention" and wrapper != "key_rerotation"
+    if scorer != "observed_attention" and wrapper not in ("key_rerotation", "think", "merge")
 ]
 
 

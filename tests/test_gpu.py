@@ -132,6 +132,12 @@ def small_llama():
 @pytest.mark.parametrize("press_factory", [
     lambda backend: P.SnapKVPress(0.75, window_size=32, backend=backend),
     lambda backend: P.AdaptivePress(P.SnapKVPress(0.75, window_size=32), backend=backend),
+    lambda backend: P.CURPress(0.75, backend=backend),
+    lambda backend: P.FinchPress(0.75, window_size=32, chunk_length=128, backend=backend),
+    lambda backend: P.DuoAttentionPress(0.5, window_size=32, backend=backend),
+    lambda backend: P.HeadKVPress(P.SnapKVPress(0.75, window_size=32), window_size=32, backend=backend),
+    lambda backend: P.ThinKPress(P.SnapKVPress(0.75, window_size=32), backend=backend),
+    lambda backend: P.MergePress(P.SnapKVPress(0.75, window_size=32), backend=backend),
 ])  # fmt: skip
 def test_end_to_end_evict_logits_close_to_mask(press_factory):
     model = small_llama()
