@@ -14,7 +14,7 @@ the running `generate`, else RESERVE_TOKENS). When a step finds a layout changed
 batch reordered, a new cache), it re-lays out with more slack and captures again.
 
 Decoding stays eager (with one warning saying why) when a cache layer is not flat: a layer a press left
-uncompressed (ratio 0), a sliding-window layer, or backend "mask". Other forwards (prefill, questions,
+uncompressed (ratio 0) or a sliding-window layer (backend "mask" is refused when the block opens). Other forwards (prefill, questions,
 output_attentions) always run eagerly. The first graphable step runs eagerly on a side stream as the
 warm-up that capturing needs.
 

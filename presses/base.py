@@ -203,13 +203,6 @@ class BasePress:
     def __call__(self, model: PreTrainedModel, cuda_graphs: bool | str = False) -> Generator[None, None, None]:
         """Hook the press onto `model` for the block. cuda_graphs=True replays decode steps from a CUDA graph
         (adakv/graph_decode.py; backend "evict", CUDA models; "emulate" runs its CPU emulation for tests)."""
-        if cuda_graphs and type(self).after_appended_tokens is not BasePress.after_appended_tokens:
-            raise ValueError(
-                f"{type(self).__name__} acts on every decode step from a hook, which a replayed CUDA graph would skip; "
-                "use cuda_graphs=False with presses that compress during decoding."
-            )
-        decoder = graph_decoder_for(model, cuda_graphs)
-        self.graph_decoder = decoder  # kept after the block for inspection (captures, replays)
         modules = attention_modules(model)
         if not any(is_full_attention_layer(module) for module in modules):
             raise ValueError(
@@ -217,6 +210,7 @@ class BasePress:
                 "so a press would compress nothing. adakv compresses full-attention layers only."
             )
         backend = self.backend_for(model.config)
+        decoder = self._graph_decoder(model, cuda_graphs, backend)
         original_implementation = _switch_attention_implementation(model)
         handles, self._backend_in_use = [], backend
         try:
@@ -236,6 +230,22 @@ class BasePress:
                 module.__dict__.pop(CACHE_ATTRIBUTE, None)
             _set_attention_implementation(model, original_implementation)
             self.__dict__.pop("_backend_in_use", None)  # back to the class default, None
+
+    def _graph_decoder(self, model: PreTrainedModel, cuda_graphs: bool | str, backend: str):
+        """The CUDA-graph decoder of this block, or None; kept on the press after the block for inspection
+        (captures, replays). Graphs replay decode steps over flat layers, without running any hook."""
+        if cuda_graphs and backend != "evict":
+            raise ValueError(
+                f"cuda_graphs needs backend 'evict' (graphs replay decode steps over the flat cache), but "
+                f"{type(self).__name__} runs with backend {backend!r} on this model."
+            )
+        if cuda_graphs and type(self).after_appended_tokens is not BasePress.after_appended_tokens:
+            raise ValueError(
+                f"{type(self).__name__} acts on every decode step from a hook, which a replayed CUDA graph would skip; "
+                "use cuda_graphs=False with presses that compress during decoding."
+            )
+        self.graph_decoder = graph_decoder_for(model, cuda_graphs)
+        return self.graph_decoder
 
     def is_active_on(self, model: PreTrainedModel) -> bool:
         """True inside `with self(model):` (this press's hook sits on the model's attention layers)."""

@@ -91,13 +91,12 @@ def test_layers_that_are_not_flat_decode_eagerly_with_one_warning():
     assert torch.equal(graphed, eager) and decoder.captures == 0
 
 
-def test_mask_backend_decodes_eagerly_with_a_warning():
+def test_mask_backend_is_refused_with_a_clear_error():
     model = tiny_model("llama")
-    ids, mask = padded_batch()
     press = P.SnapKVPress(0.5, window_size=8, backend="mask")
-    with pytest.warns(UserWarning, match="backend 'mask'"):
-        _, decoder = generate(model, "emulate", ids, mask, press=press)
-    assert decoder.captures == 0
+    with pytest.raises(ValueError, match="cuda_graphs needs backend 'evict'.*SnapKVPress runs with backend 'mask'"):
+        with press(model, cuda_graphs="emulate"):
+            pass
 
 
 def test_cuda_graphs_on_a_cpu_model_is_a_clear_error():
