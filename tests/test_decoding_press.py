@@ -33,7 +33,7 @@ def test_recompress_keeps_the_chosen_rows_and_continues_positions():
     layer = FlatHeadwiseLayer(keys, values, keep, Config())
     new_keys, new_values = torch.randn(2, 3, 6, 8), torch.randn(2, 3, 6, 8)
     layer.update(new_keys, new_values)
-    rows_k, rows_v = layer.dense_rows()  # (6 sequences, max_length, 8)
+    rows_k, rows_v = (rows[:, : layer.max_length] for rows in layer.dense_rows())  # (6 sequences, max_length, 8)
     generator = torch.Generator().manual_seed(1)
     second = torch.rand(2, 3, layer.max_length, generator=generator) < 0.5
     used = torch.arange(layer.max_length)[None] < layer.lengths[:, None]
