@@ -5,7 +5,7 @@ While a press is active, the model's attention implementation is switched from "
 the adakv twin. For layers that hold no compressed state the twin calls the original function
 unchanged; for a `MaskedLayer` it folds the per-head keep mask into the attention mask first; for a
 `FlatHeadwiseLayer` (backend "evict") it runs variable-length attention over the flat rows
-(adakv/varlen.py) and ignores the dense key/value arguments.
+(adakv/flat/varlen.py) and ignores the dense key/value arguments.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
 from .cache import ADAKV_ATTENTION_PREFIX, MaskedLayer
-from .flat_cache import FlatHeadwiseLayer
-from .varlen import flat_attention
+from .flat.layer import FlatHeadwiseLayer
+from .flat.varlen import flat_attention
 
 CACHE_ATTRIBUTE = "adakv_cache"  # set on attention modules by the press's pre-forward hook
 

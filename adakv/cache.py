@@ -4,7 +4,7 @@ A press replaces a layer of the model's `DynamicCache` after the context prefill
 
 - `MaskedLayer` (backend "mask") keeps the dense keys/values and a per-head keep mask over the
   context. Attention excludes pruned positions per head; no memory is freed.
-- `FlatHeadwiseLayer` (backend "evict", adakv/flat_cache.py) gathers the kept rows of every head
+- `FlatHeadwiseLayer` (backend "evict", adakv/flat/layer.py) gathers the kept rows of every head
   into one flat buffer per K and V; pruned rows are freed.
 
 "evict" is the default: a press whose `backend` is not set (None) evicts. It gives the same results
@@ -152,7 +152,7 @@ def make_compressed_layer(backend: str, keys: torch.Tensor, values: torch.Tensor
     if backend == "mask":
         return MaskedLayer(keys, values, keep, config)
     if backend == "evict":
-        from .flat_cache import FlatHeadwiseLayer  # imports this module
+        from .flat.layer import FlatHeadwiseLayer  # imports this module
 
         return FlatHeadwiseLayer(keys, values, keep, config)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")

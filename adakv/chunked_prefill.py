@@ -47,7 +47,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from adakv.cache import ADAKV_ATTENTION_PREFIX, MaskedLayer
-from adakv.flat_cache import FlatHeadwiseLayer
+from adakv.flat.layer import FlatHeadwiseLayer
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress, _set_attention_implementation
 from adakv.presses.key_rerotation import KeyRerotationPress

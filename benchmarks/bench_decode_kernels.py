@@ -1,6 +1,6 @@
 """GPU time and host time of one decode step's attention: adakv's CUDA kernel vs its Triton kernels (CUDA only).
 
-Sets `adakv.varlen.CUDA_DECODE_MAX_BYTES`, the cache size up to which the evict backend's decode uses the
+Sets `adakv.flat.varlen.CUDA_DECODE_MAX_BYTES`, the cache size up to which the evict backend's decode uses the
 CUDA kernel (one C++ call, little host time) rather than Triton (more host time, higher memory throughput).
 One layer of a Llama-3.1-8B-shaped cache (8 KV heads, 32 query heads, head_dim 128, bf16), every head
 holding `rows` rows. GPU us: back-to-back calls queued behind a long matmul, so launches are hidden and
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from adakv import kernels, triton_decode
-from adakv.flat_cache import FlatHeadwiseLayer
-from adakv.varlen import CUDA_DECODE_MAX_BYTES
+from adakv.flat import kernels, triton_decode
+from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.flat.varlen import CUDA_DECODE_MAX_BYTES
 
 CASES = [(1, 4096), (1, 8192), (1, 16384), (1, 32768), (8, 8192), (8, 32768), (1, 131072)]
 

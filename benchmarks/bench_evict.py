@@ -27,8 +27,8 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from adakv import presses as P
 from adakv.cache import MaskedLayer
-from adakv.flat_cache import FlatHeadwiseLayer
-from adakv.varlen import available_gpu_path, flat_attention
+from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.flat.varlen import available_gpu_path, flat_attention
 
 GiB = 2**30
 

@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> None:
         run_case(model, method, 4 * warmup.chunk_size, warmup, device)
     print(f"model and warm-up took {time.perf_counter() - started:.1f} s", flush=True)
 
-    from adakv.varlen import available_gpu_path, choose_implementation
+    from adakv.flat.varlen import available_gpu_path, choose_implementation
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     chunk_query = torch.empty(1, config.num_attention_heads, args.chunk_size, head_dim, device=device, dtype=dtype)

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args, argv, device: str) -> None:
     import transformers
 
-    from adakv.varlen import available_gpu_path
+    from adakv.flat.varlen import available_gpu_path
 
     if device == "cpu" and not args.tiny:
         raise SystemExit("bench_multi_gpu.py needs CUDA devices (or --tiny for a CPU smoke test).")

@@ -1,5 +1,5 @@
 """Per-layer CPU overhead of one evict decode step (CUDA only): the append (FlatHeadwiseLayer.update) and the
-attention call (adakv.varlen.flat_attention), eager and back to back as in a model forward, next to the dense
+attention call (adakv.flat.varlen.flat_attention), eager and back to back as in a model forward, next to the dense
 cache's concatenation and torch's SDPA over the same rows; plus a breakdown of the pieces of the attention and
 append calls (allocation, checks, each launch alone). The attention is timed as flat_attention picks it
 ("evict_attention") and with each decode path forced: the Triton kernels ("..._triton") and the CUDA decode
@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adakv import kernels, triton_decode
-from adakv.flat_cache import FlatHeadwiseLayer
-from adakv.varlen import flat_attention, reference_flat_attention
+from adakv.flat import kernels, triton_decode
+from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.flat.varlen import flat_attention, reference_flat_attention
 
 KV_HEADS, HEADS, HEAD_DIM, DTYPE, SCALE = 8, 32, 128, torch.bfloat16, 128**-0.5
 HAS_CUDA_DECODE = hasattr(kernels, "cuda_decode_flat_attention")  # lets the script time older versions too

@@ -187,7 +187,7 @@ class KVPressTextGenerationPipeline(Pipeline):
       cache: a transformers Cache to fill (default: a new DynamicCache); after the call it holds
         the compressed context, e.g. for `adakv.kept_token_counts(cache)`.
       cuda_graphs: True replays the answers' decode steps from a CUDA graph (press with backend "evict",
-        model on CUDA; see adakv/graph_decode.py). Default False: eager decoding.
+        model on CUDA; see adakv/flat/graph_decode.py). Default False: eager decoding.
       prefill_chunk_size: None (default) prefills the context in one forward and then compresses it;
         an int prefills it that many tokens at a time and compresses each chunk as it arrives
         (adakv.prefill_in_chunks: bounded prefill memory for long contexts; later chunks attend to

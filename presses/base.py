@@ -38,7 +38,7 @@ from adakv.cache import (
     make_compressed_layer,
     newest_keys_values,
 )
-from adakv.graph_decode import graph_decoder_for
+from adakv.flat.graph_decode import graph_decoder_for
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
     attention_modules,
@@ -202,7 +202,7 @@ class BasePress:
     @contextmanager
     def __call__(self, model: PreTrainedModel, cuda_graphs: bool | str = False) -> Generator[None, None, None]:
         """Hook the press onto `model` for the block. cuda_graphs=True replays decode steps from a CUDA graph
-        (adakv/graph_decode.py; backend "evict", CUDA models; "emulate" runs its CPU emulation for tests)."""
+        (adakv/flat/graph_decode.py; backend "evict", CUDA models; "emulate" runs its CPU emulation for tests)."""
         modules = attention_modules(model)
         if not any(is_full_attention_layer(module) for module in modules):
             raise ValueError(

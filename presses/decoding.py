@@ -11,7 +11,7 @@ from torch import nn
 
 from adakv.attention import CACHE_ATTRIBUTE
 from adakv.cache import MaskedLayer, make_compressed_layer
-from adakv.flat_cache import FlatHeadwiseLayer
+from adakv.flat.layer import FlatHeadwiseLayer
 from adakv.selection import adaptive_budget_keep_mask, top_k_keep_mask
 
 from .adaptive import AdaptivePress, check_scoring_press

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from adakv import presses as P
 from adakv.cache import BackendFallbackWarning, MaskedLayer, compressed_layers, evict_refusal
-from adakv.flat_cache import FlatHeadwiseLayer
+from adakv.flat.layer import FlatHeadwiseLayer
 
 
 def compressed_layer_types(model, press, ids=None, attention_mask=None) -> set[type]:

@@ -14,7 +14,7 @@ from transformers import DynamicCache, pipeline
 from adakv import presses as P
 from adakv import kept_token_counts, prefill_in_chunks, rollback
 from adakv.cache import MaskedLayer, checkpoint, compressed_layers, restore
-from adakv.flat_cache import FlatHeadwiseLayer
+from adakv.flat.layer import FlatHeadwiseLayer
 from adakv.pipeline import TASK
 from adakv.selection import kept_count
 

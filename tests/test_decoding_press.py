@@ -21,7 +21,7 @@ from adakv import (
     rollback,
 )
 from adakv.cache import MaskedLayer, compressed_layers
-from adakv.flat_cache import DEFAULT_MIN_SLACK, FlatHeadwiseLayer
+from adakv.flat.layer import DEFAULT_MIN_SLACK, FlatHeadwiseLayer
 from adakv.presses.decoding import RecentInputs
 
 

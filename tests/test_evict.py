@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from adakv import presses as P
 from adakv import kept_token_counts, rollback
 from adakv.cache import MaskedLayer, compressed_layers
-from adakv.flat_cache import FlatHeadwiseLayer
+from adakv.flat.layer import FlatHeadwiseLayer
 from adakv.presses.criticalkv import CriticalKVPress
 
 PRESSES = {

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adakv import kernels, kernels_reference
-from adakv.flat_cache import FlatHeadwiseLayer
-from adakv.varlen import flat_attention
+from adakv.flat import kernels, kernels_reference
+from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.flat.varlen import flat_attention
 
 
 class Config:
@@ -306,7 +306,7 @@ def test_skipped_leading_tokens_are_never_written():
 
 
 def test_split_workspace_reuses_its_buffer_and_grows():
-    from adakv.triton_decode import SplitWorkspace
+    from adakv.flat.triton_decode import SplitWorkspace
 
     workspace = SplitWorkspace()
     out, lse = workspace.take(10, 4, torch.device("cpu"))

@@ -1,5 +1,5 @@
 """The CUDA decode attention kernel over the flat head-wise cache (csrc/flat_decode.cu via
-adakv.kernels.cuda_decode_attention) and its dispatch in adakv.varlen.flat_attention.
+adakv.flat.kernels.cuda_decode_attention) and its dispatch in adakv.flat.varlen.flat_attention.
 
 GPU tests compare the kernel with the PyTorch reference in float64 on random layers with very unequal
 head lengths (down to one row), appended tokens, slack rows poisoned with NaN, a NaN-poisoned split
@@ -16,9 +16,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adakv import kernels, triton_decode
-from adakv.flat_cache import FlatHeadwiseLayer
-from adakv.varlen import (
+import adakv.csrc
+from adakv.flat import kernels, triton_decode
+from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.flat.varlen import (
     CUDA_DECODE_MAX_BYTES,
     IMPLEMENTATIONS,
     choose_implementation,
@@ -299,12 +300,12 @@ def test_decode_supported_limits():
 
 
 def test_python_limits_match_the_cuda_source():
-    source = (Path(kernels.__file__).parent.parent / "csrc" / "flat_decode_limits.h").read_text()
+    source = (Path(adakv.csrc.__file__).parent / "flat_decode_limits.h").read_text()
     assert f"constexpr int kMaxGroup = {kernels.DECODE_MAX_GROUP};" in source
     assert f"constexpr int kMaxSplits = {kernels.DECODE_MAX_SPLITS};" in source
     assert kernels.DECODE_MAX_SPLITS >= triton_decode.MAX_SPLITS  # automatic split counts always fit
     assert "flat_decode.cu" in kernels.SOURCES
-    binding = (Path(kernels.__file__).parent.parent / "csrc" / "flat_cache_binding.cpp").read_text()
+    binding = (Path(adakv.csrc.__file__).parent / "flat_cache_binding.cpp").read_text()
     assert re.search(r'm\.def\("decode_attention"', binding)
 
 

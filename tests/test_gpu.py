@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-from adakv import kernels, kernels_reference
+from adakv.flat import kernels, kernels_reference
 from adakv import presses as P
-from adakv.flat_cache import FlatHeadwiseLayer
-from adakv.varlen import available_gpu_path, flat_attention
+from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.flat.varlen import available_gpu_path, flat_attention
 
 pytestmark = [
     pytest.mark.gpu,

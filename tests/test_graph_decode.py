@@ -1,4 +1,4 @@
-"""CUDA-graph decoding (adakv/graph_decode.py) gives the tokens of eager decoding.
+"""CUDA-graph decoding (adakv/flat/graph_decode.py) gives the tokens of eager decoding.
 
 On CPU the runner runs with `cuda_graphs="emulate"`: "replay" re-runs the captured step with every host
 counter frozen at its capture-time value, as a real graph would, so a decode path that read host state
@@ -15,9 +15,9 @@ import torch
 from conftest import random_ids, tiny_model
 from transformers import DynamicCache
 
-from adakv import graph_decode
+from adakv.flat import graph_decode
 from adakv import presses as P
-from adakv.flat_cache import FlatHeadwiseLayer
+from adakv.flat.layer import FlatHeadwiseLayer
 
 GRAPHABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from adakv import AdaptivePress, CriticalKVPress, kept_token_counts, prefill_in_chunks
 from adakv.cache import compressed_layers
-from adakv.flat_cache import FlatHeadwiseLayer
+from adakv.flat.layer import FlatHeadwiseLayer
 
 RATIO = 0.5
 NUM_LAYERS = COMMON["num_hidden_layers"]

@@ -12,7 +12,7 @@ Shapes: query (batch, heads, q_len, head_dim), any strides with a unit last stri
 keys/values (rows, head_dim); offsets/lengths (batch * kv_heads,). Output (batch, q_len, heads,
 head_dim) in the query's dtype. CUDA only, fp16/bf16/fp32, head_dim <= 256. fp32 uses IEEE fp32 dot
 products (no tf32). Triton is imported only when a function here runs, so this module imports on
-machines without it (adakv.triton_kernels holds the @triton.jit kernels).
+machines without it (adakv.flat.triton_kernels holds the @triton.jit kernels).
 """
 
 from __future__ import annotations

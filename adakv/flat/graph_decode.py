@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .flat_cache import FlatHeadwiseLayer
+from .layer import FlatHeadwiseLayer
 
 RESERVE_TOKENS = 256  # slack reserved per capture when the number of tokens to come is unknown
 CACHE_KEYWORDS = ("past_key_values", "cache")

@@ -1,12 +1,12 @@
 """CUDA kernels of the flattened head-wise cache (csrc/flat_cache.cu, csrc/flat_decode.cu), built on first use.
 
 `copy_rows` and `append_rows` run the CUDA kernels for CUDA tensors and the pure-PyTorch reference
-(adakv.kernels_reference) for CPU tensors. `cuda_copy_rows` / `cuda_append_rows` always use the
+(adakv.flat.kernels_reference) for CPU tensors. `cuda_copy_rows` / `cuda_append_rows` always use the
 kernels and refuse anything else with a clear error.
 
 `cuda_decode_attention` / `cuda_decode_flat_attention`: single-token (decode) attention over the flat
 cache in one extension call (a split-KV kernel, plus a combine kernel when the keys are split); CUDA
-only, no CPU fallback (adakv.varlen.flat_attention picks it or another path, see `decode_supported`).
+only, no CPU fallback (adakv.flat.varlen.flat_attention picks it or another path, see `decode_supported`).
 
 The extension is compiled with torch.utils.cpp_extension + ninja into ADAKV_KERNEL_CACHE (default
 ~/.cache/adakv/kernels). Set ADAKV_KERNELS=reference to use the PyTorch reference on CUDA too
@@ -201,7 +201,7 @@ def check_decode_inputs(query, keys, values, offsets, lengths, num_splits: int |
             f"adakv's CUDA decode attention supports head_dim <= {DECODE_MAX_HEAD_DIM} with head_dim * element size "
             f"a multiple of {ROW_ALIGNMENT_BYTES} bytes and at least {DECODE_MIN_ROW_BYTES}, and up to "
             f"{DECODE_MAX_GROUP} query heads per KV head; got head_dim={head_dim} in {query.dtype} and "
-            f"{heads // kv_heads} query heads per KV head. Use adakv.triton_decode for other shapes."
+            f"{heads // kv_heads} query heads per KV head. Use adakv.flat.triton_decode for other shapes."
         )
     if num_splits is not None and not 1 <= num_splits <= DECODE_MAX_SPLITS:
         raise ValueError(f"num_splits must be None or in [1, {DECODE_MAX_SPLITS}], got {num_splits}.")
@@ -232,7 +232,7 @@ def cuda_decode_attention(
     group - 1. offsets/lengths: int64 CUDA tensors; the kernel reads the lengths on the device, so a CUDA
     graph that captured this call stays right while the lengths change.
     max_length (a host int >= every sequence's length) sets the number of splits like the Triton path
-    (`adakv.triton_decode.choose_num_splits`) unless num_splits is given. workspace: a reusable
+    (`adakv.flat.triton_decode.choose_num_splits`) unless num_splits is given. workspace: a reusable
     `SplitWorkspace` for the per-split results (None allocates one when there is more than one split).
     check=False skips the Python checks (the C++ binding still checks what the kernels rely on)."""
     if check:

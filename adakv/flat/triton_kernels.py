@@ -1,6 +1,6 @@
 """Triton kernels of the split-KV (flash-decoding) attention over the flat head-wise cache.
 
-Imported only by `adakv.triton_decode` when Triton is used (this module imports triton at the top).
+Imported only by `adakv.flat.triton_decode` when Triton is used (this module imports triton at the top).
 
 Notation: a *sequence* s = batch * kv_heads + kv_head owns rows [offsets[s], offsets[s] + length)
 of the flat K and V buffers (rows, head_dim), length = lengths[s] + extra_length. Its GQA group of

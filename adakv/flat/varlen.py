@@ -5,10 +5,10 @@ The new tokens of the current forward are the last `query_length` rows of every 
 sees every row up to and including its own (causal within multi-token appends). Paths:
 
 - CUDA, one new token (decode), fp16/bf16/fp32 with a head_dim and GQA group the kernel supports
-  (`adakv.kernels.decode_supported`), adakv's CUDA extension in use (ADAKV_KERNELS is not
-  "reference"): `adakv.kernels.cuda_decode_flat_attention` (csrc/flat_decode.cu), a split-KV kernel
+  (`adakv.flat.kernels.decode_supported`), adakv's CUDA extension in use (ADAKV_KERNELS is not
+  "reference"): `adakv.flat.kernels.cuda_decode_flat_attention` (csrc/flat_decode.cu), a split-KV kernel
   plus a combine kernel issued by one C++ call, so a decode step costs little host time.
-- CUDA, fp16/bf16/fp32, triton importable: `adakv.triton_decode` (our split-KV / flash-decoding Triton
+- CUDA, fp16/bf16/fp32, triton importable: `adakv.flat.triton_decode` (our split-KV / flash-decoding Triton
   kernels: the keys of every sequence are split over several programs so batch 1 fills the GPU). Used
   for the decode steps the CUDA kernel does not take and for appends of up to TRITON_MAX_QUERY_LENGTH
   tokens; longer appends go to the varlen paths below when one is available, else still to Triton.
@@ -103,7 +103,7 @@ def cuda_decode_usable() -> bool:
 
 def available_gpu_path() -> str:
     """Which implementation `flat_attention` uses for decoding (one new token) with fp16/bf16 CUDA tensors
-    of a head_dim and GQA group that `adakv.kernels.decode_supported` accepts."""
+    of a head_dim and GQA group that `adakv.flat.kernels.decode_supported` accepts."""
     if cuda_decode_usable():
         return "cuda_decode"
     return "triton" if triton_decode.triton_available() else available_varlen_path()

@@ -10,7 +10,7 @@ Per layer, one K and one V buffer of shape (rows, head_dim) hold the rows of eve
 
 `seq_lengths` (sequences,) is a device tensor: the append kernel writes behind it and advances it, and
 the attention kernels read it, so a decode step needs no host bookkeeping on the GPU and can be
-captured in a CUDA graph (adakv/graph_decode.py). The host keeps `appended`, the number of dense
+captured in a CUDA graph (adakv/flat/graph_decode.py). The host keeps `appended`, the number of dense
 positions added after the context; a sequence holds one row per appended position except the left
 padding of a padded question batch, which is never written (`skip_leading_tokens`).
 
@@ -36,7 +36,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from . import kernels
-from .cache import check_attention_can_read
+from ..cache import check_attention_can_read
 from .triton_decode import SplitWorkspace
 
 DEFAULT_MIN_SLACK = 64
@@ -73,7 +73,7 @@ class FlatHeadwiseLayer(DynamicLayer):
     """Compressed cache layer holding only the kept rows of every (batch, kv-head).
 
     Built from the dense context keys/values (batch, kv_heads, seq, head_dim) and the keep mask
-    (batch, kv_heads, seq). Attention reads it through `adakv.varlen.flat_attention`.
+    (batch, kv_heads, seq). Attention reads it through `adakv.flat.varlen.flat_attention`.
     """
 
     backend = "evict"
@@ -103,7 +103,7 @@ class FlatHeadwiseLayer(DynamicLayer):
         self.padded_appends = False  # a padded question batch skipped rows: positions != rows after the context
         self.pending_padding: torch.Tensor | None = None  # (batch,) left padding of the next append
         self.last_append_padding: torch.Tensor | None = None  # (batch,) left padding of the latest append
-        self.split_workspace = SplitWorkspace()  # reused by every decode step's attention (adakv.triton_decode)
+        self.split_workspace = SplitWorkspace()  # reused by every decode step's attention (adakv.flat.triton_decode)
 
         keep = keep.to(device=keys.device, dtype=torch.bool).reshape(self.num_sequences, self.context_length)
         self._set_context_kept(keep.sum(-1))
