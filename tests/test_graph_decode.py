@@ -79,6 +79,16 @@ def test_a_forward_loop_without_generate_recaptures_when_the_slack_runs_out(monk
         assert torch.equal(graph_layer.seq_lengths, eager_layer.seq_lengths)
 
 
+def test_a_one_token_prompt_prefills_eagerly_without_warning():
+    model = tiny_model("llama")
+    ids = random_ids(1, 1)
+    eager, _ = generate(model, False, ids, torch.ones_like(ids))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        graphed, decoder = generate(model, "emulate", ids, torch.ones_like(ids))
+    assert torch.equal(graphed, eager) and decoder.captures == 1
+
+
 def test_layers_that_are_not_flat_decode_eagerly_with_one_warning():
     model = tiny_model("gemma3")  # two sliding-window layers stay dense
     ids, mask = padded_batch()

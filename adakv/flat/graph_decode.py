@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import traceback
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
@@ -93,7 +93,7 @@ class CapturedStep:
     inputs: dict[str, torch.Tensor]  # input_ids (batch, 1), position_ids (batch, 1), cache_position (1,)
     output: object  # the model's output object; its logits (batch, 1, vocab) are rewritten by every replay
     key: tuple
-    layers: list[FlatHeadwiseLayer] = field(default_factory=list)
+    layers: list[FlatHeadwiseLayer]
 
 
 class GraphDecoder:
@@ -174,6 +174,8 @@ class GraphDecoder:
         if not isinstance(cache, Cache):
             return None
         layers = cache.layers
+        if not layers or layers[0].get_seq_length() == 0:
+            return None  # the prefill of a one-token prompt
         for index, layer in enumerate(layers):
             if not isinstance(layer, FlatHeadwiseLayer):
                 self._warn_once(
