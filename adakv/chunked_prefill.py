@@ -39,7 +39,7 @@ transformers passes mask=None); the others get transformers' mask as usual.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Generator, Iterator
+from typing import Generator
 
 import torch
 from transformers import AttentionInterface, PreTrainedModel
@@ -49,7 +49,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from adakv.cache import ADAKV_ATTENTION_PREFIX, MaskedLayer
 from adakv.flat_cache import FlatHeadwiseLayer
 from adakv.models import cache_argument_name
-from adakv.presses.base import BasePress, _set_attention_implementation
+from adakv.presses.base import BasePress, _set_attention_implementation, press_tree
 from adakv.presses.key_rerotation import KeyRerotationPress
 from adakv.presses.observed_attention import ObservedAttentionPress
 
@@ -169,16 +169,6 @@ def check_left_padding(attention_mask, input_ids: torch.Tensor, chunk_size: int)
     return attention_mask
 
 
-def press_tree(press: BasePress) -> Iterator[BasePress]:
-    """The press and every press it wraps (`.press` of wrappers, `.presses` of ComposedPress)."""
-    yield press
-    inner = getattr(press, "press", None)
-    if isinstance(inner, BasePress):
-        yield from press_tree(inner)
-    for item in getattr(press, "presses", None) or []:
-        yield from press_tree(item)
-
-
 def check_press(model: PreTrainedModel, press: BasePress | None) -> None:
     if press is None:
         if str(model.config._attn_implementation).startswith(ADAKV_ATTENTION_PREFIX):
@@ -200,6 +190,12 @@ def check_press(model: PreTrainedModel, press: BasePress | None) -> None:
                 "ObservedAttentionPress cannot run in a chunked prefill: a later chunk's attention weights also "
                 "cover the earlier chunks, so they are not the weights of the chunk alone. Use an ordinary prefill."
             )
+    if press.compresses_after_prefill:
+        raise ValueError(
+            f"{type(press).__name__} compresses after the whole context prefill (KVzipPress, or AdaptivePress with "
+            'scope="model", need every layer at once), so it cannot compress a chunked prefill chunk by chunk. '
+            "Prefill the context in one forward (prefill_chunk_size=None)."
+        )
     if type(press).compressed_layer is not BasePress.compressed_layer:
         raise ValueError(
             f"{type(press).__name__} replaces `compressed_layer` (e.g. RecordingPress), which sees whole contexts; "

@@ -38,17 +38,25 @@ def adaptive_keep_mask(
     budget flows between heads. Each head is first guaranteed its best `alpha * mean_budget` tokens
     (the safeguard); the rest of the layer's budget goes to the best remaining scores of all heads.
     """
+    layer_budget = kept_count(available.sum(-1), compression_ratio).sum(-1)  # (batch,)
+    return pooled_keep_mask(scores, available, layer_budget, alpha_safeguard)
+
+
+def pooled_keep_mask(
+    scores: torch.Tensor, available: torch.Tensor, total_budget: torch.Tensor, alpha_safeguard: float
+) -> torch.Tensor:
+    """Keep the best `total_budget[b]` (batch,) scores over all rows ("heads") of each batch row at
+    once, each row first guaranteed its best `floor(alpha * total_budget / rows)` tokens.
+
+    Rows are a layer's KV heads (Ada-KV) or every (layer, KV head) of the model (model-wide allocation)."""
     batch, heads, seq_len = scores.shape
     masked = scores.float().masked_fill(~available, float("-inf"))
-    per_head_budget = kept_count(available.sum(-1), compression_ratio)  # (batch, kv_heads)
-    layer_budget = per_head_budget.sum(-1)  # (batch,)
-
-    mean_budget = layer_budget.to(torch.float64) / heads
+    mean_budget = total_budget.to(torch.float64) / heads
     floor = torch.floor(alpha_safeguard * mean_budget).long().unsqueeze(-1)  # (batch, 1)
     floor = torch.minimum(floor, available.sum(-1))  # a head cannot keep more than it has
     guaranteed = (descending_rank(masked, dim=-1) < floor.unsqueeze(-1)) & available
 
-    # Guaranteed tokens rank first layer-wide, then everything else by score.
+    # Guaranteed tokens rank first over all rows, then everything else by score.
     boosted = masked.masked_fill(guaranteed, float("inf")).reshape(batch, heads * seq_len)
-    layer_rank = descending_rank(boosted, dim=-1).reshape(batch, heads, seq_len)
-    return (layer_rank < layer_budget.view(batch, 1, 1)) & available
+    pooled_rank = descending_rank(boosted, dim=-1).reshape(batch, heads, seq_len)
+    return (pooled_rank < total_budget.view(batch, 1, 1)) & available
