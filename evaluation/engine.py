@@ -27,6 +27,7 @@ from transformers import DynamicCache
 from adakv.pipeline import answer_from_cache, encode_prompt_parts, prefill_context, split_prompt
 from adakv.presses import BasePress, PrefillContext, RecordingPress
 from adakv.presses.base import WholePrefill
+from adakv.presses.kvzip import attach_tokenizer
 
 
 @dataclass
@@ -63,6 +64,7 @@ def active(press: BasePress | None, model):
 
 def naive_answer(model, tokenizer, press, context_ids, question_ids, max_new_tokens: int) -> tuple[str, DynamicCache]:
     """Prefill with `press` active (None: dense) and answer."""
+    attach_tokenizer(press, tokenizer)
     with active(press, model):
         cache = prefill(model, context_ids)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
@@ -98,6 +100,7 @@ def fast_answer(
     model, tokenizer, dense: DensePrefill, press, question_ids, max_new_tokens: int
 ) -> tuple[str, DynamicCache]:
     """Answer from `dense` compressed by `press` (None: dense), without a new prefill."""
+    attach_tokenizer(press, tokenizer)
     with active(press, model):
         cache = compressed_cache(dense, press)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache

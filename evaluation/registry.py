@@ -27,6 +27,9 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "observed_attention": ("ObservedAttentionPress", ()),
     "adakv_observed_attention": ("ObservedAttentionPress", ("AdaptivePress",)),
     "streaming_llm": ("StreamingLLMPress", ()),
+    "kvzip": ("KVzipPress", ()),
+    "adakv_kvzip": ("KVzipPress", ("AdaptivePress",)),
+    "adakv_model_kvzip": ("KVzipPress", ("AdaptivePress:scope=model",)),
     "random": ("RandomPress", ()),
 }
 NO_PRESS = "none"

@@ -31,6 +31,7 @@ from adakv.cache import checkpoint, restore
 from adakv.chunked_prefill import prefill_in_chunks
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
+from adakv.presses.kvzip import attach_tokenizer
 
 TASK = "kv-press-text-generation"
 QUESTION_SEPARATOR = "\n\n"  # between the context and the question inside the prompt
@@ -235,6 +236,7 @@ class KVPressTextGenerationPipeline(Pipeline):
 
     def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None, prefill_chunk_size=None):
         cache = DynamicCache() if cache is None else cache
+        attach_tokenizer(press, self.tokenizer)  # KVzipPress encodes its repeat prompt with it
         with press(self.model) if press is not None else nullcontext():
             prefill_context(self.model, cache, model_inputs["context_ids"], press, prefill_chunk_size)
             answers = [

@@ -9,6 +9,7 @@ from .expected_attention import ExpectedAttentionPress
 from .key_rerotation import KeyRerotationPress
 from .keydiff import KeyDiffPress
 from .knorm import KnormPress
+from .kvzip import KVzipPress
 from .observed_attention import ObservedAttentionPress
 from .per_layer import PerLayerCompressionPress
 from .pyramidkv import PyramidKVPress
@@ -29,6 +30,7 @@ __all__ = [
     "KeyDiffPress",
     "KeyRerotationPress",
     "KnormPress",
+    "KVzipPress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
     "PrefillContext",
