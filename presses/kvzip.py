@@ -15,7 +15,7 @@ from .base import BasePress, PrefillContext, WholePrefill, press_tree
 from .scorer import ScorerPress
 from .snapkv import float32_scores
 
-DEFAULT_REPEAT_PROMPT = "\n\nRepeat the previous context exactly."
+DEFAULT_REPEAT_PROMPT = "\n\nRepeat the previous context:"  # the paper's prompt
 # Upper bound of attention probabilities held at once while scoring (elements of float32).
 SCORING_BLOCK_ELEMENTS = 1 << 26
 
