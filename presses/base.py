@@ -390,11 +390,11 @@ class WrapperPress(BasePress):
     def compression_ratio(self) -> float:
         return self.press.compression_ratio
 
-    @property
-    def compresses_after_prefill(self) -> bool:
-        return self.press.compresses_after_prefill
-
     @compression_ratio.setter
     def compression_ratio(self, value: float) -> None:
         check_compression_ratio(value)
         self.press.compression_ratio = value
+
+    @property
+    def compresses_after_prefill(self) -> bool:
+        return self.press.compresses_after_prefill

@@ -3,8 +3,9 @@
     .venv/bin/python scripts/kvzip_cost.py --context-length 2000 --repeats 3
 
 Each setting prefills the same context (Paul Graham essays, as the demo) `--repeats` times after one
-warm-up; the median is printed. "no press" is the plain prefill; the KVzip rows include the
-reconstruction forwards, the scoring and the compression (backend "evict" frees the pruned rows)."""
+warm-up, the settings interleaved (so a change in the machine's load hits all of them alike); medians of
+the process's CPU time and of the wall time are printed. "no press" is the plain prefill; the KVzip row
+includes the reconstruction forward, the scoring and the compression (backend "evict")."""
 
 from __future__ import annotations
 
@@ -16,17 +17,18 @@ import time
 import torch
 from transformers import DynamicCache
 
-from adakv import AdaptivePress, KVzipPress, SnapKVPress, load_default_model
+from adakv import KVzipPress, SnapKVPress, load_default_model
 from adakv.demo import haystack
 from adakv.pipeline import encode_prompt_parts, prefill_context, split_prompt
 
 
-def timed_prefill(model, press, context_ids) -> float:
+def timed_prefill(model, press, context_ids) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one context prefill under `press`."""
     cache = DynamicCache(config=model.config)
-    start = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     with torch.no_grad(), (press(model) if press is not None else torch.no_grad()):
         prefill_context(model, cache, context_ids)
-    return time.perf_counter() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def main() -> None:
@@ -45,20 +47,20 @@ def main() -> None:
         "no press": None,
         "SnapKV 0.5 (evict)": SnapKVPress(0.5, backend="evict"),
         "KVzip 0.5 (evict)": KVzipPress(0.5, chunk_size=args.chunk_size, tokenizer=tokenizer, backend="evict"),
-        "AdaptivePress(KVzip, scope=model) 0.5 (evict)": AdaptivePress(
-            KVzipPress(0.5, chunk_size=args.chunk_size, tokenizer=tokenizer), scope="model", backend="evict"
-        ),
     }
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
           f"{context_ids.shape[1]} context tokens, KVzip chunk_size {args.chunk_size}")
-    baseline = None
-    for name, press in settings.items():
-        timed_prefill(model, press, context_ids)  # warm-up
-        times = [timed_prefill(model, press, context_ids) for _ in range(args.repeats)]
-        median = statistics.median(times)
-        baseline = baseline or median
-        print(f"{name:50s} median {median:6.2f} s  ({median / baseline:4.2f}x)  runs {[round(t, 2) for t in times]}")
-
+    times = {name: [] for name in settings}
+    for repeat in range(args.repeats + 1):  # the first round warms up
+        for name, press in settings.items():
+            measured = timed_prefill(model, press, context_ids)
+            if repeat:
+                times[name].append(measured)
+    base_cpu = statistics.median(cpu for cpu, _ in times["no press"])
+    for name, runs in times.items():
+        cpu, wall = statistics.median(c for c, _ in runs), statistics.median(w for _, w in runs)
+        print(f"{name:22s} CPU {cpu:7.2f} s ({cpu / base_cpu:4.2f}x)  wall {wall:7.2f} s  "
+              f"runs (cpu, wall) {[(round(c, 1), round(w, 1)) for c, w in runs]}")
 
 if __name__ == "__main__":
     main()

@@ -189,3 +189,19 @@ def test_registry_names_and_report_pairing():
     table = adaptive_vs_uniform(pd.DataFrame(rows)).set_index("adaptive")
     assert table.loc["adakv_model_snapkv", "uniform"] == "snapkv"
     assert table.loc["adakv_model_snapkv", "difference"] == 1.0
+
+
+def test_decoder_hooks_are_removed_after_the_block_also_on_error():
+    from test_presses import hook_snapshot
+
+    model = tiny_model("llama")
+    before = hook_snapshot(model)
+    press = model_press(SnapKVPress(0.5, window_size=8))
+    with press(model):
+        assert model.get_decoder()._forward_hooks and hook_snapshot(model) != before
+        with torch.no_grad():
+            model(random_ids(1, 16), past_key_values=DynamicCache(config=model.config))
+    assert hook_snapshot(model) == before
+    with pytest.raises(RuntimeError, match="boom"), press(model):
+        raise RuntimeError("boom")
+    assert hook_snapshot(model) == before and not hasattr(press, "_prefill_parts")
