@@ -1,6 +1,6 @@
 """Cost of KVzip's scoring: context prefill time with and without KVzipPress on the embedded SmolLM2.
 
-    .venv/bin/python scripts/kvzip_cost.py --context-length 2000 --repeats 3
+    .venv/bin/python scripts/kvzip_cost.py --context-length 2000 --repeats 3 [--threads 1] [--device cuda]
 
 Each setting prefills the same context (Paul Graham essays, as the demo) `--repeats` times after one
 warm-up, the settings interleaved (so a change in the machine's load hits all of them alike); medians of
@@ -28,6 +28,8 @@ def timed_prefill(model, press, context_ids) -> tuple[float, float]:
     cpu, wall = time.process_time(), time.perf_counter()
     with torch.no_grad(), (press(model) if press is not None else torch.no_grad()):
         prefill_context(model, cache, context_ids)
+    if context_ids.is_cuda:
+        torch.cuda.synchronize()
     return time.process_time() - cpu, time.perf_counter() - wall
 
 
@@ -37,12 +39,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="e.g. cuda (then read the wall times)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_default_model()
+    model, tokenizer = load_default_model(device=args.device)
     context_text, _ = split_prompt(tokenizer, haystack(tokenizer, args.context_length), "")
-    context_ids, _ = encode_prompt_parts(tokenizer, context_text, [])
+    context_ids = encode_prompt_parts(tokenizer, context_text, [])[0].to(args.device)
     settings = {
         "no press": None,
         "SnapKV 0.5 (evict)": SnapKVPress(0.5, backend="evict"),
