@@ -200,6 +200,12 @@ def check_press(model: PreTrainedModel, press: BasePress | None) -> None:
                 "ObservedAttentionPress cannot run in a chunked prefill: a later chunk's attention weights also "
                 "cover the earlier chunks, so they are not the weights of the chunk alone. Use an ordinary prefill."
             )
+    if press.compresses_after_prefill:
+        raise ValueError(
+            f"{type(press).__name__} compresses after the whole context prefill (KVzipPress, or AdaptivePress with "
+            'scope="model", need every layer at once), so it cannot compress a chunked prefill chunk by chunk. '
+            "Prefill the context in one forward (prefill_chunk_size=None)."
+        )
     if type(press).compressed_layer is not BasePress.compressed_layer:
         raise ValueError(
             f"{type(press).__name__} replaces `compressed_layer` (e.g. RecordingPress), which sees whole contexts; "

@@ -84,10 +84,14 @@ def _read_gguf(path: Path):
 
 
 def convert_default_model(target: Path) -> None:
-    """Convert the embedded GGUF into a Hugging Face folder at `target`, atomically: the files are
+    """Convert the embedded GGUF into a Hugging Face folder at `target` (first use only)."""
+    convert_gguf(gguf_path(), target)
+
+
+def convert_gguf(source: Path, target: Path) -> None:
+    """Convert the GGUF file `source` into a Hugging Face folder at `target`, atomically: the files are
     written into a temporary folder beside it that is renamed into place only when complete."""
-    source = gguf_path()
-    print(f"adakv: converting {source.name} into {target} (first use only)...", file=sys.stderr)
+    print(f"adakv: converting {source.name} into {target}...", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer = _read_gguf(source)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -76,7 +76,9 @@ def adaptive_keep_mask(
 def adaptive_budget_keep_mask(
     scores: torch.Tensor, available: torch.Tensor, budget: torch.Tensor, alpha_safeguard: float
 ) -> torch.Tensor:
-    """Ada-KV allocation of `budget` (batch,) tokens per layer row over the heads of that row."""
+    """Ada-KV allocation of `budget` (batch,) tokens over the rows ("heads") of each batch row at once, each
+    row first guaranteed its best `floor(alpha * budget / rows)` tokens. Rows are a layer's KV heads (Ada-KV)
+    or every (layer, KV head) of the model (AdaptivePress(scope="model"))."""
     batch, heads, seq_len = scores.shape
     boosted = safeguarded_scores(scores, available, budget, heads, alpha_safeguard).reshape(batch, heads * seq_len)
     layer_rank = descending_rank(boosted, dim=-1).reshape(batch, heads, seq_len)

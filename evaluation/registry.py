@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import importlib
 
-# name -> (scorer class, wrapper classes applied from the inside out)
+# name -> (scorer class, wrapper classes applied from the inside out); "Class:field=value" sets a field
 PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "snapkv": ("SnapKVPress", ()),
     "adakv_snapkv": ("SnapKVPress", ("AdaptivePress",)),
+    "adakv_model_snapkv": ("SnapKVPress", ("AdaptivePress:scope=model",)),
     "criticalkv_snapkv": ("SnapKVPress", ("CriticalKVPress",)),
     "adakv_criticalkv_snapkv": ("SnapKVPress", ("CriticalKVPress", "AdaptivePress")),
     "pyramidkv": ("PyramidKVPress", ()),
@@ -26,6 +27,9 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "observed_attention": ("ObservedAttentionPress", ()),
     "adakv_observed_attention": ("ObservedAttentionPress", ("AdaptivePress",)),
     "streaming_llm": ("StreamingLLMPress", ()),
+    "kvzip": ("KVzipPress", ()),
+    "adakv_kvzip": ("KVzipPress", ("AdaptivePress",)),
+    "adakv_model_kvzip": ("KVzipPress", ("AdaptivePress:scope=model",)),
     "random": ("RandomPress", ()),
     "chunkkv_snapkv": ("SnapKVPress", ("ChunkKVPress",)),
     "lagkv": ("LagKVPress", ()),
@@ -69,8 +73,14 @@ def check_presses_available(names) -> None:
     for name in names:
         if name != NO_PRESS:
             scorer, wrappers = PRESSES[name]
-            for class_name in (scorer, *wrappers):
-                press_class(class_name)
+            for spec in (scorer, *wrappers):
+                press_class(class_and_fields(spec)[0])
+
+
+def class_and_fields(spec: str) -> tuple[str, dict[str, str]]:
+    """"AdaptivePress:scope=model" -> ("AdaptivePress", {"scope": "model"})."""
+    class_name, _, options = spec.partition(":")
+    return class_name, dict(option.split("=", 1) for option in options.split(",") if option)
 
 
 def build_press(name: str, compression_ratio: float, backend: str | None = None):
@@ -82,5 +92,6 @@ def build_press(name: str, compression_ratio: float, backend: str | None = None)
     scorer, wrappers = PRESSES[name]
     press = press_class(scorer)(compression_ratio=compression_ratio, backend=backend)
     for wrapper in wrappers:
-        press = press_class(wrapper)(press, backend=backend)
+        class_name, fields = class_and_fields(wrapper)
+        press = press_class(class_name)(press, backend=backend, **fields)
     return press

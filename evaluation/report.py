@@ -33,12 +33,12 @@ def per_task_table(results: pd.DataFrame) -> pd.DataFrame:
 
 def adaptive_vs_uniform(results: pd.DataFrame) -> pd.DataFrame:
     """Paired difference adakv_X - X per ratio, on the same (task, length, sample): mean, 95% CI, n.
-    X is the same press without the outermost AdaptivePress."""
+    X is the same press without the outermost AdaptivePress (of either scope: adakv_model_X is paired with X too)."""
     rows = []
     keys = ["task", "context_length", "sample", "ratio"]
     by_recipe = {recipe: name for name, recipe in PRESSES.items()}
     for name, (scorer, wrappers) in PRESSES.items():
-        if wrappers[-1:] != ("AdaptivePress",):
+        if not wrappers or not wrappers[-1].startswith("AdaptivePress"):
             continue
         uniform = by_recipe.get((scorer, wrappers[:-1]))
         if name not in set(results.press) or uniform not in set(results.press):

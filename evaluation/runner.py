@@ -20,6 +20,7 @@ from adakv.cache import kept_token_counts
 
 from . import engine, registry, tasks
 from .metrics import string_match
+from .models import SPLIT_MODELS, model_folder
 
 KEY_COLUMNS = ["task", "context_length", "sample", "press", "ratio"]
 DEFAULT_MODEL = "smollm2"
@@ -74,7 +75,8 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 
 
 def load_model(name: str, device: str, dtype: str = "auto"):
-    """(model, tokenizer). "smollm2" is the embedded SmolLM2-135M-Instruct; anything else goes to
+    """(model, tokenizer). "smollm2" is the embedded SmolLM2-135M-Instruct; a name of
+    `models.SPLIT_MODELS` loads the folder `adakv-eval build-model NAME` converted; anything else goes to
     `from_pretrained` (a local folder or a model already in the Hugging Face cache)."""
     torch_dtype = DTYPES[dtype] or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if name == DEFAULT_MODEL:
@@ -83,6 +85,11 @@ def load_model(name: str, device: str, dtype: str = "auto"):
         return load_default_model(device=device, dtype=torch_dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if name in SPLIT_MODELS:
+        folder = model_folder(name)
+        if not folder.is_dir():
+            raise ValueError(f"Model {name!r} is not built yet ({folder} is missing): run `adakv-eval build-model {name}`.")
+        name = str(folder)
     tokenizer = AutoTokenizer.from_pretrained(name)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa")
     return model.to(device).eval(), tokenizer
@@ -283,6 +290,7 @@ def _record_budgets(model, tokenizer, config: SweepConfig, haystack, out: str, d
     sample = tasks.generate(config.tasks[0], 0, haystack, config.context_lengths[0], config.seed, config.query_aware)
     context_ids, _ = engine.encode_prompt(tokenizer, sample, device)
     press = registry.build_press(press_name, ratio, config.backend)
+    engine.attach_tokenizer(press, tokenizer)
     dense = engine.dense_prefill(model, context_ids)
     with press(model):
         cache = engine.compressed_cache(dense, press)

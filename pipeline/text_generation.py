@@ -31,6 +31,7 @@ from adakv.cache import checkpoint, restore
 from adakv.chunked_prefill import check_input_ids, prefill_in_chunks
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
+from adakv.presses.kvzip import attach_tokenizer
 
 TASK = "kv-press-text-generation"
 QUESTION_SEPARATOR = "\n\n"  # between the context and the question inside the prompt
@@ -244,6 +245,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         cache = DynamicCache() if cache is None else cache
         if cuda_graphs and press is None:
             raise ValueError("cuda_graphs=True decodes over a compressed (evict) cache: pass a press too.")
+        attach_tokenizer(press, self.tokenizer)  # KVzipPress encodes its repeat prompt with it
         with press(self.model, cuda_graphs=cuda_graphs) if press is not None else nullcontext():
             prefill_context(self.model, cache, model_inputs["context_ids"], press, prefill_chunk_size)
             answers = [

@@ -18,6 +18,7 @@ from .keydiff import KeyDiffPress
 from .knorm import KnormPress
 from .lagkv import LagKVPress
 from .merge import MergePress
+from .kvzip import KVzipPress
 from .observed_attention import ObservedAttentionPress
 from .per_layer import PerLayerCompressionPress
 from .prefill_decoding import PrefillDecodingPress
@@ -50,6 +51,7 @@ __all__ = [
     "KnormPress",
     "LagKVPress",
     "MergePress",
+    "KVzipPress",
     "ObservedAttentionPress",
     "PerLayerCompressionPress",
     "PrefillContext",

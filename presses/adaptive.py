@@ -8,9 +8,11 @@ from dataclasses import dataclass
 import torch
 
 from adakv.distributed import check_exchange, distributed_adaptive_keep_mask, tensor_parallel_group
-from adakv.selection import adaptive_keep_mask
+from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count
 
-from .base import PrefillContext, WrapperPress, check_is_press
+from .base import PrefillContext, WholePrefill, WrapperPress, check_is_press
+
+SCOPES = ("layer", "model")
 
 
 def check_scoring_press(press, wrapper: str) -> None:
@@ -27,18 +29,33 @@ def check_scoring_press(press, wrapper: str) -> None:
 class AdaptivePress(WrapperPress):
     """Ada-KV's head-wise budget allocation around any scoring press.
 
-    The layer keeps as many KV pairs as the inner press would (for PyramidKV: that layer's pyramid
-    budget), but chooses them as the top scores over all its heads at once, so heads whose
-    attention is concentrated lend budget to heads whose attention is spread. Each head is first
-    guaranteed its best `alpha_safeguard * mean_budget` tokens.
+    scope="layer" (the paper's): the layer keeps as many KV pairs as the inner press would (for
+    PyramidKV: that layer's pyramid budget), but chooses them as the top scores over all its heads at
+    once, so heads whose attention is concentrated lend budget to heads whose attention is spread.
+    Each head is first guaranteed its best `alpha_safeguard * mean_budget` tokens.
+
+    scope="model": the same over every (layer, KV head) of the model at once. The model keeps the sum
+    over compressed layers of what the inner press would keep in each, but the budget flows across
+    layers and heads by score; each (layer, head) is first guaranteed its best
+    `alpha_safeguard * total / (layers * kv_heads)` tokens. Scores of different layers are ranked against
+    each other, so the inner press's scores must be attention probabilities (`scores_are_probabilities`:
+    SnapKV, PyramidKV, TOVA, ObservedAttention, KVzip; not Knorm, KeyDiff, Random, StreamingLLM, CriticalKV
+    or ExpectedAttention with its value norm). It needs every layer's scores, so it compresses after the
+    whole context prefill (BasePress.compresses_after_prefill): the dense cache of the whole context and
+    each layer's input hidden states are held until the prefill ends, then backend "evict" frees the
+    pruned rows of every layer at once. A chunked prefill is refused.
 
     Under tensor parallelism (transformers' `tp_plan`, each rank holding some KV heads) the ranks
     exchange what the layer-wide top-k needs and select exactly the single-process set; `exchange`
     picks how (adakv/distributed.py): "all_gather" (every rank's scores) or "threshold_search" (a
     distributed search for the k-th largest score, a few small all-reduces). Unused on one process.
+    scope="model" is refused under tensor parallelism (not yet exchanged across ranks).
+
+    keep masks: (batch, kv_heads, seq) per layer.
     """
 
     alpha_safeguard: float = 0.2
+    scope: str = "layer"
     exchange: str = "all_gather"
 
     def __post_init__(self):
@@ -47,8 +64,27 @@ class AdaptivePress(WrapperPress):
         if not isinstance(self.alpha_safeguard, (int, float)) or not 0.0 <= self.alpha_safeguard <= 1.0:
             raise ValueError(f"alpha_safeguard must be a number in [0, 1], got {self.alpha_safeguard!r}.")
         check_exchange(self.exchange)
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
+        if self.scope == "model" and not getattr(self.press, "scores_are_probabilities", False):
+            raise ValueError(
+                f'AdaptivePress(scope="model") ranks the scores of different layers against each other, which is '
+                f"sound only for attention-probability scores; {type(self.press).__name__}'s are not "
+                "(scores_are_probabilities is False: norms, similarities or random numbers differ in scale from "
+                'layer to layer). Use an attention-based scorer (SnapKVPress, PyramidKVPress, TOVAPress, '
+                'ObservedAttentionPress, KVzipPress) or scope="layer".'
+            )
+
+    @property
+    def compresses_after_prefill(self) -> bool:
+        return self.scope == "model" or self.press.compresses_after_prefill
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        if self.scope == "model":
+            raise RuntimeError(
+                'AdaptivePress(scope="model") allocates over all layers at once; it compresses a whole prefill '
+                "(compress_prefill), not one layer."
+            )
         ratio = self.press.layer_compression_ratio(context)
         if ratio == 0:
             return None
@@ -59,3 +95,33 @@ class AdaptivePress(WrapperPress):
         return distributed_adaptive_keep_mask(
             scores, context.available, ratio, self.alpha_safeguard, group, self.exchange
         )
+
+    def compress_prefill(self, prefill: WholePrefill) -> list[torch.Tensor | None]:
+        if self.scope == "layer":
+            return super().compress_prefill(prefill)
+        keeps: list[torch.Tensor | None] = [None] * len(prefill.contexts)
+        pooled = [
+            (index, context, ratio)
+            for index, context in enumerate(prefill.contexts)
+            if (ratio := self.press.layer_compression_ratio(context)) > 0
+        ]
+        if not pooled:
+            return keeps
+        first = pooled[0][1]
+        if tensor_parallel_group(first.module, first.keys.shape[1]) is not None:
+            raise NotImplementedError(
+                'AdaptivePress(scope="model") does not exchange scores across tensor-parallel ranks yet; '
+                'use scope="layer" (exact across ranks) under tensor parallelism.'
+            )
+        device = first.keys.device
+        scores = torch.cat([self.press.score(context).float().to(device) for _, context, _ in pooled], dim=1)
+        available = torch.cat([context.available.to(device) for _, context, _ in pooled], dim=1)
+        total = sum(kept_count(context.available.sum(-1), ratio).sum(-1).to(device) for _, context, ratio in pooled)
+        # (batch, layers * kv_heads, seq): every (layer, head) of the model is one row of the allocation
+        keep = adaptive_budget_keep_mask(scores, available, total, self.alpha_safeguard)
+        start = 0
+        for index, context, _ in pooled:
+            kv_heads = context.keys.shape[1]
+            keeps[index] = keep[:, start : start + kv_heads].to(context.keys.device)
+            start += kv_heads
+        return keeps

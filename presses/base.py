@@ -14,6 +14,14 @@ The one exception is a chunked context prefill (adakv/chunked_prefill.py): it ru
 already holds context is a further *chunk* of the context. The hook then compresses the chunk's
 tokens alone (a `PrefillContext` of the chunk: its keys, hidden states and positions) and folds the
 kept ones into the layer's compressed context.
+
+Presses whose `compresses_after_prefill` is True (AdaptivePress(scope="model"), KVzipPress) need every
+layer at once, so they compress only after the *whole* context prefill: the attention hooks record each
+full-attention layer's `PrefillContext` (its dense keys/values stay in the cache), and a forward hook
+on the model's decoder, after the last layer, hands them all to `compressed_layers_after_prefill`, which
+replaces every compressed layer's cache entry at once. The cost is peak memory: the dense cache of the
+whole context, and each layer's input hidden states (batch, seq, hidden), are held until the end of the
+prefill; backend "evict" then frees the pruned rows of every layer at once.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from typing import ClassVar, Generator, Iterator
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from adakv.attention import CACHE_ATTRIBUTE, allowed_positions, note_appended_padding, register_attention_functions
 from adakv.cache import (
@@ -90,6 +98,40 @@ class PrefillContext:
         )
 
 
+@dataclass
+class WholePrefill:
+    """A whole context prefill, for presses that compress only after it (`compresses_after_prefill`).
+
+    contexts: the PrefillContext of every full-attention layer, in layer order (the same tokens in each).
+    cache: the model's cache; every layer still holds the dense context.
+    decoder: the model's decoder (`model.get_decoder()`), to run further forwards over the cache.
+    input_ids: (batch, seq) the context's token ids, or None when the model got inputs_embeds.
+    inputs_embeds: (batch, seq, hidden) or None when the model got input_ids.
+    memo: what presses computed from this prefill and may reuse (e.g. KVzip's scores, which do not
+    depend on the compression ratio; the evaluation compresses one prefill at several ratios).
+    """
+
+    contexts: list[PrefillContext]
+    cache: Cache
+    decoder: nn.Module
+    input_ids: torch.Tensor | None = None
+    inputs_embeds: torch.Tensor | None = None
+    memo: dict = field(default_factory=dict)
+
+    def embeddings(self) -> torch.Tensor:
+        """(batch, seq, hidden) the context's input embeddings, as the decoder's first layer received them."""
+        if self.inputs_embeds is not None:
+            return self.inputs_embeds
+        if self.input_ids is None:
+            raise ValueError("This prefill has neither input_ids nor inputs_embeds.")
+        return self.decoder.get_input_embeddings()(self.input_ids)
+
+    def restrict(self, keeps: list[torch.Tensor | None]) -> WholePrefill:
+        """The same prefill with only `keeps[i]` still available in layer i (None: unchanged)."""
+        contexts = [c if keep is None else c.restrict(keep) for c, keep in zip(self.contexts, keeps)]
+        return replace(self, contexts=contexts)
+
+
 def check_compression_ratio(ratio: float) -> None:
     if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"compression_ratio must be a number in [0, 1), got {ratio!r}.")
@@ -137,6 +179,8 @@ class BasePress:
     _receiving_context_chunks: ClassVar[bool] = False
     # The backend chosen for the model inside `with press(model):` (see `backend_for`); None outside.
     _backend_in_use: ClassVar[str | None] = None
+    # True while `compressed_layers_after_prefill` runs (its own forwards, e.g. KVzip's, are not prefills).
+    _compressing_prefill: ClassVar[bool] = False
 
     def __post_init__(self):
         if self.backend is not None and self.backend not in BACKENDS:
@@ -199,6 +243,39 @@ class BasePress:
         """Return the keep mask (batch, kv_heads, seq) bool, or None to leave the layer as it is."""
         raise NotImplementedError
 
+    @property
+    def compresses_after_prefill(self) -> bool:
+        """True for presses that need every layer at once; they compress after the whole context prefill."""
+        return False
+
+    def prepare_prefill(self, prefill: WholePrefill) -> None:
+        """Called on every press of the tree before `compress_prefill` (KVzipPress scores here)."""
+
+    def release_prefill(self) -> None:
+        """Called on every press of the tree after `compress_prefill`, also on errors."""
+
+    def compress_prefill(self, prefill: WholePrefill) -> list[torch.Tensor | None]:
+        """Keep masks (batch, kv_heads, seq) or None, one per context of `prefill`. By default each layer
+        on its own; AdaptivePress(scope="model") allocates across layers."""
+        return [self.compress(context) for context in prefill.contexts]
+
+    def compressed_layers_after_prefill(self, prefill: WholePrefill) -> list:
+        """The cache layers (or None: keep the dense one) that replace those of `prefill.contexts`."""
+        parts = list(self.press_tree())
+        self._compressing_prefill = True
+        try:
+            for part in parts:
+                part.prepare_prefill(prefill)
+            keeps = self.compress_prefill(prefill)
+        finally:
+            for part in parts:
+                part.release_prefill()
+            del self._compressing_prefill  # back to the class default, False
+        return [
+            None if keep is None else make_compressed_layer(self._backend(c), c.keys, c.values, keep, c.module.config)
+            for c, keep in zip(prefill.contexts, keeps)
+        ]
+
     @contextmanager
     def __call__(self, model: PreTrainedModel, cuda_graphs: bool | str = False) -> Generator[None, None, None]:
         """Hook the press onto `model` for the block. cuda_graphs=True replays decode steps from a CUDA graph
@@ -212,7 +289,9 @@ class BasePress:
         backend = self.backend_for(model.config)
         decoder = self._graph_decoder(model, cuda_graphs, backend)
         original_implementation = _switch_attention_implementation(model)
-        handles, self._backend_in_use = [], backend
+        handles, parts = [], list(self.press_tree())
+        for part in parts:  # every press of the tree builds its layers with the block's backend
+            part._backend_in_use = backend
         try:
             for module in modules:
                 handles.append(module.register_forward_pre_hook(_remember_cache, with_kwargs=True))
@@ -220,6 +299,10 @@ class BasePress:
                     handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
             if decoder is not None:
                 decoder.install()
+            if self.compresses_after_prefill:
+                decoder = model.get_decoder()
+                handles.append(decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
+                handles.append(decoder.register_forward_hook(self._after_decoder, with_kwargs=True))
             yield
         finally:
             if decoder is not None:
@@ -228,8 +311,10 @@ class BasePress:
                 handle.remove()
             for module in modules:
                 module.__dict__.pop(CACHE_ATTRIBUTE, None)
+            self.__dict__.pop("_prefill_parts", None)
             _set_attention_implementation(model, original_implementation)
-            self.__dict__.pop("_backend_in_use", None)  # back to the class default, None
+            for part in parts:
+                part.__dict__.pop("_backend_in_use", None)  # back to the class default, None
 
     def _graph_decoder(self, model: PreTrainedModel, cuda_graphs: bool | str, backend: str):
         """The CUDA-graph decoder of this block, or None; kept on the press after the block for inspection
@@ -269,7 +354,25 @@ class BasePress:
         finally:
             del self._receiving_context_chunks  # back to the class default, False
 
+    def _before_decoder(self, module: nn.Module, args, kwargs) -> None:
+        if self._compressing_prefill:
+            return  # a forward of the press itself
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        self._prefill_parts = {"contexts": [], "input_ids": input_ids, "inputs_embeds": kwargs.get("inputs_embeds")}
+
+    def _after_decoder(self, module: nn.Module, args, kwargs, output) -> None:
+        parts = self.__dict__.pop("_prefill_parts", None)
+        if self._compressing_prefill or parts is None or not parts["contexts"]:
+            return  # not a context prefill (a decode step, a question) or a forward of the press itself
+        cache = parts.pop("cache")
+        prefill = WholePrefill(decoder=module, cache=cache, **parts)
+        for context, layer in zip(prefill.contexts, self.compressed_layers_after_prefill(prefill)):
+            if layer is not None:
+                cache.layers[context.layer_idx] = layer
+
     def _after_attention(self, module: nn.Module, args, kwargs, output) -> None:
+        if self._compressing_prefill:
+            return  # a forward of the press itself (KVzip's reconstruction)
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         cache = _cache_argument(kwargs)
         if cache is None:
@@ -297,12 +400,27 @@ class BasePress:
             layer_idx=module.layer_idx,
             num_layers=module.config.num_hidden_layers,
         )
+        if self.compresses_after_prefill:
+            self._record_for_whole_prefill(context, cache, first_context)
+            return
         if first_context:
             compressed = self.compressed_layer(context)
         else:
             compressed = self._compress_chunk(context, layer, real[:, None, :-new_tokens].expand(batch, kv_heads, -1))
         if compressed is not None:
             cache.layers[module.layer_idx] = compressed
+
+    def _record_for_whole_prefill(self, context: PrefillContext, cache, first_context: bool) -> None:
+        if not first_context:
+            raise ValueError(
+                f"{type(self).__name__} compresses after the whole context prefill (it needs every layer at once), "
+                "so it cannot compress a chunked prefill chunk by chunk. Prefill the context in one forward."
+            )
+        parts = getattr(self, "_prefill_parts", None)
+        if parts is None:
+            raise RuntimeError("The model's decoder ran without this press's decoder hook; call the model itself.")
+        parts["contexts"].append(context)
+        parts["cache"] = cache
 
     def after_appended_tokens(self, module: nn.Module, cache, hidden_states: torch.Tensor, kwargs: dict) -> None:
         """Extension point for compression after the context: called once per full-attention layer after its
@@ -337,7 +455,12 @@ class BasePress:
 
     def _backend(self, context: PrefillContext) -> str:
         """The backend chosen at `with press(model):`, or (called outside such a block) chosen now."""
-        return self._backend_in_use or self.backend_for(context.module.config)
+        return self.backend_for_module(context.module)
+
+    def backend_for_module(self, module: nn.Module) -> str:
+        """The backend to build `module`'s compressed cache layer with: the one chosen when the block that
+        holds this press opened, or (outside such a block) chosen now from the module's config."""
+        return self._backend_in_use or self.backend_for(module.config)
 
 
 def _cache_argument(kwargs: dict):
@@ -402,3 +525,7 @@ class WrapperPress(BasePress):
     def compression_ratio(self, value: float) -> None:
         check_compression_ratio(value)
         self.press.compression_ratio = value
+
+    @property
+    def compresses_after_prefill(self) -> bool:
+        return self.press.compresses_after_prefill

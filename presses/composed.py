@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BasePress, PrefillContext, check_is_press
+from .base import BasePress, PrefillContext, WholePrefill, check_is_press
 from .key_rerotation import KeyRerotationPress
 
 
@@ -46,6 +46,17 @@ class ComposedPress(BasePress):
         for press in self.presses:
             kept *= 1.0 - getattr(press, "compression_ratio", 0.0)
         return 1.0 - kept
+
+    @property
+    def compresses_after_prefill(self) -> bool:
+        return any(press.compresses_after_prefill for press in self.presses)
+
+    def compress_prefill(self, prefill: WholePrefill) -> list[torch.Tensor | None]:
+        keeps: list[torch.Tensor | None] = [None] * len(prefill.contexts)
+        for press in self.presses:
+            steps = press.compress_prefill(prefill.restrict(keeps))
+            keeps = [keep if step is None else (step if keep is None else keep & step) for keep, step in zip(keeps, steps)]
+        return keeps
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         keep = None

@@ -21,17 +21,9 @@ from .observed_attention import ObservedAttentionPress
 QUERY_WINDOW_FIELDS = ("window_size", "n_recent", "n_last")  # how presses name the recent queries they read
 
 
-def inner_presses(press: BasePress) -> list[BasePress]:
-    """The press and every press nested in it through `.press`, outermost first."""
-    chain = [press]
-    while isinstance(getattr(chain[-1], "press", None), BasePress):
-        chain.append(chain[-1].press)
-    return chain
-
-
 def query_window(press: BasePress) -> int:
     """The number of most recent queries a press (and the presses inside it) reads when scoring."""
-    return max(getattr(inner, name, 0) for inner in inner_presses(press) for name in QUERY_WINDOW_FIELDS)
+    return max(getattr(inner, name, 0) for inner in press.press_tree() for name in QUERY_WINDOW_FIELDS)
 
 
 @dataclass
@@ -129,10 +121,13 @@ class DecodingPress(BasePress):
     # per cache (dropped with it) and layer: the recent inputs the next compression scores with
     _recent: WeakKeyDictionary = field(default_factory=WeakKeyDictionary, init=False, repr=False, compare=False)
 
+    def inner_presses(self) -> tuple[BasePress, ...]:
+        return (self.press,)
+
     def __post_init__(self):
         super().__post_init__()
         check_scoring_press(self.scorer, "DecodingPress")
-        if any(isinstance(inner, ObservedAttentionPress) for inner in inner_presses(self.press)):
+        if any(isinstance(inner, ObservedAttentionPress) for inner in self.press.press_tree()):
             raise TypeError("DecodingPress scores without attention weights; ObservedAttentionPress needs them.")
         check_integer_fields(self, {"compression_interval": 1, "target_size": 1, "hidden_states_buffer_size": 1})
         window = query_window(self.press)
@@ -191,7 +186,7 @@ class DecodingPress(BasePress):
         elif isinstance(layer, MaskedLayer):
             layer.restrict_to(keep)
         else:  # still dense: the first compression of this layer
-            cache.layers[index] = make_compressed_layer(self.backend, keys, values, keep, module.config)
+            cache.layers[index] = make_compressed_layer(self.backend_for_module(module), keys, values, keep, module.config)
 
     def select(self, context: PrefillContext) -> torch.Tensor:
         """Keep mask (batch, kv_heads, seq): target_size per head, or per head on average with AdaptivePress."""

@@ -62,6 +62,11 @@ class ExpectedAttentionPress(ScorerPress):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
+    @property
+    def scores_are_probabilities(self) -> bool:
+        """Expected softmax weights are probabilities; multiplied by ||v|| (use_value_norm) they are not."""
+        return not self.use_value_norm
+
     def query_statistics(self, context: PrefillContext) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean (batch, heads, head_dim) and covariance (batch, heads, head_dim, head_dim) or None of
         the last `n_recent` pre-RoPE queries, counting only real tokens."""

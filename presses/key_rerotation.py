@@ -11,7 +11,7 @@ import torch
 
 from adakv.models import rope_cos_sin, rotate, unrotate
 
-from .base import PrefillContext, WrapperPress
+from .base import PrefillContext, WholePrefill, WrapperPress
 
 
 def rerotate_kept_keys(context: PrefillContext, keep: torch.Tensor) -> None:
@@ -46,3 +46,10 @@ class KeyRerotationPress(WrapperPress):
         if keep is not None:
             rerotate_kept_keys(context, keep)
         return keep
+
+    def compress_prefill(self, prefill: WholePrefill) -> list[torch.Tensor | None]:
+        keeps = self.press.compress_prefill(prefill)
+        for context, keep in zip(prefill.contexts, keeps):
+            if keep is not None:
+                rerotate_kept_keys(context, keep)
+        return keeps

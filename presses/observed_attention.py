@@ -21,6 +21,8 @@ class ObservedAttentionPress(ScorerPress):
     of left padding spread uniform weight, which shifts every key's score equally.)
     """
 
+    scores_are_probabilities = True  # softmax attention weights
+
     def score(self, context: PrefillContext) -> torch.Tensor:
         if context.attentions is None:
             raise ValueError(

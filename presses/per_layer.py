@@ -41,6 +41,14 @@ class PerLayerCompressionPress(BasePress):
         """Mean of the per-layer ratios."""
         return sum(self.compression_ratios) / len(self.compression_ratios)
 
+    @property
+    def scores_are_probabilities(self) -> bool:
+        return getattr(self.press, "scores_are_probabilities", False)
+
+    @property
+    def compresses_after_prefill(self) -> bool:
+        return self.press.compresses_after_prefill
+
     def score(self, context: PrefillContext) -> torch.Tensor:
         return self.press.score(context)
 

@@ -15,7 +15,7 @@ from .decoding import DecodingPress
 class PrefillDecodingPress(BasePress):
     """Compresses the context with `prefill_press` (any press, e.g. AdaptivePress(SnapKVPress(0.5))), then
     keeps re-compressing during generation with `decoding_press`. Returns the prefill press's keep mask
-    (batch, kv_heads, seq) for the context. The decoding press must use this press's backend.
+    (batch, kv_heads, seq) for the context. Both run with one backend (the composed-press rule of BasePress).
     """
 
     prefill_press: BasePress
@@ -28,11 +28,9 @@ class PrefillDecodingPress(BasePress):
             raise TypeError(
                 f"PrefillDecodingPress needs a DecodingPress as decoding_press, got {type(self.decoding_press).__name__}."
             )
-        if self.decoding_press.backend != self.backend:
-            raise ValueError(
-                f"The decoding press has backend {self.decoding_press.backend!r} but PrefillDecodingPress has "
-                f"{self.backend!r}; give both the same backend."
-            )
+
+    def inner_presses(self) -> tuple[BasePress, ...]:
+        return (self.prefill_press, self.decoding_press)
 
     @property
     def compression_ratio(self) -> float:

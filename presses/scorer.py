@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,9 @@ class ScorerPress(BasePress):
     """
 
     compression_ratio: float = 0.0
+    # True when scores are attention probabilities (in [0, 1], the same scale in every layer), so that
+    # AdaptivePress(scope="model") may rank the scores of different layers against each other.
+    scores_are_probabilities: ClassVar[bool] = False
 
     def __post_init__(self):
         super().__post_init__()

@@ -65,6 +65,8 @@ class SnapKVPress(ScorerPress):
     by average pooling of width `kernel_size`. The window itself is always kept first.
     """
 
+    scores_are_probabilities = True  # pooled softmax weights; the window bonus is the same in every layer
+
     window_size: int = 64
     kernel_size: int = 5
 

@@ -19,5 +19,7 @@ class TOVAPress(ScorerPress):
     query heads that share each KV head.
     """
 
+    scores_are_probabilities = True  # softmax attention weights
+
     def score(self, context: PrefillContext) -> torch.Tensor:
         return mean_window_attention(context, window=1)

@@ -196,8 +196,8 @@ def test_decoding_press_refuses_bad_settings():
         DecodingPress(ChunkPress(KnormPress()))
     with pytest.raises(TypeError, match="attention weights"):
         DecodingPress(AdaptivePress(ObservedAttentionPress()))
-    with pytest.raises(ValueError, match="same backend"):
-        PrefillDecodingPress(KnormPress(0.5), DecodingPress(KnormPress()), backend="evict")
+    with pytest.raises(ValueError, match="conflicting backends"):
+        PrefillDecodingPress(KnormPress(0.5), DecodingPress(KnormPress(), backend="mask"), backend="evict")
     with pytest.raises(TypeError, match="DecodingPress"):
         PrefillDecodingPress(KnormPress(0.5), KnormPress())
 
