@@ -300,9 +300,9 @@ class BasePress:
             if decoder is not None:
                 decoder.install()
             if self.compresses_after_prefill:
-                decoder = model.get_decoder()
-                handles.append(decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
-                handles.append(decoder.register_forward_hook(self._after_decoder, with_kwargs=True))
+                decoder_module = model.get_decoder()
+                handles.append(decoder_module.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
+                handles.append(decoder_module.register_forward_hook(self._after_decoder, with_kwargs=True))
             yield
         finally:
             if decoder is not None:

@@ -85,8 +85,8 @@ def test_evict_matches_mask(family, wrap):
     model = tiny_model(family)
     make = {
         "alone": lambda backend: kvzip(0.6, backend=backend),
-        "adaptive_layer": lambda backend: AdaptivePress(kvzip(0.6), backend=backend),
-        "adaptive_model": lambda backend: AdaptivePress(kvzip(0.6), scope="model", backend=backend),
+        "adaptive_layer": lambda backend: AdaptivePress(kvzip(0.6, backend=None), backend=backend),
+        "adaptive_model": lambda backend: AdaptivePress(kvzip(0.6, backend=None), scope="model", backend=backend),
     }[wrap]
     mask_logits, mask_cache = run(model, make("mask"), random_ids(1, SEQ))
     evict_logits, evict_cache = run(model, make("evict"), random_ids(1, SEQ))

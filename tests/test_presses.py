@@ -762,7 +762,7 @@ def test_simlayerkv_compresses_only_the_lazy_layers(lazy_count):
     shares = [share_on_sinks_and_recent(c, 8, 2, kept) for c in recorded_contexts(model, ids)]
     ranked = sorted(shares, reverse=True)
     threshold = (ranked[lazy_count - 1] + ranked[lazy_count]) / 2
-    press = SimLayerKVPress(compression_ratio=0.75, lazy_threshold=threshold, n_last=8, n_sink=2)
+    press = SimLayerKVPress(compression_ratio=0.75, lazy_threshold=threshold, n_last=8, n_sink=2, backend="mask")
     with press(model):
         out = greedy(model, ids, max_new_tokens=1)
     layers = compressed_layers(out.past_key_values)
