@@ -55,3 +55,17 @@ def family(request) -> str:
 def random_ids(batch: int = 1, seq_len: int = 48, seed: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(3, COMMON["vocab_size"], (batch, seq_len), generator=generator)
+
+
+def assert_backends_agree(mask_run, evict_run) -> None:
+    """`mask_run` / `evict_run`: (list of logits, cache) of the same run with backend "mask" and "evict":
+    the same logits (fp32 tolerance) and the same kept counts per compressed layer and head."""
+    from adakv import kept_token_counts
+
+    (mask_logits, mask_cache), (evict_logits, evict_cache) = mask_run, evict_run
+    for expected, actual in zip(mask_logits, evict_logits):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    mask_counts, evict_counts = kept_token_counts(mask_cache), kept_token_counts(evict_cache)
+    assert mask_counts.keys() == evict_counts.keys() and mask_counts
+    for index in mask_counts:
+        assert torch.equal(mask_counts[index], evict_counts[index])
