@@ -137,6 +137,14 @@ def queries(module: nn.Module, hidden_states: torch.Tensor, position_embeddings)
     return apply_rope(pre_rope_queries(module, hidden_states), cos, sin)
 
 
+CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers renamed `past_key_values` to `cache`
+
+
+def cache_argument(kwargs: dict):
+    """The cache a forward (of a model or an attention module) was given under either name, or None."""
+    return next((kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
+
+
 def cache_argument_name(model: nn.Module) -> str:
     """Name of the cache argument of `model.forward`: "cache" in newer transformers, else "past_key_values"."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

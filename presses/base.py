@@ -50,6 +50,7 @@ from adakv.flat.graph_decode import graph_decoder_for
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
     attention_modules,
+    cache_argument,
     is_full_attention_layer,
 )
 
@@ -374,7 +375,7 @@ class BasePress:
         if self._compressing_prefill:
             return  # a forward of the press itself (KVzip's reconstruction)
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cache = _cache_argument(kwargs)
+        cache = cache_argument(kwargs)
         if cache is None:
             return
         layer = cache.layers[module.layer_idx]
@@ -463,11 +464,6 @@ class BasePress:
         return self._backend_in_use or self.backend_for(module.config)
 
 
-def _cache_argument(kwargs: dict):
-    # transformers renamed `past_key_values` to `cache` in the attention modules' signature.
-    return kwargs["cache"] if "cache" in kwargs else kwargs.get("past_key_values")
-
-
 def _remember_cache(module: nn.Module, args, kwargs) -> None:
     hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     if hidden_states.shape[1] == 0:
@@ -475,7 +471,7 @@ def _remember_cache(module: nn.Module, args, kwargs) -> None:
             "The model was given 0 tokens (an empty prompt or context?): at least one token is needed, "
             "both to run the model and for a press to compress."
         )
-    setattr(module, CACHE_ATTRIBUTE, _cache_argument(kwargs))
+    setattr(module, CACHE_ATTRIBUTE, cache_argument(kwargs))
     note_appended_padding(module, hidden_states, kwargs.get("attention_mask"))
 
 

@@ -14,8 +14,8 @@ the running `generate`, else RESERVE_TOKENS). When a step finds a layout changed
 batch reordered, a new cache), it re-lays out with more slack and captures again.
 
 Decoding stays eager (with one warning saying why) when a cache layer is not flat: a layer a press left
-uncompressed (ratio 0) or a sliding-window layer (backend "mask" is refused when the block opens). Other forwards (prefill, questions,
-output_attentions) always run eagerly. The first graphable step runs eagerly on a side stream as the
+uncompressed (ratio 0) or a sliding-window layer (backend "mask" is refused when the block opens). Other
+forwards (prefill, questions, output_attentions) always run eagerly. The first graphable step runs eagerly on a side stream as the
 warm-up that capturing needs.
 
 `EmulatedGraph` runs the same runner on CPU for tests: "capture" runs the step once and undoes its
@@ -34,10 +34,10 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from ..models import cache_argument
 from .layer import FlatHeadwiseLayer
 
 RESERVE_TOKENS = 256  # slack reserved per capture when the number of tokens to come is unknown
-CACHE_KEYWORDS = ("past_key_values", "cache")
 EAGER_ONLY_KEYWORDS = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
 
 
@@ -93,7 +93,6 @@ class CapturedStep:
     inputs: dict[str, torch.Tensor]  # input_ids (batch, 1), position_ids (batch, 1), cache_position (1,)
     output: object  # the model's output object; its logits (batch, 1, vocab) are rewritten by every replay
     key: tuple
-    layers: list[FlatHeadwiseLayer]
 
 
 class GraphDecoder:
@@ -159,18 +158,16 @@ class GraphDecoder:
     def _flat_layers(self, kwargs) -> list[FlatHeadwiseLayer] | None:
         """The cache's layers when this forward is a decode step that can be graphed, else None."""
         input_ids = kwargs.get("input_ids")
-        cache_keyword = next((name for name in CACHE_KEYWORDS if kwargs.get(name) is not None), None)
+        cache = cache_argument(kwargs)
         if (
             self.disabled_reason is not None
             or input_ids is None
             or input_ids.dim() != 2
             or input_ids.shape[1] != 1
-            or cache_keyword is None
             or kwargs.get("use_cache") is False
             or any(kwargs.get(name) not in (None, False) for name in EAGER_ONLY_KEYWORDS)
         ):
             return None
-        cache = kwargs[cache_keyword]
         if not isinstance(cache, Cache):
             return None
         layers = cache.layers
@@ -206,8 +203,7 @@ class GraphDecoder:
         )
         shapes = tuple((tuple(tensor.shape), tensor.dtype, tensor.device) for tensor in inputs.values())
         layouts = tuple(layer.layout_id for layer in layers)
-        cache = next(kwargs[name] for name in CACHE_KEYWORDS if kwargs.get(name) is not None)
-        return (id(cache), layouts, workspaces, shapes, kwargs.get("logits_to_keep", 0))
+        return (id(cache_argument(kwargs)), layouts, workspaces, shapes, kwargs.get("logits_to_keep", 0))
 
     def _reserve(self, layers) -> bool:
         """Before a capture: room for the tokens to come in every layer, reserved once per layout (a layout
@@ -252,7 +248,7 @@ class GraphDecoder:
             return self.eager_forward(**kwargs)
         self.captures += 1
         # the capture ran the step's Python once (host counters advanced); the key is taken after it
-        self.step = CapturedStep(graph, static, output, self._layout_key(kwargs, layers, inputs), layers)
+        self.step = CapturedStep(graph, static, output, self._layout_key(kwargs, layers, inputs))
         self._copy_inputs(inputs)
         graph.replay()
         self.replays += 1
