@@ -64,9 +64,11 @@ def allocated_bytes(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
-def run_method(model, press, prompt: int, generate: int, sample_every: int) -> list[dict]:
-    """Prefill `prompt` random tokens, generate `generate` greedily; one row per `sample_every` tokens."""
+def run_method(model, press, prompt: int, generate: int, sample_every: int, seconds: float = float("inf")) -> list[dict]:
+    """Prefill `prompt` random tokens, generate `generate` greedily; one row per `sample_every` tokens.
+    Stops at the first sample taken after `seconds` of generation (the rows say how far it got)."""
     device = model.device
+    deadline = time.perf_counter() + seconds
     ids = torch.randint(0, model.config.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
     cache = DynamicCache(config=model.config)
     rows = []
@@ -87,6 +89,8 @@ def run_method(model, press, prompt: int, generate: int, sample_every: int) -> l
                     allocated_bytes=allocated_bytes(device), ms_per_token=1000 * (now - start) / tokens,
                 ))  # fmt: skip
                 start = time.perf_counter()
+                if start > deadline:
+                    break
     return rows
 
 
@@ -105,7 +109,7 @@ def markdown(results: dict, meta: dict) -> str:
         f"# DecodingPress over a long generation ({meta['device']})",
         "",
         f"{meta['layers']}-layer Llama-3.1-8B-shaped random model, {meta['dtype']}, prompt {meta['prompt']} tokens, "
-        f"{meta['generate']} generated; DecodingPress(AdaptivePress(SnapKVPress()), compression_interval="
+        f"{meta['generate']} generated (or fewer: see the last row of each method); DecodingPress(AdaptivePress(SnapKVPress()), compression_interval="
         f"{meta['interval']}, target_size={meta['target']}), backend evict. torch {meta['torch']}, "
         f"transformers {meta['transformers']}.",
         "",
@@ -159,6 +163,8 @@ def main() -> None:
     parser.add_argument("--target", type=int, default=2048, help="DecodingPress target_size")
     parser.add_argument("--sample-every", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=1024, help="generated tokens of a warm-up run per method")
+    parser.add_argument("--seconds", type=float, default=float("inf"),
+                        help="stop each method's generation at the first sample after this many seconds")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU with short lengths (smoke test)")
@@ -173,7 +179,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
     meta = dict(
         device=device_name, dtype=str(model.dtype).removeprefix("torch."), layers=args.layers, prompt=args.prompt,
-        generate=args.generate, interval=args.interval, target=args.target, sample_every=args.sample_every,
+        generate=args.generate, seconds_per_method=args.seconds, interval=args.interval, target=args.target, sample_every=args.sample_every,
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
     )  # fmt: skip
     stem = args.out / f"bench_decoding_press_{device_name.replace(' ', '_')}"
@@ -183,7 +189,7 @@ def main() -> None:
         # warm-up: kernel builds, cuBLAS handles and one compression, at a short prompt
         run_method(model, make_press(method, args.interval, args.target), 2 * args.target, args.warmup, args.warmup)
         rows = run_method(model, make_press(method, args.interval, args.target), args.prompt, args.generate,
-                          args.sample_every)  # fmt: skip
+                          args.sample_every, args.seconds)  # fmt: skip
         results[method] = rows
         print(method, json.dumps(summary(rows)), flush=True)
         stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))

@@ -45,4 +45,5 @@ echo "== benchmarks"
 if [[ "${ADAKV_PROFILES:-0}" == "1" ]]; then
   "$PYTHON" benchmarks/profile_decode_overhead.py
   "$PYTHON" benchmarks/profile_prefill_overhead.py --no-profiler
+  "$PYTHON" benchmarks/profile_decode_floor.py
 fi

@@ -1,0 +1,186 @@
+"""Where a graph-captured decode step spends its time (CUDA only; Llama-3.1-8B shape, random bf16 weights).
+
+bench_decode_limit.py compares each decode step with the bandwidth limit (weight + KV bytes / copy bandwidth).
+This script separates the model's own share of the gap from the KV cache's, in one process:
+
+- copy: the device-to-device copy bandwidth (the limit's denominator);
+- linear-graph: every nn.Linear of the model (the lm_head included) applied to a [batch, in] input, in forward
+  order, captured in one CUDA graph: the floor of any decode step that uses torch's matmuls;
+- linear-graph-fused: the same with q/k/v and gate/up concatenated into one matrix each (fewer, larger GEMVs);
+- adaptive-graph: a whole AdaptivePress(SnapKV) evict decode step in `press(model, cuda_graphs=True)` at
+  `--context` tokens (r = 0.75), and the same with the norms and MLPs of every layer run through
+  `torch.compile` (fused elementwise kernels) to see what fusion outside attention would buy;
+- kernels: one eager step under the profiler: number of CUDA kernels and their summed GPU time by kind
+  (matmul, attention and cache, elementwise), so that graph time - kernel time = gaps between kernels.
+
+    python benchmarks/profile_decode_floor.py --batches 1 8 --context 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode_limit import copy_bandwidth, greedy_step, prefill, step_timings, weight_bytes  # noqa: E402
+from bench_evict import GiB, build_model  # noqa: E402
+
+from adakv import presses as P  # noqa: E402
+
+
+def graph_ms(work, repeats: int = 64) -> float:
+    """Median CUDA-event ms of replaying `work` captured in a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            work()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        work()
+    return statistics.median(step_timings(lambda token: (graph.replay(), token)[1], None, 8, repeats))
+
+
+def linear_weights(model, fused: bool) -> list[torch.Tensor]:
+    """The [out, in] weights a decode step multiplies by, in forward order (optionally q/k/v and gate/up joined)."""
+    weights = []
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        qkv = [attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]
+        gate_up = [mlp.gate_proj.weight, mlp.up_proj.weight]
+        weights += [torch.cat(qkv)] if fused else qkv
+        weights.append(attention.o_proj.weight)
+        weights += [torch.cat(gate_up)] if fused else gate_up
+        weights.append(mlp.down_proj.weight)
+    weights.append(model.lm_head.weight)
+    return weights
+
+
+def linear_floor_ms(model, batch: int, fused: bool) -> tuple[float, int]:
+    weights = linear_weights(model, fused)
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device="cuda", dtype=w.dtype) for w in weights}
+
+    def work():
+        for weight in weights:
+            torch.nn.functional.linear(inputs[weight.shape[1]], weight)
+
+    milliseconds = graph_ms(work)
+    read = sum(w.numel() * w.element_size() for w in weights)
+    del weights
+    torch.cuda.empty_cache()
+    return milliseconds, read
+
+
+def compile_norms_and_mlps(model) -> list:
+    """torch.compile each layer's norms and MLP in place; returns the modules, for `uncompile`."""
+    modules = [model.model.norm]
+    for layer in model.model.layers:
+        modules += [layer.input_layernorm, layer.post_attention_layernorm, layer.mlp]
+    for module in modules:
+        module.compile(fullgraph=True, dynamic=False)
+    return modules
+
+
+def uncompile(modules) -> None:
+    for module in modules:
+        module._compiled_call_impl = None
+
+
+def adaptive_graph_ms(model, ids, steps: int) -> float:
+    press = P.AdaptivePress(P.SnapKVPress(0.75), backend="evict")
+    cache = DynamicCache(config=model.config)
+    prefill(model, ids, cache, press)
+    with torch.no_grad(), press(model, cuda_graphs=True):
+        step = greedy_step(model, cache)
+        token = step(step(ids[:, -1:]))
+        timings = step_timings(step, token, 8, steps)
+        assert press.graph_decoder.disabled_reason is None, press.graph_decoder.disabled_reason
+    return statistics.median(timings)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    if any(word in lowered for word in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "splitk")):
+        return "matmul"
+    if any(word in lowered for word in ("flat", "decode", "append", "attention", "flash", "fmha", "_attn")):
+        return "attention_and_cache"
+    return "elementwise_and_other"
+
+
+def eager_kernels(model, ids) -> dict:
+    """Kernels of one eager AdaptivePress evict decode step: count and summed GPU ms by kind."""
+    press = P.AdaptivePress(P.SnapKVPress(0.75), backend="evict")
+    cache = DynamicCache(config=model.config)
+    prefill(model, ids, cache, press)
+    with torch.no_grad(), press(model):
+        step = greedy_step(model, cache)
+        token = step(step(ids[:, -1:]))
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            step(token)
+            torch.cuda.synchronize()
+    kinds: dict[str, dict] = {}
+    for event in profiler.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        kind = kinds.setdefault(kernel_kind(event.name), {"kernels": 0, "gpu_ms": 0.0})
+        kind["kernels"] += 1
+        kind["gpu_ms"] += event.device_time_total / 1000
+    return kinds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--context", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--out", default="benchmarks/results")
+    args = parser.parse_args()
+
+    device = torch.cuda.get_device_name()
+    model = build_model(args.layers)
+    bandwidth = copy_bandwidth()
+    weights = weight_bytes(model)
+    result = dict(
+        device=device, torch=torch.__version__, transformers=transformers.__version__, layers=args.layers,
+        context=args.context, copy_bandwidth_tb_s=bandwidth / 1e12, weight_gib=weights / GiB, rows=[],
+    )  # fmt: skip
+    print({k: v for k, v in result.items() if k != "rows"}, flush=True)
+    for batch in args.batches:
+        row = dict(batch=batch, weight_limit_ms=weights / bandwidth * 1000)
+        for fused in (False, True):
+            milliseconds, read = linear_floor_ms(model, batch, fused)
+            name = "linear_graph_fused" if fused else "linear_graph"
+            row[f"{name}_ms"] = milliseconds
+            row[f"{name}_tb_s"] = read / milliseconds / 1e9
+        ids = torch.randint(10, 128000, (batch, args.context), device="cuda")
+        row["adaptive_graph_ms"] = adaptive_graph_ms(model, ids, args.steps)
+        try:
+            row["eager_kernels"] = eager_kernels(model, ids)
+        except Exception as error:  # noqa: BLE001 - profiler support varies by torch version: report and go on
+            row["eager_kernels_error"] = f"{type(error).__name__}: {error}"[:500]
+        compiled = compile_norms_and_mlps(model)
+        try:
+            row["adaptive_graph_compiled_norms_mlps_ms"] = adaptive_graph_ms(model, ids, args.steps)
+        except Exception as error:  # noqa: BLE001 - an experiment: report why it failed and go on
+            row["adaptive_graph_compiled_norms_mlps_error"] = f"{type(error).__name__}: {error}"[:500]
+        uncompile(compiled)
+        torch._dynamo.reset()
+        result["rows"].append(row)
+        print(row, flush=True)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"decode_floor_{device.replace(' ', '_')}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
