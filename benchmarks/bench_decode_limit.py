@@ -6,7 +6,8 @@ For each batch x context case, one process measures side by side:
 - dense-compiled: transformers' StaticCache filled with the same prefill, decode steps through
   `torch.compile(model.forward, mode="reduce-overhead")` (CUDA graphs), what a user picks today;
 - snapkv-evict-eager / -graph and adaptive-snapkv-evict-eager / -graph at each ratio: the press prefills and
-  compresses, then the same cache is decoded eagerly and then inside `press(model, cuda_graphs=True)`.
+  compresses, then the same cache is decoded eagerly and then inside `press(model, cuda_graphs=True)`;
+  adaptive-snapkv-evict-graph-joined adds `join_projections=True` (q/k/v and gate/up as one product each).
 
 Every row: decode ms/token (median of `--steps` CUDA-event timings per step after `--warmup` steps; two
 passes, both kept, the second reported), KV GiB held, peak GiB, and
@@ -170,9 +171,19 @@ def press_rows(model, ids, args, bandwidth, weights, name, ratio) -> list[dict]:
     limit = (weights + held) / bandwidth
     rows = [row(batch, context, f"{name}-evict-eager", ratio, eager, limit, held, torch.cuda.max_memory_allocated())]
     print(rows[-1], flush=True)
+    variants = [("graph", False)] + ([("graph-joined", True)] if name in args.joined else [])
+    for suffix, join in variants:
+        rows.append(graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio, suffix, join))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio, suffix, join) -> dict:
+    """Decode the compressed `cache` inside press(model, cuda_graphs=True, join_projections=join)."""
+    batch, context = token.shape[0], args.context
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    with torch.no_grad(), press(model, cuda_graphs=True):
+    with torch.no_grad(), press(model, cuda_graphs=True, join_projections=join):
         step = greedy_step(model, cache)
         token = step(step(token))  # warm-up, then capture
         torch.cuda.synchronize()
@@ -181,16 +192,13 @@ def press_rows(model, ids, args, bandwidth, weights, name, ratio) -> list[dict]:
         decoder = press.graph_decoder
     held = kv_bytes(cache)
     limit = (weights + held) / bandwidth
-    rows.append(
-        row(batch, context, f"{name}-evict-graph", ratio, graph, limit, held, torch.cuda.max_memory_allocated(),
-            graph_pool_gib=pool / GiB, captures=decoder.captures, graph_disabled=decoder.disabled_reason)
-    )  # fmt: skip
-    print(rows[-1], flush=True)
-    return rows
+    return row(batch, context, f"{name}-evict-{suffix}", ratio, graph, limit, held, torch.cuda.max_memory_allocated(),
+               graph_pool_gib=pool / GiB, captures=decoder.captures, graph_disabled=decoder.disabled_reason)  # fmt: skip
 
 
 def run_case(model, batch, context, args, bandwidth, weights) -> list[dict]:
     ids = torch.randint(10, 128000, (batch, context), device="cuda")
+    args.context = context
     rows = dense_rows(model, ids, args, bandwidth, weights)
     for ratio in args.ratios:
         for name in PRESSES:
@@ -207,6 +215,8 @@ def main() -> None:
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.75, 0.875])
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
+    parser.add_argument("--joined", nargs="*", default=["adaptive-snapkv"], choices=list(PRESSES),
+                        help="presses also measured with join_projections=True (method suffix graph-joined)")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile dense baseline")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="", help="suffix of the result files (runs split over several calls)")
@@ -257,7 +267,7 @@ def plot(path: Path, meta: dict, rows: list[dict], ratio: float = 0.75) -> None:
     import matplotlib.pyplot as plt
 
     methods = ["dense-eager", "dense-compiled", "snapkv-evict-eager", "snapkv-evict-graph",
-               "adaptive-snapkv-evict-eager", "adaptive-snapkv-evict-graph"]  # fmt: skip
+               "adaptive-snapkv-evict-eager", "adaptive-snapkv-evict-graph", "adaptive-snapkv-evict-graph-joined"]  # fmt: skip
     figure, (latency, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method in methods:
         points = sorted(

@@ -9,7 +9,8 @@ This script separates the model's own share of the gap from the KV cache's, in o
 - linear-graph-fused: the same with q/k/v and gate/up concatenated into one matrix each (fewer, larger GEMVs);
 - adaptive-graph: a whole AdaptivePress(SnapKV) evict decode step in `press(model, cuda_graphs=True)` at
   `--context` tokens (r = 0.75), and the same with the norms and MLPs of every layer run through
-  `torch.compile` (fused elementwise kernels) to see what fusion outside attention would buy;
+  `torch.compile` (fused elementwise kernels) to see what fusion outside attention would buy, and with
+  `join_projections=True` (q/k/v and gate/up as one product each);
 - kernels: one eager step under the profiler: number of CUDA kernels and their summed GPU time by kind
   (matmul, attention and cache, elementwise), so that graph time - kernel time = gaps between kernels.
 
@@ -94,11 +95,11 @@ def uncompile(modules) -> None:
         module._compiled_call_impl = None
 
 
-def adaptive_graph_ms(model, ids, steps: int) -> float:
+def adaptive_graph_ms(model, ids, steps: int, join_projections: bool = False) -> float:
     press = P.AdaptivePress(P.SnapKVPress(0.75), backend="evict")
     cache = DynamicCache(config=model.config)
     prefill(model, ids, cache, press)
-    with torch.no_grad(), press(model, cuda_graphs=True):
+    with torch.no_grad(), press(model, cuda_graphs=True, join_projections=join_projections):
         step = greedy_step(model, cache)
         token = step(step(ids[:, -1:]))
         timings = step_timings(step, token, 8, steps)
@@ -164,6 +165,7 @@ def main() -> None:
             row[f"{name}_tb_s"] = read / milliseconds / 1e9
         ids = torch.randint(10, 128000, (batch, args.context), device="cuda")
         row["adaptive_graph_ms"] = adaptive_graph_ms(model, ids, args.steps)
+        row["adaptive_graph_joined_ms"] = adaptive_graph_ms(model, ids, args.steps, join_projections=True)
         try:
             row["eager_kernels"] = eager_kernels(model, ids)
         except Exception as error:  # noqa: BLE001 - profiler support varies by torch version: report and go on

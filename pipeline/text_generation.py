@@ -29,6 +29,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from adakv.cache import checkpoint, restore
 from adakv.chunked_prefill import check_input_ids, prefill_in_chunks
+from adakv.joined_projections import joined_projections
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
 from adakv.presses.kvzip import attach_tokenizer
@@ -189,6 +190,8 @@ class KVPressTextGenerationPipeline(Pipeline):
         the compressed context, e.g. for `adakv.kept_token_counts(cache)`.
       cuda_graphs: True replays the answers' decode steps from a CUDA graph (press with backend "evict",
         model on CUDA; see adakv/flat/graph_decode.py). Default False: eager decoding.
+      join_projections: True computes each layer's q/k/v and gate/up as one matrix product each during
+        the call (adakv/joined_projections.py; fewer matrix products per decode step, the same memory).
       prefill_chunk_size: None (default) prefills the context in one forward and then compresses it;
         an int prefills it that many tokens at a time and compresses each chunk as it arrives
         (adakv.prefill_in_chunks: bounded prefill memory for long contexts; later chunks attend to
@@ -212,6 +215,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         cache=None,
         prefill_chunk_size=None,
         cuda_graphs=False,
+        join_projections=False,
         **kwargs,
     ):
         if kwargs:
@@ -223,7 +227,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         )
         forward = dict(
             press=press, max_new_tokens=max_new_tokens, cache=cache, prefill_chunk_size=prefill_chunk_size,
-            cuda_graphs=cuda_graphs,
+            cuda_graphs=cuda_graphs, join_projections=join_projections,
         )  # fmt: skip
         postprocess = dict(single=questions is None)
         return preprocess, forward, postprocess
@@ -241,12 +245,17 @@ class KVPressTextGenerationPipeline(Pipeline):
         context_ids, question_ids = encode_prompt_parts(self.tokenizer, context_texts.pop(), [text for _, text in parts])
         return {"context_ids": context_ids, "question_ids": question_ids}
 
-    def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None, prefill_chunk_size=None, cuda_graphs=False):
+    def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None, prefill_chunk_size=None,
+                 cuda_graphs=False, join_projections=False):
         cache = DynamicCache() if cache is None else cache
         if cuda_graphs and press is None:
             raise ValueError("cuda_graphs=True decodes over a compressed (evict) cache: pass a press too.")
         attach_tokenizer(press, self.tokenizer)  # KVzipPress encodes its repeat prompt with it
-        with press(self.model, cuda_graphs=cuda_graphs) if press is not None else nullcontext():
+        if press is not None:
+            block = press(self.model, cuda_graphs=cuda_graphs, join_projections=join_projections)
+        else:
+            block = joined_projections(self.model) if join_projections else nullcontext()
+        with block:
             prefill_context(self.model, cache, model_inputs["context_ids"], press, prefill_chunk_size)
             answers = [
                 answer_from_cache(self.model, self.tokenizer, cache, ids, max_new_tokens)

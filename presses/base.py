@@ -27,7 +27,7 @@ prefill; backend "evict" then frees the pruned rows of every layer at once.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Generator, Iterator
 
@@ -47,6 +47,7 @@ from adakv.cache import (
     newest_keys_values,
 )
 from adakv.flat.graph_decode import graph_decoder_for
+from adakv.joined_projections import joined_projections
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
     attention_modules,
@@ -278,9 +279,13 @@ class BasePress:
         ]
 
     @contextmanager
-    def __call__(self, model: PreTrainedModel, cuda_graphs: bool | str = False) -> Generator[None, None, None]:
+    def __call__(
+        self, model: PreTrainedModel, cuda_graphs: bool | str = False, join_projections: bool = False
+    ) -> Generator[None, None, None]:
         """Hook the press onto `model` for the block. cuda_graphs=True replays decode steps from a CUDA graph
-        (adakv/flat/graph_decode.py; backend "evict", CUDA models; "emulate" runs its CPU emulation for tests)."""
+        (adakv/flat/graph_decode.py; backend "evict", CUDA models; "emulate" runs its CPU emulation for tests).
+        join_projections=True computes each layer's q/k/v and gate/up as one matrix product each within the
+        block (adakv/joined_projections.py): fewer, larger products, the same memory."""
         modules = attention_modules(model)
         if not any(is_full_attention_layer(module) for module in modules):
             raise ValueError(
@@ -289,33 +294,34 @@ class BasePress:
             )
         backend = self.backend_for(model.config)
         decoder = self._graph_decoder(model, cuda_graphs, backend)
-        original_implementation = _switch_attention_implementation(model)
-        handles, parts = [], list(self.press_tree())
-        for part in parts:  # every press of the tree builds its layers with the block's backend
-            part._backend_in_use = backend
-        try:
-            for module in modules:
-                handles.append(module.register_forward_pre_hook(_remember_cache, with_kwargs=True))
-                if is_full_attention_layer(module):
-                    handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
-            if decoder is not None:
-                decoder.install()
-            if self.compresses_after_prefill:
-                decoder_module = model.get_decoder()
-                handles.append(decoder_module.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
-                handles.append(decoder_module.register_forward_hook(self._after_decoder, with_kwargs=True))
-            yield
-        finally:
-            if decoder is not None:
-                decoder.uninstall()
-            for handle in handles:
-                handle.remove()
-            for module in modules:
-                module.__dict__.pop(CACHE_ATTRIBUTE, None)
-            self.__dict__.pop("_prefill_parts", None)
-            _set_attention_implementation(model, original_implementation)
-            for part in parts:
-                part.__dict__.pop("_backend_in_use", None)  # back to the class default, None
+        with joined_projections(model) if join_projections else nullcontext():
+            original_implementation = _switch_attention_implementation(model)
+            handles, parts = [], list(self.press_tree())
+            for part in parts:  # every press of the tree builds its layers with the block's backend
+                part._backend_in_use = backend
+            try:
+                for module in modules:
+                    handles.append(module.register_forward_pre_hook(_remember_cache, with_kwargs=True))
+                    if is_full_attention_layer(module):
+                        handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+                if decoder is not None:
+                    decoder.install()
+                if self.compresses_after_prefill:
+                    decoder_module = model.get_decoder()
+                    handles.append(decoder_module.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
+                    handles.append(decoder_module.register_forward_hook(self._after_decoder, with_kwargs=True))
+                yield
+            finally:
+                if decoder is not None:
+                    decoder.uninstall()
+                for handle in handles:
+                    handle.remove()
+                for module in modules:
+                    module.__dict__.pop(CACHE_ATTRIBUTE, None)
+                self.__dict__.pop("_prefill_parts", None)
+                _set_attention_implementation(model, original_implementation)
+                for part in parts:
+                    part.__dict__.pop("_backend_in_use", None)  # back to the class default, None
 
     def _graph_decoder(self, model: PreTrainedModel, cuda_graphs: bool | str, backend: str):
         """The CUDA-graph decoder of this block, or None; kept on the press after the block for inspection

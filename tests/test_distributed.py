@@ -259,6 +259,12 @@ def _tensor_parallel_on_rank(rank: int, model_path: str, family: str) -> dict:
     heads_per_rank, names = FAMILIES[family]
     split = [tensor_parallel_group(module, heads_per_rank) is not None for module in attention_modules(model)]
     assert all(split) if heads_per_rank == 1 else not any(split), f"heads split: {split}"
+    if heads_per_rank == 1:  # sharded projections cannot be joined into one matrix: refused, model untouched
+        from adakv.joined_projections import joined_projections
+
+        with pytest.raises(ValueError, match="tensor subclass"):
+            with joined_projections(model):
+                pass
     results = generate_with_presses(model.eval(), random_ids(1, SEQ).to(model.device), names)
     held = {kept.shape[1] for _, layers in results.values() for kept in layers.values()}
     assert held == {heads_per_rank}, f"expected {heads_per_rank} KV heads per rank, got {held}"

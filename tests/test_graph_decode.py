@@ -34,9 +34,9 @@ def padded_batch(pad: int = 7, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
-def generate(model, cuda_graphs, ids, mask, press=None, **kwargs):
+def generate(model, cuda_graphs, ids, mask, press=None, join_projections=False, **kwargs):
     press = press or evict_press()
-    with torch.no_grad(), press(model, cuda_graphs=cuda_graphs):
+    with torch.no_grad(), press(model, cuda_graphs=cuda_graphs, join_projections=join_projections):
         torch.manual_seed(0)
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, **kwargs)
     return tokens, press.graph_decoder
@@ -151,6 +151,22 @@ def test_cuda_graph_decoding_gives_the_eager_tokens_in_fp32(family):
 
 
 @gpu_test
+@pytest.mark.parametrize("family", GRAPHABLE_FAMILIES)
+def test_joined_projections_under_cuda_graphs_give_the_joined_eager_tokens(family):
+    model = tiny_model(family).cuda()
+    ids, mask = padded_batch(device="cuda")
+    eager, _ = generate(model, False, ids, mask, join_projections=True)
+    graphed, decoder = generate(model, True, ids, mask, join_projections=True)
+    assert torch.equal(graphed, eager)
+    assert decoder.captures == 1
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).logits
+        with evict_press()(model, join_projections=True):
+            joined = model(ids, attention_mask=mask).logits
+    torch.testing.assert_close(joined, plain, rtol=1e-4, atol=1e-4)
+
+
+@gpu_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_recaptures_after_a_forced_relayout(monkeypatch, dtype):
     monkeypatch.setattr(graph_decode, "RESERVE_TOKENS", 5)
@@ -201,18 +217,20 @@ def test_every_cache_layer_stays_flat_and_counts_match():
 
 
 @gpu_test
-def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens():
+@pytest.mark.parametrize("join_projections", [False, True])
+def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens(join_projections):
     """Teacher-forced on the eager greedy answer, the graph-replayed steps pick the same argmax at >= 99% of
-    256 steps in bf16 (the two paths may round differently: the first decode step runs eagerly)."""
+    256 steps in bf16 (the two paths may round differently: the first decode step runs eagerly), also with
+    joined projections in the graph run (other matrix-product kernels, other rounding)."""
     from adakv import load_default_model
 
     model, tokenizer = load_default_model(device="cuda", dtype=torch.bfloat16)
     text = "Write a long story about a lighthouse keeper and the ships she guides. " * 40
     ids = tokenizer(text, return_tensors="pt").input_ids.cuda()
 
-    def argmax_steps(cuda_graphs, forced=None):
+    def argmax_steps(cuda_graphs, forced=None, join=False):
         cache, press, picks = DynamicCache(config=model.config), evict_press(0.5), []
-        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs):
+        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs, join_projections=join):
             logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
             for step in range(256):
                 picks.append(logits[:, -1].argmax(-1, keepdim=True))
@@ -221,7 +239,7 @@ def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens():
         return torch.cat(picks, 1), press.graph_decoder
 
     eager, _ = argmax_steps(False)
-    graphed, decoder = argmax_steps(True, forced=eager)
+    graphed, decoder = argmax_steps(True, forced=eager, join=join_projections)
     agreement = (graphed == eager).float().mean().item()
     assert decoder.captures == 1 and decoder.replays == 255
     assert agreement >= 0.99, agreement

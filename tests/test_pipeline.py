@@ -254,3 +254,14 @@ def test_graph_decoded_answers_equal_eager_answers():
     assert press.graph_decoder.captures == 1 and press.graph_decoder.replays > 20
     with pytest.raises(ValueError, match="pass a press too"):
         pipe(CONTEXT, question=QUESTIONS[0], cuda_graphs=True)
+
+
+def test_joined_projections_give_the_same_answers_with_and_without_a_press():
+    model, tokenizer = tiny_pair()
+    pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
+    press = AdaptivePress(SnapKVPress(compression_ratio=0.6), backend="evict")
+    for with_press in (press, None):
+        plain = pipe(CONTEXT, questions=QUESTIONS, press=with_press, max_new_tokens=15)["answers"]
+        joined = pipe(CONTEXT, questions=QUESTIONS, press=with_press, max_new_tokens=15, join_projections=True)
+        assert joined["answers"] == plain
+    assert all("forward" not in module.__dict__ for module in model.modules())
