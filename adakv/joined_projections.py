@@ -49,6 +49,12 @@ class JoinedGroup:
 
     def output_of(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
         """(..., out_features of sibling `index`): its columns of the joined product of `inputs`."""
+        if torch.is_grad_enabled() and any(linear.weight.requires_grad for linear in self.linears):
+            raise RuntimeError(
+                "join_projections computes the projections without gradients for their weights; run the model "
+                "under torch.no_grad() or torch.inference_mode() (generate and the pipeline do), or use "
+                "join_projections=False when training."
+            )
         if self._last_input is None or self._last_input() is not inputs:
             self._token += 1
             self._last_input, self._last_output = weakref.ref(inputs), F.linear(inputs, self.weight, self.bias)

@@ -122,3 +122,9 @@ def test_mismatched_siblings_are_refused():
     with pytest.raises(ValueError, match=r"layer 0's self_attn.q_proj/k_proj/v_proj has a bias where a sibling has none"):
         with joined_projections(model):
             pass
+
+
+def test_a_forward_that_records_gradients_is_refused():
+    model = tiny_model("llama")
+    with joined_projections(model), pytest.raises(RuntimeError, match="torch.no_grad"):
+        model(random_ids(1, 9))
