@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--query-aware", action="store_true", help="also put the question at the end of the context")
+    run.add_argument("--cuda-graphs", action="store_true",
+                     help="decode the answers from CUDA graphs where the press evicts (CUDA devices; the answers "
+                     "may differ from eager decoding by low-precision rounding)")
     run.add_argument("--no-fast-path", action="store_true", help="prefill once per setting (naive loop)")
     run.add_argument("--check-naive", type=int, default=3,
                      help="settings also run with the naive loop, to time it and compare answers")
@@ -88,7 +91,7 @@ def config_from_args(args) -> SweepConfig:
         model=args.model, tasks=_names(args.tasks), context_lengths=[int(v) for v in _names(args.context_length)],
         samples=args.samples, presses=_names(args.presses), ratios=[float(v) for v in _names(args.ratios)],
         backend=args.backend, seed=args.seed, query_aware=args.query_aware, dtype=args.dtype, device=args.device,
-        fast_path=not args.no_fast_path, check_naive=args.check_naive,
+        fast_path=not args.no_fast_path, check_naive=args.check_naive, cuda_graphs=args.cuda_graphs,
     )
 
 

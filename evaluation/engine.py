@@ -18,6 +18,7 @@ the ratio, are computed once per prefill and reused (`DensePrefill.memo`). Keys 
 from __future__ import annotations
 
 import copy
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
@@ -26,7 +27,7 @@ from transformers import DynamicCache
 
 from adakv.pipeline import answer_from_cache, encode_prompt_parts, prefill_context, split_prompt
 from adakv.presses import BasePress, PrefillContext, RecordingPress
-from adakv.presses.base import WholePrefill
+from adakv.presses.base import BackendFallbackWarning, WholePrefill
 from adakv.presses.kvzip import attach_tokenizer
 
 
@@ -57,15 +58,26 @@ def prefill(model, context_ids: torch.Tensor) -> DynamicCache:
     return cache
 
 
-def active(press: BasePress | None, model):
-    """`press(model)`, or a no-op context when there is no press."""
-    return nullcontext() if press is None else press(model)
+def active(press: BasePress | None, model, cuda_graphs: bool | str = False):
+    """`press(model)`, or a no-op context when there is no press. With `cuda_graphs` the answers decode from
+    CUDA graphs when the press allows it (backend evict, no per-step hook), eagerly otherwise."""
+    if press is None:
+        return nullcontext()
+    if cuda_graphs:
+        with warnings.catch_warnings():  # the block itself warns once about a backend fallback
+            warnings.simplefilter("ignore", BackendFallbackWarning)
+            backend = press.backend_for(model.config)
+        if press.graph_decoding_refusal(backend) is None:
+            return press(model, cuda_graphs=cuda_graphs)
+    return press(model)
 
 
-def naive_answer(model, tokenizer, press, context_ids, question_ids, max_new_tokens: int) -> tuple[str, DynamicCache]:
+def naive_answer(
+    model, tokenizer, press, context_ids, question_ids, max_new_tokens: int, cuda_graphs: bool | str = False
+) -> tuple[str, DynamicCache]:
     """Prefill with `press` active (None: dense) and answer."""
     attach_tokenizer(press, tokenizer)
-    with active(press, model):
+    with active(press, model, cuda_graphs):
         cache = prefill(model, context_ids)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
 
@@ -97,10 +109,10 @@ def compressed_cache(dense: DensePrefill, press: BasePress | None) -> DynamicCac
 
 
 def fast_answer(
-    model, tokenizer, dense: DensePrefill, press, question_ids, max_new_tokens: int
+    model, tokenizer, dense: DensePrefill, press, question_ids, max_new_tokens: int, cuda_graphs: bool | str = False
 ) -> tuple[str, DynamicCache]:
     """Answer from `dense` compressed by `press` (None: dense), without a new prefill."""
     attach_tokenizer(press, tokenizer)
-    with active(press, model):
+    with active(press, model, cuda_graphs):
         cache = compressed_cache(dense, press)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache

@@ -326,18 +326,25 @@ class BasePress:
     def _graph_decoder(self, model: PreTrainedModel, cuda_graphs: bool | str, backend: str):
         """The CUDA-graph decoder of this block, or None; kept on the press after the block for inspection
         (captures, replays). Graphs replay decode steps over flat layers, without running any hook."""
-        if cuda_graphs and backend != "evict":
-            raise ValueError(
+        refusal = self.graph_decoding_refusal(backend) if cuda_graphs else None
+        if refusal is not None:
+            raise ValueError(refusal)
+        self.graph_decoder = graph_decoder_for(model, cuda_graphs)
+        return self.graph_decoder
+
+    def graph_decoding_refusal(self, backend: str) -> str | None:
+        """Why this press cannot decode from CUDA graphs with `backend`, or None when it can."""
+        if backend != "evict":
+            return (
                 f"cuda_graphs needs backend 'evict' (graphs replay decode steps over the flat cache), but "
                 f"{type(self).__name__} runs with backend {backend!r} on this model."
             )
-        if cuda_graphs and type(self).after_appended_tokens is not BasePress.after_appended_tokens:
-            raise ValueError(
+        if type(self).after_appended_tokens is not BasePress.after_appended_tokens:
+            return (
                 f"{type(self).__name__} acts on every decode step from a hook, which a replayed CUDA graph would skip; "
                 "use cuda_graphs=False with presses that compress during decoding."
             )
-        self.graph_decoder = graph_decoder_for(model, cuda_graphs)
-        return self.graph_decoder
+        return None
 
     def is_active_on(self, model: PreTrainedModel) -> bool:
         """True inside `with self(model):` (this press's hook sits on the model's attention layers)."""

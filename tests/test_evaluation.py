@@ -190,6 +190,33 @@ def test_naive_runner_matches_fast_runner(model, tokenizer, tmp_path):
     assert list(fast.answer) == list(naive.answer)
 
 
+def test_graph_decoded_answers_equal_eager_answers(model, tokenizer, tmp_path):
+    """cuda_graphs (its CPU emulation here) decodes every evicting press's answers from a captured step."""
+    config = small_config(tasks=["niah_multivalue"], samples=1, presses=["none", "snapkv", "adakv_model_snapkv"],
+                          ratios=[0.7])
+    eager = run_sweep(config, str(tmp_path / "eager"), model=model, tokenizer=tokenizer, progress=False)
+    config.cuda_graphs = "emulate"
+    graphed = run_sweep(config, str(tmp_path / "graphed"), model=model, tokenizer=tokenizer, progress=False)
+    assert list(graphed.answer) == list(eager.answer)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        run_sweep(small_config(cuda_graphs=True), str(tmp_path / "cpu"), model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        run_sweep(small_config(cuda_graphs="yes"), str(tmp_path / "bad"), model=model, tokenizer=tokenizer)
+
+
+def test_graphs_are_used_only_where_the_press_evicts(model, tokenizer, haystack):
+    evicting, masking = SnapKVPress(0.5), SnapKVPress(0.5, backend="mask")
+    sample = tasks.generate("niah_single", 0, haystack, 256, seed=0)
+    context_ids, question_ids = engine.encode_prompt(tokenizer, sample, "cpu")
+    dense = engine.dense_prefill(model, context_ids)
+    engine.fast_answer(model, tokenizer, dense, evicting, question_ids, 8, "emulate")
+    assert evicting.graph_decoder.captures == 1 and evicting.graph_decoder.replays >= 1
+    with engine.active(masking, model, "emulate"):
+        assert masking.graph_decoder is None
+    with engine.active(None, model, "emulate"):
+        pass
+
+
 def test_cli_lists_unknown_names(capsys, tmp_path):
     assert cli_main(["run", "--presses", "none,snapvk", "--out", str(tmp_path / "x")]) == 2
     assert "Known presses: none, snapkv" in capsys.readouterr().err
