@@ -11,6 +11,7 @@ unchanged; for a `MaskedLayer` it folds the per-head keep mask into the attentio
 from __future__ import annotations
 
 import sys
+import weakref
 from contextlib import nullcontext
 from functools import partial
 
@@ -118,6 +119,21 @@ def appended_left_padding(attention_mask: torch.Tensor, past_length: int, query_
     return padding
 
 
+# (weak reference to the mask, past length, query length, its padding): every layer of one forward gets the
+# same mask tensor, so it is analysed (one host synchronisation) once per forward, not once per layer
+_last_padding: tuple = (None, -1, -1, None)
+
+
+def _padding_of(attention_mask: torch.Tensor, past_length: int, query_length: int) -> torch.Tensor | None:
+    global _last_padding
+    mask_reference, past, length, padding = _last_padding
+    if mask_reference is not None and mask_reference() is attention_mask and (past, length) == (past_length, query_length):
+        return padding
+    padding = appended_left_padding(attention_mask, past_length, query_length)
+    _last_padding = (weakref.ref(attention_mask), past_length, query_length, padding)
+    return padding
+
+
 def note_appended_padding(module: nn.Module, hidden_states: torch.Tensor, attention_mask) -> None:
     """Before a multi-token append to a flat layer, tell the layer which leading tokens of each batch row
     are padding, so it never writes them (called from the press's forward pre-hook on `self_attn`)."""
@@ -125,7 +141,7 @@ def note_appended_padding(module: nn.Module, hidden_states: torch.Tensor, attent
     query_length = hidden_states.shape[1]
     if not isinstance(layer, FlatHeadwiseLayer) or attention_mask is None or query_length == 1:
         return
-    padding = appended_left_padding(attention_mask, layer.get_seq_length(), query_length)
+    padding = _padding_of(attention_mask, layer.get_seq_length(), query_length)
     if padding is not None:
         layer.skip_leading_tokens(padding.expand(layer.batch_size))
 

@@ -185,6 +185,20 @@ def test_padded_question_batch_matches_mask(family, attn_implementation):
     assert_same_run(model, "adaptive_snapkv", ids, attention_mask, question_padding=torch.tensor([0, 3]))
 
 
+def test_a_padded_question_mask_is_analysed_once_per_forward(monkeypatch):
+    """Every layer of a forward gets the same mask: its padding is worked out (one host sync on a GPU) once."""
+    from adakv import attention
+
+    calls = []
+    original = attention.appended_left_padding
+    monkeypatch.setattr(attention, "appended_left_padding", lambda *args: calls.append(args) or original(*args))
+    model = tiny_model("llama")
+    ids, attention_mask = left_padded_batch()
+    run(model, PRESSES["adaptive_snapkv"]("evict"), ids, attention_mask, question_padding=torch.tensor([0, 3]))
+    assert len(calls) == 1  # the question's forward; one-token decode steps need no analysis
+    assert model.config.num_hidden_layers > 1
+
+
 def test_right_padded_question_is_refused():
     model = tiny_model("llama")
     ids, attention_mask = left_padded_batch()
