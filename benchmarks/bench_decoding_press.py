@@ -16,6 +16,11 @@ Writes bench_decoding_press_<device>.json, .md and .png (memory and ms/token aga
 
     python benchmarks/bench_decoding_press.py                  # 32k prompt + 32k generated (estimated ~8 min on an H200)
     python benchmarks/bench_decoding_press.py --tiny           # CPU smoke test (seconds)
+    # one method per device command (each ~5 min at 4 layers on an H200), then one table and plot:
+    python benchmarks/bench_decoding_press.py --layers 4 --methods dense --tag _dense
+    python benchmarks/bench_decoding_press.py --layers 4 --methods decoding-ada_snapkv-evict --tag _decoding
+    python benchmarks/bench_decoding_press.py --merge benchmarks/results/bench_decoding_press_*_dense.json \
+        benchmarks/results/bench_decoding_press_*_decoding.json
 """
 
 from __future__ import annotations
@@ -168,7 +173,13 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU with short lengths (smoke test)")
+    parser.add_argument("--tag", default="", help="suffix of the result files (one method per device command)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                        help="only merge these result files (same settings, other methods) into --out")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     if args.tiny:
         args.prompt, args.generate, args.interval, args.target, args.sample_every, args.warmup = 256, 256, 32, 64, 32, 16
         model = build_model(args.layers, tiny_config(args.layers), device="cpu", dtype=torch.float32)
@@ -182,7 +193,7 @@ def main() -> None:
         generate=args.generate, seconds_per_method=args.seconds, interval=args.interval, target=args.target, sample_every=args.sample_every,
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
     )  # fmt: skip
-    stem = args.out / f"bench_decoding_press_{device_name.replace(' ', '_')}"
+    stem = args.out / f"bench_decoding_press_{device_name.replace(' ', '_')}{args.tag}"
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for method in args.methods:
@@ -192,10 +203,27 @@ def main() -> None:
                           args.sample_every, args.seconds)  # fmt: skip
         results[method] = rows
         print(method, json.dumps(summary(rows)), flush=True)
-        stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
-        stem.with_suffix(".md").write_text(markdown(results, meta))
-        plot(results, meta, stem.with_suffix(".png"))
+        write(stem, meta, results)
     print(markdown(results, meta))
+
+
+def write(stem: Path, meta: dict, results: dict) -> None:
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, results=results), indent=1))
+    stem.with_suffix(".md").write_text(markdown(results, meta))
+    plot(results, meta, stem.with_suffix(".png"))
+
+
+def merge(files: list[Path], out: Path) -> None:
+    """One JSON, table and plot from runs of the same settings that measured different methods."""
+    runs = [json.loads(path.read_text()) for path in files]
+    settings = {json.dumps({k: v for k, v in run["meta"].items() if k not in ("seconds_per_method",)}, sort_keys=True)
+                for run in runs}
+    if len(settings) != 1:
+        raise SystemExit(f"--merge needs runs of one device and the same settings; got {len(settings)} different ones.")
+    results = {method: rows for run in runs for method, rows in run["results"].items()}
+    meta = dict(runs[0]["meta"], merged_files=[path.name for path in files])
+    out.mkdir(parents=True, exist_ok=True)
+    write(out / f"bench_decoding_press_{meta['device'].replace(' ', '_')}", meta, results)
 
 
 if __name__ == "__main__":
