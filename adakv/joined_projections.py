@@ -115,9 +115,15 @@ def _split(group: JoinedGroup) -> None:
 
 def sibling_groups(model: nn.Module) -> list[tuple[str, list[nn.Linear]]]:
     """(description, siblings) for every joinable group of every decoder layer, checked."""
+    attention_layers = attention_modules(model)  # also refuses unsupported families
+    layer_of = {  # id of a decoder layer's attention module -> that decoder layer
+        id(module.self_attn): module
+        for module in model.modules()
+        if isinstance(getattr(module, "self_attn", None), nn.Module)
+    }
     groups = []
-    for attention in attention_modules(model):
-        layer = _decoder_layer_of(model, attention)
+    for attention in attention_layers:
+        layer = layer_of[id(attention)]
         for parent_name, names in SIBLING_GROUPS:
             parent = getattr(layer, parent_name, None)
             if parent is None or not all(hasattr(parent, name) for name in names):
@@ -127,13 +133,6 @@ def sibling_groups(model: nn.Module) -> list[tuple[str, list[nn.Linear]]]:
             _check_joinable(linears, where)
             groups.append((where, linears))
     return groups
-
-
-def _decoder_layer_of(model: nn.Module, attention: nn.Module) -> nn.Module:
-    for module in model.modules():
-        if getattr(module, "self_attn", None) is attention:
-            return module
-    raise ValueError(f"Found no decoder layer holding attention layer {attention.layer_idx}.")
 
 
 @contextmanager

@@ -208,6 +208,19 @@ def run_case(model, batch, context, args, bandwidth, weights) -> list[dict]:
     return rows
 
 
+def measured_setup(layers: int) -> tuple[torch.nn.Module, float, int, dict]:
+    """(model, copy bandwidth in bytes/s, weight bytes a step reads, metadata): the 8B-shaped model with
+    `layers` layers and the figures every result of this GPU is compared with, measured in this process."""
+    model = build_model(layers)
+    bandwidth = copy_bandwidth()
+    weights = weight_bytes(model)
+    meta = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+        layers=layers, copy_bandwidth_tb_s=bandwidth / 1e12, weight_gib=weights / GiB,
+    )  # fmt: skip
+    return model, bandwidth, weights, meta
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=32)
@@ -226,14 +239,9 @@ def main() -> None:
         merge(args.merge, Path(args.out))
         return
 
-    device = torch.cuda.get_device_name()
-    model = build_model(args.layers)
-    bandwidth = copy_bandwidth()
-    weights = weight_bytes(model)
-    meta = dict(
-        device=device, torch=torch.__version__, transformers=transformers.__version__, layers=args.layers,
-        copy_bandwidth_tb_s=bandwidth / 1e12, weight_gib=weights / GiB, steps=args.steps, warmup=args.warmup,
-    )  # fmt: skip
+    model, bandwidth, weights, meta = measured_setup(args.layers)
+    meta.update(steps=args.steps, warmup=args.warmup)
+    device = meta["device"]
     print(meta, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,12 +26,10 @@ import sys
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode_limit import copy_bandwidth, greedy_step, prefill, step_timings, weight_bytes  # noqa: E402
-from bench_evict import GiB, build_model  # noqa: E402
+from bench_decode_limit import greedy_step, measured_setup, prefill, step_timings  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
 
@@ -75,7 +73,7 @@ def linear_floor_ms(model, batch: int, fused: bool) -> tuple[float, int]:
 
     milliseconds = graph_ms(work)
     read = sum(w.numel() * w.element_size() for w in weights)
-    del weights
+    weights.clear()  # frees the joined copies before the next measurement
     torch.cuda.empty_cache()
     return milliseconds, read
 
@@ -147,14 +145,9 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
 
-    device = torch.cuda.get_device_name()
-    model = build_model(args.layers)
-    bandwidth = copy_bandwidth()
-    weights = weight_bytes(model)
-    result = dict(
-        device=device, torch=torch.__version__, transformers=transformers.__version__, layers=args.layers,
-        context=args.context, copy_bandwidth_tb_s=bandwidth / 1e12, weight_gib=weights / GiB, rows=[],
-    )  # fmt: skip
+    model, bandwidth, weights, result = measured_setup(args.layers)
+    result.update(context=args.context, rows=[])
+    device = result["device"]
     print({k: v for k, v in result.items() if k != "rows"}, flush=True)
     for batch in args.batches:
         row = dict(batch=batch, weight_limit_ms=weights / bandwidth * 1000)
