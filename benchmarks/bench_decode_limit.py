@@ -7,7 +7,9 @@ For each batch x context case, one process measures side by side:
   `torch.compile(model.forward, mode="reduce-overhead")` (CUDA graphs), what a user picks today;
 - snapkv-evict-eager / -graph and adaptive-snapkv-evict-eager / -graph at each ratio: the press prefills and
   compresses, then the same cache is decoded eagerly and then inside `press(model, cuda_graphs=True)`;
-  adaptive-snapkv-evict-graph-joined adds `join_projections=True` (q/k/v and gate/up as one product each).
+  adaptive-snapkv-evict-graph-joined adds `join_projections=True` (q/k/v and gate/up as one product each),
+  adaptive-snapkv-evict-graph-joined-fused also `fuse_elementwise=True` (norms, rotary, SiLU gates as one
+  Triton kernel each): the fastest decode adakv offers.
 
 Every row: decode ms/token (median of `--steps` CUDA-event timings per step after `--warmup` steps; two
 passes, both kept, the second reported), KV GiB held, peak GiB, and
@@ -171,19 +173,27 @@ def press_rows(model, ids, args, bandwidth, weights, name, ratio) -> list[dict]:
     limit = (weights + held) / bandwidth
     rows = [row(batch, context, f"{name}-evict-eager", ratio, eager, limit, held, torch.cuda.max_memory_allocated())]
     print(rows[-1], flush=True)
-    variants = [("graph", False)] + ([("graph-joined", True)] if name in args.joined else [])
-    for suffix, join in variants:
-        rows.append(graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio, suffix, join))
+    variants = [("graph", {})]
+    if name in args.joined:
+        variants += [("graph-joined", FUSIONS["joined"]), ("graph-joined-fused", FUSIONS["joined-fused"])]
+    for suffix, fusions in variants:
+        rows.append(graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio, suffix, fusions))
         print(rows[-1], flush=True)
     return rows
 
 
-def graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio, suffix, join) -> dict:
-    """Decode the compressed `cache` inside press(model, cuda_graphs=True, join_projections=join)."""
+FUSIONS = {
+    "joined": dict(join_projections=True),
+    "joined-fused": dict(join_projections=True, fuse_elementwise=True),
+}
+
+
+def graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio, suffix, fusions) -> dict:
+    """Decode the compressed `cache` inside press(model, cuda_graphs=True, **fusions)."""
     batch, context = token.shape[0], args.context
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    with torch.no_grad(), press(model, cuda_graphs=True, join_projections=join):
+    with torch.no_grad(), press(model, cuda_graphs=True, **fusions):
         step = greedy_step(model, cache)
         token = step(step(token))  # warm-up, then capture
         torch.cuda.synchronize()
@@ -229,7 +239,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--joined", nargs="*", default=["adaptive-snapkv"], choices=list(PRESSES),
-                        help="presses also measured with join_projections=True (method suffix graph-joined)")
+                        help="presses also measured with join_projections=True (suffix graph-joined) and with "
+                             "fuse_elementwise=True as well (suffix graph-joined-fused)")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile dense baseline")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="", help="suffix of the result files (runs split over several calls)")
@@ -255,13 +266,23 @@ def main() -> None:
 
 
 def merge(files: list[str], out: Path) -> None:
-    """One JSON, table and plot from runs of the same device and settings split over several processes."""
+    """One JSON, table and plot from runs of the same device and settings split over several processes.
+    A row measured again in a later file (same batch, context, method, ratio) replaces the earlier one in
+    the table; the earlier one stays in the JSON under "superseded_rows"."""
     runs = [json.loads(Path(name).read_text()) for name in files]
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(runs[0]["meta"], merged_runs=[run["meta"] for run in runs])
-    rows = [row for run in runs for row in run["rows"]]
+    latest: dict[tuple, dict] = {}
+    superseded = []
+    for run in runs:
+        for row in run["rows"]:
+            key = (row["batch"], row["context"], row["method"], row["ratio"])
+            if key in latest:
+                superseded.append(latest.pop(key))
+            latest[key] = row
+    rows = sorted(latest.values(), key=lambda row: (row["batch"], row["context"], row["ratio"]))
     stem = out / f"decode_limit_{meta['device'].replace(' ', '_')}"
-    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "superseded_rows": superseded}, indent=1))
     write_table(stem.with_suffix(".md"), meta, rows)
     plot(stem.with_suffix(".png"), meta, rows)
 
@@ -275,7 +296,8 @@ def plot(path: Path, meta: dict, rows: list[dict], ratio: float = 0.75) -> None:
     import matplotlib.pyplot as plt
 
     methods = ["dense-eager", "dense-compiled", "snapkv-evict-eager", "snapkv-evict-graph",
-               "adaptive-snapkv-evict-eager", "adaptive-snapkv-evict-graph", "adaptive-snapkv-evict-graph-joined"]  # fmt: skip
+               "adaptive-snapkv-evict-eager", "adaptive-snapkv-evict-graph", "adaptive-snapkv-evict-graph-joined",
+               "adaptive-snapkv-evict-graph-joined-fused"]  # fmt: skip
     figure, (latency, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method in methods:
         points = sorted(

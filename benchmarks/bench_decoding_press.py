@@ -129,12 +129,13 @@ def markdown(results: dict, meta: dict) -> str:
         )
     lines += ["", "| generated | " + " | ".join(f"{m} KV MiB | {m} ms/token" for m in results) + " |"]
     lines.append("|---:|" + "---:|" * (2 * len(results)))
-    for index, row in enumerate(next(iter(results.values()))):
+    by_generated = [{row["generated"]: row for row in rows} for rows in results.values()]
+    for generated in sorted({generated for rows in by_generated for generated in rows}):
         cells = []
-        for rows in results.values():
-            other = rows[index] if index < len(rows) else None
-            cells += ["", ""] if other is None else [f"{other['kv_bytes'] / MiB:.3f}", f"{other['ms_per_token']:.2f}"]
-        lines.append(f"| {row['generated']} | " + " | ".join(cells) + " |")
+        for rows in by_generated:
+            row = rows.get(generated)
+            cells += ["", ""] if row is None else [f"{row['kv_bytes'] / MiB:.3f}", f"{row['ms_per_token']:.2f}"]
+        lines.append(f"| {generated} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

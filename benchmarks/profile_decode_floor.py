@@ -10,8 +10,9 @@ This script separates the model's own share of the gap from the KV cache's, in o
 - adaptive-graph: a whole AdaptivePress(SnapKV) evict decode step in `press(model, cuda_graphs=True)` at
   `--context` tokens (r = 0.75), and the same with the norms and MLPs of every layer run through
   `torch.compile` (fused elementwise kernels) to see what fusion outside attention would buy, and with
-  `join_projections=True` (q/k/v and gate/up as one product each);
-- kernels: one eager step under the profiler: number of CUDA kernels and their summed GPU time by kind
+  `join_projections=True` (q/k/v and gate/up as one product each), and with `fuse_elementwise=True` as well
+  (norms, rotary embeddings and SiLU gates as one Triton kernel each);
+- kernels: one eager step (plain, and joined + fused) under the profiler: number of CUDA kernels and their summed GPU time by kind
   (matmul, attention and cache, elementwise), so that graph time - kernel time = gaps between kernels.
 
     python benchmarks/profile_decode_floor.py --batches 1 8 --context 8192
@@ -29,7 +30,7 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode_limit import greedy_step, measured_setup, prefill, step_timings  # noqa: E402
+from bench_decode_limit import FUSIONS, greedy_step, measured_setup, prefill, step_timings  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
 
@@ -93,11 +94,11 @@ def uncompile(modules) -> None:
         module._compiled_call_impl = None
 
 
-def adaptive_graph_ms(model, ids, steps: int, join_projections: bool = False) -> float:
+def adaptive_graph_ms(model, ids, steps: int, **fusions) -> float:
     press = P.AdaptivePress(P.SnapKVPress(0.75), backend="evict")
     cache = DynamicCache(config=model.config)
     prefill(model, ids, cache, press)
-    with torch.no_grad(), press(model, cuda_graphs=True, join_projections=join_projections):
+    with torch.no_grad(), press(model, cuda_graphs=True, **fusions):
         step = greedy_step(model, cache)
         token = step(step(ids[:, -1:]))
         timings = step_timings(step, token, 8, steps)
@@ -114,12 +115,13 @@ def kernel_kind(name: str) -> str:
     return "elementwise_and_other"
 
 
-def eager_kernels(model, ids) -> dict:
-    """Kernels of one eager AdaptivePress evict decode step: count and summed GPU ms by kind."""
+def eager_kernels(model, ids, **fusions) -> dict:
+    """Kernels of one eager AdaptivePress evict decode step: count and summed GPU ms by kind, and the most
+    frequent kernel names of each kind (what a further fusion would target)."""
     press = P.AdaptivePress(P.SnapKVPress(0.75), backend="evict")
     cache = DynamicCache(config=model.config)
     prefill(model, ids, cache, press)
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), press(model, **fusions):
         step = greedy_step(model, cache)
         token = step(step(ids[:, -1:]))
         torch.cuda.synchronize()
@@ -130,9 +132,12 @@ def eager_kernels(model, ids) -> dict:
     for event in profiler.events():
         if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
-        kind = kinds.setdefault(kernel_kind(event.name), {"kernels": 0, "gpu_ms": 0.0})
+        kind = kinds.setdefault(kernel_kind(event.name), {"kernels": 0, "gpu_ms": 0.0, "names": {}})
         kind["kernels"] += 1
         kind["gpu_ms"] += event.device_time_total / 1000
+        kind["names"][event.name[:120]] = kind["names"].get(event.name[:120], 0) + 1
+    for kind in kinds.values():
+        kind["top_names"] = sorted(kind.pop("names").items(), key=lambda item: -item[1])[:12]
     return kinds
 
 
@@ -158,11 +163,13 @@ def main() -> None:
             row[f"{name}_tb_s"] = read / milliseconds / 1e9
         ids = torch.randint(10, 128000, (batch, args.context), device="cuda")
         row["adaptive_graph_ms"] = adaptive_graph_ms(model, ids, args.steps)
-        row["adaptive_graph_joined_ms"] = adaptive_graph_ms(model, ids, args.steps, join_projections=True)
-        try:
-            row["eager_kernels"] = eager_kernels(model, ids)
-        except Exception as error:  # noqa: BLE001 - profiler support varies by torch version: report and go on
-            row["eager_kernels_error"] = f"{type(error).__name__}: {error}"[:500]
+        for name, fusions in FUSIONS.items():
+            row[f"adaptive_graph_{name.replace('-', '_')}_ms"] = adaptive_graph_ms(model, ids, args.steps, **fusions)
+        for name, fusions in (("", {}), ("_joined_fused", FUSIONS["joined-fused"])):
+            try:
+                row[f"eager_kernels{name}"] = eager_kernels(model, ids, **fusions)
+            except Exception as error:  # noqa: BLE001 - profiler support varies by torch version: report and go on
+                row[f"eager_kernels{name}_error"] = f"{type(error).__name__}: {error}"[:500]
         compiled = compile_norms_and_mlps(model)
         try:
             row["adaptive_graph_compiled_norms_mlps_ms"] = adaptive_graph_ms(model, ids, args.steps)

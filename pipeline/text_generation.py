@@ -20,8 +20,6 @@ evaluation runner reuses them.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from transformers import AutoModelForCausalLM, Pipeline
 from transformers.cache_utils import Cache, DynamicCache
@@ -29,7 +27,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from adakv.cache import checkpoint, restore
 from adakv.chunked_prefill import check_input_ids, prefill_in_chunks
-from adakv.joined_projections import joined_projections
+from adakv.fusion import model_fusions
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
 from adakv.presses.kvzip import attach_tokenizer
@@ -191,7 +189,10 @@ class KVPressTextGenerationPipeline(Pipeline):
       cuda_graphs: True replays the answers' decode steps from a CUDA graph (press with backend "evict",
         model on CUDA; see adakv/flat/graph_decode.py). Default False: eager decoding.
       join_projections: True computes each layer's q/k/v and gate/up as one matrix product each during
-        the call (adakv/joined_projections.py; fewer matrix products per decode step, the same memory).
+        the call (adakv/fusion/joined_projections.py; fewer matrix products per decode step, the same memory).
+      fuse_elementwise: True runs the norms, rotary embeddings and SiLU gates as one Triton kernel each
+        during the call (adakv/fusion/elementwise.py; model on CUDA). With cuda_graphs and
+        join_projections: the fastest decode steps.
       prefill_chunk_size: None (default) prefills the context in one forward and then compresses it;
         an int prefills it that many tokens at a time and compresses each chunk as it arrives
         (adakv.prefill_in_chunks: bounded prefill memory for long contexts; later chunks attend to
@@ -216,6 +217,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         prefill_chunk_size=None,
         cuda_graphs=False,
         join_projections=False,
+        fuse_elementwise=False,
         **kwargs,
     ):
         if kwargs:
@@ -227,7 +229,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         )
         forward = dict(
             press=press, max_new_tokens=max_new_tokens, cache=cache, prefill_chunk_size=prefill_chunk_size,
-            cuda_graphs=cuda_graphs, join_projections=join_projections,
+            cuda_graphs=cuda_graphs, join_projections=join_projections, fuse_elementwise=fuse_elementwise,
         )  # fmt: skip
         postprocess = dict(single=questions is None)
         return preprocess, forward, postprocess
@@ -246,15 +248,17 @@ class KVPressTextGenerationPipeline(Pipeline):
         return {"context_ids": context_ids, "question_ids": question_ids}
 
     def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None, prefill_chunk_size=None,
-                 cuda_graphs=False, join_projections=False):
+                 cuda_graphs=False, join_projections=False, fuse_elementwise=False):
         cache = DynamicCache() if cache is None else cache
         if cuda_graphs and press is None:
             raise ValueError("cuda_graphs=True decodes over a compressed (evict) cache: pass a press too.")
         attach_tokenizer(press, self.tokenizer)  # KVzipPress encodes its repeat prompt with it
         if press is not None:
-            block = press(self.model, cuda_graphs=cuda_graphs, join_projections=join_projections)
+            block = press(
+                self.model, cuda_graphs=cuda_graphs, join_projections=join_projections, fuse_elementwise=fuse_elementwise
+            )
         else:
-            block = joined_projections(self.model) if join_projections else nullcontext()
+            block = model_fusions(self.model, join_projections, fuse_elementwise)
         with block:
             prefill_context(self.model, cache, model_inputs["context_ids"], press, prefill_chunk_size)
             answers = [

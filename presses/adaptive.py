@@ -10,7 +10,7 @@ import torch
 from adakv.distributed import check_exchange, distributed_adaptive_keep_mask, tensor_parallel_group
 from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count
 
-from .base import PrefillContext, WholePrefill, WrapperPress, check_is_press
+from .base import PrefillContext, WholePrefill, WrapperPress, check_fraction_fields, check_is_press
 
 SCOPES = ("layer", "model")
 
@@ -61,8 +61,7 @@ class AdaptivePress(WrapperPress):
     def __post_init__(self):
         super().__post_init__()
         check_scoring_press(self.press, "AdaptivePress")
-        if not isinstance(self.alpha_safeguard, (int, float)) or not 0.0 <= self.alpha_safeguard <= 1.0:
-            raise ValueError(f"alpha_safeguard must be a number in [0, 1], got {self.alpha_safeguard!r}.")
+        check_fraction_fields(self, ("alpha_safeguard",))
         check_exchange(self.exchange)
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")

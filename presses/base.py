@@ -27,7 +27,7 @@ prefill; backend "evict" then frees the pruned rows of every layer at once.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Generator, Iterator
 
@@ -47,7 +47,7 @@ from adakv.cache import (
     newest_keys_values,
 )
 from adakv.flat.graph_decode import graph_decoder_for
-from adakv.joined_projections import joined_projections
+from adakv.fusion import model_fusions
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
     attention_modules,
@@ -137,6 +137,14 @@ class WholePrefill:
 def check_compression_ratio(ratio: float) -> None:
     if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
         raise ValueError(f"compression_ratio must be a number in [0, 1), got {ratio!r}.")
+
+
+def check_fraction_fields(press, names: tuple[str, ...]) -> None:
+    """Raise ValueError unless each named field of `press` is a number (not a bool) in [0, 1]."""
+    for name in names:
+        value = getattr(press, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
 
 
 def check_integer_fields(press, minimums: dict[str, int]) -> None:
@@ -280,12 +288,18 @@ class BasePress:
 
     @contextmanager
     def __call__(
-        self, model: PreTrainedModel, cuda_graphs: bool | str = False, join_projections: bool = False
+        self,
+        model: PreTrainedModel,
+        cuda_graphs: bool | str = False,
+        join_projections: bool = False,
+        fuse_elementwise: bool = False,
     ) -> Generator[None, None, None]:
         """Hook the press onto `model` for the block. cuda_graphs=True replays decode steps from a CUDA graph
         (adakv/flat/graph_decode.py; backend "evict", CUDA models; "emulate" runs its CPU emulation for tests).
         join_projections=True computes each layer's q/k/v and gate/up as one matrix product each within the
-        block (adakv/joined_projections.py): fewer, larger products, the same memory."""
+        block (adakv/fusion/joined_projections.py): fewer, larger products, the same memory.
+        fuse_elementwise=True runs the norms, rotary embeddings and SiLU gates as one Triton kernel each
+        (adakv/fusion/elementwise.py; CUDA models). The three together give the fastest decode steps."""
         modules = attention_modules(model)
         if not any(is_full_attention_layer(module) for module in modules):
             raise ValueError(
@@ -294,7 +308,7 @@ class BasePress:
             )
         backend = self.backend_for(model.config)
         decoder = self._graph_decoder(model, cuda_graphs, backend)
-        with joined_projections(model) if join_projections else nullcontext():
+        with model_fusions(model, join_projections, fuse_elementwise):
             original_implementation = _switch_attention_implementation(model)
             handles, parts = [], list(self.press_tree())
             for part in parts:  # every press of the tree builds its layers with the block's backend

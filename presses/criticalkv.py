@@ -11,7 +11,7 @@ from adakv.distributed import weight_for_local_heads
 from adakv.selection import descending_rank, kept_count
 
 from .adaptive import check_scoring_press
-from .base import PrefillContext, WrapperPress
+from .base import PrefillContext, WrapperPress, check_fraction_fields
 from .scorer import uniform_compress
 
 # Adds to the scores of the first stage's picks so any later top-k takes them first.
@@ -51,8 +51,7 @@ class CriticalKVPress(WrapperPress):
     def __post_init__(self):
         super().__post_init__()
         check_scoring_press(self.press, "CriticalKVPress")
-        if not isinstance(self.first_stage_ratio, (int, float)) or not 0.0 <= self.first_stage_ratio <= 1.0:
-            raise ValueError(f"first_stage_ratio must be a number in [0, 1], got {self.first_stage_ratio!r}.")
+        check_fraction_fields(self, ("first_stage_ratio",))
 
     def layer_compression_ratio(self, context: PrefillContext) -> float:
         return self.press.layer_compression_ratio(context)

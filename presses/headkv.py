@@ -10,7 +10,7 @@ import torch
 from adakv.selection import adaptive_keep_mask, descending_rank, kept_count
 
 from .adaptive import check_scoring_press
-from .base import PrefillContext, WrapperPress, check_integer_fields
+from .base import PrefillContext, WrapperPress, check_fraction_fields, check_integer_fields
 from .duo_attention import local_attention_share
 
 
@@ -42,10 +42,7 @@ class HeadKVPress(WrapperPress):
     def __post_init__(self):
         super().__post_init__()
         check_scoring_press(self.press, "HeadKVPress")
-        if isinstance(self.base_fraction, bool) or not isinstance(self.base_fraction, (int, float)):
-            raise ValueError(f"base_fraction must be a number in [0, 1], got {self.base_fraction!r}.")
-        if not 0.0 <= self.base_fraction <= 1.0:
-            raise ValueError(f"base_fraction must be a number in [0, 1], got {self.base_fraction!r}.")
+        check_fraction_fields(self, ("base_fraction",))
         check_integer_fields(self, {"window_size": 1, "n_sink": 0})
 
     def head_importance(self, context: PrefillContext) -> torch.Tensor:

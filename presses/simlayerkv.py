@@ -9,7 +9,7 @@ import torch
 
 from adakv.selection import uniform_keep_mask
 
-from .base import PrefillContext, check_integer_fields
+from .base import PrefillContext, check_fraction_fields, check_integer_fields
 from .scorer import ScorerPress
 from .snapkv import mean_window_attention
 from .streaming_llm import sink_and_recency_scores
@@ -41,10 +41,7 @@ class SimLayerKVPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.lazy_threshold, bool) or not isinstance(self.lazy_threshold, (int, float)):
-            raise TypeError(f"lazy_threshold must be a number in [0, 1], got {self.lazy_threshold!r}.")
-        if not 0.0 <= self.lazy_threshold <= 1.0:
-            raise ValueError(f"lazy_threshold must be a number in [0, 1], got {self.lazy_threshold!r}.")
+        check_fraction_fields(self, ("lazy_threshold",))
         check_integer_fields(self, {"n_last": 1, "n_sink": 0})
 
     def score(self, context: PrefillContext) -> torch.Tensor:

@@ -69,3 +69,15 @@ def assert_backends_agree(mask_run, evict_run) -> None:
     assert mask_counts.keys() == evict_counts.keys() and mask_counts
     for index in mask_counts:
         assert torch.equal(mask_counts[index], evict_counts[index])
+
+
+def press_logits_and_tokens(model, ids, press=None, max_new_tokens: int = 12, **call_options):
+    """Logits of `ids` and `max_new_tokens` greedy tokens, inside press(model, **call_options)
+    (default press: AdaptivePress(SnapKV 0.5))."""
+    from adakv import presses as P
+
+    press = press or P.AdaptivePress(P.SnapKVPress(0.5, window_size=8))
+    with torch.no_grad(), press(model, **call_options):
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return logits, tokens

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -22,6 +24,8 @@ from adakv import (
     TOVAPress,
 )
 from conftest import random_ids, tiny_model
+
+from adakv import presses as P
 
 SCORER_CLASSES = [
     SnapKVPress,
@@ -175,3 +179,19 @@ def test_observed_attention_without_eager_attention():
 def test_unknown_backend(backend):
     with pytest.raises(ValueError, match="backend must be one of"):
         KnormPress(backend=backend)
+
+
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda value: P.AdaptivePress(P.SnapKVPress(0.5), alpha_safeguard=value), "alpha_safeguard"),
+        (lambda value: P.CriticalKVPress(P.SnapKVPress(0.5), first_stage_ratio=value), "first_stage_ratio"),
+        (lambda value: P.HeadKVPress(P.SnapKVPress(0.5), base_fraction=value), "base_fraction"),
+        (lambda value: P.SimLayerKVPress(lazy_threshold=value), "lazy_threshold"),
+    ],
+    ids=["alpha_safeguard", "first_stage_ratio", "base_fraction", "lazy_threshold"],
+)
+@pytest.mark.parametrize("value", [-0.1, 1.5, True, "0.5", None])
+def test_every_fraction_field_refuses_what_is_not_a_number_in_0_1(make, name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be a number in \[0, 1\], got {re.escape(repr(value))}"):
+        make(value)

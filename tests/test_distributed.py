@@ -260,7 +260,7 @@ def _tensor_parallel_on_rank(rank: int, model_path: str, family: str) -> dict:
     split = [tensor_parallel_group(module, heads_per_rank) is not None for module in attention_modules(model)]
     assert all(split) if heads_per_rank == 1 else not any(split), f"heads split: {split}"
     if heads_per_rank == 1:  # sharded projections cannot be joined into one matrix: refused, model untouched
-        from adakv.joined_projections import joined_projections
+        from adakv.fusion.joined_projections import joined_projections
 
         with pytest.raises(ValueError, match="tensor subclass"):
             with joined_projections(model):

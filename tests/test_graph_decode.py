@@ -217,20 +217,22 @@ def test_every_cache_layer_stays_flat_and_counts_match():
 
 
 @gpu_test
-@pytest.mark.parametrize("join_projections", [False, True])
-def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens(join_projections):
+@pytest.mark.parametrize(
+    "fusions", [{}, {"join_projections": True}, {"join_projections": True, "fuse_elementwise": True}], ids=str
+)
+def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens(fusions):
     """Teacher-forced on the eager greedy answer, the graph-replayed steps pick the same argmax at >= 99% of
     256 steps in bf16 (the two paths may round differently: the first decode step runs eagerly), also with
-    joined projections in the graph run (other matrix-product kernels, other rounding)."""
+    joined projections and fused element-wise kernels in the graph run (other kernels, other rounding)."""
     from adakv import load_default_model
 
     model, tokenizer = load_default_model(device="cuda", dtype=torch.bfloat16)
     text = "Write a long story about a lighthouse keeper and the ships she guides. " * 40
     ids = tokenizer(text, return_tensors="pt").input_ids.cuda()
 
-    def argmax_steps(cuda_graphs, forced=None, join=False):
+    def argmax_steps(cuda_graphs, forced=None, fusions={}):
         cache, press, picks = DynamicCache(config=model.config), evict_press(0.5), []
-        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs, join_projections=join):
+        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs, **fusions):
             logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
             for step in range(256):
                 picks.append(logits[:, -1].argmax(-1, keepdim=True))
@@ -239,7 +241,7 @@ def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens(join_projecti
         return torch.cat(picks, 1), press.graph_decoder
 
     eager, _ = argmax_steps(False)
-    graphed, decoder = argmax_steps(True, forced=eager, join=join_projections)
+    graphed, decoder = argmax_steps(True, forced=eager, fusions=fusions)
     agreement = (graphed == eager).float().mean().item()
     assert decoder.captures == 1 and decoder.replays == 255
     assert agreement >= 0.99, agreement

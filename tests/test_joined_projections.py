@@ -1,15 +1,17 @@
-"""`join_projections=True` (adakv/joined_projections.py): q/k/v and gate/up as one matrix product each,
+"""`join_projections=True` (adakv/fusion/joined_projections.py): q/k/v and gate/up as one matrix product each,
 the same outputs and memory, every parameter restored on exit, clear refusals."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, random_ids, tiny_model
+from conftest import FAMILY_CONFIGS, press_logits_and_tokens, random_ids, tiny_model
 from torch import nn
 
 from adakv import presses as P
-from adakv.joined_projections import joined_projections, sibling_groups
+from adakv.fusion.joined_projections import joined_projections, sibling_groups
 
 JOINED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")  # Phi3 stores qkv_proj / gate_up_proj joined
 
@@ -18,21 +20,13 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
 
 
-def generate(model, ids, press=None, **call_options):
-    press = press or P.AdaptivePress(P.SnapKVPress(0.5, window_size=8))
-    with torch.no_grad(), press(model, **call_options):
-        logits = model(ids).logits
-        tokens = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    return logits, tokens
-
-
 @pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
 def test_joined_projections_give_the_same_outputs_and_restore_every_parameter(family):
     model = tiny_model(family)
     ids = random_ids(2, 40)
     before = snapshot(model)
-    expected_logits, expected_tokens = generate(model, ids)
-    logits, tokens = generate(model, ids, join_projections=True)
+    expected_logits, expected_tokens = press_logits_and_tokens(model, ids)
+    logits, tokens = press_logits_and_tokens(model, ids, join_projections=True)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens, expected_tokens)
     after = snapshot(model)
@@ -88,14 +82,17 @@ def test_the_joined_product_is_dropped_when_its_input_is_freed():
         assert joined[0]._last_output is not None
         del inputs
         assert joined[0]._last_output is None
+        joined_matrices = [weakref.ref(group.weight) for group in joined]
+    # the joined matrices are freed on exit although the caller still holds the groups
+    assert all(matrix() is None for matrix in joined_matrices) and len(joined) == 6
 
 
 def test_eager_and_emulated_graph_decoding_agree_with_joined_projections():
     model = tiny_model("qwen2")  # biases on q/k/v
     ids = random_ids(1, 40)
     press = P.AdaptivePress(P.SnapKVPress(0.5, window_size=8), backend="evict")
-    _, eager = generate(model, ids, press)
-    _, graphed = generate(model, ids, press, cuda_graphs="emulate", join_projections=True)
+    _, eager = press_logits_and_tokens(model, ids, press)
+    _, graphed = press_logits_and_tokens(model, ids, press, cuda_graphs="emulate", join_projections=True)
     assert torch.equal(graphed, eager)
     assert press.graph_decoder.captures == 1
 

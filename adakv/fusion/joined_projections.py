@@ -38,7 +38,7 @@ class JoinedGroup:
     """Sibling nn.Linear modules whose weights are rows of one joined (sum of out_features, in_features) matrix."""
 
     linears: list[nn.Linear]
-    weight: torch.Tensor
+    weight: torch.Tensor | None  # None once split again (so that the joined matrix is freed group by group)
     bias: torch.Tensor | None
     bounds: list[tuple[int, int]] = field(default_factory=list)
     # The joined product of the last input, reused by each sibling's call on that same tensor; dropped
@@ -104,13 +104,15 @@ def _join(linears: list[nn.Linear]) -> JoinedGroup:
 
 
 def _split(group: JoinedGroup) -> None:
-    """Give every sibling its own contiguous parameters and its class forward back."""
+    """Give every sibling its own contiguous parameters and its class forward back, then drop the joined
+    matrix: on exit at most one group's weights exist twice, not the whole model's projections."""
     group._forget()
     for linear in group.linears:
         del linear.forward
         linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=linear.weight.requires_grad)
         if linear.bias is not None:
             linear.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+    group.weight = group.bias = None
 
 
 def sibling_groups(model: nn.Module) -> list[tuple[str, list[nn.Linear]]]:

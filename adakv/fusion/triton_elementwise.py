@@ -1,0 +1,125 @@
+"""Triton kernels of the three fused element-wise operations of `fused_elementwise` (CUDA only).
+
+Imported only when the fusion runs on CUDA (this module imports triton at the top). Each kernel does in
+one launch what transformers' module does in 2 to 8 (adakv/fusion/elementwise_reference.py states the
+same arithmetic in torch):
+
+- `rms_norm_kernel` (grid: rows): one row of (rows, n) per program;
+- `rotary_kernel` (grid: batch * tokens, heads): one head vector of one token per program;
+- `silu_mul_kernel` (grid: rows, column blocks).
+
+Inputs may be strided along rows (views of a joined projection, transposed heads); a last dimension that
+is not contiguous is copied first.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+SILU_BLOCK = 1024
+
+
+@triton.jit
+def rms_norm_kernel(
+    X, W, Y, stride_x, stride_y, n_cols, eps, weight_offset,
+    SCALE_IN_FP32: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < n_cols
+    x = tl.load(X + row * stride_x + cols, mask=valid, other=0.0).to(tl.float32)
+    normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    weight = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
+    if SCALE_IN_FP32:
+        y = normed * (weight_offset + weight)
+    else:
+        y = normed.to(X.dtype.element_ty).to(tl.float32) * weight
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def rotary_kernel(
+    X, COS, SIN, OUT, stride_xb, stride_xh, stride_xt, stride_ob, stride_oh, stride_ot,
+    stride_cb, stride_ct, tokens,
+    HALF: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    batch_token = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    batch = (batch_token // tokens).to(tl.int64)
+    token = (batch_token % tokens).to(tl.int64)
+    dims = tl.arange(0, BLOCK)
+    valid = dims < HALF
+    x_row = X + batch * stride_xb + head * stride_xh + token * stride_xt
+    angle_row = batch * stride_cb + token * stride_ct
+    x1 = tl.load(x_row + dims, mask=valid, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + HALF + dims, mask=valid, other=0.0).to(tl.float32)
+    cos1 = tl.load(COS + angle_row + dims, mask=valid, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + angle_row + HALF + dims, mask=valid, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + angle_row + dims, mask=valid, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + angle_row + HALF + dims, mask=valid, other=0.0).to(tl.float32)
+    dtype = OUT.dtype.element_ty
+    # round each product and the sum to the output dtype, as x * cos + rotate_half(x) * sin does
+    first = (x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)
+    second = (x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)
+    out_row = OUT + batch * stride_ob + head * stride_oh + token * stride_ot
+    tl.store(out_row + dims, first.to(dtype), mask=valid)
+    tl.store(out_row + HALF + dims, second.to(dtype), mask=valid)
+
+
+@triton.jit
+def silu_mul_kernel(G, U, OUT, stride_g, stride_u, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < n_cols
+    gate = tl.load(G + row * stride_g + cols, mask=valid, other=0.0).to(tl.float32)
+    up = tl.load(U + row * stride_u + cols, mask=valid, other=0.0).to(tl.float32)
+    dtype = OUT.dtype.element_ty
+    activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(OUT + row * stride_o + cols, (activated * up).to(dtype), mask=valid)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., n) as (rows, n) with a contiguous last dimension (a view where strides allow)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return x.reshape(-1, x.shape[-1])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, scale_in_fp32: bool) -> torch.Tensor:
+    out_dtype = x.dtype if scale_in_fp32 else torch.promote_types(weight.dtype, x.dtype)
+    rows = _rows(x)
+    out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    rms_norm_kernel[(rows.shape[0],)](
+        rows, weight, out, rows.stride(0), out.stride(0), rows.shape[1], eps, weight_offset,
+        SCALE_IN_FP32=scale_in_fp32, BLOCK=triton.next_power_of_2(rows.shape[1]),
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, head_dim = x.shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    cos, sin = cos.expand(batch, tokens, head_dim), sin.expand(batch, tokens, head_dim)
+    if cos.stride(-1) != 1 or cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    out = torch.empty_like(x)  # keeps x's layout, as the unfused arithmetic does
+    half = head_dim // 2
+    rotary_kernel[(batch * tokens, heads)](
+        x, cos, sin, out, *x.stride()[:3], *out.stride()[:3], cos.stride(0), cos.stride(1), tokens,
+        HALF=half, BLOCK=triton.next_power_of_2(half),
+    )  # fmt: skip
+    return out
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate_rows, up_rows = _rows(gate), _rows(up)
+    out = torch.empty(gate_rows.shape, dtype=gate.dtype, device=gate.device)
+    grid = (gate_rows.shape[0], triton.cdiv(gate_rows.shape[1], SILU_BLOCK))
+    silu_mul_kernel[grid](
+        gate_rows, up_rows, out, gate_rows.stride(0), up_rows.stride(0), out.stride(0), gate_rows.shape[1],
+        BLOCK=SILU_BLOCK,
+    )  # fmt: skip
+    return out.view(gate.shape)
