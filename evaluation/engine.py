@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import copy
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import DynamicCache
 
+from adakv.fusion import model_fusions
 from adakv.pipeline import answer_from_cache, encode_prompt_parts, prefill_context, split_prompt
 from adakv.presses import BasePress, PrefillContext, RecordingPress
 from adakv.presses.base import BackendFallbackWarning, WholePrefill
@@ -58,26 +58,30 @@ def prefill(model, context_ids: torch.Tensor) -> DynamicCache:
     return cache
 
 
-def active(press: BasePress | None, model, cuda_graphs: bool | str = False):
-    """`press(model)`, or a no-op context when there is no press. With `cuda_graphs` the answers decode from
-    CUDA graphs when the press allows it (backend evict, no per-step hook), eagerly otherwise."""
+def active(press: BasePress | None, model, cuda_graphs: bool | str = False, fused: bool = False):
+    """`press(model)`, or the model as it is when there is no press. With `cuda_graphs` the answers decode
+    from CUDA graphs when the press allows it (backend evict, no per-step hook), eagerly otherwise. With
+    `fused` every forward in the block joins q/k/v and gate/up and fuses the element-wise work
+    (adakv/fusion), with or without a press."""
+    fusions = dict(join_projections=fused, fuse_elementwise=fused)
     if press is None:
-        return nullcontext()
+        return model_fusions(model, **fusions)
     if cuda_graphs:
         with warnings.catch_warnings():  # the block itself warns once about a backend fallback
             warnings.simplefilter("ignore", BackendFallbackWarning)
             backend = press.backend_for(model.config)
         if press.graph_decoding_refusal(backend) is None:
-            return press(model, cuda_graphs=cuda_graphs)
-    return press(model)
+            return press(model, cuda_graphs=cuda_graphs, **fusions)
+    return press(model, **fusions)
 
 
 def naive_answer(
-    model, tokenizer, press, context_ids, question_ids, max_new_tokens: int, cuda_graphs: bool | str = False
+    model, tokenizer, press, context_ids, question_ids, max_new_tokens: int, cuda_graphs: bool | str = False,
+    fused: bool = False,
 ) -> tuple[str, DynamicCache]:
     """Prefill with `press` active (None: dense) and answer."""
     attach_tokenizer(press, tokenizer)
-    with active(press, model, cuda_graphs):
+    with active(press, model, cuda_graphs, fused):
         cache = prefill(model, context_ids)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache
 
@@ -109,10 +113,11 @@ def compressed_cache(dense: DensePrefill, press: BasePress | None) -> DynamicCac
 
 
 def fast_answer(
-    model, tokenizer, dense: DensePrefill, press, question_ids, max_new_tokens: int, cuda_graphs: bool | str = False
+    model, tokenizer, dense: DensePrefill, press, question_ids, max_new_tokens: int, cuda_graphs: bool | str = False,
+    fused: bool = False,
 ) -> tuple[str, DynamicCache]:
     """Answer from `dense` compressed by `press` (None: dense), without a new prefill."""
     attach_tokenizer(press, tokenizer)
-    with active(press, model, cuda_graphs):
+    with active(press, model, cuda_graphs, fused):
         cache = compressed_cache(dense, press)
         return answer_from_cache(model, tokenizer, cache, question_ids, max_new_tokens), cache

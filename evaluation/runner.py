@@ -46,6 +46,8 @@ class SweepConfig:
     check_naive: int = 3
     # decode the answers from CUDA graphs where the press allows it (evict backend); "emulate": CPU tests
     cuda_graphs: bool | str = False
+    # join q/k/v and gate/up and fuse norms, rotary and SiLU gates in every answer's forwards (CUDA only)
+    fused_decode: bool = False
 
     EXECUTION_FIELDS = ("device", "fast_path", "check_naive")
 
@@ -67,6 +69,8 @@ class SweepConfig:
             raise ValueError(f"cuda_graphs must be False, True or 'emulate', got {self.cuda_graphs!r}.")
         if self.cuda_graphs is True and not str(self.device).startswith("cuda"):
             raise ValueError(f"cuda_graphs needs a CUDA device, got device {self.device!r}.")
+        if self.fused_decode is not False and (self.fused_decode is not True or not str(self.device).startswith("cuda")):
+            raise ValueError(f"fused_decode must be a bool and needs a CUDA device, got {self.fused_decode!r} on {self.device!r}.")
 
     def settings(self) -> list[tuple[str, float]]:
         """(press, ratio) pairs; "none" runs once, at ratio 0."""
@@ -207,12 +211,12 @@ def run_sample(model, tokenizer, config: SweepConfig, sample, todo, timing: Timi
         press = registry.build_press(press_name, ratio, config.backend)
         if dense is not None:
             (answer, _), seconds = _timed(engine.fast_answer, model, tokenizer, dense, press, question_ids,
-                                          sample.max_new_tokens, config.cuda_graphs)
+                                          sample.max_new_tokens, config.cuda_graphs, config.fused_decode)
             if timing.warm:
                 timing.fast.append(seconds)
             if timing.checked < config.check_naive and timing.warm:
                 (naive, _), naive_seconds = _timed(engine.naive_answer, model, tokenizer, press, context_ids,
-                                                   question_ids, sample.max_new_tokens, config.cuda_graphs)
+                                                   question_ids, sample.max_new_tokens, config.cuda_graphs, config.fused_decode)
                 timing.naive.append(naive_seconds)
                 timing.fast_checked.append(seconds)
                 timing.checked += 1
@@ -221,7 +225,7 @@ def run_sample(model, tokenizer, config: SweepConfig, sample, todo, timing: Timi
                                               "ratio": ratio, "fast": answer, "naive": naive})
         else:
             (answer, _), seconds = _timed(engine.naive_answer, model, tokenizer, press, context_ids, question_ids,
-                                          sample.max_new_tokens, config.cuda_graphs)
+                                          sample.max_new_tokens, config.cuda_graphs, config.fused_decode)
         rows.append({
             "task": sample.task, "context_length": sample.metadata["context_length"], "sample": sample.index,
             "press": press_name, "ratio": ratio, "score": string_match(answer, sample.answers),

@@ -268,6 +268,15 @@ def _tensor_parallel_on_rank(rank: int, model_path: str, family: str) -> dict:
     results = generate_with_presses(model.eval(), random_ids(1, SEQ).to(model.device), names)
     held = {kept.shape[1] for _, layers in results.values() for kept in layers.values()}
     assert held == {heads_per_rank}, f"expected {heads_per_rank} KV heads per rank, got {held}"
+    # fused norms, rotary and SiLU gates work on each rank's shards: the same tokens as unfused
+    from adakv.fusion.elementwise import REFERENCE_KERNELS, fused_elementwise
+
+    kernels = None if model.device.type == "cuda" else REFERENCE_KERNELS  # Triton on GPUs
+    with fused_elementwise(model, kernels) as fused:
+        fused_results = generate_with_presses(model, random_ids(1, SEQ).to(model.device), ["adaptive_snapkv_all_gather"])
+    assert fused.norms > 0 and fused.rotary_modules
+    for key, (tokens, _) in fused_results.items():
+        assert tokens == results[key][0], f"{key}: fused elementwise kernels changed the tokens under tensor parallelism"
     return results
 
 

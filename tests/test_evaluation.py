@@ -202,6 +202,8 @@ def test_graph_decoded_answers_equal_eager_answers(model, tokenizer, tmp_path):
         run_sweep(small_config(cuda_graphs=True), str(tmp_path / "cpu"), model=model, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="cuda_graphs must be"):
         run_sweep(small_config(cuda_graphs="yes"), str(tmp_path / "bad"), model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="fused_decode must be a bool and needs a CUDA device, got True on 'cpu'"):
+        run_sweep(small_config(fused_decode=True), str(tmp_path / "fused"), model=model, tokenizer=tokenizer)
 
 
 def test_graphs_are_used_only_where_the_press_evicts(model, tokenizer, haystack):

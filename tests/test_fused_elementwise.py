@@ -169,6 +169,14 @@ def test_a_wrapped_norm_is_refused_and_nothing_is_replaced():
     assert all("forward" not in module.__dict__ for module in model.modules())
 
 
+def test_a_forward_that_records_gradients_is_refused():
+    model = tiny_model("llama")
+    with fused_elementwise(model, REFERENCE_KERNELS), pytest.raises(RuntimeError, match="torch.no_grad"):
+        model(random_ids(1, 9))
+    with torch.no_grad(), fused_elementwise(model, REFERENCE_KERNELS):
+        model(random_ids(1, 9))  # the same forward without gradients runs
+
+
 # ----- GPU: the Triton kernels ----------------------------------------------------------------------------
 def triton_kernels():
     from adakv.fusion.elementwise import triton_kernels as make

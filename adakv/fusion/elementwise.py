@@ -90,6 +90,7 @@ def _norm_forward(norm: nn.Module, style: tuple[float, bool], kernels: Elementwi
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         if not _runs_here(kernels, hidden_states):
             return original(norm, hidden_states)
+        _check_no_gradients(hidden_states, norm.weight)
         return kernels.rms_norm(hidden_states, norm.weight, eps, weight_offset, scale_in_fp32)
 
     return forward
@@ -107,13 +108,24 @@ def _mlp_forward(mlp: nn.Module, kernels: ElementwiseKernels):
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not _runs_here(kernels, x):
             return original(mlp, x)
-        return mlp.down_proj(kernels.silu_mul(*_gate_and_up(mlp, x)))
+        gate, up = _gate_and_up(mlp, x)
+        _check_no_gradients(gate, up)
+        return mlp.down_proj(kernels.silu_mul(gate, up))
 
     return forward
 
 
 def _runs_here(kernels: ElementwiseKernels, tensor: torch.Tensor) -> bool:
     return kernels.device_type is None or tensor.device.type == kernels.device_type
+
+
+def _check_no_gradients(*tensors: torch.Tensor) -> None:
+    """The fused kernels have no backward: refuse a forward that records gradients instead of cutting them."""
+    if torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors):
+        raise RuntimeError(
+            "fuse_elementwise runs kernels without gradients; run the model under torch.no_grad() or "
+            "torch.inference_mode() (generate and the pipeline do), or use fuse_elementwise=False when training."
+        )
 
 
 def _is_silu(activation: nn.Module | None) -> bool:
@@ -163,6 +175,7 @@ def _fused_rotary(original: Callable, kernels: ElementwiseKernels) -> Callable:
         unsqueeze_dim = args[0] if args else kwargs.get("unsqueeze_dim", 1)
         if len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or not _rotary_fusable(q, k, cos, sin, unsqueeze_dim, kernels):
             return original(q, k, cos, sin, *args, **kwargs)
+        _check_no_gradients(q, k)
         return kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
 
     return apply_rotary_pos_emb
