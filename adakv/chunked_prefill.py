@@ -50,8 +50,8 @@ from adakv.cache import ADAKV_ATTENTION_PREFIX, MaskedLayer
 from adakv.flat.layer import FlatHeadwiseLayer
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress, _set_attention_implementation
-from adakv.presses.key_rerotation import KeyRerotationPress
-from adakv.presses.observed_attention import ObservedAttentionPress
+from adakv.presses.wrappers.key_rerotation import KeyRerotationPress
+from adakv.presses.scorers.observed_attention import ObservedAttentionPress
 
 
 def prefill_in_chunks(

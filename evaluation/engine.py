@@ -28,7 +28,7 @@ from adakv.fusion import model_fusions
 from adakv.pipeline import answer_from_cache, encode_prompt_parts, prefill_context, split_prompt
 from adakv.presses import BasePress, PrefillContext, RecordingPress
 from adakv.presses.base import BackendFallbackWarning, WholePrefill
-from adakv.presses.kvzip import attach_tokenizer
+from adakv.presses.scorers.kvzip import attach_tokenizer
 
 
 @dataclass

@@ -30,7 +30,7 @@ from adakv.chunked_prefill import check_input_ids, prefill_in_chunks
 from adakv.fusion import model_fusions
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
-from adakv.presses.kvzip import attach_tokenizer
+from adakv.presses.scorers.kvzip import attach_tokenizer
 
 TASK = "kv-press-text-generation"
 QUESTION_SEPARATOR = "\n\n"  # between the context and the question inside the prompt

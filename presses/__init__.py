@@ -1,36 +1,36 @@
 """All presses. One press per file; see each file's docstring for its paper."""
 
-from .adaptive import AdaptivePress
+from .wrappers.adaptive import AdaptivePress
 from .base import BasePress, PrefillContext, WrapperPress
-from .block import BlockPress
-from .chunk import ChunkPress
-from .chunkkv import ChunkKVPress
-from .composed import ComposedPress
-from .criticalkv import CriticalKVPress
-from .decoding import DecodingPress
-from .cur import CURPress
-from .duo_attention import DuoAttentionPress
-from .expected_attention import ExpectedAttentionPress
-from .finch import FinchPress
-from .headkv import HeadKVPress
-from .key_rerotation import KeyRerotationPress
-from .keydiff import KeyDiffPress
-from .knorm import KnormPress
-from .lagkv import LagKVPress
-from .merge import MergePress
-from .kvzip import KVzipPress
-from .observed_attention import ObservedAttentionPress
-from .per_layer import PerLayerCompressionPress
-from .prefill_decoding import PrefillDecodingPress
-from .pyramidkv import PyramidKVPress
-from .random_press import RandomPress
+from .wrappers.block import BlockPress
+from .wrappers.chunk import ChunkPress
+from .wrappers.chunkkv import ChunkKVPress
+from .wrappers.composed import ComposedPress
+from .wrappers.criticalkv import CriticalKVPress
+from .decoding.decoding import DecodingPress
+from .scorers.cur import CURPress
+from .scorers.duo_attention import DuoAttentionPress
+from .scorers.expected_attention import ExpectedAttentionPress
+from .scorers.finch import FinchPress
+from .wrappers.headkv import HeadKVPress
+from .wrappers.key_rerotation import KeyRerotationPress
+from .scorers.keydiff import KeyDiffPress
+from .scorers.knorm import KnormPress
+from .scorers.lagkv import LagKVPress
+from .wrappers.merge import MergePress
+from .scorers.kvzip import KVzipPress
+from .scorers.observed_attention import ObservedAttentionPress
+from .wrappers.per_layer import PerLayerCompressionPress
+from .decoding.prefill_decoding import PrefillDecodingPress
+from .scorers.pyramidkv import PyramidKVPress
+from .scorers.random_press import RandomPress
 from .recording import RecordingPress
 from .scorer import ScorerPress
-from .simlayerkv import SimLayerKVPress
-from .snapkv import SnapKVPress
-from .streaming_llm import StreamingLLMPress
-from .think import ThinKPress
-from .tova import TOVAPress
+from .scorers.simlayerkv import SimLayerKVPress
+from .scorers.snapkv import SnapKVPress
+from .scorers.streaming_llm import StreamingLLMPress
+from .wrappers.think import ThinKPress
+from .scorers.tova import TOVAPress
 
 __all__ = [
     "AdaptivePress",

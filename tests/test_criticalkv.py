@@ -8,7 +8,7 @@ from conftest import random_ids, tiny_model
 from transformers import DynamicCache
 
 from adakv import AdaptivePress, SnapKVPress, kept_token_counts
-from adakv.presses.criticalkv import CriticalKVPress, projected_value_norms
+from adakv.presses.wrappers.criticalkv import CriticalKVPress, projected_value_norms
 
 
 def compress_once(model, press, ids):

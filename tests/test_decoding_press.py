@@ -22,7 +22,7 @@ from adakv import (
 )
 from adakv.cache import MaskedLayer, compressed_layers
 from adakv.flat.layer import DEFAULT_MIN_SLACK, FlatHeadwiseLayer
-from adakv.presses.decoding import RecentInputs
+from adakv.presses.decoding.decoding import RecentInputs
 
 
 # --- the cache methods -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from adakv import presses as P
 from adakv import kept_token_counts, rollback
 from adakv.cache import MaskedLayer, compressed_layers
 from adakv.flat.layer import FlatHeadwiseLayer
-from adakv.presses.criticalkv import CriticalKVPress
+from adakv.presses.wrappers.criticalkv import CriticalKVPress
 
 PRESSES = {
     "snapkv": lambda backend: P.SnapKVPress(0.5, window_size=8, backend=backend),

@@ -13,7 +13,7 @@ from adakv import AdaptivePress, ChunkPress, KVzipPress, kept_token_counts, pref
 from adakv.cache import compressed_layers
 from adakv.evaluation import engine, registry
 from adakv.models import attention_modules, is_full_attention_layer
-from adakv.presses.kvzip import reconstruction_scores
+from adakv.presses.scorers.kvzip import reconstruction_scores
 
 SEQ = 40
 PROMPT = (5, 9, 17, 33)

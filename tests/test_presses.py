@@ -36,9 +36,9 @@ from adakv import CriticalKVPress, DecodingPress, RecordingPress
 from adakv import CURPress, DuoAttentionPress, FinchPress, HeadKVPress, MergePress, ThinKPress
 from adakv.cache import compressed_layers
 from adakv.models import attention_modules, is_full_attention_layer, pre_rope_queries, rope_cos_sin
-from adakv.presses.expected_attention import future_rope
-from adakv.presses.pyramidkv import pyramid_keep_fraction
-from adakv.presses.snapkv import mean_window_attention
+from adakv.presses.scorers.expected_attention import future_rope
+from adakv.presses.scorers.pyramidkv import pyramid_keep_fraction
+from adakv.presses.scorers.snapkv import mean_window_attention
 
 from conftest import COMMON, random_ids, tiny_model
 

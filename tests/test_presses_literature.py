@@ -19,11 +19,11 @@ from adakv import (
     StreamingLLMPress,
     ThinKPress,
 )
-from adakv.presses.cur import leverage_scores
-from adakv.presses.duo_attention import count_streaming_heads
-from adakv.presses.merge import merge_evicted_values
+from adakv.presses.scorers.cur import leverage_scores
+from adakv.presses.scorers.duo_attention import count_streaming_heads
+from adakv.presses.wrappers.merge import merge_evicted_values
 from adakv.models import queries
-from adakv.presses.snapkv import mean_window_attention
+from adakv.presses.scorers.snapkv import mean_window_attention
 from adakv.selection import kept_count
 
 from conftest import random_ids

@@ -11,8 +11,8 @@ import torch
 from adakv.cache import checkpoint, restore
 from adakv.models import cache_argument_name, queries
 
-from .base import BasePress, PrefillContext, WholePrefill
-from .scorer import ScorerPress
+from ..base import BasePress, PrefillContext, WholePrefill
+from ..scorer import ScorerPress
 from .snapkv import float32_scores
 
 DEFAULT_REPEAT_PROMPT = "\n\nRepeat the previous context:"  # the paper's prompt

@@ -8,9 +8,9 @@ from typing import ClassVar
 
 import torch
 
-from .base import PrefillContext, WrapperPress, check_integer_fields
+from ..base import PrefillContext, WrapperPress, check_integer_fields
 from .composed import check_not_rerotation
-from .snapkv import mean_window_attention
+from ..scorers.snapkv import mean_window_attention
 
 
 def merge_targets(keep: torch.Tensor, evicted: torch.Tensor, merge_window: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from adakv.models import queries
 
-from .base import PrefillContext
-from .scorer import ScorerPress
+from ..base import PrefillContext
+from ..scorer import ScorerPress
 
 
 def float32_scores(queries: torch.Tensor, keys_transposed: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from adakv.selection import kept_count, ranks_of_order
 
 from .adaptive import check_scoring_press
-from .base import PrefillContext, WrapperPress, check_integer_fields
+from ..base import PrefillContext, WrapperPress, check_integer_fields
 
 
 def chunk_mean_scores(

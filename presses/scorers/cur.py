@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PrefillContext, check_integer_fields
-from .scorer import ScorerPress
+from ..base import PrefillContext, check_integer_fields
+from ..scorer import ScorerPress
 
 LEVERAGE_SOURCES = ("keys", "values", "keys_and_values")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import PrefillContext
+from ..base import PrefillContext
 from .snapkv import SnapKVPress
 
 

@@ -11,7 +11,7 @@ import torch
 
 from adakv.models import rope_cos_sin, rotate, unrotate
 
-from .base import PrefillContext, WholePrefill, WrapperPress
+from ..base import PrefillContext, WholePrefill, WrapperPress
 
 
 def rerotate_kept_keys(context: PrefillContext, keep: torch.Tensor) -> None:

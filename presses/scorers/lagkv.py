@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PrefillContext, check_integer_fields
-from .scorer import ScorerPress
+from ..base import PrefillContext, check_integer_fields
+from ..scorer import ScorerPress
 from .streaming_llm import first_available
 
 _SINK_SCORE = 4.0  # above the recent window (2 + recency < 3) and every partition score (<= 2)

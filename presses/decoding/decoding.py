@@ -14,9 +14,9 @@ from adakv.cache import MaskedLayer, make_compressed_layer
 from adakv.flat.layer import FlatHeadwiseLayer
 from adakv.selection import adaptive_budget_keep_mask, top_k_keep_mask
 
-from .adaptive import AdaptivePress, check_scoring_press
-from .base import BasePress, PrefillContext, check_integer_fields, real_token_mask
-from .observed_attention import ObservedAttentionPress
+from ..wrappers.adaptive import AdaptivePress, check_scoring_press
+from ..base import BasePress, PrefillContext, check_integer_fields, real_token_mask
+from ..scorers.observed_attention import ObservedAttentionPress
 
 QUERY_WINDOW_FIELDS = ("window_size", "n_recent", "n_last")  # how presses name the recent queries they read
 

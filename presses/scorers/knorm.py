@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PrefillContext
-from .scorer import ScorerPress
+from ..base import PrefillContext
+from ..scorer import ScorerPress
 
 
 @dataclass

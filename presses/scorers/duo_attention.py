@@ -9,8 +9,8 @@ import torch
 
 from adakv.selection import adaptive_keep_mask, kept_count
 
-from .base import PrefillContext, check_integer_fields
-from .scorer import ScorerPress
+from ..base import PrefillContext, check_integer_fields
+from ..scorer import ScorerPress
 from .snapkv import mean_window_attention
 from .streaming_llm import first_available
 

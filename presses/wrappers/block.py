@@ -11,7 +11,7 @@ import torch
 from adakv.selection import kept_count, top_k_keep_mask
 
 from .adaptive import check_scoring_press
-from .base import PrefillContext, WrapperPress, check_integer_fields
+from ..base import PrefillContext, WrapperPress, check_integer_fields
 
 
 def gather_along(tensor: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,8 @@ import torch
 
 from adakv.selection import kept_count, top_k_keep_mask
 
-from .base import PrefillContext, check_integer_fields
-from .scorer import ScorerPress
+from ..base import PrefillContext, check_integer_fields
+from ..scorer import ScorerPress
 from .snapkv import mean_window_attention
 
 

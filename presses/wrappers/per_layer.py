@@ -9,7 +9,7 @@ import torch
 from adakv.selection import uniform_keep_mask
 
 from .adaptive import check_scoring_press
-from .base import BasePress, PrefillContext, check_compression_ratio
+from ..base import BasePress, PrefillContext, check_compression_ratio
 
 
 @dataclass

@@ -9,8 +9,8 @@ import torch
 
 from adakv.models import pre_rope_queries, rope_cos_sin, rotate
 
-from .base import PrefillContext
-from .scorer import ScorerPress
+from ..base import PrefillContext
+from ..scorer import ScorerPress
 from .streaming_llm import first_available
 
 

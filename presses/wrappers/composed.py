@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import BasePress, PrefillContext, WholePrefill, check_is_press
+from ..base import BasePress, PrefillContext, WholePrefill, check_is_press
 from .key_rerotation import KeyRerotationPress
 
 

@@ -10,7 +10,7 @@ import torch
 from adakv.distributed import check_exchange, distributed_adaptive_keep_mask, tensor_parallel_group
 from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count
 
-from .base import PrefillContext, WholePrefill, WrapperPress, check_fraction_fields, check_is_press
+from ..base import PrefillContext, WholePrefill, WrapperPress, check_fraction_fields, check_is_press
 
 SCOPES = ("layer", "model")
 

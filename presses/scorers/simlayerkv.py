@@ -9,8 +9,8 @@ import torch
 
 from adakv.selection import uniform_keep_mask
 
-from .base import PrefillContext, check_fraction_fields, check_integer_fields
-from .scorer import ScorerPress
+from ..base import PrefillContext, check_fraction_fields, check_integer_fields
+from ..scorer import ScorerPress
 from .snapkv import mean_window_attention
 from .streaming_llm import sink_and_recency_scores
 

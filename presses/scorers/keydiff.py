@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .base import PrefillContext
-from .scorer import ScorerPress
+from ..base import PrefillContext
+from ..scorer import ScorerPress
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 
 from adakv.models import queries
 
-from .base import PrefillContext, WrapperPress, check_compression_ratio, check_integer_fields
+from ..base import PrefillContext, WrapperPress, check_compression_ratio, check_integer_fields
 from .composed import check_not_rerotation
 
 

@@ -11,8 +11,8 @@ from adakv.distributed import weight_for_local_heads
 from adakv.selection import descending_rank, kept_count
 
 from .adaptive import check_scoring_press
-from .base import PrefillContext, WrapperPress, check_fraction_fields
-from .scorer import uniform_compress
+from ..base import PrefillContext, WrapperPress, check_fraction_fields
+from ..scorer import uniform_compress
 
 # Adds to the scores of the first stage's picks so any later top-k takes them first.
 _FIRST_STAGE_BONUS = 1e9

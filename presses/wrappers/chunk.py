@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import PrefillContext, WrapperPress
+from ..base import PrefillContext, WrapperPress
 from .composed import check_not_rerotation
 
 

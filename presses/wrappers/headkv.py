@@ -10,8 +10,8 @@ import torch
 from adakv.selection import adaptive_keep_mask, descending_rank, kept_count
 
 from .adaptive import check_scoring_press
-from .base import PrefillContext, WrapperPress, check_fraction_fields, check_integer_fields
-from .duo_attention import local_attention_share
+from ..base import PrefillContext, WrapperPress, check_fraction_fields, check_integer_fields
+from ..scorers.duo_attention import local_attention_share
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BasePress, PrefillContext, check_is_press
+from ..base import BasePress, PrefillContext, check_is_press
 from .decoding import DecodingPress
 
 
