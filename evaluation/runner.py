@@ -188,9 +188,18 @@ class Timing:
         }
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _timed(function, *args):
+    """(result, seconds). On CUDA the device is synchronised at both ends, so that work queued by one timed
+    call (a prefill's kernels) is not counted in the next one."""
+    _synchronize()
     start = time.perf_counter()
     result = function(*args)
+    _synchronize()
     return result, time.perf_counter() - start
 
 
