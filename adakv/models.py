@@ -137,6 +137,11 @@ def queries(module: nn.Module, hidden_states: torch.Tensor, position_embeddings)
     return apply_rope(pre_rope_queries(module, hidden_states), cos, sin)
 
 
+def forward_is_replaced(module: nn.Module) -> bool:
+    """True when something already swapped `module`'s forward (an accelerate offload hook, another wrapper)."""
+    return "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None
+
+
 CACHE_KEYWORDS = ("cache", "past_key_values")  # transformers renamed `past_key_values` to `cache`
 
 

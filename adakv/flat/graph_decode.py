@@ -15,8 +15,8 @@ batch reordered, a new cache), it re-lays out with more slack and captures again
 
 Decoding stays eager (with one warning saying why) when a cache layer is not flat: a layer a press left
 uncompressed (ratio 0) or a sliding-window layer (backend "mask" is refused when the block opens). Other
-forwards (prefill, questions, output_attentions) always run eagerly. The first graphable step runs eagerly on a side stream as the
-warm-up that capturing needs.
+forwards (prefill, questions, output_attentions) always run eagerly. The first graphable step runs eagerly
+on a side stream as the warm-up that capturing needs.
 
 `EmulatedGraph` runs the same runner on CPU for tests: "capture" runs the step once and undoes its
 device effects, "replay" re-runs it with every host counter frozen at its capture-time value, as a real

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from adakv.fusion import elementwise_reference
-from adakv.models import attention_modules
+from adakv.models import attention_modules, forward_is_replaced
 
 # RMSNorm classes of the supported families: (weight offset, scale in fp32). Llama style rounds the
 # normalised row to the input dtype before the weight; Gemma style scales by (1 + weight) in fp32.
@@ -85,11 +85,8 @@ class FusedElementwise:
 def _norm_forward(norm: nn.Module, style: tuple[float, bool], kernels: ElementwiseKernels):
     eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
     weight_offset, scale_in_fp32 = style
-    original = type(norm).forward
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        if not _runs_here(kernels, hidden_states):
-            return original(norm, hidden_states)
         _check_no_gradients(hidden_states, norm.weight)
         return kernels.rms_norm(hidden_states, norm.weight, eps, weight_offset, scale_in_fp32)
 
@@ -103,11 +100,7 @@ def _gate_and_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def _mlp_forward(mlp: nn.Module, kernels: ElementwiseKernels):
-    original = type(mlp).forward
-
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if not _runs_here(kernels, x):
-            return original(mlp, x)
         gate, up = _gate_and_up(mlp, x)
         _check_no_gradients(gate, up)
         return mlp.down_proj(kernels.silu_mul(gate, up))
@@ -133,7 +126,7 @@ def _is_silu(activation: nn.Module | None) -> bool:
 
 
 def _check_not_wrapped(module: nn.Module, where: str) -> None:
-    if "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None:
+    if forward_is_replaced(module):
         raise ValueError(
             f"fuse_elementwise: {where} already has its forward replaced (an accelerate offload hook or another "
             "wrapper). Use fuse_elementwise=False with this model."

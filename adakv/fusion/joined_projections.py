@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adakv.models import attention_modules
+from adakv.models import attention_modules, forward_is_replaced
 
 # (parent module attribute of a decoder layer, sibling nn.Linear names sharing one input)
 SIBLING_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -76,7 +76,7 @@ def _check_joinable(linears: list[nn.Linear], where: str) -> None:
             problem = f"is a {type(linear).__name__}, not a plain nn.Linear (quantized or wrapped layers cannot be joined)"
         elif type(weight) is not nn.Parameter or type(weight.data) is not torch.Tensor:
             problem = "holds a tensor subclass (a tensor-parallel DTensor, a quantized tensor)"
-        elif "forward" in linear.__dict__ or getattr(linear, "_hf_hook", None) is not None:
+        elif forward_is_replaced(linear):
             problem = "already has its forward replaced (an accelerate offload hook or another wrapper)"
         elif (weight.shape[1], weight.dtype, weight.device) != (first.weight.shape[1], first.weight.dtype, first.weight.device):
             problem = "differs from its siblings in input size, dtype or device"
