@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -29,7 +29,9 @@ DEFAULT_MODEL = "smollm2"
 @dataclass
 class SweepConfig:
     """What a sweep computes. Fields in `EXECUTION_FIELDS` change how, not what, and may differ on
-    resume; so may `samples`, since sample i is the same whatever the count (a resume can add samples)."""
+    resume. Fields in `EXTENDABLE_FIELDS` may differ too: a row depends on its own sample, press and ratio
+    only, so a later run into the same folder can add samples, presses or ratios (the folder's config
+    then lists everything it holds)."""
 
     model: str = DEFAULT_MODEL
     tasks: list[str] = field(default_factory=lambda: list(tasks.DEFAULT_TASKS))
@@ -50,6 +52,7 @@ class SweepConfig:
     fused_decode: bool = False
 
     EXECUTION_FIELDS = ("device", "fast_path", "check_naive")
+    EXTENDABLE_FIELDS = ("samples", "presses", "ratios")
 
     def validate(self) -> None:
         tasks.check_task_names(self.tasks)
@@ -78,7 +81,13 @@ class SweepConfig:
                 for press in self.presses for ratio in (self.ratios if press != registry.NO_PRESS else [0.0])]
 
     def identity(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in (*self.EXECUTION_FIELDS, "samples")}
+        return {k: v for k, v in asdict(self).items() if k not in (*self.EXECUTION_FIELDS, *self.EXTENDABLE_FIELDS)}
+
+    def extended_by(self, other: "SweepConfig") -> "SweepConfig":
+        """This folder's config grown by a later run's samples, presses and ratios (identity unchanged)."""
+        presses = self.presses + [press for press in other.presses if press not in self.presses]
+        ratios = sorted(set(self.ratios) | set(other.ratios))
+        return replace(other, samples=max(self.samples, other.samples), presses=presses, ratios=ratios)
 
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -115,24 +124,24 @@ def check_context_fits(model, context_lengths) -> None:
 
 
 def prepare_run_folder(out: str, config: SweepConfig) -> None:
-    """Create the folder and config.json, or check that an existing one was written by this config."""
+    """Create the folder and config.json, or check that an existing one was written by a config of the
+    same identity (then config.json lists the union of both runs' samples, presses and ratios)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "config.json")
+    folder_config = config
     if os.path.exists(path):
         with open(path) as handle:
-            previous = json.load(handle)
-        # a field added after the folder was written counts as its default there
-        previous_identity = {**SweepConfig().identity(), **previous}
-        previous_identity = {k: v for k, v in previous_identity.items() if k not in (*SweepConfig.EXECUTION_FIELDS, "samples")}
-        differing = sorted(k for k in set(previous_identity) | set(config.identity())
-                           if previous_identity.get(k) != config.identity().get(k))
+            # a field added after the folder was written counts as its default there
+            previous = SweepConfig(**{k: v for k, v in json.load(handle).items() if k in SweepConfig.__dataclass_fields__})
+        previous_identity, identity = previous.identity(), config.identity()
+        differing = sorted(k for k in identity if previous_identity[k] != identity[k])
         if differing:
-            details = "; ".join(f"{k}: folder has {previous_identity.get(k)!r}, asked {config.identity().get(k)!r}"
-                                for k in differing)
-            raise ValueError(f"{out} holds a run with a different config ({details}). "
-                             "Use another --out folder, or the same settings to resume.")
+            details = "; ".join(f"{k}: folder has {previous_identity[k]!r}, asked {identity[k]!r}" for k in differing)
+            raise ValueError(f"{out} holds a run with a different config ({details}). Use another --out folder, "
+                             "or settings that differ only in samples, presses and ratios to resume or extend it.")
+        folder_config = previous.extended_by(config)
     with open(path, "w") as handle:
-        json.dump(asdict(config), handle, indent=2)
+        json.dump(asdict(folder_config), handle, indent=2)
 
 
 def read_results(out: str) -> pd.DataFrame:
@@ -165,7 +174,7 @@ class Timing:
         self.fast_checked: list[float] = []  # the fast path's seconds on the settings also run naively
         self.mismatches: list[dict] = []
         self.checked = 0
-        self.warm = False  # the first sample is not timed: the first forwards of a process run slower
+        self.warm = False  # the first sample of each task is not timed: first uses compile and capture
 
     def summary(self, settings_per_context: int) -> dict:
         if not (self.prefills and self.fast and self.naive):
@@ -216,14 +225,15 @@ def run_sample(model, tokenizer, config: SweepConfig, sample, todo, timing: Timi
         if timing.warm:
             timing.prefills.append(seconds)
     rows = []
-    for press_name, ratio in todo:
+    check_every = max(1, len(todo) // max(config.check_naive, 1))  # checks spread over the presses
+    for position, (press_name, ratio) in enumerate(todo):
         press = registry.build_press(press_name, ratio, config.backend)
         if dense is not None:
             (answer, _), seconds = _timed(engine.fast_answer, model, tokenizer, dense, press, question_ids,
                                           sample.max_new_tokens, config.cuda_graphs, config.fused_decode)
             if timing.warm:
                 timing.fast.append(seconds)
-            if timing.checked < config.check_naive and timing.warm:
+            if timing.checked < config.check_naive and timing.warm and position % check_every == 0:
                 (naive, _), naive_seconds = _timed(engine.naive_answer, model, tokenizer, press, context_ids,
                                                    question_ids, sample.max_new_tokens, config.cuda_graphs, config.fused_decode)
                 timing.naive.append(naive_seconds)
@@ -265,7 +275,7 @@ def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progres
         for position, (length, task, index) in enumerate(pending):
             todo = [s for s in settings if _row_key(task, length, index, *s) not in done]
             sample = tasks.generate(task, index, haystack, length, config.seed, config.query_aware)
-            timing.warm = position > 0 or len(pending) == 1
+            timing.warm = position >= min(len(config.tasks), len(pending) - 1)
             rows = run_sample(model, tokenizer, config, sample, todo, timing, device)
             _append_rows(out, rows)
             _save_timing(out, timing.summary(len(settings)))

@@ -38,6 +38,7 @@ fi
 
 echo "== benchmarks"
 "$PYTHON" benchmarks/bench_decode_kernels.py
+"$PYTHON" benchmarks/tune_decode_attention.py  # the settings behind triton_decode.decode_plan (about 2 minutes)
 # shellcheck disable=SC2086
 "$PYTHON" benchmarks/bench_evict.py ${BENCH_ARGS:---layers 8}
 # decode against the bandwidth limit, CUDA graphs vs eager vs torch.compile dense (about 9 minutes on an H200)

@@ -175,8 +175,17 @@ def test_runner_end_to_end_resume_and_refusals(model, tokenizer, tmp_path):
     grown = run_sweep(small_config(samples=2, tasks=["niah_single", "needle_grid"]), out, model=model,
                       tokenizer=tokenizer, progress=False)
     assert len(grown) == 2 * len(results) and set(grown["sample"]) == {0, 1}
-    with pytest.raises(ValueError, match="ratios"):
-        run_sweep(small_config(ratios=[0.5]), out, model=model, tokenizer=tokenizer, progress=False)
+    # presses and ratios may be added too: only the new settings run, config.json lists the union
+    extended = run_sweep(small_config(samples=1, presses=["snapkv", "streaming_llm"], ratios=[0.5, 0.6]), out,
+                         model=model, tokenizer=tokenizer, progress=False)
+    new_rows = extended.merge(grown, on=key, how="left", indicator=True).query("_merge == 'left_only'")
+    assert set(zip(new_rows.press, new_rows.ratio)) == {("snapkv", 0.6), ("streaming_llm", 0.5), ("streaming_llm", 0.6)}
+    assert len(new_rows) == 2 * 3 and len(extended) == len(grown) + 2 * 3
+    folder_config = json.load(open(os.path.join(out, "config.json")))
+    assert folder_config["presses"] == ["none", "snapkv", "adakv_snapkv", "streaming_llm"]
+    assert folder_config["ratios"] == [0.5, 0.6, 0.8] and folder_config["samples"] == 2
+    with pytest.raises(ValueError, match="seed: folder has 0, asked 1"):
+        run_sweep(small_config(seed=1), out, model=model, tokenizer=tokenizer, progress=False)
     with pytest.raises(ValueError, match="window of 1024"):
         run_sweep(small_config(context_lengths=[4096]), str(tmp_path / "long"), model=model, tokenizer=tokenizer)
     assert not os.path.exists(tmp_path / "long")

@@ -391,5 +391,22 @@ def test_dispatch_decisions(monkeypatch):
     large = CUDA_DECODE_MAX_BYTES + 1
     assert choose_implementation(fake_cuda_query(1, 32, 1, 128), 8, CUDA_DECODE_MAX_BYTES) == "cuda_decode"
     assert choose_implementation(fake_cuda_query(1, 32, 1, 128), 8, large) != "cuda_decode"
+    # inside a CUDA graph capture only GPU time counts, where the Triton kernels are faster
+    monkeypatch.setattr("adakv.flat.varlen.capturing_cuda_graph", lambda: True)
+    assert choose_implementation(fake_cuda_query(1, 32, 1, 128), 8) != "cuda_decode"
+    monkeypatch.setattr("adakv.flat.varlen.capturing_cuda_graph", lambda: False)
     monkeypatch.setenv("ADAKV_KERNELS", "reference")
     assert choose_implementation(fake_cuda_query(1, 32, 1, 128), 8) != "cuda_decode"
+
+
+@pytest.mark.parametrize(
+    "batch, rows, block_n, splits",
+    [(1, 2048, 128, 8), (1, 8192, 128, 16), (1, 32768, 128, 16), (8, 2048, 64, 4), (8, 8192, 64, 4)],
+)
+def test_decode_plan_is_the_measured_best_on_an_h200(batch, rows, block_n, splits):
+    """The fastest settings of benchmarks/results/tune_decode_attention_NVIDIA_H200.json (132 SMs, 8 KV
+    heads, GQA 4, head_dim 128, bf16); a pure function, so it runs without a GPU."""
+    sizes, num_splits = triton_decode.decode_plan(rows, batch * 8, 4, 128, torch.bfloat16, 132)
+    assert (sizes["BLOCK_N"], num_splits) == (block_n, splits)
+    wide_sizes, _ = triton_decode.decode_plan(rows, batch * 8, 4, 256, torch.bfloat16, 132)
+    assert wide_sizes["BLOCK_N"] == 32  # 512-byte rows keep small key steps

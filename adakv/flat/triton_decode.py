@@ -4,8 +4,9 @@ At decode a (batch, kv-head) sequence has one query token per query head, too li
 GPU program per sequence to keep the GPU busy. So the keys of every sequence are split into
 `num_splits` chunks, one program each (grid: sequences x splits x query-row blocks); each program
 runs an online softmax in fp32 over its chunk and writes (normalised output, log-sum-exp); a second
-small kernel merges the chunks. `num_splits` is chosen from the longest sequence and the GPU's
-multiprocessor count so that batch 1 already fills the GPU. The same kernels serve multi-token
+small kernel merges the chunks. `decode_plan` chooses `num_splits` and the key step from the longest
+sequence, the number of sequences and the GPU's multiprocessor count, so that batch 1 already fills the
+GPU (settings measured by benchmarks/tune_decode_attention.py). The same kernels serve multi-token
 appends (a question): query j of q_len sees rows < length - q_len + j + 1.
 
 Shapes: query (batch, heads, q_len, head_dim), any strides with a unit last stride; the layer's flat
@@ -28,6 +29,11 @@ MAX_HEAD_DIM = 256
 MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed cost outweighs the parallelism it adds
 MAX_SPLITS = 128
 PROGRAMS_PER_SM = 2  # target grid size: a couple of programs per multiprocessor
+# With few (batch, kv-head) sequences each program walks a long chunk: then 128-key steps and one program
+# per multiprocessor read fastest (benchmarks/results/tune_decode_attention_NVIDIA_H200.json: batch 1,
+# 8 KV heads, 8,192 rows per head 20.8 -> 18.4 us; 32,768 rows 51.1 -> 44.6 us; batch 8 keeps 64-key steps).
+FEW_SEQUENCES_PER_SM = 0.25  # "few": sequences x row blocks <= this share of the multiprocessors
+LONG_CHUNK_BLOCK_N = 128
 LOG2_E = math.log2(math.e)
 
 
@@ -54,21 +60,43 @@ def block_sizes(query_rows: int, head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes: query rows (>= 16 for tl.dot), keys per step, padded head_dim, warps, stages."""
     block_d = max(16, next_power_of_2(head_dim))
     block_m = min(64, max(16, next_power_of_2(query_rows)))
-    wide = block_d * (4 if dtype == torch.float32 else 2) > 256  # bytes per row beyond 128 bf16 values
+    wide = _wide_rows(block_d, dtype)
     block_n = 32 if wide else 64
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4, num_stages=2 if wide else 3)
+
+
+def _wide_rows(block_d: int, dtype: torch.dtype) -> bool:
+    """Rows of more than 256 bytes (beyond 128 bf16 values) need smaller key steps to fit shared memory."""
+    return block_d * (4 if dtype == torch.float32 else 2) > 256
 
 
 def next_power_of_2(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
-def choose_num_splits(max_length: int, programs_without_split: int, num_sms: int) -> int:
-    """Splits per sequence so that sequences x row blocks x splits reaches ~PROGRAMS_PER_SM per SM,
-    with at least MIN_KEYS_PER_SPLIT keys in a split of the longest sequence."""
-    wanted = math.ceil(PROGRAMS_PER_SM * num_sms / max(programs_without_split, 1))
+def choose_num_splits(
+    max_length: int, programs_without_split: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM
+) -> int:
+    """Splits per sequence so that sequences x row blocks x splits stays within ~programs_per_sm per SM
+    (whole waves: a partly filled extra wave costs as much as a full one), with at least
+    MIN_KEYS_PER_SPLIT keys in a split of the longest sequence."""
+    wanted = programs_per_sm * num_sms // max(programs_without_split, 1)
     useful = math.ceil(max_length / MIN_KEYS_PER_SPLIT)
     return max(1, min(wanted, useful, MAX_SPLITS))
+
+
+def decode_plan(
+    max_length: int, sequences: int, query_rows: int, head_dim: int, dtype: torch.dtype, num_sms: int
+) -> tuple[dict, int]:
+    """(tile sizes, num_splits) for `sequences` (batch x kv-heads) of at most max_length rows each,
+    `query_rows` query rows per sequence (GQA group x new tokens)."""
+    sizes = block_sizes(query_rows, head_dim, dtype)
+    programs = sequences * cdiv(query_rows, sizes["BLOCK_M"])
+    few_sequences = programs <= FEW_SEQUENCES_PER_SM * num_sms
+    if few_sequences and sizes["BLOCK_N"] < LONG_CHUNK_BLOCK_N and not _wide_rows(sizes["BLOCK_D"], dtype):
+        sizes = sizes | dict(BLOCK_N=LONG_CHUNK_BLOCK_N)
+    programs_per_sm = 1 if few_sequences else PROGRAMS_PER_SM
+    return sizes, choose_num_splits(max_length, programs, num_sms, programs_per_sm)
 
 
 def check_inputs(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_kv_heads: int) -> None:
@@ -165,12 +193,14 @@ def _launch(
     group = heads // num_kv_heads
     sequences = batch * num_kv_heads
     query_rows = group * query_length
-    sizes = block_sizes(query_rows, head_dim, query.dtype)
+    sizes, planned_splits = decode_plan(
+        max_length, sequences, query_rows, head_dim, query.dtype, multiprocessor_count(query.device.index)
+    )
     if tiles:
         sizes = sizes | tiles
     row_blocks = cdiv(query_rows, sizes["BLOCK_M"])
     if num_splits is None:
-        num_splits = choose_num_splits(max_length, sequences * row_blocks, multiprocessor_count(query.device.index))
+        num_splits = planned_splits
 
     # one workspace for the per-split outputs (slots, head_dim) and log2-sum-exps (slots,)
     slots = sequences * num_splits * query_rows

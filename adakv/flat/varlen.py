@@ -7,7 +7,8 @@ sees every row up to and including its own (causal within multi-token appends). 
 - CUDA, one new token (decode), fp16/bf16/fp32 with a head_dim and GQA group the kernel supports
   (`adakv.flat.kernels.decode_supported`), adakv's CUDA extension in use (ADAKV_KERNELS is not
   "reference"): `adakv.flat.kernels.cuda_decode_flat_attention` (csrc/flat_decode.cu), a split-KV kernel
-  plus a combine kernel issued by one C++ call, so a decode step costs little host time.
+  plus a combine kernel issued by one C++ call, so a decode step costs little host time. Not while a CUDA
+  graph is being captured: replays cost no host time, and the Triton kernels take less GPU time.
 - CUDA, fp16/bf16/fp32, triton importable: `adakv.flat.triton_decode` (our split-KV / flash-decoding Triton
   kernels: the keys of every sequence are split over several programs so batch 1 fills the GPU). Used
   for the decode steps the CUDA kernel does not take and for appends of up to TRITON_MAX_QUERY_LENGTH
@@ -32,7 +33,8 @@ from . import kernels, triton_decode
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 # Above this many K+V bytes per layer the Triton kernels' better memory throughput outweighs their
 # ~25-35 us larger host cost (per call on an H200: CUDA kernel 25 vs Triton 49 us at 32 MiB, 52 vs 50 us
-# at 64 MiB, 87 vs 52 us at 128 MiB; benchmarks/results/decode_kernels_NVIDIA_H200.md)
+# at 64 MiB, 87 vs 52 us at 128 MiB; benchmarks/results/decode_kernels_NVIDIA_H200.md). In GPU time alone
+# Triton is faster at every size measured (8 MiB: 11 vs 20 us; tune_decode_attention_NVIDIA_H200.json).
 CUDA_DECODE_MAX_BYTES = 48 * 2**20
 TRITON_MAX_QUERY_LENGTH = 512  # longer appends prefer FlashAttention's varlen kernels when available
 
@@ -109,15 +111,22 @@ def available_gpu_path() -> str:
     return "triton" if triton_decode.triton_available() else available_varlen_path()
 
 
+def capturing_cuda_graph() -> bool:
+    """Whether the current CUDA stream is being captured into a graph (False on machines without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def choose_implementation(query: torch.Tensor, num_kv_heads: int | None = None, cache_bytes: int = 0) -> str:
     """The fastest path available for this query (see the module docstring). num_kv_heads: the layer's KV
     heads, which set the GQA group; without it the CUDA decode kernel is not considered. cache_bytes: the
-    K+V bytes the step reads; the CUDA decode kernel is chosen up to CUDA_DECODE_MAX_BYTES."""
+    K+V bytes the step reads; the CUDA decode kernel is chosen up to CUDA_DECODE_MAX_BYTES, and never
+    during a CUDA graph capture (it saves host time only, which a graph replay does not spend)."""
     if not query.is_cuda:
         return "reference"
     if (
         num_kv_heads is not None
         and cache_bytes <= CUDA_DECODE_MAX_BYTES
+        and not capturing_cuda_graph()
         and query.shape[-2] == 1
         and kernels.decode_supported(query.dtype, query.shape[-1], query.shape[1] // num_kv_heads)
         and cuda_decode_usable()
