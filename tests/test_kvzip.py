@@ -58,6 +58,17 @@ def test_scores_are_the_reconstruction_attention(family):
         torch.testing.assert_close(scores[index], expected[index], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("block_rows, chunk_size", [(3, 13), (5, 3), (1, 64)])
+def test_scoring_in_small_query_blocks_is_the_reconstruction_attention(monkeypatch, block_rows, chunk_size):
+    """Blocks of queries that end inside the causal triangle, chunks shorter than the repeat prompt."""
+    monkeypatch.setattr("adakv.presses.scorers.kvzip.SCORING_BLOCK_ROWS", block_rows)
+    ids = random_ids(1, SEQ)
+    scores, _ = scores_of(tiny_model("llama"), ids, chunk_size=chunk_size)
+    expected = brute_force_scores("llama", ids)
+    for index in scores:
+        torch.testing.assert_close(scores[index], expected[index], rtol=1e-4, atol=1e-6)
+
+
 def test_chunked_reconstruction_equals_one_chunk():
     model, ids = tiny_model("qwen3"), random_ids(2, SEQ, seed=4)
     whole, _ = scores_of(model, ids, chunk_size=1000)

@@ -18,6 +18,9 @@ from .snapkv import float32_scores
 DEFAULT_REPEAT_PROMPT = "\n\nRepeat the previous context:"  # the paper's prompt
 # Upper bound of attention probabilities held at once while scoring (elements of float32).
 SCORING_BLOCK_ELEMENTS = 1 << 26
+# Reconstruction queries scored at once: smaller blocks skip more of the causal triangle, larger ones
+# make fewer, larger matrix products.
+SCORING_BLOCK_ROWS = 512
 
 
 @dataclass
@@ -169,28 +172,24 @@ def update_max_attention(
     chunk_queries: (batch, heads, chunk, head_dim), the reconstruction stream's tokens
     [chunk_start, chunk_start + chunk); keys: (batch, kv_heads, context_length + chunk_start + chunk, head_dim).
     Query i of the stream sees the context and stream keys up to itself; queries before `first_counted`
-    (the repeat prompt) are not counted."""
+    (the repeat prompt) are not counted. Rows go in blocks of at most SCORING_BLOCK_ROWS, each against
+    only the keys its last row sees, so the causal triangle of the reconstruction is mostly skipped."""
     batch, heads, chunk, head_dim = chunk_queries.shape
-    kv_heads, total = keys.shape[1], keys.shape[2]
-    groups = heads // kv_heads
-    stream_index = torch.arange(chunk_start, chunk_start + chunk, device=keys.device)  # (chunk,)
-    key_index = torch.arange(total, device=keys.device)
-    hidden = key_index[None, :] > context_length + stream_index[:, None]  # (chunk, total) future keys
-    counted = stream_index >= first_counted
-    if not counted.any():
-        return
-    rows_per_block = max(1, SCORING_BLOCK_ELEMENTS // (total * groups))
+    groups = heads // keys.shape[1]
+    first_row = max(0, first_counted - chunk_start)  # the counted queries are a suffix of the stream
+    seen_before = context_length + chunk_start  # keys every row of this chunk sees
+    rows_per_block = min(SCORING_BLOCK_ROWS, max(1, SCORING_BLOCK_ELEMENTS // (keys.shape[2] * groups)))
     lowest = torch.finfo(torch.float32).min
-    for head in range(kv_heads):
-        head_keys = keys[:, head].transpose(1, 2)  # (batch, head_dim, total)
-        group_queries = chunk_queries[:, head * groups : (head + 1) * groups]  # (batch, groups, chunk, head_dim)
-        for row in range(0, chunk, rows_per_block):
-            rows = slice(row, min(row + rows_per_block, chunk))
-            block = group_queries[:, :, rows].reshape(batch, -1, head_dim)  # (batch, groups * rows, head_dim)
-            logits = float32_scores(block, head_keys).mul_(scaling).view(batch, groups, -1, total)
-            logits.masked_fill_(hidden[rows], lowest)
+    for start in range(first_row, chunk, rows_per_block):
+        end = min(start + rows_per_block, chunk)
+        # among the keys this block sees beyond seen_before, row i of the block sees the first start + i + 1
+        stream_keys = torch.arange(end, device=keys.device)
+        future = stream_keys[None, :] > torch.arange(start, end, device=keys.device)[:, None]  # (rows, end)
+        for head in range(keys.shape[1]):
+            block = chunk_queries[:, head * groups : (head + 1) * groups, start:end].reshape(batch, -1, head_dim)
+            logits = float32_scores(block, keys[:, head, : seen_before + end].transpose(1, 2)).mul_(scaling)
+            logits = logits.view(batch, groups, end - start, seen_before + end)
+            logits[..., seen_before:].masked_fill_(future, lowest)
             probabilities = logits.softmax(dim=-1)[..., :context_length]  # (batch, groups, rows, context)
-            probabilities = probabilities[:, :, counted[rows]]
-            if probabilities.shape[2]:
-                best = probabilities.amax(dim=(1, 2))  # (batch, context)
-                torch.maximum(running_max[:, head], best, out=running_max[:, head])
+            best = probabilities.amax(dim=(1, 2))  # (batch, context)
+            torch.maximum(running_max[:, head], best, out=running_max[:, head])
