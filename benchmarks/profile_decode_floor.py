@@ -12,10 +12,12 @@ This script separates the model's own share of the gap from the KV cache's, in o
   `torch.compile` (fused elementwise kernels) to see what fusion outside attention would buy, and with
   `join_projections=True` (q/k/v and gate/up as one product each), and with `fuse_elementwise=True` as well
   (norms, rotary embeddings and SiLU gates as one Triton kernel each);
-- kernels: one eager step (plain, and joined + fused) under the profiler: number of CUDA kernels and their summed GPU time by kind
-  (matmul, attention and cache, elementwise), so that graph time - kernel time = gaps between kernels.
+- kernels: one eager step (plain, and joined + fused) and one graph replay (joined + fused) under the profiler:
+  number of CUDA kernels and their summed GPU time by kind (matmul, attention and cache, elementwise), so that
+  graph time - kernel time = gaps between kernels. Eager and graph steps differ in the attention kernel
+  (eagerly the CUDA decode kernel up to 48 MiB per layer, in a graph always the Triton ones).
 
-    python benchmarks/profile_decode_floor.py --batches 1 8 --context 8192
+    python benchmarks/profile_decode_floor.py --batches 1 8 --context 8192 [--skip-compiled]
 """
 
 from __future__ import annotations
@@ -110,20 +112,21 @@ def kernel_kind(name: str) -> str:
     lowered = name.lower()
     if any(word in lowered for word in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "splitk")):
         return "matmul"
-    if any(word in lowered for word in ("flat", "decode", "append", "attention", "flash", "fmha", "_attn")):
+    if any(word in lowered for word in ("flat", "decode", "append", "attention", "combine_splits", "flash", "fmha", "_attn")):
         return "attention_and_cache"
     return "elementwise_and_other"
 
 
-def eager_kernels(model, ids, **fusions) -> dict:
-    """Kernels of one eager AdaptivePress evict decode step: count and summed GPU ms by kind, and the most
-    frequent kernel names of each kind (what a further fusion would target)."""
+def step_kernels(model, ids, **press_options) -> dict:
+    """Kernels of one AdaptivePress evict decode step (eager, or a graph replay with cuda_graphs=True):
+    count and summed GPU ms by kind, and the most frequent kernel names of each kind (what a further
+    fusion would target). A replay's kernels are listed only where the profiler traces graph nodes."""
     press = P.AdaptivePress(P.SnapKVPress(0.75), backend="evict")
     cache = DynamicCache(config=model.config)
     prefill(model, ids, cache, press)
-    with torch.no_grad(), press(model, **fusions):
+    with torch.no_grad(), press(model, **press_options):
         step = greedy_step(model, cache)
-        token = step(step(ids[:, -1:]))
+        token = step(step(step(ids[:, -1:])))  # with graphs: warm-up, capture, one replay
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
             step(token)
@@ -148,6 +151,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=8192)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--skip-compiled", action="store_true", help="skip the torch.compile norms/MLPs experiment")
+    parser.add_argument("--tag", default="", help="suffix of the result file")
     args = parser.parse_args()
 
     model, bandwidth, weights, result = measured_setup(args.layers)
@@ -165,23 +170,29 @@ def main() -> None:
         row["adaptive_graph_ms"] = adaptive_graph_ms(model, ids, args.steps)
         for name, fusions in FUSIONS.items():
             row[f"adaptive_graph_{name.replace('-', '_')}_ms"] = adaptive_graph_ms(model, ids, args.steps, **fusions)
-        for name, fusions in (("", {}), ("_joined_fused", FUSIONS["joined-fused"])):
+        profiles = {
+            "eager_kernels": {},
+            "eager_kernels_joined_fused": FUSIONS["joined-fused"],
+            "graph_kernels_joined_fused": dict(FUSIONS["joined-fused"], cuda_graphs=True),
+        }
+        for name, options in profiles.items():
             try:
-                row[f"eager_kernels{name}"] = eager_kernels(model, ids, **fusions)
+                row[name] = step_kernels(model, ids, **options)
             except Exception as error:  # noqa: BLE001 - profiler support varies by torch version: report and go on
-                row[f"eager_kernels{name}_error"] = f"{type(error).__name__}: {error}"[:500]
-        compiled = compile_norms_and_mlps(model)
-        try:
-            row["adaptive_graph_compiled_norms_mlps_ms"] = adaptive_graph_ms(model, ids, args.steps)
-        except Exception as error:  # noqa: BLE001 - an experiment: report why it failed and go on
-            row["adaptive_graph_compiled_norms_mlps_error"] = f"{type(error).__name__}: {error}"[:500]
-        uncompile(compiled)
-        torch._dynamo.reset()
+                row[f"{name}_error"] = f"{type(error).__name__}: {error}"[:500]
+        if not args.skip_compiled:
+            compiled = compile_norms_and_mlps(model)
+            try:
+                row["adaptive_graph_compiled_norms_mlps_ms"] = adaptive_graph_ms(model, ids, args.steps)
+            except Exception as error:  # noqa: BLE001 - an experiment: report why it failed and go on
+                row["adaptive_graph_compiled_norms_mlps_error"] = f"{type(error).__name__}: {error}"[:500]
+            uncompile(compiled)
+            torch._dynamo.reset()
         result["rows"].append(row)
         print(row, flush=True)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"decode_floor_{device.replace(' ', '_')}.json").write_text(json.dumps(result, indent=1))
+        (out / f"decode_floor_{device.replace(' ', '_')}{args.tag}.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":
