@@ -18,6 +18,10 @@ scores of the whole layer, i.e. of every rank's heads, so its selection exchange
   Communication: a few small all-reduces per layer, independent of the context length.
 
 Both give exactly the keep set of `adaptive_keep_mask` over the whole layer's scores (tests/test_distributed.py).
+
+AdaptivePress(scope="model") allocates over every (layer, KV head) of the model at once: the same two
+exchanges run once over all layers (`distributed_model_keep_masks`), in the single-process order of rows
+(layer first, then head: rank r's heads of a layer follow those of ranks < r).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .selection import adaptive_keep_mask, layer_budget, safeguarded_scores
+from .selection import adaptive_budget_keep_mask, kept_count, layer_budget, safeguarded_scores
 
 EXCHANGES = ("all_gather", "threshold_search")
 KEY_BITS = 32
@@ -113,9 +117,55 @@ def distributed_adaptive_keep_mask(
         raise ValueError(
             f"scores {tuple(scores.shape)} and available {tuple(available.shape)} must both be (batch, local_heads, seq)."
         )
+    local_budget = layer_budget(available, compression_ratio)
+    keep = distributed_budget_keep_mask(
+        scores[:, None], available[:, None], local_budget, alpha_safeguard, group, exchange, radix_bits
+    )
+    return keep[:, 0]
+
+
+def distributed_model_keep_masks(
+    scores: list[torch.Tensor],
+    available: list[torch.Tensor],
+    compression_ratios: list[float],
+    alpha_safeguard: float,
+    group=None,
+    exchange: str = "all_gather",
+    radix_bits: int = DEFAULT_RADIX_BITS,
+) -> list[torch.Tensor]:
+    """AdaptivePress(scope="model")'s allocation when every layer's heads are split over the ranks.
+
+    scores/available: one (batch, local_heads, seq) tensor per compressed layer (the same shape for all);
+    compression_ratios: each layer's ratio. The model keeps the sum of what each head would keep alone.
+    Returns this rank's keep mask per layer, the same as the single-process allocation over every
+    (layer, head) of the model."""
+    check_exchange(exchange, radix_bits)
+    if len({tuple(s.shape) for s in scores} | {tuple(a.shape) for a in available}) != 1 or scores[0].dim() != 3:
+        raise ValueError(
+            "every layer's scores and availability must be (batch, local_heads, seq) of one shape, got "
+            f"{[tuple(s.shape) for s in scores]} and {[tuple(a.shape) for a in available]}."
+        )
+    local_budget = sum(kept_count(a.sum(-1), ratio).sum(-1) for a, ratio in zip(available, compression_ratios))
+    keep = distributed_budget_keep_mask(
+        torch.stack(scores, dim=1), torch.stack(available, dim=1), local_budget, alpha_safeguard, group,
+        exchange, radix_bits,
+    )  # fmt: skip
+    return list(keep.unbind(1))
+
+
+def distributed_budget_keep_mask(
+    scores: torch.Tensor, available: torch.Tensor, local_budget: torch.Tensor, alpha_safeguard: float,
+    group, exchange: str, radix_bits: int,
+) -> torch.Tensor:  # fmt: skip
+    """Ada-KV's allocation of the budget summed over ranks (local_budget: this rank's share, (batch,)) over
+    the rows (layer, head) of scores/available (batch, layers, local_heads, seq), heads split over the
+    ranks; returns this rank's (batch, layers, local_heads, seq) keep mask."""
+    check_same_shape_on_every_rank(scores, group)
+    budget = local_budget.clone()
+    dist.all_reduce(budget, group=group)  # (batch,) the budget of every rank's rows together
     if exchange == "all_gather":
-        return gathered_keep_mask(scores, available, compression_ratio, alpha_safeguard, group)
-    return searched_keep_mask(scores, available, compression_ratio, alpha_safeguard, group, radix_bits)
+        return gathered_keep_mask(scores, available, budget, alpha_safeguard, group)
+    return searched_keep_mask(scores, available, budget, alpha_safeguard, group, radix_bits)
 
 
 def _all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
@@ -125,25 +175,32 @@ def _all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
 
 
 def check_same_shape_on_every_rank(scores: torch.Tensor, group) -> None:
-    """Every rank must hold the same batch, head count and sequence length (one small all-gather)."""
+    """Every rank must hold the same batch, layer count, head count and sequence length (one small all-gather)."""
     shape = torch.tensor(scores.shape, dtype=torch.long, device=scores.device)
     shapes = _all_gather(shape, group)
     if any(not torch.equal(other, shape) for other in shapes):
         raise ValueError(
-            "Every tensor-parallel rank must hold scores of the same (batch, local_heads, seq); got "
+            "Every tensor-parallel rank must hold scores of the same (batch, layers, local_heads, seq); got "
             f"{[tuple(s.tolist()) for s in shapes]}. Use a number of KV heads divisible by the world size."
         )
 
 
-def gathered_keep_mask(scores, available, compression_ratio: float, alpha_safeguard: float, group) -> torch.Tensor:
-    """Exchange (a): gather the whole layer's scores on every rank, select, keep this rank's heads."""
-    check_same_shape_on_every_rank(scores, group)
-    local_heads = scores.shape[1]
-    all_scores = torch.cat(_all_gather(scores.float(), group), dim=1)
-    all_available = torch.cat(_all_gather(available.to(torch.uint8), group), dim=1).bool()
-    keep = adaptive_keep_mask(all_scores, all_available, compression_ratio, alpha_safeguard)
-    rank = dist.get_rank(group)
-    return keep[:, rank * local_heads : (rank + 1) * local_heads]
+def in_single_process_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Every rank's (batch, layers, local_heads, seq) -> (batch, layers * world * local_heads, seq): rows
+    ordered by layer, then rank, then local head, as one process holds them."""
+    stacked = torch.stack(parts, dim=2)  # (batch, layers, world, local_heads, seq)
+    batch, layers, world, local_heads, seq_len = stacked.shape
+    return stacked.reshape(batch, layers * world * local_heads, seq_len)
+
+
+def gathered_keep_mask(scores, available, budget, alpha_safeguard: float, group) -> torch.Tensor:
+    """Exchange (a): gather every rank's rows on every rank, select, keep this rank's heads."""
+    batch, layers, local_heads, seq_len = scores.shape
+    all_scores = in_single_process_order(_all_gather(scores.float(), group))
+    all_available = in_single_process_order(_all_gather(available.to(torch.uint8), group)).bool()
+    keep = adaptive_budget_keep_mask(all_scores, all_available, budget, alpha_safeguard)
+    keep = keep.view(batch, layers, dist.get_world_size(group), local_heads, seq_len)
+    return keep[:, :, dist.get_rank(group)]
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:
@@ -155,24 +212,20 @@ def order_keys(values: torch.Tensor) -> torch.Tensor:
     return torch.where(negative, 0xFFFFFFFF - bits, bits + 2**31)
 
 
-def searched_keep_mask(
-    scores, available, compression_ratio: float, alpha_safeguard: float, group, radix_bits: int
-) -> torch.Tensor:
-    """Exchange (b): find the layer's k-th largest safeguarded score with all-reduced histograms."""
-    check_same_shape_on_every_rank(scores, group)
-    batch, local_heads, seq_len = scores.shape
-    budget = layer_budget(available, compression_ratio)
-    dist.all_reduce(budget, group=group)  # (batch,) the whole layer's budget
-    total_heads = local_heads * dist.get_world_size(group)
-    boosted = safeguarded_scores(scores, available, budget, total_heads, alpha_safeguard)
-    keys = order_keys(boosted).reshape(batch, local_heads * seq_len)
-    threshold, needed_ties = kth_largest_key(keys, budget.clamp(min=1), group, radix_bits)
-    above = keys > threshold[:, None]
-    ties = keys == threshold[:, None]
-    quota = tie_quota(ties.sum(-1), needed_ties, group)  # (batch,) ties this rank may keep
-    keep_ties = ties & (torch.cumsum(ties, dim=-1) <= quota[:, None])
-    keep = (above | keep_ties) & (budget > 0)[:, None]
-    return keep.reshape(batch, local_heads, seq_len) & available
+def searched_keep_mask(scores, available, budget, alpha_safeguard: float, group, radix_bits: int) -> torch.Tensor:
+    """Exchange (b): find the k-th largest safeguarded score of every rank's rows with all-reduced histograms."""
+    batch, layers, local_heads, seq_len = scores.shape
+    total_rows = layers * local_heads * dist.get_world_size(group)
+    rows = scores.reshape(batch, layers * local_heads, seq_len)
+    boosted = safeguarded_scores(rows, available.reshape(rows.shape), budget, total_rows, alpha_safeguard)
+    keys = order_keys(boosted).reshape(batch, layers, local_heads * seq_len)
+    threshold, needed_ties = kth_largest_key(keys.reshape(batch, -1), budget.clamp(min=1), group, radix_bits)
+    above = keys > threshold[:, None, None]
+    ties = keys == threshold[:, None, None]
+    quota = tie_quota(ties.sum(-1), needed_ties, group)  # (batch, layers) ties this rank may keep per layer
+    keep_ties = ties & (torch.cumsum(ties, dim=-1) <= quota[..., None])
+    keep = (above | keep_ties) & (budget > 0)[:, None, None]
+    return keep.reshape(scores.shape) & available
 
 
 def kth_largest_key(keys: torch.Tensor, k: torch.Tensor, group, radix_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,8 +251,11 @@ def kth_largest_key(keys: torch.Tensor, k: torch.Tensor, group, radix_bits: int)
 
 
 def tie_quota(local_ties: torch.Tensor, needed_ties: torch.Tensor, group) -> torch.Tensor:
-    """(batch,) how many of this rank's threshold ties are kept: ties go to lower heads first, and rank r
-    holds the heads after those of ranks < r, so rank r takes what the earlier ranks left."""
-    counts = torch.stack(_all_gather(local_ties, group))  # (world, batch)
-    earlier = counts[: dist.get_rank(group)].sum(0)
-    return (needed_ties - earlier).clamp(min=0)
+    """(batch, layers) how many of this rank's threshold ties of each layer are kept. Ties go in the
+    single-process order of rows: earlier layers first, within a layer the heads of ranks < r first.
+    local_ties: (batch, layers) this rank's tie counts; needed_ties: (batch,) ties the top k holds."""
+    counts = torch.stack(_all_gather(local_ties, group))  # (world, batch, layers)
+    rank = dist.get_rank(group)
+    earlier_layers = counts.sum(0).cumsum(-1) - counts.sum(0)  # every rank's ties in layers before each one
+    earlier_ranks = counts[:rank].sum(0)  # this layer's ties on the ranks before this one
+    return (needed_ties[:, None] - earlier_layers - earlier_ranks).clamp(min=0)

@@ -1,7 +1,8 @@
 """Tensor parallelism on CPU: two spawned processes, a gloo process group.
 
 1. The cross-rank Ada-KV selection (adakv/distributed.py, both exchanges) keeps exactly the set of the
-   single-process `adaptive_keep_mask`, ties included.
+   single-process `adaptive_keep_mask`, ties included; the model-wide one (every layer at once) the set
+   of the single-process allocation over every (layer, head).
 2. transformers' own tensor-parallel plan (tp_plan="auto") with presses: TP = 2 keeps the same
    (layer, head, token) set as one process and generates the same tokens, ordinary and chunked prefill
    (needs accelerate). The same test runs over NCCL on 2 GPUs (marked gpu, skipped with fewer).
@@ -27,9 +28,15 @@ import torch.multiprocessing as mp
 from test_presses import SCORERS
 
 from adakv import AdaptivePress, CriticalKVPress, SnapKVPress
-from adakv.distributed import EXCHANGES, distributed_adaptive_keep_mask, order_keys, tensor_parallel_group
+from adakv.distributed import (
+    EXCHANGES,
+    distributed_adaptive_keep_mask,
+    distributed_model_keep_masks,
+    order_keys,
+    tensor_parallel_group,
+)
 from adakv.models import attention_modules
-from adakv.selection import adaptive_keep_mask
+from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count
 
 WORLD_SIZE = 2
 TIMEOUT_S = 240
@@ -154,6 +161,47 @@ def test_cross_rank_selection_equals_single_process(tmp_path):
         assert int(expected.sum()) > 0
 
 
+def model_scores(case: str, ratios=(0.5, 0.8, 0.3)):
+    """Per layer (scores, available) of a 3-layer model (one seed per layer) and the layers' ratios."""
+    layers = [layer_scores(case, seed=seed) for seed in range(len(ratios))]
+    return [scores for scores, _ in layers], [available for _, available in layers], list(ratios)
+
+
+def single_process_model_keep(case: str, alpha: float) -> torch.Tensor:
+    """(batch, layers * heads, seq): AdaptivePress(scope="model")'s allocation in one process."""
+    scores, available, ratios = model_scores(case)
+    budget = sum(kept_count(a.sum(-1), ratio).sum(-1) for a, ratio in zip(available, ratios))
+    return adaptive_budget_keep_mask(torch.cat(scores, 1), torch.cat(available, 1), budget, alpha)
+
+
+def _model_selection_on_rank(rank: int, cases) -> dict:
+    results = {}
+    for case, alpha in cases:
+        scores, available, ratios = model_scores(case)
+        heads = scores[0].shape[1] // WORLD_SIZE
+        mine = slice(rank * heads, (rank + 1) * heads)
+        for exchange in EXCHANGES:
+            for radix_bits in ((1, 8) if exchange == "threshold_search" else (8,)):
+                results[(case, alpha, exchange, radix_bits)] = distributed_model_keep_masks(
+                    [s[:, mine] for s in scores], [a[:, mine] for a in available], ratios, alpha,
+                    exchange=exchange, radix_bits=radix_bits,
+                )  # fmt: skip
+    return results
+
+
+def test_cross_rank_model_wide_selection_equals_single_process(tmp_path):
+    cases = [(case, alpha) for case in ("random", "ties", "infinite") for alpha in (0.0, 0.2, 1.0)]
+    per_rank = run_on_ranks(_model_selection_on_rank, tmp_path, cases)
+    for key in per_rank[0]:
+        case, alpha = key[:2]
+        # every layer's heads of every rank, in the single-process order: layer, then rank, then head
+        actual = torch.cat([torch.cat([result[key][layer] for result in per_rank], 1) for layer in range(3)], 1)
+        expected = single_process_model_keep(case, alpha)
+        assert torch.equal(actual, expected), f"{key}: {int((actual != expected).sum())} pairs differ"
+        kept_per_layer = expected.view(2, 3, 4, -1).sum((-1, -2))
+        assert (kept_per_layer > 0).all()
+
+
 def test_order_keys_preserve_the_float_order():
     values = torch.tensor([float("-inf"), -3.5, -1e-30, 0.0, 1e-30, 2.0, 7.25, float("inf")])
     keys = order_keys(values)
@@ -200,6 +248,10 @@ def tp_presses():
             SnapKVPress(0.6, window_size=8), exchange=e, backend=b
         )
     cases["adaptive_criticalkv"] = lambda b: AdaptivePress(CriticalKVPress(SnapKVPress(0.5, window_size=8)), backend=b)
+    for exchange in EXCHANGES:  # one allocation over every layer: exchanged once, after the prefill
+        cases[f"adaptive_model_snapkv_{exchange}"] = lambda b, e=exchange: AdaptivePress(
+            SnapKVPress(0.6, window_size=8), scope="model", exchange=e, backend=b
+        )
     return cases
 
 
@@ -244,7 +296,8 @@ def generate_with_presses(model, ids, names) -> dict:
 # both heads and selects locally (CriticalKV then needs the whole o_proj).
 FAMILIES = {
     "llama": (1, tuple(tp_presses())),
-    "phi3": (2, ("snapkv", "criticalkv", "adaptive_snapkv_all_gather", "adaptive_snapkv_threshold_search", "adaptive_criticalkv")),
+    "phi3": (2, ("snapkv", "criticalkv", "adaptive_snapkv_all_gather", "adaptive_snapkv_threshold_search",
+                 "adaptive_criticalkv", "adaptive_model_snapkv_all_gather")),
 }
 
 

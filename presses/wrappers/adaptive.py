@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from adakv.distributed import check_exchange, distributed_adaptive_keep_mask, tensor_parallel_group
+from adakv.distributed import (
+    check_exchange,
+    distributed_adaptive_keep_mask,
+    distributed_model_keep_masks,
+    tensor_parallel_group,
+)
 from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count
 
 from ..base import PrefillContext, WholePrefill, WrapperPress, check_fraction_fields, check_is_press
@@ -49,7 +54,7 @@ class AdaptivePress(WrapperPress):
     exchange what the layer-wide top-k needs and select exactly the single-process set; `exchange`
     picks how (adakv/distributed.py): "all_gather" (every rank's scores) or "threshold_search" (a
     distributed search for the k-th largest score, a few small all-reduces). Unused on one process.
-    scope="model" is refused under tensor parallelism (not yet exchanged across ranks).
+    With scope="model" the exchange runs once, over every layer's rows.
 
     keep masks: (batch, kv_heads, seq) per layer.
     """
@@ -107,11 +112,16 @@ class AdaptivePress(WrapperPress):
         if not pooled:
             return keeps
         first = pooled[0][1]
-        if tensor_parallel_group(first.module, first.keys.shape[1]) is not None:
-            raise NotImplementedError(
-                'AdaptivePress(scope="model") does not exchange scores across tensor-parallel ranks yet; '
-                'use scope="layer" (exact across ranks) under tensor parallelism.'
-            )
+        group = tensor_parallel_group(first.module, first.keys.shape[1])
+        if group is not None:
+            masks = distributed_model_keep_masks(
+                [self.press.score(context) for _, context, _ in pooled],
+                [context.available for _, context, _ in pooled],
+                [ratio for _, _, ratio in pooled], self.alpha_safeguard, group, self.exchange,
+            )  # fmt: skip
+            for (index, _, _), keep in zip(pooled, masks):
+                keeps[index] = keep
+            return keeps
         device = first.keys.device
         scores = torch.cat([self.press.score(context).float().to(device) for _, context, _ in pooled], dim=1)
         available = torch.cat([context.available.to(device) for _, context, _ in pooled], dim=1)
