@@ -20,7 +20,9 @@ median decode ms/token.
 Cross-rank allocation: the only extra work TP adds to AdaptivePress is the exchange of adakv/distributed.py,
 once per layer and chunk. It is timed on its own, for both exchanges, on scores of the shape one layer
 compresses per chunk ((1, 4, chunk) per rank), and reported as layers x chunks x that time, as a share of the
-measured prefill; next to it the same selection on one GPU over all 8 heads (no exchange).
+measured prefill; next to it the same selection on one GPU over all 8 heads (no exchange). The model-wide
+allocation (AdaptivePress(scope="model"), which compresses after an ordinary prefill) is timed the same way
+on the scores of every layer over the whole context (`model_wide_selection_ms`: both exchanges and one GPU).
 
 Longest context that fits (per GPU): from >= 2 measured contexts per method, a straight-line fit of peak memory
 against context, solved for the GPU's memory (computed, not run; --fit-with adds earlier result files).
@@ -57,8 +59,8 @@ from bench_long_context import decode_steps, longest_context, tiny_config  # noq
 
 from adakv import presses as P  # noqa: E402
 from adakv.chunked_prefill import prefill_in_chunks  # noqa: E402
-from adakv.distributed import EXCHANGES, distributed_adaptive_keep_mask  # noqa: E402
-from adakv.selection import adaptive_keep_mask  # noqa: E402
+from adakv.distributed import EXCHANGES, distributed_adaptive_keep_mask, distributed_model_keep_masks  # noqa: E402
+from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count  # noqa: E402
 
 FULL = dict(layers=32, contexts=[131072, 262144, 524288], chunk_size=32768, ratios=[0.75, 0.875])
 TINY = dict(layers=2, contexts=[512, 1024], chunk_size=128, ratios=[0.75, 0.875])
@@ -213,6 +215,32 @@ def exchange_costs(config, tokens: int, ratio: float, device: str) -> dict:
     return costs
 
 
+def model_exchange_costs(config, tokens: int, ratio: float, device: str) -> dict:
+    """ms of the model-wide selection over every layer's scores of `tokens` tokens: each exchange (this
+    rank's heads of every layer) and one GPU's over every head; "OOM" where the scores did not fit."""
+    world, heads, layers = dist.get_world_size(), config.num_key_value_heads, config.num_hidden_layers
+    local = heads // world
+    mine = slice(dist.get_rank() * local, (dist.get_rank() + 1) * local)
+    costs = {}
+    try:
+        generator = torch.Generator().manual_seed(2)
+        scores = [torch.rand(1, heads, tokens, generator=generator).to(device) for _ in range(layers)]
+        available = [torch.ones_like(s, dtype=torch.bool) for s in scores]
+        for exchange in EXCHANGES:
+            costs[exchange] = time_selection(
+                lambda e=exchange: distributed_model_keep_masks(
+                    [s[:, mine] for s in scores], [a[:, mine] for a in available], [ratio] * layers, 0.2, exchange=e
+                ),
+                device,
+            )
+        budget = kept_count(torch.full((1, heads * layers), tokens, device=device), ratio).sum(-1)
+        all_scores, all_available = torch.cat(scores, 1), torch.cat(available, 1)
+        costs["one_gpu"] = time_selection(lambda: adaptive_budget_keep_mask(all_scores, all_available, budget, 0.2), device)
+    except torch.cuda.OutOfMemoryError:
+        costs["error"] = "OOM"
+    return costs
+
+
 def gather_ranks(row: dict) -> list[dict]:
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
@@ -250,6 +278,7 @@ def sweep(model, config, args, device: str, save) -> list[dict]:
                 }
                 # an ordinary (unchunked) prefill selects once per layer over the whole context
                 row["selection_ms_per_layer_whole_context"] = exchange_costs(config, context, ratio, device)
+                row["model_wide_selection_ms"] = model_exchange_costs(config, context, ratio, device)
             results.append(row)
             if dist.get_rank() == 0:
                 print(json.dumps(row), flush=True)
