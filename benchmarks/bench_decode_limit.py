@@ -199,11 +199,35 @@ def graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio,
         torch.cuda.synchronize()
         pool = torch.cuda.memory_allocated() - before
         graph = two_passes(step, token, args.warmup, args.steps)
+        generate_ms = generate_ms_per_token(model, cache, batch, args.steps)
         decoder = press.graph_decoder
     held = kv_bytes(cache)
     limit = (weights + held) / bandwidth
     return row(batch, context, f"{name}-evict-{suffix}", ratio, graph, limit, held, torch.cuda.max_memory_allocated(),
-               graph_pool_gib=pool / GiB, captures=decoder.captures, graph_disabled=decoder.disabled_reason)  # fmt: skip
+               graph_pool_gib=pool / GiB, captures=decoder.captures, graph_disabled=decoder.disabled_reason,
+               generate_ms_per_token=generate_ms)  # fmt: skip
+
+
+def generate_ms_per_token(model, cache, batch: int, tokens: int) -> float | str:
+    """Wall ms per token of `model.generate` continuing `cache` for `tokens` greedy tokens (the second of two
+    calls: the first one reserves slack and captures), what a user of generate sees: the graph replays plus
+    generate's own host work between steps, where it waits for each step's token."""
+    options = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, past_key_values=cache)
+    try:
+        for _ in range(2):
+            ids = torch.randint(0, model.config.vocab_size, (batch, cache.get_seq_length() + 1), device=model.device)
+            synchronize(model.device)
+            started = time.perf_counter()
+            model.generate(ids, attention_mask=torch.ones_like(ids), **options)
+            synchronize(model.device)
+        return (time.perf_counter() - started) * 1000 / tokens
+    except Exception as error:  # noqa: BLE001 - a measurement beside the table's: report why it failed
+        return f"{type(error).__name__}: {error}"[:300]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def run_case(model, batch, context, args, bandwidth, weights) -> list[dict]:
@@ -326,20 +350,27 @@ def plot(path: Path, meta: dict, rows: list[dict], ratio: float = 0.75) -> None:
 
 
 def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
+    bandwidths = [run["copy_bandwidth_tb_s"] for run in meta.get("merged_runs", [meta])]
+    bandwidth = f"{bandwidths[0]:.2f} TB/s"
+    if len(bandwidths) > 1:
+        bandwidth = f"{min(bandwidths):.2f}-{max(bandwidths):.2f} TB/s across {len(bandwidths)} runs (each row's limit uses its run's)"
     lines = [
         f"Device: {meta['device']}; torch {meta['torch']}; transformers {meta['transformers']}; Llama-3.1-8B shape, "
         f"{meta['layers']} layers, bf16, random weights. Copy bandwidth measured in the same run: "
-        f"{meta['copy_bandwidth_tb_s']:.2f} TB/s; weights read per step {meta['weight_gib']:.2f} GiB. decode ms = "
-        f"median of {meta['steps']} steps, pass 2 (pass 1 in brackets).",
+        f"{bandwidth}; weights read per step {meta['weight_gib']:.2f} GiB. decode ms = "
+        f"median of {meta['steps']} steps, pass 2 (pass 1 in brackets). generate ms = wall ms per token of "
+        "`model.generate` continuing the same cache (graph rows of later runs; empty where not measured).",
         "",
-        "| batch | context | method | ratio | decode ms | limit ms | x limit | KV GiB | peak GiB |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| batch | context | method | ratio | decode ms | limit ms | x limit | KV GiB | peak GiB | generate ms |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        generate = r.get("generate_ms_per_token")
         lines.append(
             f"| {r['batch']} | {r['context']} | {r['method']} | {r['ratio']} | {r['decode_ms']:.2f} "
             f"({r['decode_ms_passes'][0]:.2f}) | {r['limit_ms']:.2f} | {r['ratio_to_limit']:.2f} | "
-            f"{r['kv_gib']:.2f} | {r['peak_gib']:.1f} |"
+            f"{r['kv_gib']:.2f} | {r['peak_gib']:.1f} | "
+            f"{f'{generate:.2f}' if isinstance(generate, float) else ('failed' if generate else '')} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
