@@ -140,6 +140,11 @@ def distributed_model_keep_masks(
     Returns this rank's keep mask per layer, the same as the single-process allocation over every
     (layer, head) of the model."""
     check_exchange(exchange, radix_bits)
+    if not scores or not len(scores) == len(available) == len(compression_ratios):
+        raise ValueError(
+            f"one scores, availability and ratio per compressed layer, got {len(scores)}, {len(available)} and "
+            f"{len(compression_ratios)} (and at least one layer)."
+        )
     if len({tuple(s.shape) for s in scores} | {tuple(a.shape) for a in available}) != 1 or scores[0].dim() != 3:
         raise ValueError(
             "every layer's scores and availability must be (batch, local_heads, seq) of one shape, got "

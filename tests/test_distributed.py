@@ -217,6 +217,11 @@ def test_bad_exchange_names_the_allowed_ones():
         distributed_adaptive_keep_mask(scores, available, 0.5, 0.2, exchange="threshold_search", radix_bits=3)
     with pytest.raises(ValueError, match="exchange must be one of"):
         AdaptivePress(SnapKVPress(0.5), exchange="broadcast")
+    scores, available, ratios = model_scores("random")
+    with pytest.raises(ValueError, match="one scores, availability and ratio per compressed layer, got 3, 3 and 2"):
+        distributed_model_keep_masks(scores, available, ratios[:2], 0.2)
+    with pytest.raises(ValueError, match="of one shape"):
+        distributed_model_keep_masks([scores[0], scores[1][:, :, :7]], available[:2], ratios[:2], 0.2)
 
 
 def test_heads_split_without_a_tensor_parallel_plan_are_refused():
