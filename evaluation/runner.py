@@ -123,9 +123,10 @@ def check_context_fits(model, context_lengths) -> None:
                          f"(max_position_embeddings).")
 
 
-def prepare_run_folder(out: str, config: SweepConfig) -> None:
+def prepare_run_folder(out: str, config: SweepConfig) -> SweepConfig:
     """Create the folder and config.json, or check that an existing one was written by a config of the
-    same identity (then config.json lists the union of both runs' samples, presses and ratios)."""
+    same identity (then config.json lists the union of both runs' samples, presses and ratios).
+    Returns the folder's config (what config.json now says)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "config.json")
     folder_config = config
@@ -142,6 +143,7 @@ def prepare_run_folder(out: str, config: SweepConfig) -> None:
         folder_config = previous.extended_by(config)
     with open(path, "w") as handle:
         json.dump(asdict(folder_config), handle, indent=2)
+    return folder_config
 
 
 def read_results(out: str) -> pd.DataFrame:
@@ -260,7 +262,7 @@ def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progres
     if model is None or tokenizer is None:
         model, tokenizer = load_model(config.model, config.device, config.dtype)
     check_context_fits(model, config.context_lengths)
-    prepare_run_folder(out, config)
+    folder_config = prepare_run_folder(out, config)
     done = done_keys(read_results(out))
     settings = config.settings()
     # sample-major order, so that an interrupted run holds about as many samples of every task
@@ -282,7 +284,7 @@ def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progres
             bar.update(len(rows))
     timing_summary = timing.summary(len(settings))
     _report_timing(timing_summary, progress)
-    _record_budgets(model, tokenizer, config, haystack, out, device)
+    _record_budgets(model, tokenizer, folder_config, haystack, out, device)  # the folder's first adaptive press
     from .report import write_reports
 
     write_reports(out, timing=timing_summary or None)
