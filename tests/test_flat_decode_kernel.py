@@ -25,6 +25,7 @@ from adakv.flat.varlen import (
     choose_implementation,
     flat_attention,
     reference_flat_attention,
+    segment_flat_attention,
 )
 
 # |out - expected| <= atol + rtol * |expected| against float64 (half precision: the output's own rounding)
@@ -357,14 +358,26 @@ def test_checks_refuse_unsupported_head_dims():
             )
 
 
-def test_dispatch_on_cpu_is_the_reference():
+def test_dispatch_on_cpu_reads_each_sequence_in_place():
     layer = cpu_layer()
     query = torch.randn(1, 8, 1, 64)
-    assert choose_implementation(query, layer.num_heads) == "reference"
-    assert torch.equal(flat_attention(query, layer, 0.1), reference_flat_attention(query, layer, 0.1))
+    assert choose_implementation(query, layer.num_heads) == "segments"
+    torch.testing.assert_close(flat_attention(query, layer, 0.1), reference_flat_attention(query, layer, 0.1))
     with pytest.raises(ValueError, match="cuda_decode"):
         flat_attention(query, layer, 0.1, implementation="bogus")
     assert "cuda_decode" in IMPLEMENTATIONS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, query_length", [(1, 1), (3, 1), (2, 5)])
+def test_segment_attention_equals_the_reference(dtype, batch, query_length):
+    """Unequal heads, a head of one row, NaN in every slack row (reading one would show), appends causal."""
+    layer = random_layer(batch, 2, 64, 50, dtype, appended=query_length + 2, device="cpu")
+    query = torch.randn(batch, 8, query_length, 64).to(dtype)
+    out = segment_flat_attention(query, layer, 0.125)
+    assert not out.isnan().any()
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(out, reference_flat_attention(query, layer, 0.125), **tolerance)
 
 
 def fake_cuda_query(batch, heads, query_length, head_dim, dtype=torch.bfloat16):

@@ -16,8 +16,10 @@ sees every row up to and including its own (causal within multi-token appends). 
 - CUDA, fp16/bf16: `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside torch) when it
   accepts `seqused_k` (needed because each sequence's region ends in unused slack rows), else
   `flash_attn_varlen_func` when flash-attn is installed and accepts `seqused_k`.
-- otherwise: `reference_flat_attention`, plain PyTorch over padded copies of the rows (CPU path,
-  test oracle, and GPU fallback; it re-reads the whole cache, so it is slow on long contexts).
+- CPU: `segment_flat_attention`, PyTorch over each sequence's rows in place (views of the flat buffers,
+  one small attention per (batch, kv-head)), so a step reads only the kept rows.
+- otherwise: `reference_flat_attention`, plain PyTorch over padded copies of the rows (test oracle and
+  GPU fallback; it copies the whole cache every call, so it is slow on long contexts).
 """
 
 from __future__ import annotations
@@ -65,6 +67,25 @@ def reference_flat_attention(query: torch.Tensor, layer, scaling: float) -> torc
     scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
     return attention_output(torch.matmul(probabilities, values.unsqueeze(1)), batch)
+
+
+def segment_flat_attention(query: torch.Tensor, layer, scaling: float) -> torch.Tensor:
+    """query: (batch, heads, q, head_dim) -> (batch, q, heads, head_dim), one sequence at a time over views
+    of its rows (no copy of the cache). Reads the lengths on the host, so it is for CPU tensors (on a GPU
+    each call would wait for the device)."""
+    batch, _, query_length, _ = query.shape
+    queries = grouped_queries(query, layer.num_heads)  # (sequences, group, q, head_dim)
+    output = torch.empty_like(queries)
+    for sequence, (start, length) in enumerate(zip(layer.offsets.tolist(), layer.lengths.tolist())):
+        keys, values = layer.keys[start : start + length], layer.values[start : start + length]
+        scores = torch.matmul(queries[sequence], keys.transpose(0, 1)) * scaling  # (group, q, length)
+        if query_length > 1:  # query j sees rows < length - query_length + j + 1
+            last_visible = length - query_length + torch.arange(query_length, device=query.device)
+            hidden = torch.arange(length, device=query.device)[None, :] > last_visible[:, None]
+            scores = scores.masked_fill(hidden, float("-inf"))
+        probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        output[sequence] = torch.matmul(probabilities, values)
+    return attention_output(output, batch)
 
 
 @lru_cache(maxsize=None)
@@ -122,7 +143,7 @@ def choose_implementation(query: torch.Tensor, num_kv_heads: int | None = None, 
     K+V bytes the step reads; the CUDA decode kernel is chosen up to CUDA_DECODE_MAX_BYTES, and never
     during a CUDA graph capture (it saves host time only, which a graph replay does not spend)."""
     if not query.is_cuda:
-        return "reference"
+        return "segments" if query.device.type == "cpu" else "reference"
     if (
         num_kv_heads is not None
         and cache_bytes <= CUDA_DECODE_MAX_BYTES
@@ -188,7 +209,7 @@ def flash_attn_attention(query: torch.Tensor, layer, scaling: float) -> torch.Te
     return _unpack(output, query, layer)
 
 
-IMPLEMENTATIONS = ("reference", "cuda_decode", "triton", "torch_varlen", "flash_attn")
+IMPLEMENTATIONS = ("reference", "segments", "cuda_decode", "triton", "torch_varlen", "flash_attn")
 
 
 def flat_attention(query: torch.Tensor, layer, scaling: float, implementation: str | None = None) -> torch.Tensor:
@@ -209,6 +230,8 @@ def flat_attention(query: torch.Tensor, layer, scaling: float, implementation: s
         return torch_varlen_attention(query, layer, scaling)
     if implementation == "flash_attn":
         return flash_attn_attention(query, layer, scaling)
+    if implementation == "segments":
+        return segment_flat_attention(query, layer, scaling)
     if implementation == "reference":
         return reference_flat_attention(query, layer, scaling)
     raise ValueError(f"implementation must be None or one of {IMPLEMENTATIONS}, got {implementation!r}.")

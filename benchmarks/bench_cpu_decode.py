@@ -1,0 +1,109 @@
+"""Decode step time on CPU: dense cache vs evicted flat cache, with the flat cache read in place
+(`segment_flat_attention`, the CPU default) and through padded copies (`reference_flat_attention`).
+
+The embedded SmolLM2-135M-Instruct in float32; a random-token context of each --contexts length is
+prefilled once per press (AdaptivePress(SnapKVPress(r)), backend "evict"), then blocks of --steps greedy
+decode steps alternate between the two attention implementations on that same cache (--rounds blocks each;
+the cache grows by one token per step for both), and dense decoding is timed on its own prefill. Every
+block's ms per step is kept; the table gives the medians.
+
+    .venv/bin/python benchmarks/bench_cpu_decode.py --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from transformers import DynamicCache
+
+from adakv import AdaptivePress, SnapKVPress, load_default_model
+from adakv.flat import varlen
+
+IMPLEMENTATIONS = ("segments", "reference")
+
+
+def decode_block_ms(model, cache, token: torch.Tensor, steps: int) -> tuple[float, torch.Tensor]:
+    started = time.perf_counter()
+    for _ in range(steps):
+        token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - started) / steps * 1000, token
+
+
+def forced(implementation: str):
+    """choose_implementation that always answers `implementation` (what flat_attention then runs)."""
+    return lambda query, num_kv_heads=None, cache_bytes=0: implementation
+
+
+def measure(model, context: int, ratio: float, args) -> dict:
+    ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context))
+    blocks = {"dense": []}
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(ids, past_key_values=cache)
+        token = ids[:, -1:]
+        _, token = decode_block_ms(model, cache, token, 2)  # warm-up
+        for _ in range(args.rounds):
+            milliseconds, token = decode_block_ms(model, cache, token, args.steps)
+            blocks["dense"].append(milliseconds)
+        press = AdaptivePress(SnapKVPress(ratio), backend="evict")
+        cache = DynamicCache(config=model.config)
+        chooser = varlen.choose_implementation
+        try:
+            with press(model):
+                model(ids, past_key_values=cache)
+                token = ids[:, -1:]
+                for _ in range(args.rounds):
+                    for implementation in IMPLEMENTATIONS:
+                        varlen.choose_implementation = forced(implementation)
+                        _, token = decode_block_ms(model, cache, token, 1)  # warm-up of this path
+                        milliseconds, token = decode_block_ms(model, cache, token, args.steps)
+                        blocks.setdefault(f"evict_{implementation}", []).append(milliseconds)
+        finally:
+            varlen.choose_implementation = chooser
+    medians = {name: statistics.median(values) for name, values in blocks.items()}
+    row = dict(context=context, ratio=ratio, ms_per_step=medians, blocks=blocks)
+    print(json.dumps({k: v for k, v in row.items() if k != "blocks"}), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.9])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    model, _ = load_default_model()
+    machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+    rows = [measure(model, context, ratio, args) for context in args.contexts for ratio in args.ratios]
+    lines = [
+        f"# Decode step on CPU ({machine}; torch {torch.__version__})",
+        "",
+        "SmolLM2-135M-Instruct, float32, random-token context, AdaptivePress(SnapKVPress(r)) evict; median ms per",
+        f"step of {args.rounds} blocks of {args.steps} greedy steps; the two flat-cache paths alternate on one cache.",
+        "",
+        "| context | r | dense | evict, in place (segments) | evict, padded copies (reference) |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ms = row["ms_per_step"]
+        lines.append(
+            f"| {row['context']} | {row['ratio']} | {ms['dense']:.1f} | {ms['evict_segments']:.1f} | "
+            f"{ms['evict_reference']:.1f} |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / "cpu_decode_smollm2"
+    stem.with_suffix(".json").write_text(json.dumps(dict(machine=machine, torch=torch.__version__, rows=rows), indent=1))
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
