@@ -147,10 +147,10 @@ def choose_implementation(query: torch.Tensor, num_kv_heads: int | None = None, 
     if (
         num_kv_heads is not None
         and cache_bytes <= CUDA_DECODE_MAX_BYTES
-        and not capturing_cuda_graph()
         and query.shape[-2] == 1
         and kernels.decode_supported(query.dtype, query.shape[-1], query.shape[1] // num_kv_heads)
         and cuda_decode_usable()
+        and not capturing_cuda_graph()
     ):
         return "cuda_decode"
     use_triton = triton_decode.triton_available() and query.dtype in triton_decode.SUPPORTED_DTYPES
