@@ -231,6 +231,16 @@ def test_reference_kernels_move_rows():
     padded = torch.arange(12.0).view(2, 3, 2)
     kernels_reference.append_rows(dst_k, dst_v, padded, -padded, torch.tensor([0, 3]), torch.tensor([0, 0]), torch.tensor([2, 1]))
     assert torch.equal(dst_k[0], padded[0, 2]) and torch.equal(dst_v[3:5], -padded[1, 1:])
+    # without padding (one index_copy_) the same rows as the general path with zero padding
+    rows = torch.randn(3, 4, 2)
+    results = []
+    for first_token in (None, torch.zeros(3, dtype=torch.long)):
+        keys, values, lengths = torch.zeros(30, 2), torch.zeros(30, 2), torch.tensor([2, 0, 5])
+        kernels_reference.append_rows(keys, values, rows, -rows, torch.tensor([0, 10, 20]), lengths, first_token)
+        results.append((keys, values, lengths))
+    for (keys, values, lengths), (other_keys, other_values, other_lengths) in zip(results, results[1:]):
+        assert torch.equal(keys, other_keys) and torch.equal(values, other_values) and torch.equal(lengths, other_lengths)
+    assert torch.equal(results[0][0][10:14], rows[1]) and results[0][2].tolist() == [6, 4, 9]
 
 
 def test_cuda_kernel_wrappers_refuse_cpu_tensors():

@@ -40,8 +40,12 @@ def append_rows(
     """dst_*: (rows, head_dim); new_*: (sequences, new_tokens, head_dim); offsets/lengths/first_token:
     (sequences,) int64. Advances `lengths` in place."""
     sequences, new_tokens, head_dim = new_keys.shape
-    if first_token is None:
-        first_token = torch.zeros_like(lengths)
+    if first_token is None:  # every token of every sequence: one index_copy_ per buffer
+        destinations = ((offsets + lengths)[:, None] + torch.arange(new_tokens, device=lengths.device)).reshape(-1)
+        dst_keys.index_copy_(0, destinations, new_keys.reshape(-1, head_dim))
+        dst_values.index_copy_(0, destinations, new_values.reshape(-1, head_dim))
+        lengths += new_tokens
+        return
     tokens = torch.arange(new_tokens, device=lengths.device)
     written = tokens[None, :] >= first_token[:, None]  # (sequences, new_tokens)
     destinations = (offsets + lengths - first_token)[:, None] + tokens[None, :]
