@@ -2,9 +2,9 @@
 (`segment_flat_attention`, the CPU default) and through padded copies (`reference_flat_attention`).
 
 The embedded SmolLM2-135M-Instruct in float32; a random-token context of each --contexts length is
-prefilled once per press (AdaptivePress(SnapKVPress(r)), backend "evict"), then blocks of --steps greedy
-decode steps alternate between the two attention implementations on that same cache (--rounds blocks each;
-the cache grows by one token per step for both), and dense decoding is timed on its own prefill. Every
+prefilled once into a dense cache and once under AdaptivePress(SnapKVPress(r)), backend "evict"; then
+blocks of --steps greedy decode steps alternate: dense, evict read in place, evict through padded copies
+(the two evict paths share one cache, which grows by one token per step for both), --rounds times. Every
 block's ms per step is kept; the table gives the medians.
 
     .venv/bin/python benchmarks/bench_cpu_decode.py --out benchmarks/results
@@ -42,28 +42,26 @@ def forced(implementation: str):
 
 def measure(model, context: int, ratio: float, args) -> dict:
     ids = torch.randint(100, 40000, (1, context), generator=torch.Generator().manual_seed(context))
-    blocks = {"dense": []}
+    press = AdaptivePress(SnapKVPress(ratio), backend="evict")
+    dense_cache, evicted_cache = DynamicCache(config=model.config), DynamicCache(config=model.config)
+    blocks: dict[str, list[float]] = {"dense": [], **{f"evict_{name}": [] for name in IMPLEMENTATIONS}}
+    chooser = varlen.choose_implementation
     with torch.no_grad():
-        cache = DynamicCache(config=model.config)
-        model(ids, past_key_values=cache)
-        token = ids[:, -1:]
-        _, token = decode_block_ms(model, cache, token, 2)  # warm-up
-        for _ in range(args.rounds):
-            milliseconds, token = decode_block_ms(model, cache, token, args.steps)
-            blocks["dense"].append(milliseconds)
-        press = AdaptivePress(SnapKVPress(ratio), backend="evict")
-        cache = DynamicCache(config=model.config)
-        chooser = varlen.choose_implementation
+        model(ids, past_key_values=dense_cache)
+        with press(model):
+            model(ids, past_key_values=evicted_cache)
+        tokens = {"dense": ids[:, -1:], "evict": ids[:, -1:]}
         try:
-            with press(model):
-                model(ids, past_key_values=cache)
-                token = ids[:, -1:]
-                for _ in range(args.rounds):
+            for _ in range(args.rounds):  # every block of every setting alternates with the others
+                _, tokens["dense"] = decode_block_ms(model, dense_cache, tokens["dense"], 1)  # warm-up
+                milliseconds, tokens["dense"] = decode_block_ms(model, dense_cache, tokens["dense"], args.steps)
+                blocks["dense"].append(milliseconds)
+                with press(model):
                     for implementation in IMPLEMENTATIONS:
                         varlen.choose_implementation = forced(implementation)
-                        _, token = decode_block_ms(model, cache, token, 1)  # warm-up of this path
-                        milliseconds, token = decode_block_ms(model, cache, token, args.steps)
-                        blocks.setdefault(f"evict_{implementation}", []).append(milliseconds)
+                        _, tokens["evict"] = decode_block_ms(model, evicted_cache, tokens["evict"], 1)
+                        milliseconds, tokens["evict"] = decode_block_ms(model, evicted_cache, tokens["evict"], args.steps)
+                        blocks[f"evict_{implementation}"].append(milliseconds)
         finally:
             varlen.choose_implementation = chooser
     medians = {name: statistics.median(values) for name, values in blocks.items()}
@@ -87,7 +85,7 @@ def main() -> None:
         f"# Decode step on CPU ({machine}; torch {torch.__version__})",
         "",
         "SmolLM2-135M-Instruct, float32, random-token context, AdaptivePress(SnapKVPress(r)) evict; median ms per",
-        f"step of {args.rounds} blocks of {args.steps} greedy steps; the two flat-cache paths alternate on one cache.",
+        f"step of {args.rounds} blocks of {args.steps} greedy steps, the three settings' blocks alternating.",
         "",
         "| context | r | dense | evict, in place (segments) | evict, padded copies (reference) |",
         "|---:|---:|---:|---:|---:|",
