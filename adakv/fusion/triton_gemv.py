@@ -1,0 +1,90 @@
+"""A Triton matrix-vector product for decode steps: y = x @ weight.T (+ bias) for a few rows of x (CUDA only).
+
+At batch 1 a decode step's linear layers read every weight once and do two flops per weight, so they are
+bound by memory bandwidth; torch's matmuls (cuBLAS) reach about 1.16x the weight-read limit on an H200
+(benchmarks/results/decode_floor_NVIDIA_H200.json, all layers in one CUDA graph). `gemv` streams the weight
+in (BLOCK_N x BLOCK_K) tiles, one program per BLOCK_N output features over the whole input dimension, fp32
+accumulation, one rounding to the output dtype (as cuBLAS; only the summation order differs). One row of x
+is multiplied in registers; 2 to MAX_ROWS rows go through tl.dot (padded to 16).
+`benchmarks/bench_gemv.py` compares it with torch's product per layer shape; the decode path does not use
+it yet (it becomes a switch once it measures faster).
+
+Shapes: x (..., K) with at most MAX_ROWS rows in all, any row stride with a unit last stride; weight
+(N, K) contiguous; bias (N,) or None; returns (..., N) in x's dtype. fp16/bf16/fp32 (fp32 with IEEE fp32
+products). This module imports triton at the top: import it only where Triton runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # decode batches; longer inputs are a matrix product's job
+DEFAULT_TILES = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)
+
+
+@triton.jit
+def gemv_kernel(
+    X, W, B, Y, rows, n_features, k_features, stride_x, stride_y,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_N output features of every row. BLOCK_M == 1: products summed along K in
+    registers; BLOCK_M >= 16 (a few rows padded): tl.dot per tile."""
+    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feature_valid = features < n_features
+    row_ids = tl.arange(0, BLOCK_M)
+    row_valid = row_ids < rows
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, k_features, BLOCK_K):
+        ks = start + tl.arange(0, BLOCK_K)
+        k_valid = ks < k_features
+        w = tl.load(
+            W + features[:, None].to(tl.int64) * k_features + ks[None, :],
+            mask=feature_valid[:, None] & k_valid[None, :], other=0.0,
+        )  # (BLOCK_N, BLOCK_K)
+        x = tl.load(
+            X + row_ids[:, None].to(tl.int64) * stride_x + ks[None, :],
+            mask=row_valid[:, None] & k_valid[None, :], other=0.0,
+        )  # (BLOCK_M, BLOCK_K)
+        if BLOCK_M == 1:
+            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+        else:
+            acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(B + features, mask=feature_valid, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        Y + row_ids[:, None].to(tl.int64) * stride_y + features[None, :],
+        acc.to(Y.dtype.element_ty),
+        mask=row_valid[:, None] & feature_valid[None, :],
+    )
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: dict | None = None) -> torch.Tensor:
+    """x (..., K) @ weight (N, K).T + bias -> (..., N); at most MAX_ROWS rows. tiles: overrides of
+    DEFAULT_TILES (BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning."""
+    k_features = x.shape[-1]
+    rows = x.numel() // max(k_features, 1)
+    if rows > MAX_ROWS or rows == 0:
+        raise ValueError(f"gemv takes 1 to {MAX_ROWS} rows of x, got {rows} (shape {tuple(x.shape)}).")
+    if weight.dim() != 2 or weight.shape[1] != k_features or not weight.is_contiguous():
+        raise ValueError(f"weight must be a contiguous (N, {k_features}) matrix, got {tuple(weight.shape)}.")
+    if weight.dtype != x.dtype or (bias is not None and (bias.dtype != x.dtype or bias.shape != weight.shape[:1])):
+        raise ValueError("x, weight and bias must share one dtype, and bias must be (N,).")
+    x2d = x.reshape(rows, k_features)
+    if x2d.stride(-1) != 1:
+        x2d = x2d.contiguous()
+    n_features = weight.shape[0]
+    out = torch.empty(rows, n_features, device=x.device, dtype=x.dtype)
+    settings = DEFAULT_TILES | (tiles or {})
+    block_m = 1 if rows == 1 else 16  # tl.dot needs 16 rows at least
+    block_n = settings["BLOCK_N"] if block_m == 1 else max(16, settings["BLOCK_N"])
+    gemv_kernel[(triton.cdiv(n_features, block_n),)](
+        x2d, weight, bias if bias is not None else weight, out, rows, n_features, k_features,
+        x2d.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=settings["BLOCK_K"],
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=settings["num_warps"], num_stages=settings["num_stages"],
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n_features)
