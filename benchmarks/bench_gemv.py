@@ -53,10 +53,15 @@ def sweep_shape(gemv, name: str, rows: int, busy: torch.Tensor, bandwidth: float
         torch_us=timings(lambda: F.linear(x, weight), busy, calls=40)["gpu_us"], settings=[],
     )  # fmt: skip
     for tiles in TILES:
-        error = (gemv(x, weight, tiles=tiles).float() - expected).abs().max().item()
-        us = timings(lambda t=tiles: gemv(x, weight, tiles=t), busy, calls=40)["gpu_us"]
-        row["settings"].append(dict(tiles, us=us, max_abs_error=error))
-    row["best"] = min(row["settings"], key=lambda setting: setting["us"])
+        try:
+            error = (gemv(x, weight, tiles=tiles).float() - expected).abs().max().item()
+            us = timings(lambda t=tiles: gemv(x, weight, tiles=t), busy, calls=40)["gpu_us"]
+            row["settings"].append(dict(tiles, us=us, max_abs_error=error))
+        except Exception as failure:  # noqa: BLE001 - e.g. tiles x stages beyond shared memory: skip that setting
+            row["settings"].append(dict(tiles, failed=f"{type(failure).__name__}: {failure}"[:200]))
+    allowed = 1e-2 * expected.abs().max().item() + 1e-2  # bf16 outputs: a wrong result is far above this
+    correct = [setting for setting in row["settings"] if "us" in setting and setting["max_abs_error"] <= allowed]
+    row["best"] = min(correct, key=lambda setting: setting["us"])
     return row
 
 
