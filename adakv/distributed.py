@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .selection import adaptive_budget_keep_mask, kept_count, layer_budget, safeguarded_scores
+from .selection import adaptive_budget_keep_mask, layer_budget, safeguarded_scores
 
 EXCHANGES = ("all_gather", "threshold_search")
 KEY_BITS = 32
@@ -150,7 +150,7 @@ def distributed_model_keep_masks(
             "every layer's scores and availability must be (batch, local_heads, seq) of one shape, got "
             f"{[tuple(s.shape) for s in scores]} and {[tuple(a.shape) for a in available]}."
         )
-    local_budget = sum(kept_count(a.sum(-1), ratio).sum(-1) for a, ratio in zip(available, compression_ratios))
+    local_budget = sum(layer_budget(a, ratio) for a, ratio in zip(available, compression_ratios))
     keep = distributed_budget_keep_mask(
         torch.stack(scores, dim=1), torch.stack(available, dim=1), local_budget, alpha_safeguard, group,
         exchange, radix_bits,

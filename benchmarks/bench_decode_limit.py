@@ -36,7 +36,7 @@ import transformers
 from transformers import DynamicCache, StaticCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_evict import GiB, build_model, kv_bytes  # noqa: E402
+from bench_evict import GiB, build_model, kv_bytes, synchronize  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
 
@@ -223,11 +223,6 @@ def generate_ms_per_token(model, cache, batch: int, tokens: int) -> float | str:
         return (time.perf_counter() - started) * 1000 / tokens
     except Exception as error:  # noqa: BLE001 - a measurement beside the table's: report why it failed
         return f"{type(error).__name__}: {error}"[:300]
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_case(model, batch, context, args, bandwidth, weights) -> list[dict]:

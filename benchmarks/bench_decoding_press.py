@@ -39,7 +39,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_evict import build_model, kv_bytes  # noqa: E402
+from bench_evict import build_model, kv_bytes, synchronize  # noqa: E402
 
 from adakv import AdaptivePress, DecodingPress, SnapKVPress  # noqa: E402
 
@@ -58,11 +58,6 @@ def make_press(method: str, interval: int, target: int):
     if method == "dense":
         return None
     return DecodingPress(AdaptivePress(SnapKVPress()), compression_interval=interval, target_size=target, backend="evict")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def allocated_bytes(device: torch.device) -> int:

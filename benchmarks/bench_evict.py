@@ -80,6 +80,12 @@ def kv_bytes(cache) -> int:
     return total
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for `device`'s queued work (nothing to wait for on a CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cuda_time_ms(fn) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()

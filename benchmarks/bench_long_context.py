@@ -50,7 +50,7 @@ import transformers
 from transformers import DynamicCache, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_evict import GiB, build_model, fit_line, kv_bytes, llama_8b_config  # noqa: E402
+from bench_evict import GiB, build_model, fit_line, kv_bytes, llama_8b_config, synchronize  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
 from adakv.chunked_prefill import prefill_in_chunks  # noqa: E402
@@ -112,11 +112,6 @@ class ChunkProgress:
             memory = f", {torch.cuda.memory_allocated() / GiB:.1f} GiB allocated" if self.device == "cuda" else ""
             elapsed = time.perf_counter() - self.started
             print(f"    {self.label}: chunk {self.seen}/{self.chunks} starts at {elapsed:.1f} s{memory}", flush=True)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def run_case(model, method: str, context: int, args, device: str) -> dict:

@@ -54,7 +54,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_evict import GiB, kv_bytes, llama_8b_config  # noqa: E402
+from bench_evict import GiB, kv_bytes, llama_8b_config, synchronize  # noqa: E402
 from bench_long_context import decode_steps, longest_context, tiny_config  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
@@ -127,11 +127,6 @@ def load_random_tp_model(config, dtype):
 
 
 # ----- measurements ----------------------------------------------------------------------------------
-def synchronize(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def make_press(ratio: float | None, exchange: str):
     if ratio is None:
         return None

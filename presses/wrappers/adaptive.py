@@ -13,7 +13,7 @@ from adakv.distributed import (
     distributed_model_keep_masks,
     tensor_parallel_group,
 )
-from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count
+from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, layer_budget
 
 from ..base import PrefillContext, WholePrefill, WrapperPress, check_fraction_fields, check_is_press
 
@@ -125,7 +125,7 @@ class AdaptivePress(WrapperPress):
         device = first.keys.device
         scores = torch.cat([self.press.score(context).float().to(device) for _, context, _ in pooled], dim=1)
         available = torch.cat([context.available.to(device) for _, context, _ in pooled], dim=1)
-        total = sum(kept_count(context.available.sum(-1), ratio).sum(-1).to(device) for _, context, ratio in pooled)
+        total = sum(layer_budget(context.available, ratio).to(device) for _, context, ratio in pooled)
         # (batch, layers * kv_heads, seq): every (layer, head) of the model is one row of the allocation
         keep = adaptive_budget_keep_mask(scores, available, total, self.alpha_safeguard)
         start = 0
