@@ -9,7 +9,8 @@ For each batch x context case, one process measures side by side:
   compresses, then the same cache is decoded eagerly and then inside `press(model, cuda_graphs=True)`;
   adaptive-snapkv-evict-graph-joined adds `join_projections=True` (q/k/v and gate/up as one product each),
   adaptive-snapkv-evict-graph-joined-fused also `fuse_elementwise=True` (norms, rotary, SiLU gates as one
-  Triton kernel each): the fastest decode adakv offers.
+  Triton kernel each), adaptive-snapkv-evict-graph-joined-fused-gemv also `gemv_linears=True` (the linears'
+  matrix-vector products as adakv's Triton GEMV): the fastest decode adakv offers.
 
 Every row: decode ms/token (median of `--steps` CUDA-event timings per step after `--warmup` steps; two
 passes, both kept, the second reported), KV GiB held, peak GiB, and
@@ -175,7 +176,7 @@ def press_rows(model, ids, args, bandwidth, weights, name, ratio) -> list[dict]:
     print(rows[-1], flush=True)
     variants = [("graph", {})]
     if name in args.joined:
-        variants += [("graph-joined", FUSIONS["joined"]), ("graph-joined-fused", FUSIONS["joined-fused"])]
+        variants += [(f"graph-{fusion}", FUSIONS[fusion]) for fusion in FUSIONS]
     for suffix, fusions in variants:
         rows.append(graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio, suffix, fusions))
         print(rows[-1], flush=True)
@@ -185,6 +186,7 @@ def press_rows(model, ids, args, bandwidth, weights, name, ratio) -> list[dict]:
 FUSIONS = {
     "joined": dict(join_projections=True),
     "joined-fused": dict(join_projections=True, fuse_elementwise=True),
+    "joined-fused-gemv": dict(join_projections=True, fuse_elementwise=True, gemv_linears=True),
 }
 
 
@@ -258,8 +260,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--joined", nargs="*", default=["adaptive-snapkv"], choices=list(PRESSES),
-                        help="presses also measured with join_projections=True (suffix graph-joined) and with "
-                             "fuse_elementwise=True as well (suffix graph-joined-fused)")
+                        help="presses also measured with join_projections=True (suffix graph-joined), with "
+                             "fuse_elementwise=True as well (suffix graph-joined-fused) and with gemv_linears=True "
+                             "as well (suffix graph-joined-fused-gemv)")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile dense baseline")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="", help="suffix of the result files (runs split over several calls)")
@@ -316,7 +319,7 @@ def plot(path: Path, meta: dict, rows: list[dict], ratio: float = 0.75) -> None:
 
     methods = ["dense-eager", "dense-compiled", "snapkv-evict-eager", "snapkv-evict-graph",
                "adaptive-snapkv-evict-eager", "adaptive-snapkv-evict-graph", "adaptive-snapkv-evict-graph-joined",
-               "adaptive-snapkv-evict-graph-joined-fused"]  # fmt: skip
+               "adaptive-snapkv-evict-graph-joined-fused", "adaptive-snapkv-evict-graph-joined-fused-gemv"]  # fmt: skip
     figure, (latency, memory) = plt.subplots(1, 2, figsize=(12, 4.5))
     for method in methods:
         points = sorted(

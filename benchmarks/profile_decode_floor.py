@@ -10,9 +10,11 @@ This script separates the model's own share of the gap from the KV cache's, in o
 - adaptive-graph: a whole AdaptivePress(SnapKV) evict decode step in `press(model, cuda_graphs=True)` at
   `--context` tokens (r = 0.75), and the same with the norms and MLPs of every layer run through
   `torch.compile` (fused elementwise kernels) to see what fusion outside attention would buy, and with
-  `join_projections=True` (q/k/v and gate/up as one product each), and with `fuse_elementwise=True` as well
-  (norms, rotary embeddings and SiLU gates as one Triton kernel each);
-- kernels: one eager step (plain, and joined + fused) and one graph replay (joined + fused) under the profiler:
+  `join_projections=True` (q/k/v and gate/up as one product each), with `fuse_elementwise=True` as well
+  (norms, rotary embeddings and SiLU gates as one Triton kernel each), and with `gemv_linears=True` as well
+  (the linears as adakv's Triton GEMV);
+- kernels: one eager step (plain, and joined + fused) and one graph replay (joined + fused, without and with
+  the GEMV) under the profiler:
   number of CUDA kernels and their summed GPU time by kind (matmul, attention and cache, elementwise), so that
   graph time - kernel time = gaps between kernels. Eager and graph steps differ in the attention kernel
   (eagerly the CUDA decode kernel up to 48 MiB per layer, in a graph always the Triton ones).
@@ -174,6 +176,7 @@ def main() -> None:
             "eager_kernels": {},
             "eager_kernels_joined_fused": FUSIONS["joined-fused"],
             "graph_kernels_joined_fused": dict(FUSIONS["joined-fused"], cuda_graphs=True),
+            "graph_kernels_joined_fused_gemv": dict(FUSIONS["joined-fused-gemv"], cuda_graphs=True),
         }
         for name, options in profiles.items():
             try:

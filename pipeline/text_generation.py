@@ -191,8 +191,10 @@ class KVPressTextGenerationPipeline(Pipeline):
       join_projections: True computes each layer's q/k/v and gate/up as one matrix product each during
         the call (adakv/fusion/joined_projections.py; fewer matrix products per decode step, the same memory).
       fuse_elementwise: True runs the norms, rotary embeddings and SiLU gates as one Triton kernel each
-        during the call (adakv/fusion/elementwise.py; model on CUDA). With cuda_graphs and
-        join_projections: the fastest decode steps.
+        during the call (adakv/fusion/elementwise.py; model on CUDA).
+      gemv_linears: True runs the decode steps' linear layers (1 to 16 input rows) as adakv's Triton
+        matrix-vector product during the call (adakv/fusion/gemv_linears.py; model on CUDA). With
+        cuda_graphs, join_projections and fuse_elementwise: the fastest decode steps.
       prefill_chunk_size: None (default) prefills the context in one forward and then compresses it;
         an int prefills it that many tokens at a time and compresses each chunk as it arrives
         (adakv.prefill_in_chunks: bounded prefill memory for long contexts; later chunks attend to
@@ -218,6 +220,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         cuda_graphs=False,
         join_projections=False,
         fuse_elementwise=False,
+        gemv_linears=False,
         **kwargs,
     ):
         if kwargs:
@@ -230,6 +233,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         forward = dict(
             press=press, max_new_tokens=max_new_tokens, cache=cache, prefill_chunk_size=prefill_chunk_size,
             cuda_graphs=cuda_graphs, join_projections=join_projections, fuse_elementwise=fuse_elementwise,
+            gemv_linears=gemv_linears,
         )  # fmt: skip
         postprocess = dict(single=questions is None)
         return preprocess, forward, postprocess
@@ -248,17 +252,16 @@ class KVPressTextGenerationPipeline(Pipeline):
         return {"context_ids": context_ids, "question_ids": question_ids}
 
     def _forward(self, model_inputs, press=None, max_new_tokens=50, cache=None, prefill_chunk_size=None,
-                 cuda_graphs=False, join_projections=False, fuse_elementwise=False):
+                 cuda_graphs=False, join_projections=False, fuse_elementwise=False, gemv_linears=False):
         cache = DynamicCache() if cache is None else cache
         if cuda_graphs and press is None:
             raise ValueError("cuda_graphs=True decodes over a compressed (evict) cache: pass a press too.")
         attach_tokenizer(press, self.tokenizer)  # KVzipPress encodes its repeat prompt with it
+        fusions = dict(join_projections=join_projections, fuse_elementwise=fuse_elementwise, gemv_linears=gemv_linears)
         if press is not None:
-            block = press(
-                self.model, cuda_graphs=cuda_graphs, join_projections=join_projections, fuse_elementwise=fuse_elementwise
-            )
+            block = press(self.model, cuda_graphs=cuda_graphs, **fusions)
         else:
-            block = model_fusions(self.model, join_projections, fuse_elementwise)
+            block = model_fusions(self.model, **fusions)
         with block:
             prefill_context(self.model, cache, model_inputs["context_ids"], press, prefill_chunk_size)
             answers = [

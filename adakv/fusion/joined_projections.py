@@ -18,7 +18,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Generator
+from typing import Callable, Generator
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +41,8 @@ class JoinedGroup:
     weight: torch.Tensor | None  # None once split again (so that the joined matrix is freed group by group)
     bias: torch.Tensor | None
     bounds: list[tuple[int, int]] = field(default_factory=list)
+    # (inputs, weight, bias) -> joined product; gemv_linears swaps in its GEMV routing within its block
+    product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = F.linear
     # The joined product of the last input, reused by each sibling's call on that same tensor; dropped
     # when that input is freed (so a prefill does not keep one product per layer alive).
     _last_input: weakref.ref | None = None
@@ -57,7 +59,7 @@ class JoinedGroup:
             )
         if self._last_input is None or self._last_input() is not inputs:
             self._token += 1
-            self._last_input, self._last_output = weakref.ref(inputs), F.linear(inputs, self.weight, self.bias)
+            self._last_input, self._last_output = weakref.ref(inputs), self.product(inputs, self.weight, self.bias)
             weakref.finalize(inputs, self._forget, self._token)
         start, end = self.bounds[index]
         return self._last_output[..., start:end]

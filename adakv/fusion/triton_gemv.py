@@ -6,8 +6,9 @@ bound by memory bandwidth; torch's matmuls (cuBLAS) reach about 1.16x the weight
 in (BLOCK_N x BLOCK_K) tiles, one program per BLOCK_N output features over the whole input dimension, fp32
 accumulation, one rounding to the output dtype (as cuBLAS; only the summation order differs). One row of x
 is multiplied in registers; 2 to MAX_ROWS rows go through tl.dot (padded to 16).
-`benchmarks/bench_gemv.py` compares it with torch's product per layer shape; the decode path does not use
-it yet (it becomes a switch once it measures faster).
+`GemvTuner` picks the tiles per weight shape by timing a few candidates on first use; `gemv_linears`
+(adakv/fusion/gemv_linears.py) routes a block's decode-step linears through `tuned_gemv`.
+`benchmarks/bench_gemv.py` compares it with torch's product per layer shape and over a whole step.
 
 Shapes: x (..., K) with at most MAX_ROWS rows in all, any row stride with a unit last stride; weight
 (N, K) contiguous; bias (N,) or None; returns (..., N) in x's dtype. fp16/bf16/fp32 (fp32 with IEEE fp32
@@ -20,8 +21,18 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16  # decode batches; longer inputs are a matrix product's job
+from adakv.fusion.gemv_linears import MAX_ROWS
+
 DEFAULT_TILES = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)
+# Candidates timed by GemvTuner: one row (products in registers) and 2 to MAX_ROWS rows (tl.dot, BLOCK_N >= 16).
+ONE_ROW_CANDIDATES = tuple(
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+    for n, k, w, s in ((8, 512, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (32, 256, 8, 3), (16, 1024, 8, 2), (8, 1024, 4, 2))
+)
+FEW_ROW_CANDIDATES = tuple(
+    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+    for n, k, w, s in ((16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 2))
+)
 
 
 @triton.jit
@@ -30,13 +41,15 @@ def gemv_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_N output features of every row. BLOCK_M == 1: products summed along K in
-    registers; BLOCK_M >= 16 (a few rows padded): tl.dot per tile."""
+    """One program: BLOCK_N output features of every row. BLOCK_M == 1: element-wise products accumulated
+    in a (BLOCK_N, BLOCK_K) fp32 tile and summed along K once at the end (a reduction across threads per
+    tile would stall the loads); BLOCK_M >= 16 (a few rows padded): tl.dot per tile."""
     features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     feature_valid = features < n_features
     row_ids = tl.arange(0, BLOCK_M)
     row_valid = row_ids < rows
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    products = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # one row: summed along K once, after the loop
     for start in range(0, k_features, BLOCK_K):
         ks = start + tl.arange(0, BLOCK_K)
         k_valid = ks < k_features
@@ -49,9 +62,11 @@ def gemv_kernel(
             mask=row_valid[:, None] & k_valid[None, :], other=0.0,
         )  # (BLOCK_M, BLOCK_K)
         if BLOCK_M == 1:
-            acc += tl.sum(x.to(tl.float32) * w.to(tl.float32), axis=1)[None, :]
+            products += x.to(tl.float32) * w.to(tl.float32)
         else:
             acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    if BLOCK_M == 1:
+        acc += tl.sum(products, axis=1)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + features, mask=feature_valid, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -88,3 +103,49 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         num_warps=settings["num_warps"], num_stages=settings["num_stages"],
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n_features)
+
+
+class GemvTuner:
+    """The fastest candidate tiles per (weight shape, dtype, device, bias or not, one row or several), found
+    by timing every candidate on first use (about a second per shape, mostly compiling) and kept for the
+    process. Inside a CUDA-graph capture nothing can be timed: an untimed shape runs DEFAULT_TILES there (the
+    graph decoder's eager warm-up step has timed every shape by then). Tensors off CUDA (Triton's CPU
+    interpreter, for tests) run DEFAULT_TILES."""
+
+    def __init__(self, repeats: int = 20):
+        self.repeats = repeats
+        self.chosen: dict[tuple, dict] = {}
+
+    def tiles_for(self, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+        key = (tuple(weight.shape), weight.dtype, weight.device, bias is not None, x2d.shape[0] == 1)
+        if key in self.chosen:
+            return self.chosen[key]
+        if not weight.is_cuda or torch.cuda.is_current_stream_capturing():
+            return DEFAULT_TILES
+        candidates = ONE_ROW_CANDIDATES if x2d.shape[0] == 1 else FEW_ROW_CANDIDATES
+        timed = [(self._time(x2d, weight, bias, tiles), index) for index, tiles in enumerate(candidates)]
+        self.chosen[key] = candidates[min(timed)[1]]
+        return self.chosen[key]
+
+    def _time(self, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: dict) -> float:
+        """Mean ms per call (infinite for tiles the GPU cannot run, e.g. beyond its shared memory)."""
+        try:
+            gemv(x2d, weight, bias, tiles)  # compiles
+        except Exception:  # noqa: BLE001 - triton's out-of-resources errors have no common public base class
+            return float("inf")
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(self.repeats):
+            gemv(x2d, weight, bias, tiles)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / self.repeats
+
+
+TUNER = GemvTuner()
+
+
+def tuned_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`gemv` with the tiles TUNER picked for this weight shape (timed on first use)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return gemv(x, weight, bias, tiles=TUNER.tiles_for(x.reshape(rows, x.shape[-1]), weight, bias))

@@ -1,0 +1,112 @@
+"""Decode-step linear layers as adakv's Triton GEMV, for the duration of a block.
+
+At batch 1 a decode step's linear layers are matrix-vector products bound by reading the weights; on an
+H200 torch's products (cuBLAS) read them at about 1.16x the copy-bandwidth limit
+(benchmarks/results/decode_floor_NVIDIA_H200.json). `gemv_linears(model, groups)` routes every product
+with 1 to MAX_ROWS input rows through `tuned_gemv` (adakv/fusion/triton_gemv.py; its tiles timed per
+weight shape on first use) and leaves larger inputs (prefills, long appends) to torch:
+
+- every plain `nn.Linear` of the model, the lm_head included, gets an instance `forward`;
+- the joined groups of `joined_projections` (passed as `groups`) compute their joined product with it.
+
+Linears whose forward another wrapper already replaced (an accelerate hook) are left as they are and
+listed. On exit every module and group computes with torch again. Forwards that record gradients for a
+weight go to torch too: the GEMV has no backward.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Generator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adakv.fusion.joined_projections import JoinedGroup
+from adakv.models import forward_is_replaced
+
+MAX_ROWS = 16  # decode batches; longer inputs are a matrix product's job
+
+# (x (..., K), weight (N, K), bias (N,) or None) -> (..., N)
+Product = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+@dataclass
+class GemvLinears:
+    """What `gemv_linears` routed: module and joined-group counts, and the linears it left with their reason."""
+
+    linears: int = 0
+    groups: int = 0
+    left_as_is: list[str] = field(default_factory=list)
+
+
+def triton_product() -> Product:
+    try:
+        from adakv.fusion.triton_gemv import tuned_gemv
+    except ImportError as error:
+        raise RuntimeError(f"gemv_linears needs Triton ({error}); use gemv_linears=False.") from error
+    return tuned_gemv
+
+
+def routed_product(gemv: Product) -> Product:
+    """`gemv` for inputs of 1 to MAX_ROWS rows that it can take, F.linear for everything else."""
+
+    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        takes = (
+            1 <= rows <= MAX_ROWS
+            and weight.is_contiguous()
+            and x.dtype == weight.dtype
+            and (bias is None or bias.dtype == weight.dtype)
+            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        )
+        return gemv(x, weight, bias) if takes else F.linear(x, weight, bias)
+
+    return product
+
+
+def _check_device(model: nn.Module) -> None:
+    devices = {parameter.device.type for parameter in model.parameters()}
+    if devices != {"cuda"}:
+        raise ValueError(
+            f"gemv_linears runs a Triton kernel on CUDA; this model has parameters on {sorted(devices)}. "
+            "Move the model to a CUDA device or use gemv_linears=False."
+        )
+
+
+@contextmanager
+def gemv_linears(
+    model: nn.Module, groups: Sequence[JoinedGroup] = (), gemv: Product | None = None
+) -> Generator[GemvLinears, None, None]:
+    """Within the block the model's linears (and `groups`' joined products) run products of 1 to MAX_ROWS
+    input rows through `gemv`: by default adakv's tuned Triton GEMV, which needs a CUDA model; tests pass
+    another product to run the routing on CPU. Yields what was routed."""
+    if gemv is None:
+        _check_device(model)
+        gemv = triton_product()
+    product = routed_product(gemv)
+    report = GemvLinears()
+    linears = []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        if forward_is_replaced(module):
+            if not any(module in group.linears for group in groups):
+                report.left_as_is.append(f"{name}: its forward is already replaced by another wrapper")
+            continue
+        linears.append(module)
+    try:
+        for linear in linears:
+            linear.forward = lambda x, linear=linear: product(x, linear.weight, linear.bias)
+            report.linears += 1
+        for group in groups:
+            group.product = product
+            report.groups += 1
+        yield report
+    finally:
+        for linear in linears:
+            linear.__dict__.pop("forward", None)
+        for group in groups:
+            group.product = F.linear

@@ -1,0 +1,172 @@
+"""`gemv_linears=True` (adakv/fusion/gemv_linears.py): decode-step linears (1 to MAX_ROWS input rows) through
+the GEMV, larger inputs through torch, the same outputs, every module restored on exit, clear refusals.
+
+On CPU the routing runs with a counting torch product, so that a routed path that is never taken fails;
+with TRITON_INTERPRET=1 (or on a GPU) the Triton GEMV itself runs whole models."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import FAMILY_CONFIGS, press_logits_and_tokens, random_ids, tiny_model
+from torch import nn
+
+from adakv import presses as P
+from adakv.fusion.gemv_linears import MAX_ROWS, gemv_linears
+from adakv.fusion.joined_projections import joined_projections
+
+TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
+    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+)
+
+
+class CountingProduct:
+    """F.linear, recording the number of input rows of every call."""
+
+    def __init__(self):
+        self.rows: list[int] = []
+
+    def __call__(self, x, weight, bias):
+        self.rows.append(x.numel() // x.shape[-1])
+        return F.linear(x, weight, bias)
+
+
+def logits_and_tokens(model, ids, max_new_tokens=12):
+    with torch.no_grad():
+        logits = model(ids).logits
+        tokens = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    return logits, tokens
+
+
+def no_forward_left(model) -> bool:
+    return all("forward" not in module.__dict__ for module in model.modules())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CONFIGS))
+def test_decode_steps_go_through_the_gemv_and_prefills_through_torch(family):
+    model = tiny_model(family)
+    ids = random_ids(2, 40)
+    expected_logits, expected_tokens = logits_and_tokens(model, ids)
+    counting = CountingProduct()
+    with gemv_linears(model, gemv=counting) as routed:
+        logits, tokens = logits_and_tokens(model, ids)
+    assert torch.equal(logits, expected_logits) and torch.equal(tokens, expected_tokens)
+    assert routed.linears == sum(type(module) is nn.Linear for module in model.modules())
+    assert routed.groups == 0 and routed.left_as_is == []
+    # generate: the prefill (80 rows: torch's, but its lm_head sees the last position only), then 11 steps
+    assert counting.rows == [2] * (1 + routed.linears * 11)
+    assert no_forward_left(model)
+
+
+def test_joined_groups_compute_their_joined_product_with_the_gemv():
+    model = tiny_model("llama")
+    ids = random_ids(1, 30)
+    expected_logits, expected_tokens = logits_and_tokens(model, ids, max_new_tokens=5)
+    counting = CountingProduct()
+    with joined_projections(model) as groups, gemv_linears(model, groups, gemv=counting) as routed:
+        assert all(group.product is not F.linear for group in groups)
+        logits, tokens = logits_and_tokens(model, ids, max_new_tokens=5)
+    assert all(group.product is F.linear for group in groups)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, expected_tokens)
+    layers = model.config.num_hidden_layers
+    assert routed.groups == 2 * layers and routed.left_as_is == []
+    assert routed.linears == 2 * layers + 1  # o_proj, down_proj, lm_head; the siblings go through their group
+    assert counting.rows == [1] * (1 + (2 * layers + routed.linears) * 4)  # the prefill's lm_head, 4 steps
+    assert no_forward_left(model)
+
+
+def test_inputs_the_gemv_cannot_take_go_to_torch():
+    counting = CountingProduct()
+    linear = nn.Linear(8, 4)
+    with gemv_linears(linear, gemv=counting):
+        assert linear(torch.randn(2, 8)).grad_fn is not None  # gradients for the weight: torch's product
+        with torch.no_grad():
+            linear(torch.randn(MAX_ROWS, 8))  # routed
+            linear(torch.randn(MAX_ROWS + 1, 8))  # a prefill's worth of rows
+            linear.weight.data = torch.randn(8, 4).t()  # a weight that is not contiguous
+            linear(torch.randn(1, 8))
+    assert counting.rows == [MAX_ROWS]
+
+
+def test_a_wrapped_linear_is_left_as_it_is_and_listed():
+    model = tiny_model("mistral")
+    o_proj = model.model.layers[1].self_attn.o_proj
+    wrapper = lambda hidden: type(o_proj).forward(o_proj, hidden)  # noqa: E731 - an accelerate-style hook
+    o_proj.forward = wrapper
+    counting = CountingProduct()
+    with gemv_linears(model, gemv=counting) as routed:
+        logits_and_tokens(model, random_ids(1, 20), max_new_tokens=2)
+        assert o_proj.forward is wrapper
+    assert routed.left_as_is == ["model.layers.1.self_attn.o_proj: its forward is already replaced by another wrapper"]
+    assert o_proj.forward is wrapper
+    assert len(counting.rows) == 1 + routed.linears  # the prefill's lm_head, one decode step
+
+
+def test_a_cpu_model_is_refused_with_the_reason():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"Triton kernel on CUDA; this model has parameters on \['cpu'\]"):
+        with P.SnapKVPress(0.5)(model, gemv_linears=True):
+            pass
+    assert no_forward_left(model)
+
+
+def test_emulated_graphs_with_the_gemv_routing_give_the_eager_tokens():
+    model = tiny_model("qwen2")  # q/k/v biases
+    ids = random_ids(1, 40)
+    press = P.AdaptivePress(P.SnapKVPress(0.5, window_size=8), backend="evict")
+    _, eager = press_logits_and_tokens(model, ids, press)
+    counting = CountingProduct()
+    with gemv_linears(model, gemv=counting):
+        _, graphed = press_logits_and_tokens(model, ids, press, cuda_graphs="emulate")
+    assert torch.equal(graphed, eager)
+    assert press.graph_decoder.captures == 1 and 1 in counting.rows
+
+
+@pytest.mark.skipif(not TRITON_RUNS, reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_the_triton_gemv_runs_whole_models(family):
+    from adakv.fusion.triton_gemv import TUNER, tuned_gemv
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = tiny_model(family).to(device)
+    ids = random_ids(2, 24).to(device)
+    expected_logits, expected_tokens = logits_and_tokens(model, ids, max_new_tokens=4)
+    with joined_projections(model) as groups, gemv_linears(model, groups, gemv=tuned_gemv):
+        logits, tokens = logits_and_tokens(model, ids, max_new_tokens=4)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(tokens, expected_tokens)
+    if device == "cuda":  # every decode shape was timed and given its tiles
+        shapes = {tuple(module.weight.shape) for module in model.modules() if type(module) is nn.Linear}
+        assert {key[0] for key in TUNER.chosen} >= {model.lm_head.weight.shape}
+        assert len(shapes) > 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_cuda_graphs_with_every_fusion_give_the_eager_tokens(family):
+    model = tiny_model(family).cuda()
+    ids = random_ids(2, 40).cuda()
+    press = P.AdaptivePress(P.SnapKVPress(0.5, window_size=8), backend="evict")
+    _, eager = press_logits_and_tokens(model, ids, press)
+    fusions = dict(join_projections=True, fuse_elementwise=True, gemv_linears=True)
+    _, graphed = press_logits_and_tokens(model, ids, press, cuda_graphs=True, **fusions)
+    assert torch.equal(graphed, eager)
+    assert press.graph_decoder.captures == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_gemv_logits_are_within_rounding_of_torch():
+    model = tiny_model("llama").cuda().to(torch.bfloat16)
+    ids = random_ids(1, 1).cuda()
+    with torch.no_grad():
+        plain = model(ids).logits.float()
+        with gemv_linears(model):
+            routed = model(ids).logits.float()
+    assert (routed - plain).abs().max() <= 0.02 * plain.abs().max()
