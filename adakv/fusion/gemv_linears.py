@@ -3,8 +3,8 @@
 At batch 1 a decode step's linear layers are matrix-vector products bound by reading the weights; on an
 H200 torch's products (cuBLAS) read them at about 1.16x the copy-bandwidth limit
 (benchmarks/results/decode_floor_NVIDIA_H200.json). `gemv_linears(model, groups)` routes every product
-with 1 to MAX_ROWS input rows through `tuned_gemv` (adakv/fusion/triton_gemv.py; its tiles timed per
-weight shape on first use) and leaves larger inputs (prefills, long appends) to torch:
+with 1 to MAX_ROWS input rows through `gemv` (adakv/fusion/triton_gemv.py, tiles from `gemv_tiles`) and
+leaves larger inputs (prefills, long appends) to torch:
 
 - every plain `nn.Linear` of the model, the lm_head included, gets an instance `forward`;
 - the joined groups of `joined_projections` (passed as `groups`) compute their joined product with it.
@@ -29,6 +29,24 @@ from adakv.models import forward_is_replaced
 
 MAX_ROWS = 16  # decode batches; longer inputs are a matrix product's job
 
+# Tile plan, fitted to benchmarks/results/gemv_NVIDIA_H200.json (bf16, the 8B shape's five weight shapes,
+# 1 and 8 rows, 36 settings each): one setting per class below is within 3% of each shape's fastest there.
+# The classes are by output features per multiprocessor: few -> fewer, longer programs (wide K tiles).
+FEW_FEATURES_PER_SM = 32  # N <= 32 x SMs: o_proj / down_proj of the 8B shape (N = 4096 on 132 SMs)
+MANY_FEATURES_PER_SM = 64  # N > 64 x SMs: gate/up joined and the lm_head
+
+
+def gemv_tiles(rows: int, n_features: int, num_sms: int) -> dict:
+    """Tile sizes and launch settings of the GEMV for `rows` input rows and an (n_features, K) weight."""
+    per_sm = n_features / num_sms
+    if rows == 1:  # products in registers: narrow programs, many of them
+        block_n, block_k, stages = (16, 1024, 2) if per_sm <= FEW_FEATURES_PER_SM else (8, 512, 2)
+    else:  # tl.dot over 16 padded rows
+        block_n = 32
+        block_k, stages = (512, 4) if per_sm <= FEW_FEATURES_PER_SM else (256, 4 if per_sm <= MANY_FEATURES_PER_SM else 2)
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+
+
 # (x (..., K), weight (N, K), bias (N,) or None) -> (..., N)
 Product = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -44,10 +62,10 @@ class GemvLinears:
 
 def triton_product() -> Product:
     try:
-        from adakv.fusion.triton_gemv import tuned_gemv
+        from adakv.fusion.triton_gemv import gemv
     except ImportError as error:
         raise RuntimeError(f"gemv_linears needs Triton ({error}); use gemv_linears=False.") from error
-    return tuned_gemv
+    return gemv
 
 
 def routed_product(gemv: Product) -> Product:
@@ -81,7 +99,7 @@ def gemv_linears(
     model: nn.Module, groups: Sequence[JoinedGroup] = (), gemv: Product | None = None
 ) -> Generator[GemvLinears, None, None]:
     """Within the block the model's linears (and `groups`' joined products) run products of 1 to MAX_ROWS
-    input rows through `gemv`: by default adakv's tuned Triton GEMV, which needs a CUDA model; tests pass
+    input rows through `gemv`: by default adakv's Triton GEMV, which needs a CUDA model; tests pass
     another product to run the routing on CPU. Yields what was routed."""
     if gemv is None:
         _check_device(model)

@@ -6,9 +6,9 @@ bound by memory bandwidth; torch's matmuls (cuBLAS) reach about 1.16x the weight
 in (BLOCK_N x BLOCK_K) tiles, one program per BLOCK_N output features over the whole input dimension, fp32
 accumulation, one rounding to the output dtype (as cuBLAS; only the summation order differs). One row of x
 is multiplied in registers; 2 to MAX_ROWS rows go through tl.dot (padded to 16).
-`GemvTuner` picks the tiles per weight shape by timing a few candidates on first use; `gemv_linears`
-(adakv/fusion/gemv_linears.py) routes a block's decode-step linears through `tuned_gemv`.
-`benchmarks/bench_gemv.py` compares it with torch's product per layer shape and over a whole step.
+The tiles come from `gemv_tiles` (adakv/fusion/gemv_linears.py), a plan fitted to an H200 sweep;
+`gemv_linears` routes a block's decode-step linears here. `benchmarks/bench_gemv.py` compares it with
+torch's product per layer shape and over a whole step.
 
 Shapes: x (..., K) with at most MAX_ROWS rows in all, any row stride with a unit last stride; weight
 (N, K) contiguous; bias (N,) or None; returns (..., N) in x's dtype. fp16/bf16/fp32 (fp32 with IEEE fp32
@@ -17,22 +17,19 @@ products). This module imports triton at the top: import it only where Triton ru
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 
-from adakv.fusion.gemv_linears import MAX_ROWS
+from adakv.fusion.gemv_linears import MAX_ROWS, gemv_tiles
 
-DEFAULT_TILES = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=3)
-# Candidates timed by GemvTuner: one row (products in registers) and 2 to MAX_ROWS rows (tl.dot, BLOCK_N >= 16).
-ONE_ROW_CANDIDATES = tuple(
-    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-    for n, k, w, s in ((8, 512, 4, 3), (16, 512, 4, 3), (16, 256, 4, 4), (32, 256, 8, 3), (16, 1024, 8, 2), (8, 1024, 4, 2))
-)
-FEW_ROW_CANDIDATES = tuple(
-    dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-    for n, k, w, s in ((16, 256, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (32, 512, 8, 3), (64, 256, 8, 3), (16, 1024, 8, 2))
-)
+
+@lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count (an H200's, 132, for tensors off CUDA: Triton's CPU interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
 @triton.jit
@@ -77,8 +74,8 @@ def gemv_kernel(
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: dict | None = None) -> torch.Tensor:
-    """x (..., K) @ weight (N, K).T + bias -> (..., N); at most MAX_ROWS rows. tiles: overrides of
-    DEFAULT_TILES (BLOCK_N, BLOCK_K, num_warps, num_stages), for tuning."""
+    """x (..., K) @ weight (N, K).T + bias -> (..., N); at most MAX_ROWS rows. tiles: BLOCK_N, BLOCK_K,
+    num_warps, num_stages overriding `gemv_tiles`' plan (for tuning sweeps)."""
     k_features = x.shape[-1]
     rows = x.numel() // max(k_features, 1)
     if rows > MAX_ROWS or rows == 0:
@@ -92,7 +89,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x2d = x2d.contiguous()
     n_features = weight.shape[0]
     out = torch.empty(rows, n_features, device=x.device, dtype=x.dtype)
-    settings = DEFAULT_TILES | (tiles or {})
+    settings = gemv_tiles(rows, n_features, multiprocessors(x.device)) | (tiles or {})
     block_m = 1 if rows == 1 else 16  # tl.dot needs 16 rows at least
     block_n = settings["BLOCK_N"] if block_m == 1 else max(16, settings["BLOCK_N"])
     gemv_kernel[(triton.cdiv(n_features, block_n),)](
@@ -104,48 +101,3 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n_features)
 
-
-class GemvTuner:
-    """The fastest candidate tiles per (weight shape, dtype, device, bias or not, one row or several), found
-    by timing every candidate on first use (about a second per shape, mostly compiling) and kept for the
-    process. Inside a CUDA-graph capture nothing can be timed: an untimed shape runs DEFAULT_TILES there (the
-    graph decoder's eager warm-up step has timed every shape by then). Tensors off CUDA (Triton's CPU
-    interpreter, for tests) run DEFAULT_TILES."""
-
-    def __init__(self, repeats: int = 20):
-        self.repeats = repeats
-        self.chosen: dict[tuple, dict] = {}
-
-    def tiles_for(self, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
-        key = (tuple(weight.shape), weight.dtype, weight.device, bias is not None, x2d.shape[0] == 1)
-        if key in self.chosen:
-            return self.chosen[key]
-        if not weight.is_cuda or torch.cuda.is_current_stream_capturing():
-            return DEFAULT_TILES
-        candidates = ONE_ROW_CANDIDATES if x2d.shape[0] == 1 else FEW_ROW_CANDIDATES
-        timed = [(self._time(x2d, weight, bias, tiles), index) for index, tiles in enumerate(candidates)]
-        self.chosen[key] = candidates[min(timed)[1]]
-        return self.chosen[key]
-
-    def _time(self, x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: dict) -> float:
-        """Mean ms per call (infinite for tiles the GPU cannot run, e.g. beyond its shared memory)."""
-        try:
-            gemv(x2d, weight, bias, tiles)  # compiles
-        except Exception:  # noqa: BLE001 - triton's out-of-resources errors have no common public base class
-            return float("inf")
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(self.repeats):
-            gemv(x2d, weight, bias, tiles)
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / self.repeats
-
-
-TUNER = GemvTuner()
-
-
-def tuned_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`gemv` with the tiles TUNER picked for this weight shape (timed on first use)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    return gemv(x, weight, bias, tiles=TUNER.tiles_for(x.reshape(rows, x.shape[-1]), weight, bias))
