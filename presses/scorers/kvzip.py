@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from adakv.cache import checkpoint, restore
+from adakv.flat.triton_decode import MAX_HEAD_DIM, triton_available
 from adakv.models import cache_argument_name, queries
 
 from ..base import BasePress, PrefillContext, WholePrefill
@@ -163,6 +164,27 @@ def reconstruction_scores(prefill: WholePrefill, prompt_ids: tuple[int, ...], ch
 
 
 def update_max_attention(
+    running_max: torch.Tensor, chunk_queries: torch.Tensor, keys: torch.Tensor, scaling: float,
+    context_length: int, chunk_start: int, first_counted: int,
+) -> None:
+    """`torch_max_attention`'s update, by the Triton kernels of kvzip_kernels.py on CUDA (they hold no
+    probabilities), by PyTorch elsewhere."""
+    fused = (
+        keys.is_cuda
+        and triton_available()
+        and chunk_queries.dtype == keys.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and keys.shape[-1] <= MAX_HEAD_DIM
+    )
+    if not fused:
+        torch_max_attention(running_max, chunk_queries, keys, scaling, context_length, chunk_start, first_counted)
+        return
+    from .kvzip_kernels import triton_max_attention
+
+    unit_last_stride = [tensor if tensor.stride(-1) == 1 else tensor.contiguous() for tensor in (chunk_queries, keys)]
+    triton_max_attention(running_max, *unit_last_stride, scaling, context_length, chunk_start, first_counted)
+
+
+def torch_max_attention(
     running_max: torch.Tensor, chunk_queries: torch.Tensor, keys: torch.Tensor, scaling: float,
     context_length: int, chunk_start: int, first_counted: int,
 ) -> None:

@@ -1,0 +1,83 @@
+"""KVzip's Triton scoring (presses/scorers/kvzip_kernels.py) equals its PyTorch statement
+(`torch_max_attention`): GPU, or CPU under TRITON_INTERPRET=1 with triton installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from presses.scorers.kvzip import torch_max_attention
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+    pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="needs a CUDA device (or TRITON_INTERPRET=1)"),
+]
+
+
+def inputs(batch, heads, kv_heads, chunk, head_dim, context_length, chunk_start, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    # queries as a model makes them: (batch, chunk, heads, head_dim) transposed, so not contiguous
+    queries = torch.randn(batch, chunk, heads, head_dim, generator=generator).transpose(1, 2)
+    keys = torch.randn(batch, kv_heads, context_length + chunk_start + chunk, head_dim, generator=generator)
+    running = torch.rand(batch, kv_heads, context_length, generator=generator) * 0.05  # earlier chunks' maxima
+    return queries.to(DEVICE, dtype), keys.to(DEVICE, dtype), running.to(DEVICE)
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(2, 2), (6, 2)])
+@pytest.mark.parametrize("chunk, chunk_start, first_counted", [(7, 0, 3), (40, 5, 0), (70, 0, 9), (30, 4, 40)])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_triton_scoring_equals_the_pytorch_statement(heads, kv_heads, chunk, chunk_start, first_counted, head_dim):
+    from presses.scorers.kvzip_kernels import triton_max_attention
+
+    context_length = 83
+    queries, keys, running = inputs(2, heads, kv_heads, chunk, head_dim, context_length, chunk_start, torch.float32, chunk)
+    expected = running.clone()
+    torch_max_attention(expected, queries, keys, 0.3, context_length, chunk_start, first_counted)
+    triton_max_attention(running, queries, keys, 0.3, context_length, chunk_start, first_counted)
+    torch.testing.assert_close(running, expected, rtol=1e-5, atol=1e-6)
+    if first_counted >= chunk_start + chunk:  # only the repeat prompt: nothing counted, nothing changed
+        assert torch.equal(running, inputs(2, heads, kv_heads, chunk, head_dim, context_length, chunk_start, torch.float32, chunk)[2])
+    else:
+        assert (running > expected.new_tensor(0.05)).any()  # the update did reach the running maximum
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter rounds bf16 differently from the GPU")
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bf16_triton_scoring_is_within_rounding_of_pytorch(head_dim):
+    from presses.scorers.kvzip_kernels import triton_max_attention
+
+    queries, keys, running = inputs(1, 12, 2, 512, head_dim, 1500, 256, torch.bfloat16, 0)
+    expected = running.clone()
+    torch_max_attention(expected, queries, keys, head_dim**-0.5, 1500, 256, 0)
+    triton_max_attention(running, queries, keys, head_dim**-0.5, 1500, 256, 0)
+    torch.testing.assert_close(running, expected, rtol=2e-3, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the press takes the kernels on CUDA tensors only")
+def test_kvzip_press_keeps_the_same_pairs_with_the_kernels_and_with_pytorch(monkeypatch):
+    from conftest import random_ids, tiny_model
+
+    from adakv import kept_token_counts
+    from adakv import presses as P
+    from presses.scorers import kvzip
+
+    model = tiny_model("qwen2").cuda()
+    ids = random_ids(1, 90).cuda()
+
+    def compressed_tokens():
+        press = P.AdaptivePress(P.KVzipPress(0.5, repeat_prompt_ids=(5, 6, 7), chunk_size=32), scope="model")
+        with torch.no_grad(), press(model):
+            tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        return tokens.sequences, kept_token_counts(tokens.past_key_values)
+
+    fused_tokens, fused_counts = compressed_tokens()
+    monkeypatch.setattr(kvzip, "triton_available", lambda: False)
+    tokens, counts = compressed_tokens()
+    assert torch.equal(tokens, fused_tokens)
+    assert counts.keys() == fused_counts.keys() and all(torch.equal(counts[i], fused_counts[i]) for i in counts)
