@@ -13,7 +13,7 @@ from test_evict import run
 from test_presses import SCORERS, attention_for
 from transformers import AutoModelForCausalLM
 
-from adakv import AdaptivePress, CriticalKVPress, kept_token_counts, prefill_in_chunks
+from adakv import AdaptivePress, CriticalKVPress, KVzipPress, kept_token_counts, prefill_in_chunks
 from adakv.cache import compressed_layers
 from adakv.flat.layer import FlatHeadwiseLayer
 
@@ -130,3 +130,21 @@ def test_evict_attention_switches_to_the_layers_gpu(monkeypatch):
     with attention.on_device_of(on_second), attention.on_device_of(on_first), attention.on_device_of(torch.zeros(1)):
         pass
     assert switched == [torch.device("cuda", 1)]
+
+
+@pytest.mark.gpu
+@needs_two_gpus
+def test_kvzip_and_every_fusion_on_layers_split_over_two_gpus(tmp_path):
+    """Model-wide KVzip (its Triton scoring) and the three Triton fusions launch on each layer's GPU."""
+    pytest.importorskip("accelerate", reason="transformers' device_map loading needs accelerate (pip install adakv[multi])")
+    tiny_model("llama").save_pretrained(tmp_path)
+    single = load(tmp_path, "sdpa", device_map={"": "cuda:0"})
+    split = load(tmp_path, "sdpa", device_map=split_device_map(0, 1))
+    ids = random_ids(1, 48)
+    fusions = dict(join_projections=True, fuse_elementwise=True, gemv_linears=True)
+    tokens = []
+    for model in (single, split):
+        press = AdaptivePress(KVzipPress(RATIO, repeat_prompt_ids=(5, 6, 7), chunk_size=16), scope="model")
+        with torch.no_grad(), press(model, **fusions):
+            tokens.append(model.generate(ids.to(model.device), max_new_tokens=8, do_sample=False, pad_token_id=0).cpu())
+    assert torch.equal(tokens[0], tokens[1])

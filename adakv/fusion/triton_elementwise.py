@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adakv.attention import on_device_of
+
 SILU_BLOCK = 1024
 
 
@@ -91,10 +93,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     out_dtype = x.dtype if scale_in_fp32 else torch.promote_types(weight.dtype, x.dtype)
     rows = _rows(x)
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    rms_norm_kernel[(rows.shape[0],)](
-        rows, weight, out, rows.stride(0), out.stride(0), rows.shape[1], eps, weight_offset,
-        SCALE_IN_FP32=scale_in_fp32, BLOCK=triton.next_power_of_2(rows.shape[1]),
-    )  # fmt: skip
+    with on_device_of(x):
+        rms_norm_kernel[(rows.shape[0],)](
+            rows, weight, out, rows.stride(0), out.stride(0), rows.shape[1], eps, weight_offset,
+            SCALE_IN_FP32=scale_in_fp32, BLOCK=triton.next_power_of_2(rows.shape[1]),
+        )  # fmt: skip
     return out.view(x.shape)
 
 
@@ -107,10 +110,11 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         cos, sin = cos.contiguous(), sin.contiguous()
     out = torch.empty_like(x)  # keeps x's layout, as the unfused arithmetic does
     half = head_dim // 2
-    rotary_kernel[(batch * tokens, heads)](
-        x, cos, sin, out, *x.stride()[:3], *out.stride()[:3], cos.stride(0), cos.stride(1), tokens,
-        HALF=half, BLOCK=triton.next_power_of_2(half),
-    )  # fmt: skip
+    with on_device_of(x):
+        rotary_kernel[(batch * tokens, heads)](
+            x, cos, sin, out, *x.stride()[:3], *out.stride()[:3], cos.stride(0), cos.stride(1), tokens,
+            HALF=half, BLOCK=triton.next_power_of_2(half),
+        )  # fmt: skip
     return out
 
 
@@ -118,8 +122,9 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     gate_rows, up_rows = _rows(gate), _rows(up)
     out = torch.empty(gate_rows.shape, dtype=gate.dtype, device=gate.device)
     grid = (gate_rows.shape[0], triton.cdiv(gate_rows.shape[1], SILU_BLOCK))
-    silu_mul_kernel[grid](
-        gate_rows, up_rows, out, gate_rows.stride(0), up_rows.stride(0), out.stride(0), gate_rows.shape[1],
-        BLOCK=SILU_BLOCK,
-    )  # fmt: skip
+    with on_device_of(gate):
+        silu_mul_kernel[grid](
+            gate_rows, up_rows, out, gate_rows.stride(0), up_rows.stride(0), out.stride(0), gate_rows.shape[1],
+            BLOCK=SILU_BLOCK,
+        )  # fmt: skip
     return out.view(gate.shape)

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from adakv.attention import on_device_of
 from adakv.fusion.gemv_linears import MAX_ROWS, gemv_tiles
 
 
@@ -92,12 +93,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     settings = gemv_tiles(rows, n_features, multiprocessors(x.device)) | (tiles or {})
     block_m = 1 if rows == 1 else 16  # tl.dot needs 16 rows at least
     block_n = settings["BLOCK_N"] if block_m == 1 else max(16, settings["BLOCK_N"])
-    gemv_kernel[(triton.cdiv(n_features, block_n),)](
-        x2d, weight, bias if bias is not None else weight, out, rows, n_features, k_features,
-        x2d.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=settings["BLOCK_K"],
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=settings["num_warps"], num_stages=settings["num_stages"],
-    )  # fmt: skip
+    with on_device_of(x):
+        gemv_kernel[(triton.cdiv(n_features, block_n),)](
+            x2d, weight, bias if bias is not None else weight, out, rows, n_features, k_features,
+            x2d.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=settings["BLOCK_K"],
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            num_warps=settings["num_warps"], num_stages=settings["num_stages"],
+        )  # fmt: skip
     return out.reshape(*x.shape[:-1], n_features)
 

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adakv.attention import on_device_of
+
 LOG2_E = math.log2(math.e)
 
 
@@ -117,13 +119,14 @@ def triton_max_attention(
     strides = (*chunk_queries.stride()[:3], *keys.stride()[:3])
     lse = torch.empty(batch * heads, chunk, device=keys.device, dtype=torch.float32)
     scale_log2 = scaling * LOG2_E
-    row_logsumexp_kernel[(batch * heads, triton.cdiv(chunk - first_row, block))](
-        chunk_queries, keys, lse, heads, heads // kv_heads, chunk, first_row, context_length + chunk_start,
-        scale_log2, *strides, HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
-        DOT_PRECISION=precision,
-    )  # fmt: skip
-    max_probability_kernel[(batch * kv_heads, triton.cdiv(context_length, block))](
-        chunk_queries, keys, lse, running_max, heads, kv_heads, heads // kv_heads, chunk, first_row,
-        context_length, scale_log2, *strides, running_max.stride(0), running_max.stride(1),
-        HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, DOT_PRECISION=precision,
-    )  # fmt: skip
+    with on_device_of(keys):
+        row_logsumexp_kernel[(batch * heads, triton.cdiv(chunk - first_row, block))](
+            chunk_queries, keys, lse, heads, heads // kv_heads, chunk, first_row, context_length + chunk_start,
+            scale_log2, *strides, HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+            DOT_PRECISION=precision,
+        )  # fmt: skip
+        max_probability_kernel[(batch * kv_heads, triton.cdiv(context_length, block))](
+            chunk_queries, keys, lse, running_max, heads, kv_heads, heads // kv_heads, chunk, first_row,
+            context_length, scale_log2, *strides, running_max.stride(0), running_max.stride(1),
+            HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, DOT_PRECISION=precision,
+        )  # fmt: skip
