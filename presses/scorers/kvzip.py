@@ -172,7 +172,8 @@ def update_max_attention(
     fused = (
         keys.is_cuda
         and triton_available()
-        and chunk_queries.dtype == keys.dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and chunk_queries.dtype == keys.dtype
+        and keys.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and keys.shape[-1] <= MAX_HEAD_DIM
     )
     if not fused:
