@@ -109,6 +109,20 @@ def test_a_wrapped_linear_is_left_as_it_is_and_listed():
     assert len(counting.rows) == 1 + routed.linears  # the prefill's lm_head, one decode step
 
 
+def test_a_linear_subclass_is_left_as_it_is_and_listed():
+    class QuantizedLinear(nn.Linear):  # stands for a quantized layer that subclasses nn.Linear
+        pass
+
+    model = tiny_model("llama")
+    layer = model.model.layers[0].mlp
+    layer.down_proj = QuantizedLinear(layer.down_proj.in_features, layer.down_proj.out_features, bias=False)
+    counting = CountingProduct()
+    with gemv_linears(model, gemv=counting) as routed:
+        logits_and_tokens(model, random_ids(1, 20), max_new_tokens=2)
+    assert routed.left_as_is == ["model.layers.0.mlp.down_proj: a QuantizedLinear, not a plain nn.Linear (e.g. quantized)"]
+    assert len(counting.rows) == 1 + routed.linears and "forward" not in layer.down_proj.__dict__
+
+
 def test_a_cpu_model_is_refused_with_the_reason():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"Triton kernel on CUDA; this model has parameters on \['cpu'\]"):

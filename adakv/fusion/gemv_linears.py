@@ -9,8 +9,8 @@ leaves larger inputs (prefills, long appends) to torch:
 - every plain `nn.Linear` of the model, the lm_head included, gets an instance `forward`;
 - the joined groups of `joined_projections` (passed as `groups`) compute their joined product with it.
 
-Linears whose forward another wrapper already replaced (an accelerate hook) are left as they are and
-listed. On exit every module and group computes with torch again. Forwards that record gradients for a
+Linears whose forward another wrapper already replaced (an accelerate hook) and subclasses of nn.Linear
+(quantized layers) are left as they are and listed. On exit every module and group computes with torch again. Forwards that record gradients for a
 weight go to torch too: the GEMV has no backward.
 """
 
@@ -108,13 +108,15 @@ def gemv_linears(
     report = GemvLinears()
     linears = []
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear:
+        if not isinstance(module, nn.Linear):
             continue
-        if forward_is_replaced(module):
+        if type(module) is not nn.Linear:
+            report.left_as_is.append(f"{name}: a {type(module).__name__}, not a plain nn.Linear (e.g. quantized)")
+        elif forward_is_replaced(module):
             if not any(module in group.linears for group in groups):
                 report.left_as_is.append(f"{name}: its forward is already replaced by another wrapper")
-            continue
-        linears.append(module)
+        else:
+            linears.append(module)
     try:
         for linear in linears:
             linear.forward = lambda x, linear=linear: product(x, linear.weight, linear.bias)
