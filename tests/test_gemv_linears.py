@@ -123,6 +123,18 @@ def test_a_linear_subclass_is_left_as_it_is_and_listed():
     assert len(counting.rows) == 1 + routed.linears and "forward" not in layer.down_proj.__dict__
 
 
+def test_a_linear_with_a_tensor_subclass_weight_is_left_as_it_is_and_listed():
+    class ShardTensor(torch.Tensor):  # stands for a tensor-parallel DTensor
+        pass
+
+    model = tiny_model("llama")
+    o_proj = model.model.layers[1].self_attn.o_proj
+    o_proj.weight = nn.Parameter(o_proj.weight.detach().as_subclass(ShardTensor), requires_grad=False)
+    with gemv_linears(model, gemv=CountingProduct()) as routed:
+        assert "forward" not in o_proj.__dict__
+    assert routed.left_as_is == ["model.layers.1.self_attn.o_proj: its weight is a ShardTensor (e.g. a tensor-parallel shard)"]
+
+
 def test_a_cpu_model_is_refused_with_the_reason():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match=r"Triton kernel on CUDA; this model has parameters on \['cpu'\]"):

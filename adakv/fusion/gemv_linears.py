@@ -9,8 +9,9 @@ leaves larger inputs (prefills, long appends) to torch:
 - every plain `nn.Linear` of the model, the lm_head included, gets an instance `forward`;
 - the joined groups of `joined_projections` (passed as `groups`) compute their joined product with it.
 
-Linears whose forward another wrapper already replaced (an accelerate hook) and subclasses of nn.Linear
-(quantized layers) are left as they are and listed. On exit every module and group computes with torch again. Forwards that record gradients for a
+Linears whose forward another wrapper already replaced (an accelerate hook), subclasses of nn.Linear
+(quantized layers) and linears whose weight is a tensor subclass (tensor-parallel DTensors) are left as they
+are and listed. On exit every module and group computes with torch again. Forwards that record gradients for a
 weight go to torch too: the GEMV has no backward.
 """
 
@@ -112,6 +113,8 @@ def gemv_linears(
             continue
         if type(module) is not nn.Linear:
             report.left_as_is.append(f"{name}: a {type(module).__name__}, not a plain nn.Linear (e.g. quantized)")
+        elif type(module.weight.data) is not torch.Tensor:
+            report.left_as_is.append(f"{name}: its weight is a {type(module.weight.data).__name__} (e.g. a tensor-parallel shard)")
         elif forward_is_replaced(module):
             if not any(module in group.linears for group in groups):
                 report.left_as_is.append(f"{name}: its forward is already replaced by another wrapper")
