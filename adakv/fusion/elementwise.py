@@ -9,7 +9,7 @@ Inside a CUDA graph their launch cost is gone, but each still costs a kernel's m
 
 - every RMSNorm module's forward (the layer norms, the final norm, Qwen3's and Gemma3's q/k norms) by one
   kernel per call;
-- the modeling module's `apply_rotary_pos_emb` by one kernel for q and one for k (full rotate-half
+- the modeling module's `apply_rotary_pos_emb` by one kernel for q and k together (full rotate-half
   rotations of 4-d q/k in one dtype; other calls go to the original function);
 - the forward of every MLP with a SiLU gate (gate_proj/up_proj or Phi3's gate_up_proj) by the model's own
   projections around one fused silu(gate) * up kernel. Gemma3's tanh-GELU MLP is left as it is.
@@ -52,7 +52,7 @@ class ElementwiseKernels:
     """The fused operations (signatures of adakv/fusion/elementwise_reference.py) and the device they run on."""
 
     rms_norm: Callable[..., torch.Tensor]
-    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device_type: str | None  # None: any device
 
@@ -169,7 +169,7 @@ def _fused_rotary(original: Callable, kernels: ElementwiseKernels) -> Callable:
         if len(args) > 1 or set(kwargs) - {"unsqueeze_dim"} or not _rotary_fusable(q, k, cos, sin, unsqueeze_dim, kernels):
             return original(q, k, cos, sin, *args, **kwargs)
         _check_no_gradients(q, k)
-        return kernels.rotary(q, cos, sin), kernels.rotary(k, cos, sin)
+        return kernels.rotary(q, k, cos, sin)
 
     return apply_rotary_pos_emb
 
@@ -181,6 +181,7 @@ def _rotary_fusable(q, k, cos, sin, unsqueeze_dim, kernels: ElementwiseKernels) 
     return (
         unsqueeze_dim == 1
         and q.dim() == k.dim() == 4
+        and q.shape[0] == k.shape[0]
         and cos.dim() == sin.dim() == 3
         and cos.shape == sin.shape
         and cos.shape[-1] == q.shape[-1] == k.shape[-1]

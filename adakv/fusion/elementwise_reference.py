@@ -24,10 +24,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     return weight * normed.to(x.dtype)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding. x (batch, heads, tokens, head_dim); cos, sin (batch or 1, tokens,
-    head_dim), all one dtype. Each product and the sum are rounded to that dtype, as x * cos +
-    rotate_half(x) * sin rounds them."""
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate-half rotary embedding of q and of k. q (batch, q_heads, tokens, head_dim), k (batch, k_heads,
+    tokens, head_dim); cos, sin (batch or 1, tokens, head_dim), all one dtype. Each product and the sum are
+    rounded to that dtype, as x * cos + rotate_half(x) * sin rounds them."""
+    return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """One tensor of `rotary`: x (batch, heads, tokens, head_dim)."""
     half = x.shape[-1] // 2
     turned = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos.unsqueeze(1) + turned * sin.unsqueeze(1)

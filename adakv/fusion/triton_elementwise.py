@@ -5,7 +5,8 @@ one launch what transformers' module does in 2 to 8 (adakv/fusion/elementwise_re
 same arithmetic in torch):
 
 - `rms_norm_kernel` (grid: rows): one row of (rows, n) per program;
-- `rotary_kernel` (grid: batch * tokens, heads): one head vector of one token per program;
+- `rotary_kernel` (grid: batch * tokens, q heads + k heads): one head vector of q or k of one token per
+  program, q and k in one launch;
 - `silu_mul_kernel` (grid: rows, column blocks).
 
 Inputs may be strided along rows (views of a joined projection, transposed heads); a last dimension that
@@ -42,15 +43,11 @@ def rms_norm_kernel(
 
 
 @triton.jit
-def rotary_kernel(
-    X, COS, SIN, OUT, stride_xb, stride_xh, stride_xt, stride_ob, stride_oh, stride_ot,
-    stride_cb, stride_ct, tokens,
-    HALF: tl.constexpr, BLOCK: tl.constexpr,
+def _rotate_head(
+    X, OUT, COS, SIN, batch, head, token, stride_xb, stride_xh, stride_xt, stride_ob, stride_oh, stride_ot,
+    stride_cb, stride_ct, HALF: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    batch_token = tl.program_id(0)
-    head = tl.program_id(1).to(tl.int64)
-    batch = (batch_token // tokens).to(tl.int64)
-    token = (batch_token % tokens).to(tl.int64)
+    """One head vector of one token: OUT = X * cos + rotate_half(X) * sin."""
     dims = tl.arange(0, BLOCK)
     valid = dims < HALF
     x_row = X + batch * stride_xb + head * stride_xh + token * stride_xt
@@ -68,6 +65,27 @@ def rotary_kernel(
     out_row = OUT + batch * stride_ob + head * stride_oh + token * stride_ot
     tl.store(out_row + dims, first.to(dtype), mask=valid)
     tl.store(out_row + HALF + dims, second.to(dtype), mask=valid)
+
+
+@triton.jit
+def rotary_kernel(
+    Q, K, COS, SIN, Q_OUT, K_OUT,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_qob, stride_qoh, stride_qot, stride_kob, stride_koh, stride_kot,
+    stride_cb, stride_ct, tokens, q_heads,
+    HALF: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Programs (batch * tokens, q_heads + k_heads): the first q_heads rotate q's heads, the rest k's."""
+    batch_token = tl.program_id(0)
+    head = tl.program_id(1).to(tl.int64)
+    batch = (batch_token // tokens).to(tl.int64)
+    token = (batch_token % tokens).to(tl.int64)
+    if head < q_heads:
+        _rotate_head(Q, Q_OUT, COS, SIN, batch, head, token, stride_qb, stride_qh, stride_qt,
+                     stride_qob, stride_qoh, stride_qot, stride_cb, stride_ct, HALF, BLOCK)  # fmt: skip
+    else:
+        _rotate_head(K, K_OUT, COS, SIN, batch, head - q_heads, token, stride_kb, stride_kh, stride_kt,
+                     stride_kob, stride_koh, stride_kot, stride_cb, stride_ct, HALF, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -101,21 +119,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     return out.view(x.shape)
 
 
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    batch, heads, tokens, head_dim = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (batch, q_heads, tokens, head_dim) and k (batch, k_heads, tokens, head_dim) rotated in one launch."""
+    batch, q_heads, tokens, head_dim = q.shape
+    q, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k))
     cos, sin = cos.expand(batch, tokens, head_dim), sin.expand(batch, tokens, head_dim)
     if cos.stride(-1) != 1 or cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    out = torch.empty_like(x)  # keeps x's layout, as the unfused arithmetic does
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)  # keep the inputs' layouts, as the unfused arithmetic does
     half = head_dim // 2
-    with on_device_of(x):
-        rotary_kernel[(batch * tokens, heads)](
-            x, cos, sin, out, *x.stride()[:3], *out.stride()[:3], cos.stride(0), cos.stride(1), tokens,
-            HALF=half, BLOCK=triton.next_power_of_2(half),
+    with on_device_of(q):
+        rotary_kernel[(batch * tokens, q_heads + k.shape[1])](
+            q, k, cos, sin, q_out, k_out, *q.stride()[:3], *k.stride()[:3], *q_out.stride()[:3], *k_out.stride()[:3],
+            cos.stride(0), cos.stride(1), tokens, q_heads, HALF=half, BLOCK=triton.next_power_of_2(half),
         )  # fmt: skip
-    return out
+    return q_out, k_out
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
