@@ -7,6 +7,7 @@ and run fused models, eager and in CUDA graphs."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -49,7 +50,7 @@ class CountingKernels:
     """REFERENCE_KERNELS with a call count per operation."""
 
     def __init__(self, base: ElementwiseKernels = REFERENCE_KERNELS):
-        self.calls = {"rms_norm": 0, "rotary": 0, "silu_mul": 0}
+        self.calls = {"rms_norm": 0, "add_rms_norm": 0, "rotary": 0, "silu_mul": 0}  # ElementwiseKernels' order
         self.kernels = ElementwiseKernels(
             *(self._counted(name, getattr(base, name)) for name in self.calls), device_type=base.device_type
         )
@@ -80,6 +81,9 @@ def test_the_reference_operations_are_transformers_arithmetic_bit_for_bit(family
     norm = layer.input_layernorm
     eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
     assert torch.equal(reference.rms_norm(x, norm.weight, eps, offset, in_fp32), norm(x))
+    update = torch.randn_like(x)
+    total, normed = reference.add_rms_norm(x, update, norm.weight, eps, offset, in_fp32)
+    assert torch.equal(total, x + update) and torch.equal(normed, norm(x + update))
 
     head_dim = 16
     q, k = torch.randn(2, 4, 5, head_dim, dtype=dtype), torch.randn(2, 2, 5, head_dim, dtype=dtype)
@@ -111,15 +115,37 @@ def test_the_fused_model_gives_the_same_outputs_through_the_fused_path(family):
     forwards = 1 + 12  # the logits forward, then the prefill and 11 decode steps of generate
     assert counting.calls["rotary"] == layers * forwards  # q and k in one call
     # (the press's scorer also runs Qwen3's and Gemma3's q_norm when it rebuilds the window's queries)
-    assert counting.calls["rms_norm"] >= fused.norms * forwards
+    assert counting.calls["rms_norm"] + counting.calls["add_rms_norm"] >= fused.norms * forwards
+    if family in ("gemma3", "phi3"):  # their layers keep their residual adds, and say so
+        assert fused.residual_layers == 0 and counting.calls["add_rms_norm"] == 0
+        assert f"decoder layers {list(range(layers))}: residual adds kept separate" in fused.left_unfused[-1]
+    else:  # each layer's two adds go with the norms after them: only the first layer's input norm stays
+        assert fused.residual_layers == layers and counting.calls["add_rms_norm"] == 2 * layers * forwards
+        q_k_norms = 2 * layers if family == "qwen3" else 0
+        assert counting.calls["rms_norm"] >= (1 + q_k_norms) * forwards
+        if family != "qwen3":
+            assert counting.calls["rms_norm"] == forwards
     if family == "gemma3":  # tanh-GELU gates stay unfused, and say so
         assert fused.mlps == 0 and counting.calls["silu_mul"] == 0
-        assert len(fused.left_unfused) == layers and "GELUTanh activation" in fused.left_unfused[0]
+        assert len(fused.left_unfused) == layers + 1 and "GELUTanh activation" in fused.left_unfused[0]
     else:
         assert fused.mlps == layers and counting.calls["silu_mul"] == layers * forwards
 
     assert modeling_module(model).apply_rotary_pos_emb is original_rotary
     assert all("forward" not in module.__dict__ for module in model.modules())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_bf16_logits_with_the_reference_operations_equal_transformers_bit_for_bit(family):
+    """The restructured decoder layer (residual adds folded into the norms) is transformers' arithmetic."""
+    model = randomized(tiny_model(family)).to(torch.bfloat16)
+    ids = random_ids(2, 17)
+    with torch.no_grad():
+        expected = model(ids).logits
+        with fused_elementwise(model, REFERENCE_KERNELS) as fused:
+            logits = model(ids).logits
+    assert fused.residual_layers == model.config.num_hidden_layers
+    assert torch.equal(logits, expected)
 
 
 def test_nested_blocks_over_two_models_restore_the_rotary_only_at_the_last_exit():
@@ -213,6 +239,11 @@ def test_triton_rms_norm_matches_the_reference(dtype, style):
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
     half_weight = weight.float()  # Llama style with fp32 weights promotes the output to fp32
     assert kernels.rms_norm(rows, half_weight, 1e-5, 0.0, False).dtype == torch.promote_types(dtype, torch.float32)
+    update = torch.randn(3, 7, 4096, device=KERNEL_DEVICE, dtype=dtype)
+    total, normed = kernels.add_rms_norm(rows, update, weight, 1e-5, *style)
+    expected_total, expected_normed = reference.add_rms_norm(rows, update, weight, 1e-5, *style)
+    assert torch.equal(total, expected_total)  # one rounding of an exact fp32 sum, as torch's add
+    torch.testing.assert_close(normed, expected_normed, rtol=tolerance, atol=tolerance)
 
 
 @kernel_test
@@ -240,6 +271,21 @@ def test_triton_silu_mul_matches_the_reference_on_joined_views(dtype):
     gate, up = joined[..., :14336], joined[..., 14336:]
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3  # exp may differ in the last fp32 bit
     torch.testing.assert_close(kernels.silu_mul(gate, up), reference.silu_mul(gate, up), rtol=tolerance, atol=tolerance)
+
+
+@kernel_test
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_the_triton_kernels_run_whole_models(family):
+    """Every Triton kernel inside a model (on CPU under the interpreter: fp32, the same module patching)."""
+    model = randomized(tiny_model(family)).to(KERNEL_DEVICE)
+    ids = random_ids(2, 12).to(KERNEL_DEVICE)
+    with torch.no_grad():
+        expected = model(ids).logits
+        kernels = dataclasses.replace(triton_kernels(), device_type=None if KERNEL_DEVICE == "cpu" else "cuda")
+        with fused_elementwise(model, kernels) as fused:
+            logits = model(ids).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+    assert fused.residual_layers == (0 if family == "phi3" else model.config.num_hidden_layers)
 
 
 @gpu_test

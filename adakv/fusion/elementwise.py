@@ -12,7 +12,9 @@ Inside a CUDA graph their launch cost is gone, but each still costs a kernel's m
 - the modeling module's `apply_rotary_pos_emb` by one kernel for q and k together (full rotate-half
   rotations of 4-d q/k in one dtype; other calls go to the original function);
 - the forward of every MLP with a SiLU gate (gate_proj/up_proj or Phi3's gate_up_proj) by the model's own
-  projections around one fused silu(gate) * up kernel. Gemma3's tanh-GELU MLP is left as it is.
+  projections around one fused silu(gate) * up kernel. Gemma3's tanh-GELU MLP is left as it is;
+- the forward of every Llama-structured decoder layer (Llama, Mistral, Qwen2, Qwen3) by one that folds each
+  residual add into the norm after it (adakv/fusion/residual_norms.py).
 
 The kernels (adakv/fusion/triton_elementwise.py) round to the model's dtype where transformers' modules
 round; measured on an H200 they stay within one bf16 step of the modules' arithmetic (a norm's reduction
@@ -33,6 +35,7 @@ import torch
 from torch import nn
 
 from adakv.fusion import elementwise_reference
+from adakv.fusion.residual_norms import LLAMA_STRUCTURED_LAYERS, NormsAhead, NormSpec, layer_forward
 from adakv.models import attention_modules, forward_is_replaced
 
 # RMSNorm classes of the supported families: (weight offset, scale in fp32). Llama style rounds the
@@ -52,13 +55,15 @@ class ElementwiseKernels:
     """The fused operations (signatures of adakv/fusion/elementwise_reference.py) and the device they run on."""
 
     rms_norm: Callable[..., torch.Tensor]
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     silu_mul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     device_type: str | None  # None: any device
 
 
 REFERENCE_KERNELS = ElementwiseKernels(
-    elementwise_reference.rms_norm, elementwise_reference.rotary, elementwise_reference.silu_mul, None
+    elementwise_reference.rms_norm, elementwise_reference.add_rms_norm, elementwise_reference.rotary,
+    elementwise_reference.silu_mul, None,
 )
 
 
@@ -68,7 +73,10 @@ def triton_kernels() -> ElementwiseKernels:
     except ImportError as error:
         raise RuntimeError(f"fuse_elementwise needs Triton ({error}); use fuse_elementwise=False.") from error
 
-    return ElementwiseKernels(triton_elementwise.rms_norm, triton_elementwise.rotary, triton_elementwise.silu_mul, "cuda")
+    return ElementwiseKernels(
+        triton_elementwise.rms_norm, triton_elementwise.add_rms_norm, triton_elementwise.rotary,
+        triton_elementwise.silu_mul, "cuda",
+    )
 
 
 @dataclass
@@ -78,17 +86,25 @@ class FusedElementwise:
 
     norms: int = 0
     mlps: int = 0
+    residual_layers: int = 0  # decoder layers whose residual adds are folded into the norms after them
     rotary_modules: list[str] = field(default_factory=list)
     left_unfused: list[str] = field(default_factory=list)
 
 
-def _norm_forward(norm: nn.Module, style: tuple[float, bool], kernels: ElementwiseKernels):
+def norm_spec(norm: nn.Module) -> NormSpec:
     eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
-    weight_offset, scale_in_fp32 = style
+    return NormSpec(norm, eps, *NORM_STYLES[type(norm).__name__])
+
+
+def _norm_forward(norm: nn.Module, kernels: ElementwiseKernels, ahead: NormsAhead):
+    spec = norm_spec(norm)
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        computed = ahead.take(norm, hidden_states)  # by the previous layer's last residual add
+        if computed is not None:
+            return computed
         _check_no_gradients(hidden_states, norm.weight)
-        return kernels.rms_norm(hidden_states, norm.weight, eps, weight_offset, scale_in_fp32)
+        return kernels.rms_norm(hidden_states, *spec.arguments())
 
     return forward
 
@@ -210,13 +226,13 @@ def _check_device(model: nn.Module, device_type: str | None) -> None:
 
 
 def _replacements(model: nn.Module, kernels: ElementwiseKernels, report: FusedElementwise) -> list[tuple[nn.Module, Callable]]:
-    """(module, its fused forward) for every norm and SiLU MLP of the model, checked before any is replaced."""
-    replacements = []
+    """(module, its fused forward) for every norm, SiLU MLP and Llama-structured decoder layer of the model,
+    checked before any is replaced."""
+    replacements, ahead = [], NormsAhead()
     for name, module in model.named_modules():
-        style = NORM_STYLES.get(type(module).__name__)
-        if style is not None:
+        if type(module).__name__ in NORM_STYLES:
             _check_not_wrapped(module, name)
-            replacements.append((module, _norm_forward(module, style, kernels)))
+            replacements.append((module, _norm_forward(module, kernels, ahead)))
             report.norms += 1
         elif hasattr(module, "down_proj") and (hasattr(module, "gate_proj") or hasattr(module, "gate_up_proj")):
             activation = getattr(module, "act_fn", getattr(module, "activation_fn", None))
@@ -226,7 +242,43 @@ def _replacements(model: nn.Module, kernels: ElementwiseKernels, report: FusedEl
             _check_not_wrapped(module, name)
             replacements.append((module, _mlp_forward(module, kernels)))
             report.mlps += 1
+    return replacements + _layer_replacements(model, kernels, report, ahead)
+
+
+def _layer_replacements(model: nn.Module, kernels: ElementwiseKernels, report: FusedElementwise, ahead: NormsAhead):
+    """(decoder layer, its forward with the residual adds folded into the norms) where the layer is
+    Llama-structured, not wrapped, and the norm after it is a known RMSNorm on the layer's device."""
+    decoder = model.get_decoder()
+    layers = list(getattr(decoder, "layers", ()))
+    replacements: list[tuple[nn.Module, Callable]] = []
+    kept: dict[str, list[int]] = {}  # reason -> layer indices
+    for index, layer in enumerate(layers):
+        next_norm = layers[index + 1].input_layernorm if index + 1 < len(layers) else getattr(decoder, "norm", None)
+        reason = _residual_refusal(layer, next_norm)
+        if reason:
+            kept.setdefault(reason, []).append(index)
+            continue
+        forward = layer_forward(
+            layer, norm_spec(layer.post_attention_layernorm), norm_spec(next_norm), kernels.add_rms_norm, ahead,
+            kernels.device_type,
+        )  # fmt: skip
+        replacements.append((layer, forward))
+        report.residual_layers += 1
+    for reason, indices in kept.items():
+        report.left_unfused.append(f"decoder layers {indices}: residual adds kept separate ({reason})")
     return replacements
+
+
+def _residual_refusal(layer: nn.Module, next_norm: nn.Module | None) -> str | None:
+    if type(layer).__name__ not in LLAMA_STRUCTURED_LAYERS:
+        return f"{type(layer).__name__} is not Llama-structured"
+    if forward_is_replaced(layer):
+        return "its forward is already replaced by another wrapper"
+    if next_norm is None or type(next_norm).__name__ not in NORM_STYLES:
+        return "no known RMSNorm follows it"
+    if next_norm.weight.device != layer.post_attention_layernorm.weight.device:
+        return "the next norm lives on another device"
+    return None
 
 
 @contextmanager

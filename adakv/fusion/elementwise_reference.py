@@ -1,4 +1,4 @@
-"""The three fused element-wise operations of `fused_elementwise`, written with torch operations.
+"""The fused element-wise operations of `fused_elementwise`, written with torch operations.
 
 Each function states, in torch, exactly the arithmetic the Triton kernel of the same name
 (adakv/fusion/triton_elementwise.py) does in one launch: fp32 arithmetic, rounded to the output dtype at
@@ -22,6 +22,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: f
     if scale_in_fp32:
         return (normed * (weight_offset + weight.float())).to(x.dtype)
     return weight * normed.to(x.dtype)
+
+
+def add_rms_norm(
+    residual: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, scale_in_fp32: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual + update, rms_norm of that sum): the sum rounded to the dtype first, as `residual + h`
+    followed by the norm module rounds it."""
+    total = residual + update
+    return total, rms_norm(total, weight, eps, weight_offset, scale_in_fp32)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,11 @@
-"""Triton kernels of the three fused element-wise operations of `fused_elementwise` (CUDA only).
+"""Triton kernels of the fused element-wise operations of `fused_elementwise` (CUDA only).
 
 Imported only when the fusion runs on CUDA (this module imports triton at the top). Each kernel does in
 one launch what transformers' module does in 2 to 8 (adakv/fusion/elementwise_reference.py states the
 same arithmetic in torch):
 
-- `rms_norm_kernel` (grid: rows): one row of (rows, n) per program;
+- `rms_norm_kernel` (grid: rows): one row of (rows, n) per program, optionally adding a residual first
+  (`add_rms_norm`: the sum and its norm in one launch);
 - `rotary_kernel` (grid: batch * tokens, q heads + k heads): one head vector of q or k of one token per
   program, q and k in one launch;
 - `silu_mul_kernel` (grid: rows, column blocks).
@@ -26,13 +27,19 @@ SILU_BLOCK = 1024
 
 @triton.jit
 def rms_norm_kernel(
-    X, W, Y, stride_x, stride_y, n_cols, eps, weight_offset,
-    SCALE_IN_FP32: tl.constexpr, BLOCK: tl.constexpr,
+    X, U, SUM, W, Y, stride_x, stride_u, stride_s, stride_y, n_cols, eps, weight_offset,
+    HAS_UPDATE: tl.constexpr, SCALE_IN_FP32: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """Y = rms_norm(X), or with HAS_UPDATE: SUM = X + U (rounded to X's dtype) and Y = rms_norm(SUM)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     valid = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=valid, other=0.0).to(tl.float32)
+    if HAS_UPDATE:
+        update = tl.load(U + row * stride_u + cols, mask=valid, other=0.0).to(tl.float32)
+        total = (x + update).to(X.dtype.element_ty)
+        tl.store(SUM + row * stride_s + cols, total, mask=valid)
+        x = total.to(tl.float32)
     normed = x * tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     weight = tl.load(W + cols, mask=valid, other=0.0).to(tl.float32)
     if SCALE_IN_FP32:
@@ -108,15 +115,30 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, scale_in_fp32: bool) -> torch.Tensor:
+    return _rms_norm(x, None, weight, eps, weight_offset, scale_in_fp32)[1]
+
+
+def add_rms_norm(
+    residual: torch.Tensor, update: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float, scale_in_fp32: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rms_norm(residual, update, weight, eps, weight_offset, scale_in_fp32)
+
+
+def _rms_norm(x, update, weight, eps, weight_offset, scale_in_fp32) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(x + update or None, the norm of that sum or of x) in one launch."""
     out_dtype = x.dtype if scale_in_fp32 else torch.promote_types(weight.dtype, x.dtype)
     rows = _rows(x)
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
+    update_rows = rows if update is None else _rows(update)
+    total = None if update is None else torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     with on_device_of(x):
         rms_norm_kernel[(rows.shape[0],)](
-            rows, weight, out, rows.stride(0), out.stride(0), rows.shape[1], eps, weight_offset,
-            SCALE_IN_FP32=scale_in_fp32, BLOCK=triton.next_power_of_2(rows.shape[1]),
+            rows, update_rows, out if total is None else total, weight, out,
+            rows.stride(0), update_rows.stride(0), (out if total is None else total).stride(0), out.stride(0),
+            rows.shape[1], eps, weight_offset,
+            HAS_UPDATE=update is not None, SCALE_IN_FP32=scale_in_fp32, BLOCK=triton.next_power_of_2(rows.shape[1]),
         )  # fmt: skip
-    return out.view(x.shape)
+    return None if total is None else total.view(x.shape), out.view(x.shape)
 
 
 def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
