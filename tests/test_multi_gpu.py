@@ -134,14 +134,15 @@ def test_evict_attention_switches_to_the_layers_gpu(monkeypatch):
 
 @pytest.mark.gpu
 @needs_two_gpus
-def test_kvzip_and_every_fusion_on_layers_split_over_two_gpus(tmp_path):
-    """Model-wide KVzip (its Triton scoring) and the three Triton fusions launch on each layer's GPU."""
+def test_kvzip_joined_projections_and_the_gemv_on_layers_split_over_two_gpus(tmp_path):
+    """Model-wide KVzip (its Triton scoring), joined projections and the GEMV launch on each layer's GPU
+    (fuse_elementwise refuses this model: accelerate wraps the final norm, a device_map entry of its own)."""
     pytest.importorskip("accelerate", reason="transformers' device_map loading needs accelerate (pip install adakv[multi])")
     tiny_model("llama").save_pretrained(tmp_path)
     single = load(tmp_path, "sdpa", device_map={"": "cuda:0"})
     split = load(tmp_path, "sdpa", device_map=split_device_map(0, 1))
     ids = random_ids(1, 48)
-    fusions = dict(join_projections=True, fuse_elementwise=True, gemv_linears=True)
+    fusions = dict(join_projections=True, gemv_linears=True)
     tokens = []
     for model in (single, split):
         press = AdaptivePress(KVzipPress(RATIO, repeat_prompt_ids=(5, 6, 7), chunk_size=16), scope="model")
