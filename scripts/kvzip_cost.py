@@ -8,7 +8,8 @@ Each setting prefills the same context (Paul Graham essays, as the demo) `--repe
 warm-up, the settings interleaved (so a change in the machine's load hits all of them alike); medians of
 the process's CPU time and of the wall time are printed (on CUDA the device is synchronised, so wall time
 is what counts). "no press" is the plain prefill; the KVzip rows include the reconstruction forward, the
-scoring and the compression (backend "evict"). --model takes what `adakv-eval run --model` takes (the
+scoring and the compression (backend "evict"). On CUDA with Triton a row "PyTorch scoring" runs KVzip with
+its PyTorch scoring instead of the Triton kernels, for the kernels' gain in the same run. --model takes what `adakv-eval run --model` takes (the
 embedded SmolLM2 by default, a built split-GGUF model, or a folder). --out saves the figures as JSON,
 named after the device."""
 
@@ -19,6 +20,7 @@ import json
 import platform
 import statistics
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -28,13 +30,14 @@ from adakv import AdaptivePress, KVzipPress, SnapKVPress
 from adakv.demo import haystack
 from adakv.pipeline import encode_prompt_parts, prefill_context, split_prompt
 from adakv.evaluation.runner import load_model
+from adakv.presses.scorers import kvzip
 
 
-def timed_prefill(model, press, context_ids) -> tuple[float, float]:
-    """(CPU seconds of this process, wall seconds) of one context prefill under `press`."""
+def timed_prefill(model, press, context_ids, scoring=nullcontext) -> tuple[float, float]:
+    """(CPU seconds of this process, wall seconds) of one context prefill under `press`, within `scoring()`."""
     cache = DynamicCache(config=model.config)
     cpu, wall = time.process_time(), time.perf_counter()
-    with torch.no_grad(), (press(model) if press is not None else torch.no_grad()):
+    with torch.no_grad(), scoring(), (press(model) if press is not None else nullcontext()):
         prefill_context(model, cache, context_ids)
     if context_ids.is_cuda:
         torch.cuda.synchronize()
@@ -47,26 +50,45 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def settings(tokenizer, chunk_size: int) -> dict:
-    return {
-        "no press": None,
-        "SnapKV 0.5 (evict)": SnapKVPress(0.5, backend="evict"),
-        "KVzip 0.5 (evict)": KVzipPress(0.5, chunk_size=chunk_size, tokenizer=tokenizer, backend="evict"),
-        "model-wide KVzip 0.5 (evict)": AdaptivePress(
-            KVzipPress(0.5, chunk_size=chunk_size, tokenizer=tokenizer), scope="model", backend="evict"
+@contextmanager
+def pytorch_scoring():
+    """KVzip's scoring through its PyTorch statement, also where its Triton kernels would run."""
+    original = kvzip.triton_available
+    kvzip.triton_available = lambda: False
+    try:
+        yield
+    finally:
+        kvzip.triton_available = original
+
+
+def settings(tokenizer, chunk_size: int, device: str) -> dict[str, tuple]:
+    """name -> (press or None, context the prefill runs in)."""
+    def kvzip_press():
+        return KVzipPress(0.5, chunk_size=chunk_size, tokenizer=tokenizer, backend="evict")
+
+    rows = {
+        "no press": (None, nullcontext),
+        "SnapKV 0.5 (evict)": (SnapKVPress(0.5, backend="evict"), nullcontext),
+        "KVzip 0.5 (evict)": (kvzip_press(), nullcontext),
+        "model-wide KVzip 0.5 (evict)": (
+            AdaptivePress(KVzipPress(0.5, chunk_size=chunk_size, tokenizer=tokenizer), scope="model", backend="evict"),
+            nullcontext,
         ),
     }
+    if device.startswith("cuda") and kvzip.triton_available():  # the kernels' gain, in the same run
+        rows["KVzip 0.5 (evict), PyTorch scoring"] = (kvzip_press(), pytorch_scoring)
+    return rows
 
 
 def measure(model, tokenizer, context_length: int, args) -> dict:
     """Median CPU and wall seconds of every setting at one context length, and their ratio to no press."""
     context_text, _ = split_prompt(tokenizer, haystack(tokenizer, context_length), "")
     context_ids = encode_prompt_parts(tokenizer, context_text, [])[0].to(args.device)
-    presses = settings(tokenizer, args.chunk_size)
+    presses = settings(tokenizer, args.chunk_size, args.device)
     times = {name: [] for name in presses}
     for repeat in range(args.repeats + 1):  # the first round warms up
-        for name, press in presses.items():
-            measured = timed_prefill(model, press, context_ids)
+        for name, (press, scoring) in presses.items():
+            measured = timed_prefill(model, press, context_ids, scoring)
             if repeat:
                 times[name].append(measured)
     base_cpu = statistics.median(cpu for cpu, _ in times["no press"])

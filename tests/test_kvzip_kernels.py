@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from presses.scorers.kvzip import torch_max_attention
+from adakv.presses.scorers.kvzip import torch_max_attention
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,7 +33,7 @@ def inputs(batch, heads, kv_heads, chunk, head_dim, context_length, chunk_start,
 @pytest.mark.parametrize("chunk, chunk_start, first_counted", [(7, 0, 3), (40, 5, 0), (70, 0, 9), (30, 4, 40)])
 @pytest.mark.parametrize("head_dim", [16, 24])
 def test_triton_scoring_equals_the_pytorch_statement(heads, kv_heads, chunk, chunk_start, first_counted, head_dim):
-    from presses.scorers.kvzip_kernels import triton_max_attention
+    from adakv.presses.scorers.kvzip_kernels import triton_max_attention
 
     context_length = 83
     queries, keys, running = inputs(2, heads, kv_heads, chunk, head_dim, context_length, chunk_start, torch.float32, chunk)
@@ -50,7 +50,7 @@ def test_triton_scoring_equals_the_pytorch_statement(heads, kv_heads, chunk, chu
 @pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter rounds bf16 differently from the GPU")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_bf16_triton_scoring_is_within_rounding_of_pytorch(head_dim):
-    from presses.scorers.kvzip_kernels import triton_max_attention
+    from adakv.presses.scorers.kvzip_kernels import triton_max_attention
 
     queries, keys, running = inputs(1, 12, 2, 512, head_dim, 1500, 256, torch.bfloat16, 0)
     expected = running.clone()
@@ -65,7 +65,7 @@ def test_kvzip_press_keeps_the_same_pairs_with_the_kernels_and_with_pytorch(monk
 
     from adakv import kept_token_counts
     from adakv import presses as P
-    from presses.scorers import kvzip
+    from adakv.presses.scorers import kvzip
 
     model = tiny_model("qwen2").cuda()
     ids = random_ids(1, 90).cuda()
@@ -76,7 +76,13 @@ def test_kvzip_press_keeps_the_same_pairs_with_the_kernels_and_with_pytorch(monk
             tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
         return tokens.sequences, kept_token_counts(tokens.past_key_values)
 
+    from adakv.presses.scorers import kvzip_kernels
+
+    launches = []
+    kernels = kvzip_kernels.triton_max_attention
+    monkeypatch.setattr(kvzip_kernels, "triton_max_attention", lambda *args: launches.append(1) or kernels(*args))
     fused_tokens, fused_counts = compressed_tokens()
+    assert launches  # the kernels did score
     monkeypatch.setattr(kvzip, "triton_available", lambda: False)
     tokens, counts = compressed_tokens()
     assert torch.equal(tokens, fused_tokens)
