@@ -137,6 +137,17 @@ def queries(module: nn.Module, hidden_states: torch.Tensor, position_embeddings)
     return apply_rope(pre_rope_queries(module, hidden_states), cos, sin)
 
 
+def check_parameters_on_cuda(model: nn.Module, switch: str, what: str) -> None:
+    """Refuse, for the option `switch` whose `what` (e.g. "Triton kernels") run on CUDA, a model with
+    parameters elsewhere."""
+    devices = {parameter.device.type for parameter in model.parameters()}
+    if devices != {"cuda"}:
+        raise ValueError(
+            f"{switch} runs {what} on CUDA; this model has parameters on {sorted(devices)}. "
+            f"Move the model to a CUDA device or use {switch}=False."
+        )
+
+
 def forward_is_replaced(module: nn.Module) -> bool:
     """True when something already swapped `module`'s forward (an accelerate offload hook, another wrapper)."""
     return "forward" in module.__dict__ or getattr(module, "_hf_hook", None) is not None

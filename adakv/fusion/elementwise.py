@@ -36,7 +36,7 @@ from torch import nn
 
 from adakv.fusion import elementwise_reference
 from adakv.fusion.residual_norms import LLAMA_STRUCTURED_LAYERS, NormsAhead, NormSpec, layer_forward
-from adakv.models import attention_modules, forward_is_replaced
+from adakv.models import attention_modules, check_parameters_on_cuda, forward_is_replaced
 
 # RMSNorm classes of the supported families: (weight offset, scale in fp32). Llama style rounds the
 # normalised row to the input dtype before the weight; Gemma style scales by (1 + weight) in fp32.
@@ -214,17 +214,6 @@ def _modeling_modules(model: nn.Module) -> list[ModuleType]:
     return [sys.modules[name] for name in sorted(names) if hasattr(sys.modules[name], "apply_rotary_pos_emb")]
 
 
-def _check_device(model: nn.Module, device_type: str | None) -> None:
-    if device_type is None:
-        return
-    devices = {parameter.device.type for parameter in model.parameters()}
-    if devices != {device_type}:
-        raise ValueError(
-            f"fuse_elementwise runs Triton kernels on CUDA; this model has parameters on {sorted(devices)}. "
-            "Move the model to a CUDA device or use fuse_elementwise=False."
-        )
-
-
 def _replacements(model: nn.Module, kernels: ElementwiseKernels, report: FusedElementwise) -> list[tuple[nn.Module, Callable]]:
     """(module, its fused forward) for every norm, SiLU MLP and Llama-structured decoder layer of the model,
     checked before any is replaced."""
@@ -285,7 +274,8 @@ def _residual_refusal(layer: nn.Module, next_norm: nn.Module | None) -> str | No
 def fused_elementwise(model: nn.Module, kernels: ElementwiseKernels | None = None) -> Generator[FusedElementwise, None, None]:
     """Within the block the model's norms, rotary embeddings and SiLU gates run as one kernel each (Triton
     on CUDA by default). Yields what was fused and what was left unfused."""
-    _check_device(model, "cuda" if kernels is None else kernels.device_type)
+    if kernels is None or kernels.device_type == "cuda":
+        check_parameters_on_cuda(model, "fuse_elementwise", "Triton kernels")
     kernels = triton_kernels() if kernels is None else kernels
     report = FusedElementwise()
     replacements = _replacements(model, kernels, report)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adakv.fusion.joined_projections import JoinedGroup
-from adakv.models import forward_is_replaced
+from adakv.models import check_parameters_on_cuda, forward_is_replaced
 
 MAX_ROWS = 16  # decode batches; longer inputs are a matrix product's job
 
@@ -86,15 +86,6 @@ def routed_product(gemv: Product) -> Product:
     return product
 
 
-def _check_device(model: nn.Module) -> None:
-    devices = {parameter.device.type for parameter in model.parameters()}
-    if devices != {"cuda"}:
-        raise ValueError(
-            f"gemv_linears runs a Triton kernel on CUDA; this model has parameters on {sorted(devices)}. "
-            "Move the model to a CUDA device or use gemv_linears=False."
-        )
-
-
 @contextmanager
 def gemv_linears(
     model: nn.Module, groups: Sequence[JoinedGroup] = (), gemv: Product | None = None
@@ -103,7 +94,7 @@ def gemv_linears(
     input rows through `gemv`: by default adakv's Triton GEMV, which needs a CUDA model; tests pass
     another product to run the routing on CPU. Yields what was routed."""
     if gemv is None:
-        _check_device(model)
+        check_parameters_on_cuda(model, "gemv_linears", "a Triton kernel")
         gemv = triton_product()
     product = routed_product(gemv)
     report = GemvLinears()
