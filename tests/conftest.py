@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from transformers import (
@@ -13,6 +16,19 @@ from transformers import (
     Qwen2Config,
     Qwen3Config,
 )
+
+# Triton kernels alone run on a GPU, or on CPU under TRITON_INTERPRET=1 with triton installed (fp32 there)
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_test = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or (TRITON_DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
+    reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
+)
+
+
+def skip_bf16_when_interpreted(dtype: torch.dtype) -> None:
+    if TRITON_DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the interpreter rounds bf16 differently from the GPU")
+
 
 COMMON = dict(
     vocab_size=128,

@@ -8,13 +8,19 @@ and run fused models, eager and in CUDA graphs."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 import sys
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, press_logits_and_tokens, random_ids, tiny_model
+from conftest import (
+    FAMILY_CONFIGS,
+    TRITON_DEVICE,
+    press_logits_and_tokens,
+    random_ids,
+    skip_bf16_when_interpreted,
+    tiny_model,
+    triton_test,
+)
 from torch import nn
 
 from adakv import presses as P
@@ -22,18 +28,6 @@ from adakv.fusion import elementwise_reference as reference
 from adakv.fusion.elementwise import NORM_STYLES, REFERENCE_KERNELS, ElementwiseKernels, fused_elementwise
 
 gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# the Triton kernels alone: on a GPU, or on CPU under TRITON_INTERPRET=1 with triton installed (fp32 there)
-kernel_test = pytest.mark.skipif(
-    importlib.util.find_spec("triton") is None or (KERNEL_DEVICE == "cpu" and not INTERPRETED),
-    reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
-)
-
-
-def skip_bf16_when_interpreted(dtype) -> None:
-    if KERNEL_DEVICE == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("the interpreter rounds bf16 differently from the GPU")
 
 
 def randomized(model: nn.Module) -> nn.Module:
@@ -224,14 +218,14 @@ def triton_kernels():
     return make()
 
 
-@kernel_test
+@triton_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("style", [(0.0, False), (1.0, True)])
 def test_triton_rms_norm_matches_the_reference(dtype, style):
     skip_bf16_when_interpreted(dtype)
     kernels = triton_kernels()
-    rows = torch.randn(3, 7, 2 * 4096, device=KERNEL_DEVICE, dtype=dtype)[..., :4096]  # strided rows
-    weight = torch.randn(4096, device=KERNEL_DEVICE, dtype=dtype)
+    rows = torch.randn(3, 7, 2 * 4096, device=TRITON_DEVICE, dtype=dtype)[..., :4096]  # strided rows
+    weight = torch.randn(4096, device=TRITON_DEVICE, dtype=dtype)
     out = kernels.rms_norm(rows, weight, 1e-5, *style)
     expected = reference.rms_norm(rows, weight, 1e-5, *style)
     assert out.dtype == expected.dtype and out.shape == expected.shape
@@ -239,49 +233,49 @@ def test_triton_rms_norm_matches_the_reference(dtype, style):
     torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
     half_weight = weight.float()  # Llama style with fp32 weights promotes the output to fp32
     assert kernels.rms_norm(rows, half_weight, 1e-5, 0.0, False).dtype == torch.promote_types(dtype, torch.float32)
-    update = torch.randn(3, 7, 4096, device=KERNEL_DEVICE, dtype=dtype)
+    update = torch.randn(3, 7, 4096, device=TRITON_DEVICE, dtype=dtype)
     total, normed = kernels.add_rms_norm(rows, update, weight, 1e-5, *style)
     expected_total, expected_normed = reference.add_rms_norm(rows, update, weight, 1e-5, *style)
     assert torch.equal(total, expected_total)  # one rounding of an exact fp32 sum, as torch's add
     torch.testing.assert_close(normed, expected_normed, rtol=tolerance, atol=tolerance)
 
 
-@kernel_test
+@triton_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("angle_batch", [1, 2])
 def test_triton_rotary_matches_the_reference_on_transposed_heads(dtype, angle_batch):
     skip_bf16_when_interpreted(dtype)
     kernels = triton_kernels()
-    q = torch.randn(2, 5, 8, 128, device=KERNEL_DEVICE, dtype=dtype).transpose(1, 2)  # as q_proj(x).view().transpose()
-    k = torch.randn(2, 5, 3 * 128, device=KERNEL_DEVICE, dtype=dtype)[..., 128:].view(2, 5, 2, 128).transpose(1, 2)
-    cos = torch.randn(angle_batch, 5, 128, device=KERNEL_DEVICE, dtype=dtype)
-    sin = torch.randn(angle_batch, 5, 128, device=KERNEL_DEVICE, dtype=dtype)
+    q = torch.randn(2, 5, 8, 128, device=TRITON_DEVICE, dtype=dtype).transpose(1, 2)  # as q_proj(x).view().transpose()
+    k = torch.randn(2, 5, 3 * 128, device=TRITON_DEVICE, dtype=dtype)[..., 128:].view(2, 5, 2, 128).transpose(1, 2)
+    cos = torch.randn(angle_batch, 5, 128, device=TRITON_DEVICE, dtype=dtype)
+    sin = torch.randn(angle_batch, 5, 128, device=TRITON_DEVICE, dtype=dtype)
     tolerance = 1e-6 if dtype == torch.float32 else 2**-7  # bf16: at most one rounding step apart
     for out, expected in zip(kernels.rotary(q, k, cos, sin), reference.rotary(q, k, cos, sin)):
         assert out.stride() == expected.stride()  # the layout torch's arithmetic gives
         torch.testing.assert_close(out, expected, rtol=tolerance, atol=tolerance)
 
 
-@kernel_test
+@triton_test
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_silu_mul_matches_the_reference_on_joined_views(dtype):
     skip_bf16_when_interpreted(dtype)
     kernels = triton_kernels()
-    joined = torch.randn(2, 3, 2 * 14336, device=KERNEL_DEVICE, dtype=dtype)
+    joined = torch.randn(2, 3, 2 * 14336, device=TRITON_DEVICE, dtype=dtype)
     gate, up = joined[..., :14336], joined[..., 14336:]
     tolerance = 1e-5 if dtype == torch.float32 else 8e-3  # exp may differ in the last fp32 bit
     torch.testing.assert_close(kernels.silu_mul(gate, up), reference.silu_mul(gate, up), rtol=tolerance, atol=tolerance)
 
 
-@kernel_test
+@triton_test
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
 def test_the_triton_kernels_run_whole_models(family):
     """Every Triton kernel inside a model (on CPU under the interpreter: fp32, the same module patching)."""
-    model = randomized(tiny_model(family)).to(KERNEL_DEVICE)
-    ids = random_ids(2, 12).to(KERNEL_DEVICE)
+    model = randomized(tiny_model(family)).to(TRITON_DEVICE)
+    ids = random_ids(2, 12).to(TRITON_DEVICE)
     with torch.no_grad():
         expected = model(ids).logits
-        kernels = dataclasses.replace(triton_kernels(), device_type=None if KERNEL_DEVICE == "cpu" else "cuda")
+        kernels = dataclasses.replace(triton_kernels(), device_type=None if TRITON_DEVICE == "cpu" else "cuda")
         with fused_elementwise(model, kernels) as fused:
             logits = model(ids).logits
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)

@@ -6,24 +6,19 @@ with TRITON_INTERPRET=1 (or on a GPU) the Triton GEMV itself runs whole models."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILY_CONFIGS, press_logits_and_tokens, random_ids, tiny_model
+from conftest import FAMILY_CONFIGS, TRITON_DEVICE, press_logits_and_tokens, random_ids, tiny_model, triton_test
 from torch import nn
 
 from adakv import presses as P
 from adakv.fusion.gemv_linears import MAX_ROWS, gemv_linears, gemv_tiles
 from adakv.fusion.joined_projections import joined_projections
 
-TRITON_RUNS = importlib.util.find_spec("triton") is not None and (
-    torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-)
 
 
 class CountingProduct:
@@ -155,14 +150,13 @@ def test_emulated_graphs_with_the_gemv_routing_give_the_eager_tokens():
     assert press.graph_decoder.captures == 1 and 1 in counting.rows
 
 
-@pytest.mark.skipif(not TRITON_RUNS, reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)")
+@triton_test
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_the_triton_gemv_runs_whole_models(family):
     from adakv.fusion.triton_gemv import gemv
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tiny_model(family).to(device)
-    ids = random_ids(2, 24).to(device)
+    model = tiny_model(family).to(TRITON_DEVICE)
+    ids = random_ids(2, 24).to(TRITON_DEVICE)
     expected_logits, expected_tokens = logits_and_tokens(model, ids, max_new_tokens=4)
     with joined_projections(model) as groups, gemv_linears(model, groups, gemv=gemv):
         logits, tokens = logits_and_tokens(model, ids, max_new_tokens=4)

@@ -3,21 +3,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
+from conftest import TRITON_DEVICE, triton_test
 
 from adakv.presses.scorers.kvzip import torch_max_attention
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
-    pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="needs a CUDA device (or TRITON_INTERPRET=1)"),
-]
+pytestmark = [pytest.mark.gpu, triton_test]
 
 
 def inputs(batch, heads, kv_heads, chunk, head_dim, context_length, chunk_start, dtype, seed):
@@ -26,7 +18,7 @@ def inputs(batch, heads, kv_heads, chunk, head_dim, context_length, chunk_start,
     queries = torch.randn(batch, chunk, heads, head_dim, generator=generator).transpose(1, 2)
     keys = torch.randn(batch, kv_heads, context_length + chunk_start + chunk, head_dim, generator=generator)
     running = torch.rand(batch, kv_heads, context_length, generator=generator) * 0.05  # earlier chunks' maxima
-    return queries.to(DEVICE, dtype), keys.to(DEVICE, dtype), running.to(DEVICE)
+    return queries.to(TRITON_DEVICE, dtype), keys.to(TRITON_DEVICE, dtype), running.to(TRITON_DEVICE)
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(2, 2), (6, 2)])
@@ -47,7 +39,7 @@ def test_triton_scoring_equals_the_pytorch_statement(heads, kv_heads, chunk, chu
         assert (running > expected.new_tensor(0.05)).any()  # the update did reach the running maximum
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter rounds bf16 differently from the GPU")
+@pytest.mark.skipif(TRITON_DEVICE == "cpu", reason="the interpreter rounds bf16 differently from the GPU")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_bf16_triton_scoring_is_within_rounding_of_pytorch(head_dim):
     from adakv.presses.scorers.kvzip_kernels import triton_max_attention
@@ -59,7 +51,7 @@ def test_bf16_triton_scoring_is_within_rounding_of_pytorch(head_dim):
     torch.testing.assert_close(running, expected, rtol=2e-3, atol=1e-5)
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="the press takes the kernels on CUDA tensors only")
+@pytest.mark.skipif(TRITON_DEVICE == "cpu", reason="the press takes the kernels on CUDA tensors only")
 def test_kvzip_press_keeps_the_same_pairs_with_the_kernels_and_with_pytorch(monkeypatch):
     from conftest import random_ids, tiny_model
 

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TRITON_DEVICE, skip_bf16_when_interpreted, triton_test
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
-    pytest.mark.skipif(DEVICE == "cpu" and not INTERPRETED, reason="needs a CUDA device (or TRITON_INTERPRET=1)"),
-]
+pytestmark = [pytest.mark.gpu, triton_test]
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -26,12 +18,11 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rto
 def test_gemv_equals_linear(dtype, rows, n_features, k_features, bias):
     from adakv.fusion.triton_gemv import gemv
 
-    if INTERPRETED and dtype == torch.bfloat16:
-        pytest.skip("the interpreter rounds bf16 differently from the GPU")
+    skip_bf16_when_interpreted(dtype)
     generator = torch.Generator().manual_seed(rows * n_features)
-    x = torch.randn(2, rows, k_features, generator=generator)[1].to(DEVICE, dtype)  # a view with an offset
-    weight = torch.randn(n_features, k_features, generator=generator).to(DEVICE, dtype)
-    b = torch.randn(n_features, generator=generator).to(DEVICE, dtype) if bias else None
+    x = torch.randn(2, rows, k_features, generator=generator)[1].to(TRITON_DEVICE, dtype)  # a view with an offset
+    weight = torch.randn(n_features, k_features, generator=generator).to(TRITON_DEVICE, dtype)
+    b = torch.randn(n_features, generator=generator).to(TRITON_DEVICE, dtype) if bias else None
     for tiles in (None, dict(BLOCK_N=8, BLOCK_K=128, num_warps=4, num_stages=2)):
         out = gemv(x, weight, b, tiles=tiles)
         assert out.shape == (rows, n_features) and out.dtype == dtype
@@ -41,12 +32,12 @@ def test_gemv_equals_linear(dtype, rows, n_features, k_features, bias):
 def test_gemv_keeps_leading_dimensions_and_refuses_bad_input():
     from adakv.fusion.triton_gemv import MAX_ROWS, gemv
 
-    weight = torch.randn(20, 64, device=DEVICE)
-    x = torch.randn(2, 1, 64, device=DEVICE)
+    weight = torch.randn(20, 64, device=TRITON_DEVICE)
+    x = torch.randn(2, 1, 64, device=TRITON_DEVICE)
     torch.testing.assert_close(gemv(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match=f"1 to {MAX_ROWS} rows"):
-        gemv(torch.randn(MAX_ROWS + 1, 64, device=DEVICE), weight)
+        gemv(torch.randn(MAX_ROWS + 1, 64, device=TRITON_DEVICE), weight)
     with pytest.raises(ValueError, match="contiguous"):
-        gemv(torch.randn(1, 64, device=DEVICE), weight.t().contiguous().t())
+        gemv(torch.randn(1, 64, device=TRITON_DEVICE), weight.t().contiguous().t())
     with pytest.raises(ValueError, match="one dtype"):
-        gemv(torch.randn(1, 64, device=DEVICE, dtype=torch.float64), weight)
+        gemv(torch.randn(1, 64, device=TRITON_DEVICE, dtype=torch.float64), weight)
