@@ -129,12 +129,13 @@ def _rms_norm(x, update, weight, eps, weight_offset, scale_in_fp32) -> tuple[tor
     out_dtype = x.dtype if scale_in_fp32 else torch.promote_types(weight.dtype, x.dtype)
     rows = _rows(x)
     out = torch.empty(rows.shape, dtype=out_dtype, device=x.device)
-    update_rows = rows if update is None else _rows(update)
+    update_rows = rows if update is None else _rows(update)  # (unread without an update)
     total = None if update is None else torch.empty(rows.shape, dtype=x.dtype, device=x.device)
+    sum_rows = out if total is None else total  # (unwritten without an update)
     with on_device_of(x):
         rms_norm_kernel[(rows.shape[0],)](
-            rows, update_rows, out if total is None else total, weight, out,
-            rows.stride(0), update_rows.stride(0), (out if total is None else total).stride(0), out.stride(0),
+            rows, update_rows, sum_rows, weight, out,
+            rows.stride(0), update_rows.stride(0), sum_rows.stride(0), out.stride(0),
             rows.shape[1], eps, weight_offset,
             HAS_UPDATE=update is not None, SCALE_IN_FP32=scale_in_fp32, BLOCK=triton.next_power_of_2(rows.shape[1]),
         )  # fmt: skip

@@ -17,20 +17,16 @@ products). This module imports triton at the top: import it only where Triton ru
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 
 from adakv.attention import on_device_of
+from adakv.flat.triton_decode import multiprocessor_count
 from adakv.fusion.gemv_linears import MAX_ROWS, gemv_tiles
 
 
-@lru_cache(maxsize=None)
-def multiprocessors(device: torch.device) -> int:
-    """The GPU's multiprocessor count (an H200's, 132, for tensors off CUDA: Triton's CPU interpreter)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+INTERPRETER_MULTIPROCESSORS = 132  # planned for under Triton's CPU interpreter: an H200's count
 
 
 @triton.jit
@@ -90,7 +86,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         x2d = x2d.contiguous()
     n_features = weight.shape[0]
     out = torch.empty(rows, n_features, device=x.device, dtype=x.dtype)
-    settings = gemv_tiles(rows, n_features, multiprocessors(x.device)) | (tiles or {})
+    multiprocessors = multiprocessor_count(x.device.index) if x.is_cuda else INTERPRETER_MULTIPROCESSORS
+    settings = gemv_tiles(rows, n_features, multiprocessors) | (tiles or {})
     block_m = 1 if rows == 1 else 16  # tl.dot needs 16 rows at least
     block_n = settings["BLOCK_N"] if block_m == 1 else max(16, settings["BLOCK_N"])
     with on_device_of(x):
