@@ -13,10 +13,12 @@ For each batch x context case, one process measures side by side:
   matrix-vector products as adakv's Triton GEMV): the fastest decode adakv offers.
 
 Every row: decode ms/token (median of `--steps` CUDA-event timings per step after `--warmup` steps; two
-passes, both kept, the second reported), KV GiB held, peak GiB, and
-limit_ms = (weight bytes read per step + KV bytes read per step) / copy bandwidth, the bandwidth measured in
-the same run with a large device-to-device copy (bytes read + bytes written over its time). Weight bytes
-leave out the input embedding (a step reads one row of it). Graph rows also give the graph pool's memory.
+passes, both kept, the second reported), KV GiB held (slack rows included), KV GiB read per step, peak GiB,
+and limit_ms = (weight bytes read per step + KV bytes read per step) / copy bandwidth, the bandwidth
+measured in the same run with a large device-to-device copy (bytes read + bytes written over its time).
+Weight bytes leave out the input embedding (a step reads one row of it); KV bytes read are the rows in use
+(kept context + appended tokens), averaged over the row's steps: the variants of a case continue one
+cache, which grows by every step. Graph rows also give the graph pool's memory.
 
     python benchmarks/bench_decode_limit.py --cases 1x8192 1x32768 1x131072 8x8192 8x32768
 """
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_evict import GiB, build_model, kv_bytes, synchronize  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
+from adakv.flat.layer import FlatHeadwiseLayer  # noqa: E402
 
 
 def copy_bandwidth(gib: float = 4.0) -> float:
@@ -113,17 +116,36 @@ def row(batch, context, method, ratio, passes, limit_s, kv, peak, **extra) -> di
     )  # fmt: skip
 
 
+def kv_read_bytes(cache) -> int:
+    """K and V bytes a decode step reads now: the rows in use of flat layers (not their slack), the whole
+    tensors of dense ones."""
+    total = 0
+    for layer in cache.layers:
+        if isinstance(layer, FlatHeadwiseLayer):
+            total += 2 * layer.used_rows * layer.head_dim * layer.keys.element_size()
+        elif getattr(layer, "keys", None) is not None:
+            total += (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
+    return total
+
+
+def timed_with_reads(step, token, args, cache) -> tuple[list[float], float]:
+    """(two_passes' timings, the KV bytes read per step averaged over them: the cache grows by each step)."""
+    before = kv_read_bytes(cache)
+    passes = two_passes(step, token, args.warmup, args.steps)
+    return passes, (before + kv_read_bytes(cache)) / 2
+
+
 def dense_rows(model, ids, args, bandwidth, weights) -> list[dict]:
     batch, context = ids.shape
     cache = DynamicCache(config=model.config)
     torch.cuda.reset_peak_memory_stats()
     prefill(model, ids, cache)
-    held = kv_bytes(cache)
-    limit = (weights + held) / bandwidth
     token = ids[:, -1:]
     with torch.no_grad():
-        eager = two_passes(greedy_step(model, cache), token, args.warmup, args.steps)
-    rows = [row(batch, context, "dense-eager", 0.0, eager, limit, held, torch.cuda.max_memory_allocated())]
+        eager, read = timed_with_reads(greedy_step(model, cache), token, args, cache)
+    held = kv_bytes(cache)
+    rows = [row(batch, context, "dense-eager", 0.0, eager, (weights + read) / bandwidth, held,
+                torch.cuda.max_memory_allocated(), kv_read_gib=read / GiB)]  # fmt: skip
     print(rows[-1], flush=True)
     if args.no_compiled:
         return rows
@@ -148,7 +170,8 @@ def dense_rows(model, ids, args, bandwidth, weights) -> list[dict]:
     static_bytes = sum(layer.keys.numel() * 2 * layer.keys.element_size() for layer in static.layers)
     # the static cache attends over all max_cache_len positions, so that is what a step reads
     limit = (weights + static_bytes) / bandwidth
-    rows.append(row(batch, context, "dense-compiled", 0.0, timings, limit, static_bytes, torch.cuda.max_memory_allocated(), compile_s=compile_s))
+    rows.append(row(batch, context, "dense-compiled", 0.0, timings, limit, static_bytes, torch.cuda.max_memory_allocated(),
+                    kv_read_gib=static_bytes / GiB, compile_s=compile_s))  # fmt: skip
     print(rows[-1], flush=True)
     del static, compiled
     torch._dynamo.reset()
@@ -169,10 +192,10 @@ def press_rows(model, ids, args, bandwidth, weights, name, ratio) -> list[dict]:
     prefill(model, ids, cache, press)
     token = ids[:, -1:]
     with torch.no_grad(), press(model):
-        eager = two_passes(greedy_step(model, cache), token, args.warmup, args.steps)
+        eager, read = timed_with_reads(greedy_step(model, cache), token, args, cache)
     held = kv_bytes(cache)
-    limit = (weights + held) / bandwidth
-    rows = [row(batch, context, f"{name}-evict-eager", ratio, eager, limit, held, torch.cuda.max_memory_allocated())]
+    rows = [row(batch, context, f"{name}-evict-eager", ratio, eager, (weights + read) / bandwidth, held,
+                torch.cuda.max_memory_allocated(), kv_read_gib=read / GiB)]  # fmt: skip
     print(rows[-1], flush=True)
     variants = [("graph", {})]
     if name in args.joined:
@@ -200,13 +223,13 @@ def graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio,
         token = step(step(token))  # warm-up, then capture
         torch.cuda.synchronize()
         pool = torch.cuda.memory_allocated() - before
-        graph = two_passes(step, token, args.warmup, args.steps)
+        graph, read = timed_with_reads(step, token, args, cache)
         generate_ms = generate_ms_per_token(model, cache, batch, args.steps)
         decoder = press.graph_decoder
     held = kv_bytes(cache)
-    limit = (weights + held) / bandwidth
-    return row(batch, context, f"{name}-evict-{suffix}", ratio, graph, limit, held, torch.cuda.max_memory_allocated(),
-               graph_pool_gib=pool / GiB, captures=decoder.captures, graph_disabled=decoder.disabled_reason,
+    return row(batch, context, f"{name}-evict-{suffix}", ratio, graph, (weights + read) / bandwidth, held,
+               torch.cuda.max_memory_allocated(), kv_read_gib=read / GiB, graph_pool_gib=pool / GiB,
+               captures=decoder.captures, graph_disabled=decoder.disabled_reason,
                generate_ms_per_token=generate_ms)  # fmt: skip
 
 
@@ -357,17 +380,20 @@ def write_table(path: Path, meta: dict, rows: list[dict]) -> None:
         f"{meta['layers']} layers, bf16, random weights. Copy bandwidth measured in the same run: "
         f"{bandwidth}; weights read per step {meta['weight_gib']:.2f} GiB. decode ms = "
         f"median of {meta['steps']} steps, pass 2 (pass 1 in brackets). generate ms = wall ms per token of "
-        "`model.generate` continuing the same cache (graph rows of later runs; empty where not measured).",
+        "`model.generate` continuing the same cache (graph rows of later runs; empty where not measured). "
+        "KV read = rows in use, averaged over the row's steps; where it is empty (rows of earlier runs) the "
+        "limit counted the KV held, slack rows included, as read.",
         "",
-        "| batch | context | method | ratio | decode ms | limit ms | x limit | KV GiB | peak GiB | generate ms |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | context | method | ratio | decode ms | limit ms | x limit | KV GiB held | KV GiB read | peak GiB | generate ms |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         generate = r.get("generate_ms_per_token")
+        read = r.get("kv_read_gib")
         lines.append(
             f"| {r['batch']} | {r['context']} | {r['method']} | {r['ratio']} | {r['decode_ms']:.2f} "
             f"({r['decode_ms_passes'][0]:.2f}) | {r['limit_ms']:.2f} | {r['ratio_to_limit']:.2f} | "
-            f"{r['kv_gib']:.2f} | {r['peak_gib']:.1f} | "
+            f"{r['kv_gib']:.2f} | {'' if read is None else f'{read:.2f}'} | {r['peak_gib']:.1f} | "
             f"{f'{generate:.2f}' if isinstance(generate, float) else ('failed' if generate else '')} |"
         )
     path.write_text("\n".join(lines) + "\n")

@@ -12,7 +12,8 @@ This script separates the model's own share of the gap from the KV cache's, in o
   `torch.compile` (fused elementwise kernels) to see what fusion outside attention would buy, and with
   `join_projections=True` (q/k/v and gate/up as one product each), with `fuse_elementwise=True` as well
   (norms, rotary embeddings and SiLU gates as one Triton kernel each), and with `gemv_linears=True` as well
-  (the linears as adakv's Triton GEMV);
+  (the linears as adakv's Triton GEMV, the MLP's SiLU gate as the gate/up GEMV's epilogue), and the same
+  without that epilogue (separate_gate: the gate/up GEMV, then the silu_mul kernel);
 - kernels: one eager step (plain, and joined + fused) and one graph replay (joined + fused, without and with
   the GEMV) under the profiler:
   number of CUDA kernels and their summed GPU time by kind (matmul, attention and cache, elementwise), so that
@@ -28,6 +29,7 @@ import argparse
 import json
 import statistics
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode_limit import FUSIONS, greedy_step, measured_setup, prefill, step_timings  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
+import adakv.fusion.gemv_linears as gemv_linears_module  # noqa: E402
 
 
 def graph_ms(work, repeats: int = 64) -> float:
@@ -110,6 +113,18 @@ def adaptive_graph_ms(model, ids, steps: int, **fusions) -> float:
     return statistics.median(timings)
 
 
+@contextmanager
+def separate_silu_gate():
+    """gemv_linears without its SiLU-gated product: the MLP's gate/up GEMV, then the silu_mul kernel (what
+    the gated epilogue saves, measured in the same run)."""
+    original = gemv_linears_module.triton_products
+    gemv_linears_module.triton_products = lambda: (original()[0], None)
+    try:
+        yield
+    finally:
+        gemv_linears_module.triton_products = original
+
+
 def kernel_kind(name: str) -> str:
     lowered = name.lower()
     if any(word in lowered for word in ("gemv", "gemm", "cutlass", "sm90_xmma", "nvjet", "splitk")):
@@ -172,6 +187,10 @@ def main() -> None:
         row["adaptive_graph_ms"] = adaptive_graph_ms(model, ids, args.steps)
         for name, fusions in FUSIONS.items():
             row[f"adaptive_graph_{name.replace('-', '_')}_ms"] = adaptive_graph_ms(model, ids, args.steps, **fusions)
+        with separate_silu_gate():
+            row["adaptive_graph_joined_fused_gemv_separate_gate_ms"] = adaptive_graph_ms(
+                model, ids, args.steps, **FUSIONS["joined-fused-gemv"]
+            )  # fmt: skip
         profiles = {
             "eager_kernels": {},
             "eager_kernels_joined_fused": FUSIONS["joined-fused"],

@@ -31,7 +31,7 @@ def test_tuning_table_is_written_from_its_json(tmp_path):
 def test_decode_limit_table_is_the_merge_of_its_runs(tmp_path):
     bench = load_benchmark("bench_decode_limit")
     merged = json.loads((RESULTS / "decode_limit_NVIDIA_H200.json").read_text())
-    runs = [RESULTS / f"decode_limit_NVIDIA_H200_{tag}.json" for tag in ("b1", "b8", "b8b", "fused", "tuned", "gemv")]
+    runs = [RESULTS / f"decode_limit_NVIDIA_H200_{tag}.json" for tag in ("b1", "b8", "b8b", "fused", "tuned", "gemv", "gemv_plan", "combine", "combine2", "combine2_b8")]
     bench.merge([str(path) for path in runs], tmp_path)
     again = json.loads((tmp_path / "decode_limit_NVIDIA_H200.json").read_text())
     assert again["rows"] == merged["rows"] and again["superseded_rows"] == merged["superseded_rows"]

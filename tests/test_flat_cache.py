@@ -319,11 +319,13 @@ def test_split_workspace_reuses_its_buffer_and_grows():
     from adakv.flat.triton_decode import SplitWorkspace
 
     workspace = SplitWorkspace()
-    out, lse = workspace.take(10, 4, torch.device("cpu"))
+    out, lse, counters = workspace.take(10, 4, 6, torch.device("cpu"))
     assert out.numel() >= 40 and lse.numel() >= 10 and out.dtype == torch.float32
-    assert workspace.take(10, 4, torch.device("cpu"))[0] is out  # same sizes: same views
+    assert counters.dtype == torch.int32 and counters.numel() >= 6 and not counters.any()
+    assert workspace.take(10, 4, 6, torch.device("cpu"))[0] is out  # same sizes: same views
     buffer = workspace.buffer
-    small_out, small_lse = workspace.take(5, 4, torch.device("cpu"))
+    small_out, small_lse, small_counters = workspace.take(5, 4, 3, torch.device("cpu"))
     assert workspace.buffer is buffer and small_lse.data_ptr() == buffer.data_ptr() + 20 * 4
-    workspace.take(100, 4, torch.device("cpu"))
-    assert workspace.buffer.numel() >= 500
+    assert small_counters is counters  # fewer counters: the same buffer (the kernels leave them at zero)
+    workspace.take(100, 4, 20, torch.device("cpu"))
+    assert workspace.buffer.numel() >= 500 and workspace.counters.numel() >= 20 and not workspace.counters.any()

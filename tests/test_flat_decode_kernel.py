@@ -226,6 +226,23 @@ def test_decode_loop_matches_reference_and_reruns_are_bitwise_equal():
 
 
 @gpu_test
+@pytest.mark.parametrize("context", [200, 2000])  # one split (no partial buffers) and several
+def test_an_eager_step_reserves_the_counters_a_captured_triton_step_merges_with(context):
+    """Eager decode steps run this kernel, a CUDA graph captures the Triton ones, which merge with the
+    workspace's counters: the eager step allocates and zeroes them, so the Triton call (as in a capture)
+    reuses them instead of zeroing new ones in every replay."""
+    if not triton_decode.triton_available():
+        pytest.skip("needs triton")
+    layer = random_layer(2, 8, 128, context, torch.bfloat16, appended=1)
+    query = transformers_query(2, 32, 128, torch.bfloat16)
+    kernels.cuda_decode_flat_attention(query, layer, 0.09)
+    counters = layer.split_workspace.counters
+    assert counters is not None and counters.numel() >= 2 * 32 and not counters.any()
+    triton_decode.triton_flat_attention(query, layer, 0.09)
+    assert layer.split_workspace.counters is counters and not counters.any()
+
+
+@gpu_test
 def test_close_to_triton():
     if not triton_decode.triton_available():
         pytest.skip("needs triton")

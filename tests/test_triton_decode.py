@@ -182,6 +182,38 @@ def test_decode_steps_reusing_the_layer_workspace_equal_fresh_allocations():
     assert error < 1e-2, f"relative error {error:.3g}"
 
 
+@pytest.mark.parametrize("batch, splits", [(1, 16), (8, 4), (3, 128)])
+def test_the_last_split_merges_like_the_separate_combine_kernel_call_after_call(batch, splits):
+    """With a reusable workspace the program that finishes a sequence's last chunk merges the chunks (an
+    atomic counter per sequence, reset by that program). 200 calls in a row, eagerly and as replays of one
+    CUDA graph: every output equals the two-kernel merge bit for bit and the counters end at zero (a lost
+    or early count, or a chunk read before it was written, would show)."""
+    layer = random_layer(batch, 8, 128, 3000, 1, torch.bfloat16)
+    query = transformers_layout_query(batch, 32, 1, 128, torch.bfloat16)
+    expected = triton_decode.split_kv_attention(
+        query, layer.keys, layer.values, layer.offsets, layer.lengths, 8, layer.max_length, 0.09, num_splits=splits
+    )  # fmt: skip
+    workspace = triton_decode.SplitWorkspace()
+
+    def merged_in_last():
+        return triton_decode.split_kv_attention(
+            query, layer.keys, layer.values, layer.offsets, layer.lengths, 8, layer.max_length, 0.09,
+            num_splits=splits, workspace=workspace,
+        )  # fmt: skip
+
+    for call in range(200):
+        assert torch.equal(merged_in_last(), expected), f"call {call}"
+    assert not workspace.counters.any()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = merged_in_last()
+    for replay in range(200):
+        output.fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(output, expected), f"replay {replay}"
+    assert not workspace.counters.any()
+
+
 def test_decode_refuses_a_query_of_another_dtype():
     layer = random_layer(1, 2, 64, 300, 1, torch.bfloat16)
     query = transformers_layout_query(1, 8, 1, 64, torch.float16)

@@ -41,3 +41,31 @@ def test_gemv_keeps_leading_dimensions_and_refuses_bad_input():
         gemv(torch.randn(1, 64, device=TRITON_DEVICE), weight.t().contiguous().t())
     with pytest.raises(ValueError, match="one dtype"):
         gemv(torch.randn(1, 64, device=TRITON_DEVICE, dtype=torch.float64), weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_silu_gated_gemv_equals_silu_mul_of_the_two_halves_of_gemv(dtype, rows, bias):
+    """The same accumulation as `gemv` and the same arithmetic as the silu_mul kernel: equal, not merely close."""
+    from adakv.fusion.triton_elementwise import silu_mul
+    from adakv.fusion.triton_gemv import gemv, silu_gated_gemv
+
+    skip_bf16_when_interpreted(dtype)
+    generator = torch.Generator().manual_seed(rows)
+    n_out, k_features = 40, 300
+    x = torch.randn(rows, k_features, generator=generator).to(TRITON_DEVICE, dtype)
+    weight = torch.randn(2 * n_out, k_features, generator=generator).to(TRITON_DEVICE, dtype)
+    b = torch.randn(2 * n_out, generator=generator).to(TRITON_DEVICE, dtype) if bias else None
+    tiles = dict(BLOCK_N=8, BLOCK_K=128, num_warps=4, num_stages=2)
+    gate, up = gemv(x, weight, b, tiles=tiles).chunk(2, dim=-1)
+    out = silu_gated_gemv(x, weight, b, tiles=tiles)
+    assert out.shape == (rows, n_out) and out.dtype == dtype
+    assert torch.equal(out, silu_mul(gate, up))
+
+
+def test_silu_gated_gemv_refuses_an_odd_number_of_weight_rows():
+    from adakv.fusion.triton_gemv import silu_gated_gemv
+
+    with pytest.raises(ValueError, match=r"\(2 \* n, K\) matrix of gate's rows then up's"):
+        silu_gated_gemv(torch.randn(1, 64, device=TRITON_DEVICE), torch.randn(21, 64, device=TRITON_DEVICE))

@@ -199,7 +199,8 @@ class GraphDecoder:
         """What a captured step depends on besides the device state: the cache, every layer's buffers and
         split workspace, the input shapes and the logits kept."""
         workspaces = tuple(
-            None if layer.split_workspace.buffer is None else layer.split_workspace.buffer.data_ptr() for layer in layers
+            tuple(None if buffer is None else buffer.data_ptr() for buffer in (workspace.buffer, workspace.counters))
+            for workspace in (layer.split_workspace for layer in layers)
         )
         shapes = tuple((tuple(tensor.shape), tensor.dtype, tensor.device) for tensor in inputs.values())
         layouts = tuple(layer.layout_id for layer in layers)

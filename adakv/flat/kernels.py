@@ -240,13 +240,18 @@ def cuda_decode_attention(
     sequences = offsets.shape[0]
     if num_splits is None:
         num_splits = choose_num_splits(max_length, sequences, multiprocessor_count(query.device.index))
+    batch, heads, _, head_dim = query.shape
+    all_query_rows = sequences * (heads // (sequences // batch))  # sequences x group
+    if workspace is not None:
+        # The Triton kernels that a CUDA graph captures in place of this one merge with the workspace's
+        # counters (one per sequence and query row at most): allocated and zeroed here, in an eager step,
+        # a capture finds them ready instead of recording their zeroing into every replay.
+        workspace.take(num_splits * all_query_rows, head_dim, all_query_rows, query.device)
     if num_splits == 1:
         return load_extension().decode_attention(query, keys, values, offsets, lengths, scaling, 1)
-    batch, heads, _, head_dim = query.shape
-    slots = num_splits * sequences * (heads // (sequences // batch))  # splits x sequences x group
     if workspace is None:
         workspace = SplitWorkspace()
-    partial_out, partial_lse = workspace.take(slots, head_dim, query.device)
+    partial_out, partial_lse, _ = workspace.take(num_splits * all_query_rows, head_dim, all_query_rows, query.device)
     return load_extension().decode_attention(
         query, keys, values, offsets, lengths, scaling, num_splits, partial_out, partial_lse
     )

@@ -4,9 +4,11 @@ At decode a (batch, kv-head) sequence has one query token per query head, too li
 GPU program per sequence to keep the GPU busy. So the keys of every sequence are split into
 `num_splits` chunks, one program each (grid: sequences x splits x query-row blocks); each program
 runs an online softmax in fp32 over its chunk and writes (normalised output, log-sum-exp); a second
-small kernel merges the chunks. `decode_plan` chooses `num_splits` and the key step from the longest
-sequence, the number of sequences and the GPU's multiprocessor count, so that batch 1 already fills the
-GPU (settings measured by benchmarks/tune_decode_attention.py). The same kernels serve multi-token
+small kernel merges the chunks, or, with a reusable `SplitWorkspace` (decode steps), the program that
+finishes a sequence's last chunk merges them (one kernel per call). `decode_plan` chooses
+`num_splits` and the key step from the longest sequence, the number of sequences and the GPU's
+multiprocessor count, so that batch 1 already fills the GPU (settings measured by
+benchmarks/tune_decode_attention.py). The same kernels serve multi-token
 appends (a question): query j of q_len sees rows < length - q_len + j + 1.
 
 Shapes: query (batch, heads, q_len, head_dim), any strides with a unit last stride; the layer's flat
@@ -122,7 +124,8 @@ def check_inputs(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 class SplitWorkspace:
-    """A reusable fp32 buffer for the per-split partial outputs and log2-sum-exps of decode steps.
+    """Reusable buffers for decode steps: fp32 per-split partial outputs and log2-sum-exps, and the int32
+    counters with which the last split of each (sequence, row block) merges them (zero between calls).
 
     Kept on a `FlatHeadwiseLayer` so that a decode step allocates nothing for it. Reuse is safe because
     every call that uses it runs on the same CUDA stream (one model forward after another), so a call's
@@ -130,18 +133,22 @@ class SplitWorkspace:
 
     def __init__(self):
         self.buffer: torch.Tensor | None = None
+        self.counters: torch.Tensor | None = None
         self.key = None
-        self.views: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.views: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def take(self, slots: int, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(partial outputs of >= slots * head_dim, log2-sum-exps of >= slots) fp32 views on `device`;
-        the buffer grows, never shrinks, and the views are reused while the sizes stay the same."""
-        key = (slots, head_dim, device)
+    def take(self, slots: int, head_dim: int, counters: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(partial outputs of >= slots * head_dim, log2-sum-exps of >= slots, >= `counters` zeroed int32
+        counters) views on `device`; the buffers grow, never shrink, and the views are reused while the sizes
+        stay the same."""
+        key = (slots, head_dim, counters, device)
         if key != self.key:
             numel = slots * (head_dim + 1)
             if self.buffer is None or self.buffer.numel() < numel or self.buffer.device != device:
                 self.buffer = torch.empty(numel, device=device, dtype=torch.float32)
-            self.views = (self.buffer, self.buffer[slots * head_dim :])
+            if self.counters is None or self.counters.numel() < counters or self.counters.device != device:
+                self.counters = torch.zeros(counters, device=device, dtype=torch.int32)
+            self.views = (self.buffer, self.buffer[slots * head_dim :], self.counters)
             self.key = key
         return self.views
 
@@ -167,8 +174,9 @@ def split_kv_attention(
     Every length must be >= q_len (the new tokens are the last rows); max_length >= the longest length.
     offsets/lengths: int32 or int64 CUDA tensors. out: optional contiguous output buffer. tiles: overrides
     of `block_sizes` (BLOCK_N, num_warps, num_stages; for tuning). extra_length lets a caller pass
-    (context rows, appended tokens) without adding them in a separate launch. workspace: a reusable
-    buffer for the per-split results (see `SplitWorkspace`); None allocates one per call."""
+    (context rows, appended tokens) without adding them in a separate launch. workspace: reusable
+    buffers for the per-split results, whose last split then merges (see `SplitWorkspace`); None allocates
+    one per call and merges in a second kernel."""
     check_inputs(query, keys, values, num_kv_heads)
     if out is not None:
         batch, heads, query_length, head_dim = query.shape
@@ -202,28 +210,32 @@ def _launch(
     if num_splits is None:
         num_splits = planned_splits
 
-    # one workspace for the per-split outputs (slots, head_dim) and log2-sum-exps (slots,)
+    # one workspace for the per-split outputs (slots, head_dim) and log2-sum-exps (slots,); with a reusable
+    # workspace (decode steps) the last split of each (sequence, row block) merges, counted in `counters`
+    # (asked for one per sequence and query row, as the CUDA decode path reserves them: see kernels.py)
     slots = sequences * num_splits * query_rows
     if workspace is None:
         buffer = torch.empty(slots * (head_dim + 1), device=query.device, dtype=torch.float32)
-        partial_out, partial_lse = buffer[: slots * head_dim], buffer[slots * head_dim :]
+        partial_out, partial_lse, counters = buffer[: slots * head_dim], buffer[slots * head_dim :], buffer
     else:  # the kernels index from the start of each view, so the views may be longer than needed
-        partial_out, partial_lse = workspace.take(slots, head_dim, query.device)
+        partial_out, partial_lse, counters = workspace.take(slots, head_dim, sequences * query_rows, query.device)
     output = out if out is not None else query.new_empty(batch, query_length, heads, head_dim)
     kernels = _kernels()
     kernels.partial_attention[(sequences, num_splits, row_blocks)](
-        query, keys, values, offsets, lengths, partial_out, partial_lse,
+        query, keys, values, offsets, lengths, partial_out, partial_lse, output, counters,
         query.stride(0), query.stride(1), query.stride(2), keys.stride(0),
+        output.stride(0), output.stride(1), output.stride(2),
         scaling * LOG2_E, extra_length, num_kv_heads, query_length, num_splits,
         GROUP=group, HEAD_DIM=head_dim, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        **sizes,
+        COMBINE_IN_LAST=workspace is not None, **sizes,
     )  # fmt: skip
-    kernels.combine_splits[(sequences, row_blocks)](
-        partial_out, partial_lse, output,
-        output.stride(0), output.stride(1), output.stride(2),
-        num_kv_heads, query_length, num_splits,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=sizes["BLOCK_M"], BLOCK_D=sizes["BLOCK_D"],
-    )  # fmt: skip
+    if workspace is None:
+        kernels.combine_splits[(sequences, row_blocks)](
+            partial_out, partial_lse, output,
+            output.stride(0), output.stride(1), output.stride(2),
+            num_kv_heads, query_length, num_splits,
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_M=sizes["BLOCK_M"], BLOCK_D=sizes["BLOCK_D"],
+        )  # fmt: skip
     return output
 
 

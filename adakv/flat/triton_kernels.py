@@ -11,7 +11,10 @@ limit grows with the row index). Query token j sees key rows < length - query_le
 `partial_attention` (grid: sequences x splits x query-row blocks) attends one chunk of one sequence's
 keys with an online softmax in fp32 and writes the chunk's normalised output and log2-sum-exp.
 `combine_splits` (grid: sequences x query-row blocks) merges the chunks and writes
-(batch, query_length, heads, head_dim) in the query's dtype.
+(batch, query_length, heads, head_dim) in the query's dtype. With COMBINE_IN_LAST, `partial_attention`
+merges them itself: each program counts its chunk as done on a per-(sequence, row block) counter, and the
+program that finishes last merges and sets the counter back to 0 for the next call (one kernel per layer
+instead of two; a decode step in a CUDA graph then has no second launch and gap per layer).
 """
 
 from __future__ import annotations
@@ -22,11 +25,11 @@ import triton.language as tl
 
 @triton.jit
 def partial_attention(
-    Q, K, V, offsets, lengths, partial_out, partial_lse,
-    stride_qb, stride_qh, stride_qt, stride_kv,
+    Q, K, V, offsets, lengths, partial_out, partial_lse, Out, counters,
+    stride_qb, stride_qh, stride_qt, stride_kv, stride_ob, stride_ot, stride_oh,
     qk_scale_log2, extra_length, num_kv_heads, query_length, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, COMBINE_IN_LAST: tl.constexpr,
 ):  # fmt: skip
     sequence = tl.program_id(0)
     split = tl.program_id(1)
@@ -86,6 +89,20 @@ def partial_attention(
     tl.store(
         partial_out + slot[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None] & dim_valid[None, :]
     )
+    if COMBINE_IN_LAST:
+        # Every thread's stores above happen before the barrier, and the barrier before the counter's
+        # release; the last program's acquire then sees every chunk's stores (other programs' results
+        # are read from L2, see _merge_splits).
+        tl.debug_barrier()
+        counter = counters + sequence * tl.num_programs(2) + row_block
+        finished_before = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        tl.debug_barrier()
+        if finished_before == num_splits - 1:
+            _merge_splits(
+                partial_out, partial_lse, Out, stride_ob, stride_ot, stride_oh, sequence, row_block,
+                num_kv_heads, query_length, num_splits, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D,
+            )  # fmt: skip
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -95,8 +112,20 @@ def combine_splits(
     num_kv_heads, query_length, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    sequence = tl.program_id(0)
-    row_block = tl.program_id(1)
+    _merge_splits(
+        partial_out, partial_lse, Out, stride_ob, stride_ot, stride_oh, tl.program_id(0), tl.program_id(1),
+        num_kv_heads, query_length, num_splits, GROUP, HEAD_DIM, BLOCK_M, BLOCK_D,
+    )  # fmt: skip
+
+
+@triton.jit
+def _merge_splits(
+    partial_out, partial_lse, Out, stride_ob, stride_ot, stride_oh, sequence, row_block,
+    num_kv_heads, query_length, num_splits,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Merge the chunks of one (sequence, query-row block) and write them to Out. The chunks are read
+    through L2 (.cg): when the last program of partial_attention merges, other multiprocessors wrote them."""
     batch = (sequence // num_kv_heads).to(tl.int64)
     kv_head = sequence % num_kv_heads
     query_rows = GROUP * query_length
@@ -108,15 +137,18 @@ def combine_splits(
 
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for split in range(num_splits):
-        lse = tl.load(partial_lse + first_slot + split * query_rows + rows, mask=row_valid, other=float("-inf"))
+        lse = tl.load(
+            partial_lse + first_slot + split * query_rows + rows, mask=row_valid, other=float("-inf"), cache_modifier=".cg"
+        )  # fmt: skip
         best = tl.maximum(best, lse)
     safe_best = tl.where(best == float("-inf"), 0.0, best)
     total = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for split in range(num_splits):
         slot = first_slot + split * query_rows + rows
-        weight = tl.exp2(tl.load(partial_lse + slot, mask=row_valid, other=float("-inf")) - safe_best)
-        out = tl.load(partial_out + slot[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
+        lse = tl.load(partial_lse + slot, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        out = tl.load(partial_out + slot[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        weight = tl.exp2(lse - safe_best)
         total += weight
         acc += weight[:, None] * out
     acc = acc / tl.where(total > 0, total, 1.0)[:, None]
@@ -124,4 +156,3 @@ def combine_splits(
     head = kv_head * GROUP + rows % GROUP
     pointers = Out + batch * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     tl.store(pointers, acc.to(Out.dtype.element_ty), mask=mask)
-

@@ -12,7 +12,9 @@ Inside a CUDA graph their launch cost is gone, but each still costs a kernel's m
 - the modeling module's `apply_rotary_pos_emb` by one kernel for q and k together (full rotate-half
   rotations of 4-d q/k in one dtype; other calls go to the original function);
 - the forward of every MLP with a SiLU gate (gate_proj/up_proj or Phi3's gate_up_proj) by the model's own
-  projections around one fused silu(gate) * up kernel. Gemma3's tanh-GELU MLP is left as it is;
+  projections around one fused silu(gate) * up kernel; where gemv_linears offers the joined gate/up product
+  with silu(gate) * up as its epilogue (decode steps), by that one launch. Gemma3's tanh-GELU MLP is left
+  as it is;
 - the forward of every Llama-structured decoder layer (Llama, Mistral, Qwen2, Qwen3) by one that folds each
   residual add into the norm after it (adakv/fusion/residual_norms.py).
 
@@ -35,6 +37,7 @@ import torch
 from torch import nn
 
 from adakv.fusion import elementwise_reference
+from adakv.fusion.joined_projections import joined_group_of
 from adakv.fusion.residual_norms import LLAMA_STRUCTURED_LAYERS, NormsAhead, NormSpec, layer_forward
 from adakv.models import attention_modules, check_parameters_on_cuda, forward_is_replaced
 
@@ -115,11 +118,23 @@ def _gate_and_up(mlp: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return mlp.gate_proj(x), mlp.up_proj(x)
 
 
+def _silu_gated_in_one_product(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up where gate_proj and up_proj are joined and their group offers the two in one
+    product for x (gemv_linears' decode steps); else None."""
+    group = joined_group_of(mlp.gate_proj) if hasattr(mlp, "gate_proj") else None
+    if group is None or group.linears != [mlp.gate_proj, mlp.up_proj]:
+        return None
+    return group.silu_gated_output(x)
+
+
 def _mlp_forward(mlp: nn.Module, kernels: ElementwiseKernels):
     def forward(x: torch.Tensor) -> torch.Tensor:
-        gate, up = _gate_and_up(mlp, x)
-        _check_no_gradients(gate, up)
-        return mlp.down_proj(kernels.silu_mul(gate, up))
+        activated = _silu_gated_in_one_product(mlp, x)
+        if activated is None:
+            gate, up = _gate_and_up(mlp, x)
+            _check_no_gradients(gate, up)
+            activated = kernels.silu_mul(gate, up)
+        return mlp.down_proj(activated)
 
     return forward
 

@@ -7,7 +7,9 @@ with 1 to MAX_ROWS input rows through `gemv` (adakv/fusion/triton_gemv.py, tiles
 leaves larger inputs (prefills, long appends) to torch:
 
 - every plain `nn.Linear` of the model, the lm_head included, gets an instance `forward`;
-- the joined groups of `joined_projections` (passed as `groups`) compute their joined product with it.
+- the joined groups of `joined_projections` (passed as `groups`) compute their joined product with it;
+- the joined gate/up groups of MLPs also offer silu(gate) * up in one launch (`silu_gated_gemv`), which
+  `fused_elementwise`'s MLP forward takes: the activation then has no kernel of its own.
 
 Linears whose forward another wrapper already replaced (an accelerate hook), subclasses of nn.Linear
 (quantized layers) and linears whose weight is a tensor subclass (tensor-parallel DTensors) are left as they
@@ -37,14 +39,18 @@ FEW_FEATURES_PER_SM = 32  # N <= 32 x SMs: o_proj / down_proj of the 8B shape (N
 MANY_FEATURES_PER_SM = 64  # N > 64 x SMs: gate/up joined and the lm_head
 
 
-def gemv_tiles(rows: int, n_features: int, num_sms: int) -> dict:
-    """Tile sizes and launch settings of the GEMV for `rows` input rows and an (n_features, K) weight."""
+def gemv_tiles(rows: int, n_features: int, num_sms: int, element_bytes: int = 2) -> dict:
+    """Tile sizes and launch settings of the GEMV for `rows` input rows and an (n_features, K) weight of
+    `element_bytes` per value. The plan is fitted for 2-byte values; 4-byte ones (fp32) take half as wide K
+    tiles, the same bytes per tile (the tl.dot path stages its tiles in shared memory, which the 2-byte
+    tiles fill to about 192 KiB of an H200's 227)."""
     per_sm = n_features / num_sms
     if rows == 1:  # products in registers: narrow programs, many of them
         block_n, block_k, stages = (16, 1024, 2) if per_sm <= FEW_FEATURES_PER_SM else (8, 512, 2)
     else:  # tl.dot over 16 padded rows
         block_n = 32
         block_k, stages = (512, 4) if per_sm <= FEW_FEATURES_PER_SM else (256, 4 if per_sm <= MANY_FEATURES_PER_SM else 2)
+    block_k = block_k * 2 // max(element_bytes, 2)
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
 
 
@@ -54,48 +60,65 @@ Product = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Te
 
 @dataclass
 class GemvLinears:
-    """What `gemv_linears` routed: module and joined-group counts, and the linears it left with their reason."""
+    """What `gemv_linears` routed: module and joined-group counts (gated: MLP gate/up groups that also offer
+    silu(gate) * up in one launch), and the linears it left with their reason."""
 
     linears: int = 0
     groups: int = 0
+    gated_groups: int = 0
     left_as_is: list[str] = field(default_factory=list)
 
 
-def triton_product() -> Product:
+def triton_products() -> tuple[Product, Product]:
+    """(gemv, silu_gated_gemv) of adakv/fusion/triton_gemv.py."""
     try:
-        from adakv.fusion.triton_gemv import gemv
+        from adakv.fusion.triton_gemv import gemv, silu_gated_gemv
     except ImportError as error:
         raise RuntimeError(f"gemv_linears needs Triton ({error}); use gemv_linears=False.") from error
-    return gemv
+    return gemv, silu_gated_gemv
+
+
+def gemv_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """1 to MAX_ROWS rows, a contiguous weight, one dtype, no gradients to record (the GEMV has no backward)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (
+        1 <= rows <= MAX_ROWS
+        and weight.is_contiguous()
+        and x.dtype == weight.dtype
+        and (bias is None or bias.dtype == weight.dtype)
+        and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+    )
 
 
 def routed_product(gemv: Product) -> Product:
     """`gemv` for inputs of 1 to MAX_ROWS rows that it can take, F.linear for everything else."""
 
     def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        rows = x.numel() // max(x.shape[-1], 1)
-        takes = (
-            1 <= rows <= MAX_ROWS
-            and weight.is_contiguous()
-            and x.dtype == weight.dtype
-            and (bias is None or bias.dtype == weight.dtype)
-            and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-        )
-        return gemv(x, weight, bias) if takes else F.linear(x, weight, bias)
+        return gemv(x, weight, bias) if gemv_takes(x, weight, bias) else F.linear(x, weight, bias)
+
+    return product
+
+
+def routed_silu_gated(silu_gated: Product):
+    """`silu_gated` for inputs the GEMV takes, None for the others (their MLP runs its separate kernels)."""
+
+    def product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        return silu_gated(x, weight, bias) if gemv_takes(x, weight, bias) else None
 
     return product
 
 
 @contextmanager
 def gemv_linears(
-    model: nn.Module, groups: Sequence[JoinedGroup] = (), gemv: Product | None = None
+    model: nn.Module, groups: Sequence[JoinedGroup] = (), gemv: Product | None = None, silu_gated: Product | None = None
 ) -> Generator[GemvLinears, None, None]:
     """Within the block the model's linears (and `groups`' joined products) run products of 1 to MAX_ROWS
-    input rows through `gemv`: by default adakv's Triton GEMV, which needs a CUDA model; tests pass
-    another product to run the routing on CPU. Yields what was routed."""
+    input rows through `gemv`, and MLP gate/up groups offer `silu_gated` (silu(gate) * up of their joined
+    product): by default adakv's Triton kernels, which need a CUDA model; tests pass torch products to run
+    the routing on CPU (without `silu_gated`, no group offers it). Yields what was routed."""
     if gemv is None:
         check_parameters_on_cuda(model, "gemv_linears", "a Triton kernel")
-        gemv = triton_product()
+        gemv, silu_gated = triton_products()
     product = routed_product(gemv)
     report = GemvLinears()
     linears = []
@@ -118,9 +141,13 @@ def gemv_linears(
         for group in groups:
             group.product = product
             report.groups += 1
+            if silu_gated is not None and group.parent == "mlp":
+                group.silu_gated_product = routed_silu_gated(silu_gated)
+                report.gated_groups += 1
         yield report
     finally:
         for linear in linears:
             linear.__dict__.pop("forward", None)
         for group in groups:
             group.product = F.linear
+            group.silu_gated_product = None

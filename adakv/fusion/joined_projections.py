@@ -40,9 +40,13 @@ class JoinedGroup:
     linears: list[nn.Linear]
     weight: torch.Tensor | None  # None once split again (so that the joined matrix is freed group by group)
     bias: torch.Tensor | None
+    parent: str = ""  # the decoder layer's attribute holding the siblings: "self_attn" or "mlp"
     bounds: list[tuple[int, int]] = field(default_factory=list)
     # (inputs, weight, bias) -> joined product; gemv_linears swaps in its GEMV routing within its block
     product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor] = F.linear
+    # An MLP's gate/up group only, set by gemv_linears within its block: (inputs, weight, bias) ->
+    # silu(gate) * up in one product, or None for inputs it does not take (see `silu_gated_output`)
+    silu_gated_product: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor | None] | None = None
     # The joined product of the last input, reused by each sibling's call on that same tensor; dropped
     # when that input is freed (so a prefill does not keep one product per layer alive).
     _last_input: weakref.ref | None = None
@@ -63,6 +67,14 @@ class JoinedGroup:
             weakref.finalize(inputs, self._forget, self._token)
         start, end = self.bounds[index]
         return self._last_output[..., start:end]
+
+    def silu_gated_output(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """(..., out_features of gate): silu(gate) * up of `inputs` computed in one product, for a group of
+        (gate_proj, up_proj) within a block that offers it; None where it is not offered or not taken
+        (then the caller multiplies the siblings' outputs itself)."""
+        if self.silu_gated_product is None:
+            return None
+        return self.silu_gated_product(inputs, self.weight, self.bias)
 
     def _forget(self, token: int | None = None) -> None:
         if token is None or token == self._token:
@@ -88,11 +100,20 @@ def _check_joinable(linears: list[nn.Linear], where: str) -> None:
             raise ValueError(f"join_projections: {where} {problem}. Use join_projections=False with this model.")
 
 
-def _join(linears: list[nn.Linear]) -> JoinedGroup:
+# linear -> the group it is joined in, while joined (for the fused MLP forward of adakv/fusion/elementwise.py)
+_GROUP_OF = weakref.WeakKeyDictionary()
+
+
+def joined_group_of(linear: nn.Module) -> JoinedGroup | None:
+    """The group `linear` is joined in, or None."""
+    return _GROUP_OF.get(linear)
+
+
+def _join(linears: list[nn.Linear], parent: str) -> JoinedGroup:
     """Concatenate the siblings' weights, then re-point each parameter at its rows (frees the originals)."""
     weight = torch.cat([linear.weight.detach() for linear in linears])
     bias = torch.cat([linear.bias.detach() for linear in linears]) if linears[0].bias is not None else None
-    group = JoinedGroup(linears=linears, weight=weight, bias=bias)
+    group = JoinedGroup(linears=linears, weight=weight, bias=bias, parent=parent)
     start = 0
     for index, linear in enumerate(linears):
         end = start + linear.out_features
@@ -101,6 +122,7 @@ def _join(linears: list[nn.Linear]) -> JoinedGroup:
         if bias is not None:
             linear.bias = nn.Parameter(bias[start:end], requires_grad=linear.bias.requires_grad)
         linear.forward = lambda inputs, index=index: group.output_of(index, inputs)
+        _GROUP_OF[linear] = group
         start = end
     return group
 
@@ -111,14 +133,15 @@ def _split(group: JoinedGroup) -> None:
     group._forget()
     for linear in group.linears:
         del linear.forward
+        _GROUP_OF.pop(linear, None)
         linear.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=linear.weight.requires_grad)
         if linear.bias is not None:
             linear.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
     group.weight = group.bias = None
 
 
-def sibling_groups(model: nn.Module) -> list[tuple[str, list[nn.Linear]]]:
-    """(description, siblings) for every joinable group of every decoder layer, checked."""
+def sibling_groups(model: nn.Module) -> list[tuple[str, str, list[nn.Linear]]]:
+    """(description, parent attribute, siblings) for every joinable group of every decoder layer, checked."""
     attention_layers = attention_modules(model)  # also refuses unsupported families
     layer_of = {  # id of a decoder layer's attention module -> that decoder layer
         id(module.self_attn): module
@@ -135,7 +158,7 @@ def sibling_groups(model: nn.Module) -> list[tuple[str, list[nn.Linear]]]:
             linears = [getattr(parent, name) for name in names]
             where = f"layer {attention.layer_idx}'s {parent_name}.{'/'.join(names)}"
             _check_joinable(linears, where)
-            groups.append((where, linears))
+            groups.append((where, parent_name, linears))
     return groups
 
 
@@ -146,8 +169,8 @@ def joined_projections(model: nn.Module) -> Generator[list[JoinedGroup], None, N
     groups: list[JoinedGroup] = []
     try:
         with torch.no_grad():
-            for _, linears in sibling_groups(model):
-                groups.append(_join(linears))
+            for _, parent, linears in sibling_groups(model):
+                groups.append(_join(linears, parent))
         yield groups
     finally:
         with torch.no_grad():

@@ -12,7 +12,9 @@ torch's product per layer shape and over a whole step.
 
 Shapes: x (..., K) with at most MAX_ROWS rows in all, any row stride with a unit last stride; weight
 (N, K) contiguous; bias (N,) or None; returns (..., N) in x's dtype. fp16/bf16/fp32 (fp32 with IEEE fp32
-products). This module imports triton at the top: import it only where Triton runs.
+products). `silu_gated_gemv` does an MLP's joined gate/up product and its silu(gate) * up in one launch
+(the activation as an epilogue: no kernel of its own, and gate and up are never written).
+This module imports triton at the top: import it only where Triton runs.
 """
 
 from __future__ import annotations
@@ -30,18 +32,15 @@ INTERPRETER_MULTIPROCESSORS = 132  # planned for under Triton's CPU interpreter:
 
 
 @triton.jit
-def gemv_kernel(
-    X, W, B, Y, rows, n_features, k_features, stride_x, stride_y,
+def _weight_rows_times_x(
+    X, W, B, row_ids, row_valid, features, feature_valid, k_features, stride_x,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One program: BLOCK_N output features of every row. BLOCK_M == 1: element-wise products accumulated
-    in a (BLOCK_N, BLOCK_K) fp32 tile and summed along K once at the end (a reduction across threads per
-    tile would stall the loads); BLOCK_M >= 16 (a few rows padded): tl.dot per tile."""
-    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    feature_valid = features < n_features
-    row_ids = tl.arange(0, BLOCK_M)
-    row_valid = row_ids < rows
+    """(BLOCK_M, BLOCK_N) fp32: rows `row_ids` of X times weight rows `features` over the whole input
+    dimension, plus those features of the bias. BLOCK_M == 1: element-wise products accumulated in a (BLOCK_N, BLOCK_K) fp32 tile and summed
+    along K once at the end (a reduction across threads per tile would stall the loads); BLOCK_M >= 16 (a
+    few rows padded): tl.dot per tile."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     products = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # one row: summed along K once, after the loop
     for start in range(0, k_features, BLOCK_K):
@@ -63,6 +62,24 @@ def gemv_kernel(
         acc += tl.sum(products, axis=1)[None, :]
     if HAS_BIAS:
         acc += tl.load(B + features, mask=feature_valid, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def gemv_kernel(
+    X, W, B, Y, rows, n_features, k_features, stride_x, stride_y,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_N output features of every row."""
+    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feature_valid = features < n_features
+    row_ids = tl.arange(0, BLOCK_M)
+    row_valid = row_ids < rows
+    acc = _weight_rows_times_x(
+        X, W, B, row_ids, row_valid, features, feature_valid, k_features, stride_x,
+        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+    )  # fmt: skip
     tl.store(
         Y + row_ids[:, None].to(tl.int64) * stride_y + features[None, :],
         acc.to(Y.dtype.element_ty),
@@ -70,9 +87,57 @@ def gemv_kernel(
     )
 
 
+@triton.jit
+def silu_gated_gemv_kernel(
+    X, W, B, Y, rows, n_out, k_features, stride_x, stride_y,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One program: BLOCK_N features j of silu(gate) * up, gate_j from weight row j and up_j from row
+    n_out + j. Rounded where the separate kernels round: gate and up to the dtype (as `gemv_kernel` writes
+    them), silu(gate) to the dtype, then the product (as silu_mul_kernel in triton_elementwise.py)."""
+    features = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    feature_valid = features < n_out
+    row_ids = tl.arange(0, BLOCK_M)
+    row_valid = row_ids < rows
+    gate = _weight_rows_times_x(
+        X, W, B, row_ids, row_valid, features, feature_valid, k_features, stride_x,
+        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+    )  # fmt: skip
+    up = _weight_rows_times_x(
+        X, W, B, row_ids, row_valid, n_out + features, feature_valid, k_features, stride_x,
+        HAS_BIAS, BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION,
+    )  # fmt: skip
+    dtype = Y.dtype.element_ty
+    gate = gate.to(dtype).to(tl.float32)
+    up = up.to(dtype).to(tl.float32)
+    activated = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(
+        Y + row_ids[:, None].to(tl.int64) * stride_y + features[None, :],
+        (activated * up).to(dtype),
+        mask=row_valid[:, None] & feature_valid[None, :],
+    )
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: dict | None = None) -> torch.Tensor:
     """x (..., K) @ weight (N, K).T + bias -> (..., N); at most MAX_ROWS rows. tiles: BLOCK_N, BLOCK_K,
     num_warps, num_stages overriding `gemv_tiles`' plan (for tuning sweeps)."""
+    return _launch(gemv_kernel, x, weight, bias, weight.shape[0] if weight.dim() == 2 else 0, tiles)
+
+
+def silu_gated_gemv(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tiles: dict | None = None
+) -> torch.Tensor:
+    """silu(gate) * up of a joined gate/up product in one launch, without writing gate and up: weight
+    (2 * n, K) holds gate's rows then up's, bias (2 * n,) or None; x (..., K) -> (..., n). Equals
+    `silu_mul` (triton_elementwise.py) of the two halves of `gemv(x, weight, bias)`."""
+    if weight.dim() != 2 or weight.shape[0] % 2:
+        raise ValueError(f"weight must be a (2 * n, K) matrix of gate's rows then up's, got {tuple(weight.shape)}.")
+    return _launch(silu_gated_gemv_kernel, x, weight, bias, weight.shape[0] // 2, tiles)
+
+
+def _launch(kernel, x, weight, bias, n_out: int, tiles: dict | None) -> torch.Tensor:
+    """Checks the inputs, then runs `kernel` with one program per BLOCK_N of the n_out output features."""
     k_features = x.shape[-1]
     rows = x.numel() // max(k_features, 1)
     if rows > MAX_ROWS or rows == 0:
@@ -84,19 +149,17 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     x2d = x.reshape(rows, k_features)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    n_features = weight.shape[0]
-    out = torch.empty(rows, n_features, device=x.device, dtype=x.dtype)
+    out = torch.empty(rows, n_out, device=x.device, dtype=x.dtype)
     multiprocessors = multiprocessor_count(x.device.index) if x.is_cuda else INTERPRETER_MULTIPROCESSORS
-    settings = gemv_tiles(rows, n_features, multiprocessors) | (tiles or {})
+    settings = gemv_tiles(rows, n_out, multiprocessors, x.element_size()) | (tiles or {})
     block_m = 1 if rows == 1 else 16  # tl.dot needs 16 rows at least
     block_n = settings["BLOCK_N"] if block_m == 1 else max(16, settings["BLOCK_N"])
     with on_device_of(x):
-        gemv_kernel[(triton.cdiv(n_features, block_n),)](
-            x2d, weight, bias if bias is not None else weight, out, rows, n_features, k_features,
+        kernel[(triton.cdiv(n_out, block_n),)](
+            x2d, weight, bias if bias is not None else weight, out, rows, n_out, k_features,
             x2d.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=settings["BLOCK_K"],
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             num_warps=settings["num_warps"], num_stages=settings["num_stages"],
         )  # fmt: skip
-    return out.reshape(*x.shape[:-1], n_features)
-
+    return out.reshape(*x.shape[:-1], n_out)
