@@ -109,6 +109,17 @@ def test_fused_mlps_take_silu_gate_and_up_in_one_product_at_decode_steps(family)
     assert no_forward_left(model)
 
 
+def test_a_forward_that_records_gradients_is_refused_with_the_gated_product_too():
+    """The gated product would compute the MLP without gradients for its weights: refused like the joined one."""
+    model = tiny_model("llama")
+    gated = CountingSiluGated()
+    with joined_projections(model) as groups, fused_elementwise(model, REFERENCE_KERNELS):
+        with gemv_linears(model, groups, gemv=CountingProduct(), silu_gated=gated):
+            with pytest.raises(RuntimeError, match="join_projections computes the projections without gradients"):
+                model.model.layers[0].mlp(torch.randn(1, 1, model.config.hidden_size))
+    assert gated.rows == []
+
+
 def test_inputs_the_gemv_cannot_take_go_to_torch():
     counting = CountingProduct()
     linear = nn.Linear(8, 4)

@@ -55,12 +55,7 @@ class JoinedGroup:
 
     def output_of(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
         """(..., out_features of sibling `index`): its columns of the joined product of `inputs`."""
-        if torch.is_grad_enabled() and any(linear.weight.requires_grad for linear in self.linears):
-            raise RuntimeError(
-                "join_projections computes the projections without gradients for their weights; run the model "
-                "under torch.no_grad() or torch.inference_mode() (generate and the pipeline do), or use "
-                "join_projections=False when training."
-            )
+        self._refuse_weight_gradients()
         if self._last_input is None or self._last_input() is not inputs:
             self._token += 1
             self._last_input, self._last_output = weakref.ref(inputs), self.product(inputs, self.weight, self.bias)
@@ -74,7 +69,18 @@ class JoinedGroup:
         (then the caller multiplies the siblings' outputs itself)."""
         if self.silu_gated_product is None:
             return None
+        self._refuse_weight_gradients()
         return self.silu_gated_product(inputs, self.weight, self.bias)
+
+    def _refuse_weight_gradients(self) -> None:
+        """The joined matrix is detached from the siblings' parameters: refuse a forward that would need
+        gradients for them instead of cutting them silently."""
+        if torch.is_grad_enabled() and any(linear.weight.requires_grad for linear in self.linears):
+            raise RuntimeError(
+                "join_projections computes the projections without gradients for their weights; run the model "
+                "under torch.no_grad() or torch.inference_mode() (generate and the pipeline do), or use "
+                "join_projections=False when training."
+            )
 
     def _forget(self, token: int | None = None) -> None:
         if token is None or token == self._token:

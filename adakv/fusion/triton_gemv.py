@@ -38,9 +38,9 @@ def _weight_rows_times_x(
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """(BLOCK_M, BLOCK_N) fp32: rows `row_ids` of X times weight rows `features` over the whole input
-    dimension, plus those features of the bias. BLOCK_M == 1: element-wise products accumulated in a (BLOCK_N, BLOCK_K) fp32 tile and summed
-    along K once at the end (a reduction across threads per tile would stall the loads); BLOCK_M >= 16 (a
-    few rows padded): tl.dot per tile."""
+    dimension, plus those features of the bias. BLOCK_M == 1: element-wise products accumulated in a
+    (BLOCK_N, BLOCK_K) fp32 tile and summed along K once at the end (a reduction across threads per tile
+    would stall the loads); BLOCK_M >= 16 (a few rows padded): tl.dot per tile."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     products = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # one row: summed along K once, after the loop
     for start in range(0, k_features, BLOCK_K):
