@@ -22,6 +22,7 @@ from adakv.fusion.elementwise import REFERENCE_KERNELS, fused_elementwise
 from adakv.fusion.gemv_linears import MAX_ROWS, gemv_linears, gemv_tiles
 from adakv.fusion.joined_projections import joined_projections
 
+gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 class CountingProduct:
@@ -237,7 +238,7 @@ def test_planned_tiles_fit_in_an_h100s_shared_memory(element_bytes, rows, n_feat
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu_test
 @pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
 def test_cuda_graphs_with_every_fusion_give_the_eager_tokens(family):
     model = tiny_model(family).cuda()
@@ -251,7 +252,7 @@ def test_cuda_graphs_with_every_fusion_give_the_eager_tokens(family):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@gpu_test
 def test_bf16_gemv_logits_are_within_rounding_of_torch():
     model = tiny_model("llama").cuda().to(torch.bfloat16)
     ids = random_ids(1, 1).cuda()

@@ -242,16 +242,16 @@ def cuda_decode_attention(
         num_splits = choose_num_splits(max_length, sequences, multiprocessor_count(query.device.index))
     batch, heads, _, head_dim = query.shape
     all_query_rows = sequences * (heads // (sequences // batch))  # sequences x group
+    if workspace is None and num_splits > 1:
+        workspace = SplitWorkspace()
     if workspace is not None:
-        # The Triton kernels that a CUDA graph captures in place of this one merge with the workspace's
-        # counters (one per sequence and query row at most): allocated and zeroed here, in an eager step,
-        # a capture finds them ready instead of recording their zeroing into every replay.
-        workspace.take(num_splits * all_query_rows, head_dim, all_query_rows, query.device)
+        # Also reserves the workspace's merge counters (one per sequence and query row at most), with which
+        # the Triton kernels that a CUDA graph captures in place of this one merge: allocated and zeroed
+        # here, in an eager step, a capture finds them ready instead of recording their zeroing into every
+        # replay (so this runs with one split too).
+        partial_out, partial_lse, _ = workspace.take(num_splits * all_query_rows, head_dim, all_query_rows, query.device)
     if num_splits == 1:
         return load_extension().decode_attention(query, keys, values, offsets, lengths, scaling, 1)
-    if workspace is None:
-        workspace = SplitWorkspace()
-    partial_out, partial_lse, _ = workspace.take(num_splits * all_query_rows, head_dim, all_query_rows, query.device)
     return load_extension().decode_attention(
         query, keys, values, offsets, lengths, scaling, num_splits, partial_out, partial_lse
     )
