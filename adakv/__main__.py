@@ -1,5 +1,5 @@
 """`python -m adakv COMMAND` is the same as the `adakv` console script."""
 
-from adakv.cli import main
+from adakv.apps.cli import main
 
 raise SystemExit(main())

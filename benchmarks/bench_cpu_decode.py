@@ -23,7 +23,8 @@ import torch
 from transformers import DynamicCache
 
 from adakv import AdaptivePress, SnapKVPress, load_default_model
-from adakv.flat import varlen
+from adakv.apps.provenance import provenance
+from adakv.cache import flat_attention as varlen
 
 IMPLEMENTATIONS = ("segments", "reference")
 
@@ -98,7 +99,7 @@ def main() -> None:
         )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / "cpu_decode_smollm2"
-    stem.with_suffix(".json").write_text(json.dumps(dict(machine=machine, torch=torch.__version__, rows=rows), indent=1))
+    stem.with_suffix(".json").write_text(json.dumps(dict(provenance("cpu"), machine=machine, torch=torch.__version__, rows=rows), indent=1))
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,6 +1,6 @@
 """GPU time and host time of one decode step's attention: adakv's CUDA kernel vs its Triton kernels (CUDA only).
 
-Sets `adakv.flat.varlen.CUDA_DECODE_MAX_BYTES`, the cache size up to which the evict backend's decode uses the
+Sets `adakv.cache.flat_attention.CUDA_DECODE_MAX_BYTES`, the cache size up to which the evict backend's decode uses the
 CUDA kernel (one C++ call, little host time) rather than Triton (more host time, higher memory throughput).
 One layer of a Llama-3.1-8B-shaped cache (8 KV heads, 32 query heads, head_dim 128, bf16), every head
 holding `rows` rows. GPU us: back-to-back calls queued behind a long matmul, so launches are hidden and
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from adakv.flat import kernels, triton_decode
-from adakv.flat.layer import FlatHeadwiseLayer
-from adakv.flat.varlen import CUDA_DECODE_MAX_BYTES
+from adakv.kernels import cuda_flat as kernels, triton_decode
+from adakv.cache.flat import FlatHeadwiseLayer
+from adakv.cache.flat_attention import CUDA_DECODE_MAX_BYTES
+from adakv.apps.provenance import provenance
 
 CASES = [(1, 4096), (1, 8192), (1, 16384), (1, 32768), (8, 8192), (8, 32768), (1, 131072)]
 
@@ -88,7 +89,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"decode_kernels_{device.replace(' ', '_')}"
     (args.out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    (args.out / f"{stem}.json").write_text(json.dumps(dict(device=device, torch=torch.__version__, cases=rows_out), indent=1))
+    (args.out / f"{stem}.json").write_text(json.dumps(dict(provenance("cuda"), device=device, torch=torch.__version__, cases=rows_out), indent=1))
     print("\n".join(lines))
 
 

@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_evict import GiB, build_model, kv_bytes, synchronize  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
-from adakv.flat.layer import FlatHeadwiseLayer  # noqa: E402
+from adakv.apps.provenance import provenance  # noqa: E402
+from adakv.cache.flat import FlatHeadwiseLayer  # noqa: E402
 
 
 def copy_bandwidth(gib: float = 4.0) -> float:
@@ -218,14 +219,14 @@ def graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio,
     batch, context = token.shape[0], args.context
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    with torch.no_grad(), press(model, cuda_graphs=True, **fusions):
+    with torch.no_grad(), press(model, cuda_graphs=True, **fusions) as session:
         step = greedy_step(model, cache)
         token = step(step(token))  # warm-up, then capture
         torch.cuda.synchronize()
         pool = torch.cuda.memory_allocated() - before
         graph, read = timed_with_reads(step, token, args, cache)
         generate_ms = generate_ms_per_token(model, cache, batch, args.steps)
-        decoder = press.graph_decoder
+        decoder = session.graph_decoder
     held = kv_bytes(cache)
     return row(batch, context, f"{name}-evict-{suffix}", ratio, graph, (weights + read) / bandwidth, held,
                torch.cuda.max_memory_allocated(), kv_read_gib=read / GiB, graph_pool_gib=pool / GiB,
@@ -268,11 +269,18 @@ def measured_setup(layers: int) -> tuple[torch.nn.Module, float, int, dict]:
     model = build_model(layers)
     bandwidth = copy_bandwidth()
     weights = weight_bytes(model)
-    meta = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-        layers=layers, copy_bandwidth_tb_s=bandwidth / 1e12, weight_gib=weights / GiB,
+    return model, bandwidth, weights, run_meta(layers, bandwidth, weights)
+
+
+def run_meta(layers: int, bandwidth: float, weights: int, device="cuda") -> dict:
+    """The metadata of a run on `device`: its provenance, then the figures its results are compared with
+    (`device` in it is the GPU's name, as before provenance was recorded; "cpu" without one)."""
+    origin = provenance(device)
+    return dict(
+        origin, device=origin["gpu"] or origin["device"], torch=torch.__version__,
+        transformers=transformers.__version__, layers=layers, copy_bandwidth_tb_s=bandwidth / 1e12,
+        weight_gib=weights / GiB,
     )  # fmt: skip
-    return model, bandwidth, weights, meta
 
 
 def main() -> None:
@@ -316,7 +324,7 @@ def merge(files: list[str], out: Path) -> None:
     the table; the earlier one stays in the JSON under "superseded_rows"."""
     runs = [json.loads(Path(name).read_text()) for name in files]
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(runs[0]["meta"], merged_runs=[run["meta"] for run in runs])
+    meta = dict(runs[0]["meta"], merged_runs=[run["meta"] for run in runs], merge_provenance=provenance("cpu"))
     latest: dict[tuple, dict] = {}
     superseded = []
     for run in runs:

@@ -42,9 +42,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_evict import build_model, kv_bytes, synchronize  # noqa: E402
 
 from adakv import AdaptivePress, DecodingPress, SnapKVPress  # noqa: E402
+from adakv.apps.provenance import provenance  # noqa: E402
 
 MiB = 2**20
 METHODS = ("dense", "decoding-ada_snapkv-evict")
+# meta entries that may differ between runs of the same settings (--merge compares the others)
+PER_RUN_KEYS = ("seconds_per_method", "date", "command", "adakv_commit", "adakv_dirty", "platform")
 
 
 def tiny_config(layers: int) -> LlamaConfig:
@@ -185,7 +188,7 @@ def main() -> None:
         model = build_model(args.layers)
     device_name = torch.cuda.get_device_name() if model.device.type == "cuda" else "cpu"
     meta = dict(
-        device=device_name, dtype=str(model.dtype).removeprefix("torch."), layers=args.layers, prompt=args.prompt,
+        provenance(model.device), device=device_name, dtype=str(model.dtype).removeprefix("torch."), layers=args.layers, prompt=args.prompt,
         generate=args.generate, seconds_per_method=args.seconds, interval=args.interval, target=args.target, sample_every=args.sample_every,
         torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
     )  # fmt: skip
@@ -212,12 +215,12 @@ def write(stem: Path, meta: dict, results: dict) -> None:
 def merge(files: list[Path], out: Path) -> None:
     """One JSON, table and plot from runs of the same settings that measured different methods."""
     runs = [json.loads(path.read_text()) for path in files]
-    settings = {json.dumps({k: v for k, v in run["meta"].items() if k not in ("seconds_per_method",)}, sort_keys=True)
+    settings = {json.dumps({k: v for k, v in run["meta"].items() if k not in PER_RUN_KEYS}, sort_keys=True)
                 for run in runs}
     if len(settings) != 1:
         raise SystemExit(f"--merge needs runs of one device and the same settings; got {len(settings)} different ones.")
     results = {method: rows for run in runs for method, rows in run["results"].items()}
-    meta = dict(runs[0]["meta"], merged_files=[path.name for path in files])
+    meta = dict(runs[0]["meta"], merged_files=[path.name for path in files], merge_provenance=provenance("cpu"))
     out.mkdir(parents=True, exist_ok=True)
     write(out / f"bench_decoding_press_{meta['device'].replace(' ', '_')}", meta, results)
 

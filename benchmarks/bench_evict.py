@@ -26,9 +26,10 @@ import transformers
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 from adakv import presses as P
+from adakv.apps.provenance import provenance
 from adakv.cache import MaskedLayer
-from adakv.flat.layer import FlatHeadwiseLayer
-from adakv.flat.varlen import available_gpu_path, flat_attention
+from adakv.cache.flat import FlatHeadwiseLayer
+from adakv.cache.flat_attention import available_gpu_path, flat_attention
 
 GiB = 2**30
 
@@ -363,6 +364,7 @@ def main() -> None:
         passes.append(results)
 
     meta = dict(
+        provenance("cuda"),
         device=torch.cuda.get_device_name(),
         torch=torch.__version__,
         transformers=transformers.__version__,

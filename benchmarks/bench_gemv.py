@@ -1,4 +1,4 @@
-"""adakv's Triton GEMV (adakv/fusion/triton_gemv.py) against torch's matmul for the decode-step linears of the
+"""adakv's Triton GEMV (adakv/kernels/triton_gemv.py) against torch's matmul for the decode-step linears of the
 Llama-3.1-8B shape (CUDA only): per shape, and all of one step's linears captured in one CUDA graph.
 
 1. Per weight shape (q/k/v joined, o, gate/up joined, down, lm_head; bf16) and 1 or 8 input rows: GPU us
@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_kernels import timings  # noqa: E402
 from bench_decode_limit import copy_bandwidth  # noqa: E402
 from profile_decode_floor import graph_ms  # noqa: E402
+
+from adakv.apps.provenance import provenance  # noqa: E402
 
 HIDDEN, INTERMEDIATE, VOCAB, LAYERS = 4096, 14336, 128256, 32
 SHAPES = {  # name: (N, K) of weight (N, K)
@@ -106,7 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gemv.py needs a CUDA device.")
-    from adakv.fusion.triton_gemv import gemv
+    from adakv.kernels.triton_gemv import gemv
 
     device = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
@@ -122,7 +124,7 @@ def main() -> None:
                   f"{row['best']}", flush=True)  # fmt: skip
         steps.append(dict(whole_step(gemv, best, rows, bandwidth), best_tiles=best))
         print(steps[-1], flush=True)
-    result = dict(device=device, torch=torch.__version__, copy_tb_s=bandwidth / 1e12, shapes=shapes, steps=steps)
+    result = dict(provenance("cuda"), device=device, torch=torch.__version__, copy_tb_s=bandwidth / 1e12, shapes=shapes, steps=steps)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"gemv_{device.replace(' ', '_')}.json"
     path.write_text(json.dumps(result, indent=1))

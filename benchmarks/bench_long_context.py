@@ -53,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_evict import GiB, build_model, fit_line, kv_bytes, llama_8b_config, synchronize  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
-from adakv.chunked_prefill import prefill_in_chunks  # noqa: E402
+from adakv.apps.provenance import provenance  # noqa: E402
+from adakv.runtimes.hf.chunked_prefill import prefill_in_chunks  # noqa: E402
 
 ASSUMED_TFLOPS = 300.0  # effective bf16 rate measured for the chunked evict prefill at 512k-1M (H100/H200)
 METHODS = (
@@ -323,12 +324,13 @@ def main(argv: list[str] | None = None) -> None:
         run_case(model, method, 4 * warmup.chunk_size, warmup, device)
     print(f"model and warm-up took {time.perf_counter() - started:.1f} s", flush=True)
 
-    from adakv.flat.varlen import available_gpu_path, choose_implementation
+    from adakv.cache.flat_attention import available_gpu_path, choose_implementation
 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     chunk_query = torch.empty(1, config.num_attention_heads, args.chunk_size, head_dim, device=device, dtype=dtype)
 
     meta = dict(
+        provenance(device),
         device=torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
         torch=torch.__version__,
         transformers=transformers.__version__,

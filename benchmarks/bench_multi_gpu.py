@@ -17,7 +17,7 @@ chunk with AdaptivePress(SnapKVPress(r), backend="evict", exchange=--exchange), 
 and GPU: KV GiB the cache holds, peak GiB (torch.cuda.max_memory_allocated, weights included), prefill s,
 median decode ms/token.
 
-Cross-rank allocation: the only extra work TP adds to AdaptivePress is the exchange of adakv/distributed.py,
+Cross-rank allocation: the only extra work TP adds to AdaptivePress is the exchange of adakv/selection/distributed.py,
 once per layer and chunk. It is timed on its own, for both exchanges, on scores of the shape one layer
 compresses per chunk ((1, 4, chunk) per rank), and reported as layers x chunks x that time, as a share of the
 measured prefill; next to it the same selection on one GPU over all 8 heads (no exchange). The model-wide
@@ -58,8 +58,9 @@ from bench_evict import GiB, kv_bytes, llama_8b_config, synchronize  # noqa: E40
 from bench_long_context import decode_steps, longest_context, tiny_config  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
-from adakv.chunked_prefill import prefill_in_chunks  # noqa: E402
-from adakv.distributed import EXCHANGES, distributed_adaptive_keep_mask, distributed_model_keep_masks  # noqa: E402
+from adakv.apps.provenance import provenance  # noqa: E402
+from adakv.runtimes.hf.chunked_prefill import prefill_in_chunks  # noqa: E402
+from adakv.selection.distributed import EXCHANGES, distributed_adaptive_keep_mask, distributed_model_keep_masks  # noqa: E402
 from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count  # noqa: E402
 
 FULL = dict(layers=32, contexts=[131072, 262144, 524288], chunk_size=32768, ratios=[0.75, 0.875])
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
 def run(args, argv, device: str) -> None:
     import transformers
 
-    from adakv.flat.varlen import available_gpu_path
+    from adakv.cache.flat_attention import available_gpu_path
 
     if device == "cpu" and not args.tiny:
         raise SystemExit("bench_multi_gpu.py needs CUDA devices (or --tiny for a CPU smoke test).")
@@ -366,7 +367,7 @@ def run(args, argv, device: str) -> None:
         run_case(model, 4 * warmup.chunk_size, ratio, warmup, device, chunked)
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.machine()})"
     meta = dict(
-        device=name, world_size=dist.get_world_size(), torch=torch.__version__, transformers=transformers.__version__,
+        provenance(device), device=name, world_size=dist.get_world_size(), torch=torch.__version__, transformers=transformers.__version__,
         command="torchrun --nproc-per-node 2 benchmarks/bench_multi_gpu.py " + " ".join(argv),
         model="tiny random Llama" if args.tiny else "Llama-3.1-8B-shaped random model", layers=args.layers,
         dtype=str(dtype).replace("torch.", ""), chunk_size=args.chunk_size, exchange=args.exchange,

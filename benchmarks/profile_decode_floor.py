@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode_limit import FUSIONS, greedy_step, measured_setup, prefill, step_timings  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
-import adakv.fusion.gemv_linears as gemv_linears_module  # noqa: E402
+import adakv.runtimes.hf.fusion.gemv_linears as gemv_linears_module  # noqa: E402
 
 
 def graph_ms(work, repeats: int = 64) -> float:
@@ -105,11 +105,11 @@ def adaptive_graph_ms(model, ids, steps: int, **fusions) -> float:
     press = P.AdaptivePress(P.SnapKVPress(0.75), backend="evict")
     cache = DynamicCache(config=model.config)
     prefill(model, ids, cache, press)
-    with torch.no_grad(), press(model, cuda_graphs=True, **fusions):
+    with torch.no_grad(), press(model, cuda_graphs=True, **fusions) as session:
         step = greedy_step(model, cache)
         token = step(step(ids[:, -1:]))
         timings = step_timings(step, token, 8, steps)
-        assert press.graph_decoder.disabled_reason is None, press.graph_decoder.disabled_reason
+        assert session.graph_decoder.disabled_reason is None, session.graph_decoder.disabled_reason
     return statistics.median(timings)
 
 

@@ -1,5 +1,5 @@
 """Per-layer CPU overhead of one evict decode step (CUDA only): the append (FlatHeadwiseLayer.update) and the
-attention call (adakv.flat.varlen.flat_attention), eager and back to back as in a model forward, next to the dense
+attention call (adakv.cache.flat_attention.flat_attention), eager and back to back as in a model forward, next to the dense
 cache's concatenation and torch's SDPA over the same rows; plus a breakdown of the pieces of the attention and
 append calls (allocation, checks, each launch alone). The attention is timed as flat_attention picks it
 ("evict_attention") and with each decode path forced: the Triton kernels ("..._triton") and the CUDA decode
@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from adakv.flat import kernels, triton_decode
-from adakv.flat.layer import FlatHeadwiseLayer
-from adakv.flat.varlen import flat_attention, reference_flat_attention
+from adakv.apps.provenance import provenance
+from adakv.kernels import cuda_flat as kernels, triton_decode
+from adakv.cache.flat import FlatHeadwiseLayer
+from adakv.cache.flat_attention import flat_attention, reference_flat_attention
 
 KV_HEADS, HEADS, HEAD_DIM, DTYPE, SCALE = 8, 32, 128, torch.bfloat16, 128**-0.5
 HAS_CUDA_DECODE = hasattr(kernels, "cuda_decode_flat_attention")  # lets the script time older versions too
@@ -212,7 +213,7 @@ def main() -> None:
         batch, rows = (int(x) for x in case.split("x"))
         results.append(profile_case(batch, rows, args.calls, args.repeats))
         print(json.dumps(results[-1]), flush=True)
-    meta = dict(label=args.label, device=torch.cuda.get_device_name(), torch=torch.__version__)
+    meta = dict(provenance("cuda"), label=args.label, device=torch.cuda.get_device_name(), torch=torch.__version__)
     if args.out:
         args.out.write_text(json.dumps(dict(meta=meta, results=results), indent=2))
     print(f"\n{args.label} on {meta['device']}: cpu us / call us per call")

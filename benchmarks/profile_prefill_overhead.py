@@ -26,7 +26,9 @@ import transformers
 from transformers import DynamicCache
 
 from adakv import presses as P
+from adakv.apps.provenance import provenance
 from adakv.cache import make_compressed_layer
+from adakv.runtimes.hf import compressed_layer
 from adakv.selection import adaptive_keep_mask, uniform_keep_mask
 
 from bench_decode_kernels import timings
@@ -77,7 +79,7 @@ def stages(model, ids) -> dict:
             "evict_layer": stage_cost(lambda: make_compressed_layer("evict", context.keys, context.values, keep, config)),
             "mask_layer": stage_cost(lambda: make_compressed_layer("mask", context.keys, context.values, keep, config)),
             "ada_snapkv_evict_total": stage_cost(
-                lambda: P.AdaptivePress(P.SnapKVPress(RATIO), backend="evict").compressed_layer(context)
+                lambda: compressed_layer(P.AdaptivePress(P.SnapKVPress(RATIO), backend="evict"), context)
             ),
         }
 
@@ -117,8 +119,8 @@ def main() -> None:
         prefill = {name: prefill_seconds(model, ids, make, args.repeats) for name, make in methods.items()}
     dense = statistics.median(prefill["dense"])
     meta = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-        context=args.context, layers=args.layers, ratio=RATIO,
+        provenance("cuda"), device=torch.cuda.get_device_name(), torch=torch.__version__,
+        transformers=transformers.__version__, context=args.context, layers=args.layers, ratio=RATIO,
     )  # fmt: skip
     print(json.dumps(meta))
     rows = []

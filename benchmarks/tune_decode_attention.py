@@ -2,7 +2,7 @@
 closest to the copy bandwidth, per (batch, rows per head).
 
 One layer of a Llama-3.1-8B-shaped cache (8 KV heads, 32 query heads, head_dim 128, bf16). For every case
-it times the default settings (`adakv.flat.triton_decode.decode_plan`), the CUDA
+it times the default settings (`adakv.kernels.triton_decode.decode_plan`), the CUDA
 decode kernel, and every combination of BLOCK_N x num_warps x num_stages x num_splits; GPU time per call
 with launches hidden (calls queued behind a long matmul, timed by bench_decode_kernels.py's `timings`). `floor_us` is the
 K+V bytes over the device-to-device copy bandwidth measured in the same run.
@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-from adakv.flat import kernels, triton_decode
+from adakv.kernels import cuda_flat as kernels, triton_decode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode_kernels import make_layer, timings  # noqa: E402
 from bench_decode_limit import copy_bandwidth  # noqa: E402
+
+from adakv.apps.provenance import provenance  # noqa: E402
 
 CASES = [(1, 2048), (1, 8192), (1, 32768), (8, 2048), (8, 8192)]
 BLOCK_N = (32, 64, 128)
@@ -102,7 +104,7 @@ def main() -> None:
             print("   ", setting, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"tune_decode_attention_{device.replace(' ', '_')}.json"
-    result = dict(device=device, torch=torch.__version__, copy_tb_s=bandwidth / 1e12, cases=cases)
+    result = dict(provenance("cuda"), device=device, torch=torch.__version__, copy_tb_s=bandwidth / 1e12, cases=cases)
     path.write_text(json.dumps(result, indent=1))
     write_table(path.with_suffix(".md"), result)
     print(f"saved {path}")

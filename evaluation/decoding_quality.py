@@ -21,7 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from adakv import AdaptivePress, DecodingPress, SnapKVPress, StreamingLLMPress, load_default_model
-from adakv.demo import haystack
+from adakv.apps.demo import haystack
 
 INSTRUCTION = "\n\nSummarise the essay above in detail, paragraph by paragraph."
 

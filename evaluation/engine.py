@@ -6,9 +6,9 @@ compressed right after its own attention ran) and answer the question from the c
 Fast: every layer is compressed *after* its attention ran on the full context, so the prefill's
 hidden states, keys and values never depend on the press. `dense_prefill` runs the context once
 with `RecordingPress`, which keeps each full-attention layer's `PrefillContext` (built by
-`BasePress` itself) and compresses nothing; `fast_answer` then builds each setting's cache by
-calling `press.compressed_layer` on copies of those contexts, in layer order, exactly as the hooks
-would, and answers. Presses that compress after the whole prefill (`compresses_after_prefill`:
+the runtime's session itself) and compresses nothing; `fast_answer` then builds each setting's cache by
+calling the runtime's `compressed_layer(press, context)` on copies of those contexts, in layer order,
+exactly as the hooks would, and answers. Presses that compress after the whole prefill (`compresses_after_prefill`:
 AdaptivePress(scope="model"), KVzipPress) get all recorded contexts at once through
 `compressed_layers_after_prefill`, as their decoder hook would; KVzip's scores, which do not depend on
 the ratio, are computed once per prefill and reused (`DensePrefill.memo`). Keys and values are cloned per setting, so presses that edit keys in place
@@ -24,11 +24,12 @@ from dataclasses import dataclass, field, replace
 import torch
 from transformers import DynamicCache
 
-from adakv.fusion import model_fusions
+from adakv.cache import BackendFallbackWarning
 from adakv.pipeline import answer_from_cache, encode_prompt_parts, prefill_context, split_prompt
 from adakv.presses import BasePress, PrefillContext, RecordingPress
-from adakv.presses.base import BackendFallbackWarning, WholePrefill
 from adakv.presses.scorers.kvzip import attach_tokenizer
+from adakv.runtimes.hf import accelerate, block_backend, compressed_layer, compressed_layers_after_prefill, whole_prefill
+from adakv.runtimes.hf.graph_decode import graph_decoding_refusal
 
 
 @dataclass
@@ -62,15 +63,15 @@ def active(press: BasePress | None, model, cuda_graphs: bool | str = False, fuse
     """`press(model)`, or the model as it is when there is no press. With `cuda_graphs` the answers decode
     from CUDA graphs when the press allows it (backend evict, no per-step hook), eagerly otherwise. With
     `fused` every forward in the block joins q/k/v and gate/up and fuses the element-wise work
-    (adakv/fusion), with or without a press."""
+    (adakv.accelerate), with or without a press."""
     fusions = dict(join_projections=fused, fuse_elementwise=fused)
     if press is None:
-        return model_fusions(model, **fusions)
+        return accelerate(model, **fusions)
     if cuda_graphs:
         with warnings.catch_warnings():  # the block itself warns once about a backend fallback
             warnings.simplefilter("ignore", BackendFallbackWarning)
-            backend = press.backend_for(model.config)
-        if press.graph_decoding_refusal(backend) is None:
+            backend = block_backend(press, model.config)
+        if graph_decoding_refusal(press, backend) is None:
             return press(model, cuda_graphs=cuda_graphs, **fusions)
     return press(model, **fusions)
 
@@ -102,10 +103,10 @@ def compressed_cache(dense: DensePrefill, press: BasePress | None) -> DynamicCac
         return cache
     contexts = [replace(context, keys=context.keys.clone(), values=context.values.clone()) for context in dense.contexts]
     if press.compresses_after_prefill:
-        prefill = WholePrefill(contexts, cache, dense.decoder, input_ids=dense.input_ids, memo=dense.memo)
-        layers = press.compressed_layers_after_prefill(prefill)
+        prefill = whole_prefill(contexts, cache, dense.decoder, input_ids=dense.input_ids, memo=dense.memo)
+        layers = compressed_layers_after_prefill(press, prefill)
     else:
-        layers = [press.compressed_layer(context) for context in contexts]
+        layers = [compressed_layer(press, context) for context in contexts]
     for context, layer in zip(contexts, layers):
         if layer is not None:
             cache.layers[context.layer_idx] = layer

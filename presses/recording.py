@@ -9,16 +9,16 @@ from .base import BasePress, PrefillContext
 
 @dataclass
 class RecordingPress(BasePress):
-    """Leaves the cache dense and keeps the PrefillContext of every full-attention layer, in layer
-    order. Useful to inspect what presses see, and to compress one dense prefill many ways
-    (`press.compressed_layer(context)` on each recorded context), as the evaluation runner does."""
+    """Leaves the cache dense and keeps the PrefillContext of every full-attention layer's context prefill,
+    in layer order. Useful to inspect what presses see, and to compress one dense prefill many ways
+    (`adakv.runtimes.hf.compressed_layer(press, context)` on each recorded context), as the evaluation
+    runner does. A chunked prefill is refused (it would record chunks, not whole contexts)."""
 
     contexts: list[PrefillContext] = field(default_factory=list)
+    # no compressed layer is ever built, so no backend is chosen for the model (and none falls back)
+    builds_no_layers = True
+    refuses_chunked_prefill = "it records whole contexts, and a chunked prefill compresses chunks. Use an ordinary prefill."
 
-    def backend_for(self, config) -> str:
-        """No compressed layer is ever built, so no backend is chosen for the model (and none falls back)."""
-        return self.resolved_backend
-
-    def compressed_layer(self, context: PrefillContext):
+    def compress(self, context: PrefillContext) -> None:
         self.contexts.append(context)
         return None

@@ -27,10 +27,11 @@ import torch
 from transformers import DynamicCache
 
 from adakv import AdaptivePress, KVzipPress, SnapKVPress
-from adakv.demo import haystack
+from adakv.apps.demo import haystack
+from adakv.apps.provenance import provenance
 from adakv.pipeline import encode_prompt_parts, prefill_context, split_prompt
 from adakv.evaluation.runner import load_model
-from adakv.presses.scorers import kvzip
+from adakv.kernels import kvzip_reference as kvzip
 
 
 def timed_prefill(model, press, context_ids, scoring=nullcontext) -> tuple[float, float]:
@@ -125,8 +126,8 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         path = args.out / f"kvzip_cost_{args.model}_{device.replace(' ', '_')}.json"
-        result = dict(model=args.model, device=device, dtype=str(model.dtype), torch=torch.__version__,
-                      chunk_size=args.chunk_size, repeats=args.repeats, cases=cases)  # fmt: skip
+        result = dict(provenance(args.device), model=args.model, device=device, dtype=str(model.dtype),
+                      torch=torch.__version__, chunk_size=args.chunk_size, repeats=args.repeats, cases=cases)  # fmt: skip
         path.write_text(json.dumps(result, indent=1))
         print(f"saved {path}")
 

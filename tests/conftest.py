@@ -90,10 +90,16 @@ def assert_backends_agree(mask_run, evict_run) -> None:
 def press_logits_and_tokens(model, ids, press=None, max_new_tokens: int = 12, **call_options):
     """Logits of `ids` and `max_new_tokens` greedy tokens, inside press(model, **call_options)
     (default press: AdaptivePress(SnapKV 0.5))."""
+    logits, tokens, _ = press_run(model, ids, press, max_new_tokens, **call_options)
+    return logits, tokens
+
+
+def press_run(model, ids, press=None, max_new_tokens: int = 12, **call_options):
+    """`press_logits_and_tokens` and the block's session (its graph_decoder counts captures and replays)."""
     from adakv import presses as P
 
     press = press or P.AdaptivePress(P.SnapKVPress(0.5, window_size=8))
-    with torch.no_grad(), press(model, **call_options):
+    with torch.no_grad(), press(model, **call_options) as session:
         logits = model(ids).logits
         tokens = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-    return logits, tokens
+    return logits, tokens, session

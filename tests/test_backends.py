@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from adakv import presses as P
 from adakv.cache import BackendFallbackWarning, MaskedLayer, compressed_layers, evict_refusal
-from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.cache.flat import FlatHeadwiseLayer
 
 
 def compressed_layer_types(model, press, ids=None, attention_mask=None) -> set[type]:
@@ -238,7 +238,7 @@ def test_an_empty_prompt_inside_a_press_says_a_token_is_needed(backend):
 def test_demo_and_evaluation_leave_the_backend_unset():
     import argparse
 
-    from adakv.demo import add_arguments, demo_presses
+    from adakv.apps.demo import add_arguments, demo_presses
     from adakv.evaluation import registry
     from adakv.evaluation.cli import build_parser, config_from_args
 

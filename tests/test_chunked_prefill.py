@@ -14,7 +14,7 @@ from transformers import DynamicCache, pipeline
 from adakv import presses as P
 from adakv import kept_token_counts, prefill_in_chunks, rollback
 from adakv.cache import MaskedLayer, checkpoint, compressed_layers, restore
-from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.cache.flat import FlatHeadwiseLayer
 from adakv.pipeline import TASK
 from adakv.selection import kept_count
 
@@ -273,7 +273,7 @@ def test_later_chunks_build_no_mask_once_every_layer_is_compressed():
 
 @pytest.mark.parametrize("backend", ["mask", "evict"])
 def test_unmasked_chunks_give_the_masked_result(backend, monkeypatch):
-    import adakv.chunked_prefill as chunked
+    import adakv.runtimes.hf.chunked_prefill as chunked
 
     model = cached_model("llama")
     ids = random_ids(2, SEQ, seed=3)
@@ -440,7 +440,7 @@ def test_press_must_be_the_active_one():
     [
         (P.KeyRerotationPress(P.SnapKVPress(0.5)), "KeyRerotationPress cannot run in a chunked prefill"),
         (P.AdaptivePress(P.ObservedAttentionPress(0.5)), "ObservedAttentionPress cannot run in a chunked prefill"),
-        (P.RecordingPress(), "replaces `compressed_layer`"),
+        (P.RecordingPress(), "RecordingPress cannot run in a chunked prefill: it records whole contexts"),
     ],
     ids=["key_rerotation", "observed_attention", "recording"],
 )
@@ -452,11 +452,11 @@ def test_presses_that_cannot_run_per_chunk_are_refused(press, message):
 def test_questions_after_the_chunked_prefill_are_not_compressed():
     model = cached_model("llama")
     press = PRESSES["snapkv"]("mask")
-    with torch.no_grad(), press(model):
+    with torch.no_grad(), press(model) as session:
         cache = prefill_in_chunks(model, press, random_ids(1, SEQ), CHUNK)
         before = {index: counts.clone() for index, counts in kept_token_counts(cache).items()}
+        assert not session.receiving_chunks
         model(random_ids(1, 20, seed=4), past_key_values=cache)
-    assert not press._receiving_context_chunks
     for index, counts in kept_token_counts(cache).items():
         assert torch.equal(counts, before[index] + 20)
         assert cache.layers[index].context_length == SEQ

@@ -21,8 +21,8 @@ from adakv import (
     rollback,
 )
 from adakv.cache import MaskedLayer, compressed_layers
-from adakv.flat.layer import DEFAULT_MIN_SLACK, FlatHeadwiseLayer
-from adakv.presses.decoding.decoding import RecentInputs
+from adakv.cache.flat import DEFAULT_MIN_SLACK, FlatHeadwiseLayer
+from adakv.runtimes.hf.decoding import RecentInputs
 
 
 # --- the cache methods -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Tensor parallelism on CPU: two spawned processes, a gloo process group.
 
-1. The cross-rank Ada-KV selection (adakv/distributed.py, both exchanges) keeps exactly the set of the
+1. The cross-rank Ada-KV selection (adakv/selection/distributed.py, both exchanges) keeps exactly the set of the
    single-process `adaptive_keep_mask`, ties included; the model-wide one (every layer at once) the set
    of the single-process allocation over every (layer, head).
 2. transformers' own tensor-parallel plan (tp_plan="auto") with presses: TP = 2 keeps the same
@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from test_presses import SCORERS
 
 from adakv import AdaptivePress, CriticalKVPress, SnapKVPress
-from adakv.distributed import (
+from adakv.selection.distributed import (
     EXCHANGES,
     distributed_adaptive_keep_mask,
     distributed_model_keep_masks,
@@ -318,7 +318,7 @@ def _tensor_parallel_on_rank(rank: int, model_path: str, family: str) -> dict:
     split = [tensor_parallel_group(module, heads_per_rank) is not None for module in attention_modules(model)]
     assert all(split) if heads_per_rank == 1 else not any(split), f"heads split: {split}"
     if heads_per_rank == 1:  # sharded projections cannot be joined into one matrix: refused, model untouched
-        from adakv.fusion.joined_projections import joined_projections
+        from adakv.runtimes.hf.fusion.joined_projections import joined_projections
 
         with pytest.raises(ValueError, match="tensor subclass"):
             with joined_projections(model):
@@ -327,7 +327,7 @@ def _tensor_parallel_on_rank(rank: int, model_path: str, family: str) -> dict:
     held = {kept.shape[1] for _, layers in results.values() for kept in layers.values()}
     assert held == {heads_per_rank}, f"expected {heads_per_rank} KV heads per rank, got {held}"
     # fused norms, rotary and SiLU gates work on each rank's shards: the same tokens as unfused
-    from adakv.fusion.elementwise import REFERENCE_KERNELS, fused_elementwise
+    from adakv.runtimes.hf.fusion.elementwise import REFERENCE_KERNELS, fused_elementwise
 
     kernels = None if model.device.type == "cuda" else REFERENCE_KERNELS  # Triton on GPUs
     with fused_elementwise(model, kernels) as fused:

@@ -220,10 +220,12 @@ def test_graphs_are_used_only_where_the_press_evicts(model, tokenizer, haystack)
     sample = tasks.generate("niah_single", 0, haystack, 256, seed=0)
     context_ids, question_ids = engine.encode_prompt(tokenizer, sample, "cpu")
     dense = engine.dense_prefill(model, context_ids)
-    engine.fast_answer(model, tokenizer, dense, evicting, question_ids, 8, "emulate")
-    assert evicting.graph_decoder.captures == 1 and evicting.graph_decoder.replays >= 1
-    with engine.active(masking, model, "emulate"):
-        assert masking.graph_decoder is None
+    with engine.active(evicting, model, "emulate") as session:
+        cache = engine.compressed_cache(dense, evicting)
+        engine.answer_from_cache(model, tokenizer, cache, question_ids, 8)
+    assert session.graph_decoder.captures == 1 and session.graph_decoder.replays >= 1
+    with engine.active(masking, model, "emulate") as session:
+        assert session.graph_decoder is None
     with engine.active(None, model, "emulate"):
         pass
 

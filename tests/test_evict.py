@@ -10,7 +10,7 @@ from transformers import DynamicCache
 from adakv import presses as P
 from adakv import kept_token_counts, rollback
 from adakv.cache import MaskedLayer, compressed_layers
-from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.cache.flat import FlatHeadwiseLayer
 from adakv.presses.wrappers.criticalkv import CriticalKVPress
 
 PRESSES = {
@@ -187,7 +187,7 @@ def test_padded_question_batch_matches_mask(family, attn_implementation):
 
 def test_a_padded_question_mask_is_analysed_once_per_forward(monkeypatch):
     """Every layer of a forward gets the same mask: its padding is worked out (one host sync on a GPU) once."""
-    from adakv import attention
+    from adakv.runtimes.hf import attention
 
     calls = []
     original = attention.appended_left_padding

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adakv.flat import kernels, kernels_reference
-from adakv.flat.layer import FlatHeadwiseLayer
-from adakv.flat.varlen import flat_attention
+from adakv.kernels import cuda_flat as kernels, flat_reference as kernels_reference
+from adakv.cache.flat import FlatHeadwiseLayer
+from adakv.cache.flat_attention import flat_attention
 
 
 class Config:
@@ -316,7 +316,7 @@ def test_skipped_leading_tokens_are_never_written():
 
 
 def test_split_workspace_reuses_its_buffer_and_grows():
-    from adakv.flat.triton_decode import SplitWorkspace
+    from adakv.kernels.triton_decode import SplitWorkspace
 
     workspace = SplitWorkspace()
     out, lse, counters = workspace.take(10, 4, 6, torch.device("cpu"))

@@ -1,5 +1,5 @@
 """The CUDA decode attention kernel over the flat head-wise cache (csrc/flat_decode.cu via
-adakv.flat.kernels.cuda_decode_attention) and its dispatch in adakv.flat.varlen.flat_attention.
+adakv.kernels.cuda_flat.cuda_decode_attention) and its dispatch in adakv.cache.flat_attention.flat_attention.
 
 GPU tests compare the kernel with the PyTorch reference in float64 on random layers with very unequal
 head lengths (down to one row), appended tokens, slack rows poisoned with NaN, a NaN-poisoned split
@@ -17,10 +17,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import adakv.csrc
-from adakv.flat import kernels, triton_decode
-from adakv.flat.layer import FlatHeadwiseLayer
-from adakv.flat.varlen import (
+import adakv.kernels.csrc
+from adakv.kernels import cuda_flat as kernels, triton_decode
+from adakv.cache.flat import FlatHeadwiseLayer
+from adakv.cache.flat_attention import (
     CUDA_DECODE_MAX_BYTES,
     IMPLEMENTATIONS,
     choose_implementation,
@@ -319,12 +319,12 @@ def test_decode_supported_limits():
 
 
 def test_python_limits_match_the_cuda_source():
-    source = (Path(adakv.csrc.__file__).parent / "flat_decode_limits.h").read_text()
+    source = (Path(adakv.kernels.csrc.__file__).parent / "flat_decode_limits.h").read_text()
     assert f"constexpr int kMaxGroup = {kernels.DECODE_MAX_GROUP};" in source
     assert f"constexpr int kMaxSplits = {kernels.DECODE_MAX_SPLITS};" in source
     assert kernels.DECODE_MAX_SPLITS >= triton_decode.MAX_SPLITS  # automatic split counts always fit
     assert "flat_decode.cu" in kernels.SOURCES
-    binding = (Path(adakv.csrc.__file__).parent / "flat_cache_binding.cpp").read_text()
+    binding = (Path(adakv.kernels.csrc.__file__).parent / "flat_cache_binding.cpp").read_text()
     assert re.search(r'm\.def\("decode_attention"', binding)
 
 
@@ -423,9 +423,9 @@ def test_dispatch_decisions(monkeypatch):
     assert choose_implementation(fake_cuda_query(1, 32, 1, 128), 8, CUDA_DECODE_MAX_BYTES) == "cuda_decode"
     assert choose_implementation(fake_cuda_query(1, 32, 1, 128), 8, large) != "cuda_decode"
     # inside a CUDA graph capture only GPU time counts, where the Triton kernels are faster
-    monkeypatch.setattr("adakv.flat.varlen.capturing_cuda_graph", lambda: True)
+    monkeypatch.setattr("adakv.cache.flat_attention.capturing_cuda_graph", lambda: True)
     assert choose_implementation(fake_cuda_query(1, 32, 1, 128), 8) != "cuda_decode"
-    monkeypatch.setattr("adakv.flat.varlen.capturing_cuda_graph", lambda: False)
+    monkeypatch.setattr("adakv.cache.flat_attention.capturing_cuda_graph", lambda: False)
     monkeypatch.setenv("ADAKV_KERNELS", "reference")
     assert choose_implementation(fake_cuda_query(1, 32, 1, 128), 8) != "cuda_decode"
 

@@ -1,4 +1,4 @@
-"""`fuse_elementwise=True` (adakv/fusion/elementwise.py): norms, rotary embeddings and SiLU gates as one kernel
+"""`fuse_elementwise=True` (adakv/runtimes/hf/fusion/elementwise.py): norms, rotary embeddings and SiLU gates as one kernel
 each, the same outputs, every module and function restored on exit, clear refusals.
 
 On CPU the module patching runs with the torch reference of the kernels (elementwise_reference.py), counted
@@ -15,7 +15,7 @@ import torch
 from conftest import (
     FAMILY_CONFIGS,
     TRITON_DEVICE,
-    press_logits_and_tokens,
+    press_logits_and_tokens, press_run,
     random_ids,
     skip_bf16_when_interpreted,
     tiny_model,
@@ -24,8 +24,8 @@ from conftest import (
 from torch import nn
 
 from adakv import presses as P
-from adakv.fusion import elementwise_reference as reference
-from adakv.fusion.elementwise import NORM_STYLES, REFERENCE_KERNELS, ElementwiseKernels, fused_elementwise
+from adakv.kernels import elementwise_reference as reference
+from adakv.runtimes.hf.fusion.elementwise import NORM_STYLES, REFERENCE_KERNELS, ElementwiseKernels, fused_elementwise
 
 gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -177,9 +177,9 @@ def test_emulated_graphs_with_every_fusion_give_the_eager_tokens():
     press = P.AdaptivePress(P.SnapKVPress(0.5, window_size=8), backend="evict")
     _, eager = press_logits_and_tokens(model, ids, press)
     with fused_elementwise(model, REFERENCE_KERNELS):
-        _, graphed = press_logits_and_tokens(model, ids, press, cuda_graphs="emulate", join_projections=True)
+        _, graphed, session = press_run(model, ids, press, cuda_graphs="emulate", join_projections=True)
     assert torch.equal(graphed, eager)
-    assert press.graph_decoder.captures == 1
+    assert session.graph_decoder.captures == 1
 
 
 def test_a_cpu_model_is_refused_with_the_reason():
@@ -213,7 +213,7 @@ def test_a_forward_that_records_gradients_is_refused():
 
 # ----- GPU: the Triton kernels ----------------------------------------------------------------------------
 def triton_kernels():
-    from adakv.fusion.elementwise import triton_kernels as make
+    from adakv.runtimes.hf.fusion.elementwise import triton_kernels as make
 
     return make()
 
@@ -298,9 +298,9 @@ def test_fused_cuda_models_give_the_same_outputs_eager_and_in_graphs(family):
         return  # sliding-window layers: no graph decoding
     press = P.AdaptivePress(P.SnapKVPress(0.5, window_size=8), backend="evict")
     _, eager = press_logits_and_tokens(model, ids, press, fuse_elementwise=True)
-    _, graphed = press_logits_and_tokens(model, ids, press, cuda_graphs=True, join_projections=True, fuse_elementwise=True)
+    _, graphed, session = press_run(model, ids, press, cuda_graphs=True, join_projections=True, fuse_elementwise=True)
     assert torch.equal(graphed, eager)
-    assert press.graph_decoder.captures == 1
+    assert session.graph_decoder.captures == 1
 
 
 @gpu_test

@@ -1,4 +1,4 @@
-"""`gemv_linears=True` (adakv/fusion/gemv_linears.py): decode-step linears (1 to MAX_ROWS input rows) through
+"""`gemv_linears=True` (adakv/runtimes/hf/fusion/gemv_linears.py): decode-step linears (1 to MAX_ROWS input rows) through
 the GEMV, larger inputs through torch, the same outputs, every module restored on exit, clear refusals.
 
 On CPU the routing runs with a counting torch product, so that a routed path that is never taken fails;
@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILY_CONFIGS, TRITON_DEVICE, press_logits_and_tokens, random_ids, tiny_model, triton_test
+from conftest import FAMILY_CONFIGS, TRITON_DEVICE, press_logits_and_tokens, press_run, random_ids, tiny_model, triton_test
 from torch import nn
 
 from adakv import presses as P
-from adakv.fusion import elementwise_reference
-from adakv.fusion.elementwise import REFERENCE_KERNELS, fused_elementwise
-from adakv.fusion.gemv_linears import MAX_ROWS, gemv_linears, gemv_tiles
-from adakv.fusion.joined_projections import joined_projections
+from adakv.kernels import elementwise_reference
+from adakv.runtimes.hf.fusion.elementwise import REFERENCE_KERNELS, fused_elementwise
+from adakv.kernels.gemv_plan import MAX_ROWS, gemv_tiles
+from adakv.runtimes.hf.fusion.gemv_linears import gemv_linears
+from adakv.runtimes.hf.fusion.joined_projections import joined_projections
 
 gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -189,17 +190,17 @@ def test_emulated_graphs_with_the_gemv_routing_give_the_eager_tokens():
     _, eager = press_logits_and_tokens(model, ids, press)
     counting = CountingProduct()
     with gemv_linears(model, gemv=counting):
-        _, graphed = press_logits_and_tokens(model, ids, press, cuda_graphs="emulate")
+        _, graphed, session = press_run(model, ids, press, cuda_graphs="emulate")
     assert torch.equal(graphed, eager)
-    assert press.graph_decoder.captures == 1 and 1 in counting.rows
+    assert session.graph_decoder.captures == 1 and 1 in counting.rows
 
 
 @triton_test
 @pytest.mark.parametrize("family", ["llama", "phi3"])
 def test_the_triton_gemv_runs_whole_models(family):
     """The GEMV and the SiLU-gated GEMV inside a model with every fusion (on CPU under the interpreter)."""
-    from adakv.fusion.elementwise import triton_kernels
-    from adakv.fusion.triton_gemv import gemv, silu_gated_gemv
+    from adakv.runtimes.hf.fusion.elementwise import triton_kernels
+    from adakv.kernels.triton_gemv import gemv, silu_gated_gemv
 
     model = tiny_model(family).to(TRITON_DEVICE)
     ids = random_ids(2, 24).to(TRITON_DEVICE)
@@ -246,9 +247,9 @@ def test_cuda_graphs_with_every_fusion_give_the_eager_tokens(family):
     press = P.AdaptivePress(P.SnapKVPress(0.5, window_size=8), backend="evict")
     _, eager = press_logits_and_tokens(model, ids, press)
     fusions = dict(join_projections=True, fuse_elementwise=True, gemv_linears=True)
-    _, graphed = press_logits_and_tokens(model, ids, press, cuda_graphs=True, **fusions)
+    _, graphed, session = press_run(model, ids, press, cuda_graphs=True, **fusions)
     assert torch.equal(graphed, eager)
-    assert press.graph_decoder.captures == 1
+    assert session.graph_decoder.captures == 1
 
 
 @pytest.mark.gpu

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-from adakv.flat import kernels, kernels_reference
+from adakv.kernels import cuda_flat as kernels, flat_reference as kernels_reference
 from adakv import presses as P
-from adakv.flat.layer import FlatHeadwiseLayer
-from adakv.flat.varlen import available_gpu_path, flat_attention
+from adakv.cache.flat import FlatHeadwiseLayer
+from adakv.cache.flat_attention import available_gpu_path, flat_attention
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,4 +1,4 @@
-"""CUDA-graph decoding (adakv/flat/graph_decode.py) gives the tokens of eager decoding.
+"""CUDA-graph decoding (adakv/runtimes/hf/graph_decode.py) gives the tokens of eager decoding.
 
 On CPU the runner runs with `cuda_graphs="emulate"`: "replay" re-runs the captured step with every host
 counter frozen at its capture-time value, as a real graph would, so a decode path that read host state
@@ -15,9 +15,9 @@ import torch
 from conftest import random_ids, tiny_model
 from transformers import DynamicCache
 
-from adakv.flat import graph_decode
+from adakv.runtimes.hf import graph_decode
 from adakv import presses as P
-from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.cache.flat import FlatHeadwiseLayer
 
 GRAPHABLE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 gpu_test = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -36,10 +36,10 @@ def padded_batch(pad: int = 7, device="cpu"):
 
 def generate(model, cuda_graphs, ids, mask, press=None, join_projections=False, **kwargs):
     press = press or evict_press()
-    with torch.no_grad(), press(model, cuda_graphs=cuda_graphs, join_projections=join_projections):
+    with torch.no_grad(), press(model, cuda_graphs=cuda_graphs, join_projections=join_projections) as session:
         torch.manual_seed(0)
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=24, pad_token_id=0, **kwargs)
-    return tokens, press.graph_decoder
+    return tokens, session.graph_decoder
 
 
 @pytest.mark.parametrize("family", GRAPHABLE_FAMILIES)
@@ -63,12 +63,12 @@ def test_a_forward_loop_without_generate_recaptures_when_the_slack_runs_out(monk
 
     def greedy_loop(cuda_graphs):
         cache, tokens, press = DynamicCache(config=model.config), [], evict_press()
-        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs):
+        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs) as session:
             logits = model(ids, past_key_values=cache).logits
             for _ in range(150):  # past the 64-row default slack and past its doubling
                 tokens.append(logits[:, -1].argmax(-1, keepdim=True))
                 logits = model(tokens[-1], past_key_values=cache).logits
-        return torch.cat(tokens, 1), cache, press.graph_decoder
+        return torch.cat(tokens, 1), cache, session.graph_decoder
 
     eager, eager_cache, _ = greedy_loop(False)
     graphed, graph_cache, decoder = greedy_loop("emulate")
@@ -175,12 +175,12 @@ def test_cuda_graph_recaptures_after_a_forced_relayout(monkeypatch, dtype):
 
     def greedy_loop(cuda_graphs):
         cache, tokens, press = DynamicCache(config=model.config), [], evict_press()
-        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs):
+        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs) as session:
             logits = model(ids, past_key_values=cache).logits
             for _ in range(150):
                 tokens.append(logits[:, -1].argmax(-1, keepdim=True))
                 logits = model(tokens[-1], past_key_values=cache).logits
-        return torch.cat(tokens, 1), press.graph_decoder
+        return torch.cat(tokens, 1), session.graph_decoder
 
     eager, _ = greedy_loop(False)
     graphed, decoder = greedy_loop(True)
@@ -240,13 +240,13 @@ def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens(fusions):
 
     def argmax_steps(cuda_graphs, forced=None, fusions={}):
         cache, press, picks = DynamicCache(config=model.config), evict_press(0.5), []
-        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs, **fusions):
+        with torch.no_grad(), press(model, cuda_graphs=cuda_graphs, **fusions) as session:
             logits = model(ids, past_key_values=cache, logits_to_keep=1).logits
             for step in range(256):
                 picks.append(logits[:, -1].argmax(-1, keepdim=True))
                 token = picks[-1] if forced is None else forced[:, step : step + 1]
                 logits = model(token, past_key_values=cache, logits_to_keep=1).logits
-        return torch.cat(picks, 1), press.graph_decoder
+        return torch.cat(picks, 1), session.graph_decoder
 
     eager, _ = argmax_steps(False)
     graphed, decoder = argmax_steps(True, forced=eager, fusions=fusions)

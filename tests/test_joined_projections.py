@@ -1,4 +1,4 @@
-"""`join_projections=True` (adakv/fusion/joined_projections.py): q/k/v and gate/up as one matrix product each,
+"""`join_projections=True` (adakv/runtimes/hf/fusion/joined_projections.py): q/k/v and gate/up as one matrix product each,
 the same outputs and memory, every parameter restored on exit, clear refusals."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import weakref
 
 import pytest
 import torch
-from conftest import FAMILY_CONFIGS, press_logits_and_tokens, random_ids, tiny_model
+from conftest import FAMILY_CONFIGS, press_logits_and_tokens, press_run, random_ids, tiny_model
 from torch import nn
 
 from adakv import presses as P
-from adakv.fusion.joined_projections import joined_projections, sibling_groups
+from adakv.runtimes.hf.fusion.joined_projections import joined_projections, sibling_groups
 
 JOINED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")  # Phi3 stores qkv_proj / gate_up_proj joined
 
@@ -96,9 +96,9 @@ def test_eager_and_emulated_graph_decoding_agree_with_joined_projections():
     ids = random_ids(1, 40)
     press = P.AdaptivePress(P.SnapKVPress(0.5, window_size=8), backend="evict")
     _, eager = press_logits_and_tokens(model, ids, press)
-    _, graphed = press_logits_and_tokens(model, ids, press, cuda_graphs="emulate", join_projections=True)
+    _, graphed, session = press_run(model, ids, press, cuda_graphs="emulate", join_projections=True)
     assert torch.equal(graphed, eager)
-    assert press.graph_decoder.captures == 1
+    assert session.graph_decoder.captures == 1
 
 
 def test_a_wrapped_projection_is_refused_and_the_model_left_as_it_was():

@@ -25,7 +25,7 @@ def kvzip(ratio=0.5, chunk_size=16, backend="mask", **kwargs):
 
 def scores_of(model, ids, chunk_size):
     dense = engine.dense_prefill(model, ids)
-    prefill = engine.WholePrefill(dense.contexts, dense.cache, dense.decoder, input_ids=ids)
+    prefill = engine.whole_prefill(dense.contexts, dense.cache, dense.decoder, input_ids=ids)
     scores = reconstruction_scores(prefill, PROMPT, chunk_size)
     assert dense.cache.get_seq_length() == ids.shape[1]  # the reconstruction left the cache
     return scores, dense
@@ -61,7 +61,7 @@ def test_scores_are_the_reconstruction_attention(family):
 @pytest.mark.parametrize("block_rows, chunk_size", [(3, 13), (5, 3), (1, 64)])
 def test_scoring_in_small_query_blocks_is_the_reconstruction_attention(monkeypatch, block_rows, chunk_size):
     """Blocks of queries that end inside the causal triangle, chunks shorter than the repeat prompt."""
-    monkeypatch.setattr("adakv.presses.scorers.kvzip.SCORING_BLOCK_ROWS", block_rows)
+    monkeypatch.setattr("adakv.kernels.kvzip_reference.SCORING_BLOCK_ROWS", block_rows)
     ids = random_ids(1, SEQ)
     scores, _ = scores_of(tiny_model("llama"), ids, chunk_size=chunk_size)
     expected = brute_force_scores("llama", ids)
@@ -85,7 +85,7 @@ def test_scores_ignore_the_contexts_own_queries():
     scores, dense = scores_of(model, ids, chunk_size=16)
     for context in dense.contexts:  # the scorer must not read what the context's queries came from
         context.hidden_states.fill_(float("nan"))
-    prefill = engine.WholePrefill(dense.contexts, dense.cache, dense.decoder, input_ids=ids)
+    prefill = engine.whole_prefill(dense.contexts, dense.cache, dense.decoder, input_ids=ids)
     again = reconstruction_scores(prefill, PROMPT, 16)
     for index in scores:
         assert torch.equal(again[index], scores[index])

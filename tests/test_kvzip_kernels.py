@@ -1,4 +1,4 @@
-"""KVzip's Triton scoring (presses/scorers/kvzip_kernels.py) equals its PyTorch statement
+"""KVzip's Triton scoring (adakv/kernels/kvzip_scoring.py) equals its PyTorch statement
 (`torch_max_attention`): GPU, or CPU under TRITON_INTERPRET=1 with triton installed."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TRITON_DEVICE, triton_test
 
-from adakv.presses.scorers.kvzip import torch_max_attention
+from adakv.kernels.kvzip_reference import torch_max_attention
 
 pytestmark = [pytest.mark.gpu, triton_test]
 
@@ -25,7 +25,7 @@ def inputs(batch, heads, kv_heads, chunk, head_dim, context_length, chunk_start,
 @pytest.mark.parametrize("chunk, chunk_start, first_counted", [(7, 0, 3), (40, 5, 0), (70, 0, 9), (30, 4, 40)])
 @pytest.mark.parametrize("head_dim", [16, 24])
 def test_triton_scoring_equals_the_pytorch_statement(heads, kv_heads, chunk, chunk_start, first_counted, head_dim):
-    from adakv.presses.scorers.kvzip_kernels import triton_max_attention
+    from adakv.kernels.kvzip_scoring import triton_max_attention
 
     context_length = 83
     queries, keys, running = inputs(2, heads, kv_heads, chunk, head_dim, context_length, chunk_start, torch.float32, chunk)
@@ -42,7 +42,7 @@ def test_triton_scoring_equals_the_pytorch_statement(heads, kv_heads, chunk, chu
 @pytest.mark.skipif(TRITON_DEVICE == "cpu", reason="the interpreter rounds bf16 differently from the GPU")
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_bf16_triton_scoring_is_within_rounding_of_pytorch(head_dim):
-    from adakv.presses.scorers.kvzip_kernels import triton_max_attention
+    from adakv.kernels.kvzip_scoring import triton_max_attention
 
     queries, keys, running = inputs(1, 12, 2, 512, head_dim, 1500, 256, torch.bfloat16, 0)
     expected = running.clone()
@@ -57,7 +57,7 @@ def test_kvzip_press_keeps_the_same_pairs_with_the_kernels_and_with_pytorch(monk
 
     from adakv import kept_token_counts
     from adakv import presses as P
-    from adakv.presses.scorers import kvzip
+    from adakv.kernels import kvzip_reference
 
     model = tiny_model("qwen2").cuda()
     ids = random_ids(1, 90).cuda()
@@ -68,14 +68,14 @@ def test_kvzip_press_keeps_the_same_pairs_with_the_kernels_and_with_pytorch(monk
             tokens = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
         return tokens.sequences, kept_token_counts(tokens.past_key_values)
 
-    from adakv.presses.scorers import kvzip_kernels
+    from adakv.kernels import kvzip_scoring as kvzip_kernels
 
     launches = []
     kernels = kvzip_kernels.triton_max_attention
     monkeypatch.setattr(kvzip_kernels, "triton_max_attention", lambda *args: launches.append(1) or kernels(*args))
     fused_tokens, fused_counts = compressed_tokens()
     assert launches  # the kernels did score
-    monkeypatch.setattr(kvzip, "triton_available", lambda: False)
+    monkeypatch.setattr(kvzip_reference, "triton_available", lambda: False)
     tokens, counts = compressed_tokens()
     assert torch.equal(tokens, fused_tokens)
     assert counts.keys() == fused_counts.keys() and all(torch.equal(counts[i], fused_counts[i]) for i in counts)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from adakv import AdaptivePress, CriticalKVPress, KVzipPress, kept_token_counts, prefill_in_chunks
 from adakv.cache import compressed_layers
-from adakv.flat.layer import FlatHeadwiseLayer
+from adakv.cache.flat import FlatHeadwiseLayer
 
 RATIO = 0.5
 NUM_LAYERS = COMMON["num_hidden_layers"]
@@ -120,7 +120,7 @@ def test_evict_attention_switches_to_the_layers_gpu(monkeypatch):
     """Triton launches on the current device: on_device_of makes the query's GPU current when it is not."""
     from types import SimpleNamespace
 
-    from adakv import attention
+    from adakv.runtimes.hf import attention
 
     switched = []
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)

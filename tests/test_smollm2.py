@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import DynamicCache, pipeline
 
-import adakv.default_model as default_model
+import adakv.apps.default_model as default_model
 from adakv import AdaptivePress, SnapKVPress, kept_token_counts, load_default_model
-from adakv.cli import main as cli_main
-from adakv.demo import ANSWER_PREFIX, EXPECTED, NEEDLE, haystack
-from adakv.demo import QUESTION as QUESTION_OF_DEMO
+from adakv.apps.cli import main as cli_main
+from adakv.apps.demo import ANSWER_PREFIX, EXPECTED, NEEDLE, haystack
+from adakv.apps.demo import QUESTION as QUESTION_OF_DEMO
 from adakv.pipeline import TASK, encode_prompt_parts, prefill_context, split_prompt
 
 pytestmark = pytest.mark.slow

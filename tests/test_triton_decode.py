@@ -1,4 +1,4 @@
-"""GPU tests of the Triton split-KV attention over the flat head-wise cache (adakv.flat.triton_decode):
+"""GPU tests of the Triton split-KV attention over the flat head-wise cache (adakv.kernels.triton_decode):
 equal to the PyTorch reference (float64) on fresh random inputs with unequal head lengths, slack
 rows poisoned with NaN, poisoned outputs, GQA 4 and 8, head_dim 64/128, decode and causal appends.
 Skipped cleanly without CUDA or triton."""
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adakv.flat import triton_decode
-from adakv.flat.layer import FlatHeadwiseLayer
-from adakv.flat.varlen import available_gpu_path, flat_attention, reference_flat_attention
+from adakv.kernels import triton_decode
+from adakv.cache.flat import FlatHeadwiseLayer
+from adakv.cache.flat_attention import available_gpu_path, flat_attention, reference_flat_attention
 
 pytestmark = [
     pytest.mark.gpu,

@@ -16,7 +16,7 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-4), torch.bfloat16: dict(rto
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("n_features, k_features, bias", [(50, 300, False), (33, 1024, True), (64, 130, True)])
 def test_gemv_equals_linear(dtype, rows, n_features, k_features, bias):
-    from adakv.fusion.triton_gemv import gemv
+    from adakv.kernels.triton_gemv import gemv
 
     skip_bf16_when_interpreted(dtype)
     generator = torch.Generator().manual_seed(rows * n_features)
@@ -30,7 +30,7 @@ def test_gemv_equals_linear(dtype, rows, n_features, k_features, bias):
 
 
 def test_gemv_keeps_leading_dimensions_and_refuses_bad_input():
-    from adakv.fusion.triton_gemv import MAX_ROWS, gemv
+    from adakv.kernels.triton_gemv import MAX_ROWS, gemv
 
     weight = torch.randn(20, 64, device=TRITON_DEVICE)
     x = torch.randn(2, 1, 64, device=TRITON_DEVICE)
@@ -48,8 +48,8 @@ def test_gemv_keeps_leading_dimensions_and_refuses_bad_input():
 @pytest.mark.parametrize("bias", [False, True])
 def test_silu_gated_gemv_equals_silu_mul_of_the_two_halves_of_gemv(dtype, rows, bias):
     """The same accumulation as `gemv` and the same arithmetic as the silu_mul kernel: equal, not merely close."""
-    from adakv.fusion.triton_elementwise import silu_mul
-    from adakv.fusion.triton_gemv import gemv, silu_gated_gemv
+    from adakv.kernels.triton_elementwise import silu_mul
+    from adakv.kernels.triton_gemv import gemv, silu_gated_gemv
 
     skip_bf16_when_interpreted(dtype)
     generator = torch.Generator().manual_seed(rows)
@@ -65,7 +65,7 @@ def test_silu_gated_gemv_equals_silu_mul_of_the_two_halves_of_gemv(dtype, rows, 
 
 
 def test_silu_gated_gemv_refuses_an_odd_number_of_weight_rows():
-    from adakv.fusion.triton_gemv import silu_gated_gemv
+    from adakv.kernels.triton_gemv import silu_gated_gemv
 
     with pytest.raises(ValueError, match=r"\(2 \* n, K\) matrix of gate's rows then up's"):
         silu_gated_gemv(torch.randn(1, 64, device=TRITON_DEVICE), torch.randn(21, 64, device=TRITON_DEVICE))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..base import BasePress, PrefillContext, check_is_press
 from .decoding import DecodingPress
@@ -37,9 +36,7 @@ class PrefillDecodingPress(BasePress):
         """The prefill press's ratio (the context's share removed)."""
         return getattr(self.prefill_press, "compression_ratio", 0.0)
 
-    def compress(self, context: PrefillContext) -> torch.Tensor | None:
-        self.decoding_press.compress(context)  # remembers the layer's last inputs
-        return self.prefill_press.compress(context)
+    compresses_during_decoding = True
 
-    def after_appended_tokens(self, module: nn.Module, cache, hidden_states: torch.Tensor, kwargs: dict) -> None:
-        self.decoding_press.after_appended_tokens(module, cache, hidden_states, kwargs)
+    def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        return self.prefill_press.compress(context)

@@ -8,20 +8,12 @@ from typing import Any
 
 import torch
 
-from adakv.cache import checkpoint, restore
-from adakv.flat.triton_decode import MAX_HEAD_DIM, triton_available
-from adakv.models import cache_argument_name, queries
+from adakv.kernels.kvzip_reference import update_max_attention
 
 from ..base import BasePress, PrefillContext, WholePrefill
 from ..scorer import ScorerPress
-from .snapkv import float32_scores
 
 DEFAULT_REPEAT_PROMPT = "\n\nRepeat the previous context:"  # the paper's prompt
-# Upper bound of attention probabilities held at once while scoring (elements of float32).
-SCORING_BLOCK_ELEMENTS = 1 << 26
-# Reconstruction queries scored at once: smaller blocks skip more of the causal triangle, larger ones
-# make fewer, larger matrix products.
-SCORING_BLOCK_ROWS = 512
 
 
 @dataclass
@@ -85,17 +77,16 @@ class KVzipPress(ScorerPress):
         return tuple(self.tokenizer(self.repeat_prompt, add_special_tokens=False).input_ids)
 
     def prepare_prefill(self, prefill: WholePrefill) -> None:
-        prompt = self.prompt_ids()
-        key = ("kvzip", self.chunk_size, prompt)
+        key = self.memo_key()
         if key not in prefill.memo:
-            prefill.memo[key] = reconstruction_scores(prefill, prompt, self.chunk_size)
-        self._scores = prefill.memo[key]
+            prefill.memo[key] = reconstruction_scores(prefill, key[2], self.chunk_size)
 
-    def release_prefill(self) -> None:
-        self.__dict__.pop("_scores", None)
+    def memo_key(self) -> tuple:
+        """Where this press's scores of a prefill are kept in its memo (they do not depend on the ratio)."""
+        return ("kvzip", self.chunk_size, self.prompt_ids())
 
     def score(self, context: PrefillContext) -> torch.Tensor:
-        scores = self.__dict__.get("_scores")
+        scores = None if context.memo is None else context.memo.get(self.memo_key())
         if scores is None:
             raise RuntimeError(
                 "KVzipPress scores a whole prefill: use it as a press (`with press(model):`, the pipeline, the "
@@ -121,98 +112,28 @@ def attach_tokenizer(press: BasePress | None, tokenizer) -> None:
 
 @torch.no_grad()
 def reconstruction_scores(prefill: WholePrefill, prompt_ids: tuple[int, ...], chunk_size: int) -> dict[int, torch.Tensor]:
-    """{layer_idx: (batch, kv_heads, seq) float32}: the largest attention each context key receives
-    from the reconstruction queries, fed `chunk_size` tokens at a time on top of `prefill.cache`, which is
-    brought back to the context afterwards."""
-    contexts = {context.layer_idx: context for context in prefill.contexts}
-    first = prefill.contexts[0]
+    """{layer_idx: (batch, kv_heads, seq) float32}: the largest attention each context key receives from the
+    reconstruction queries (the repeat prompt, then the context again), replayed `chunk_size` tokens at a time
+    behind the context by the runtime (`prefill.replay`)."""
+    if prefill.replay is None:
+        raise ValueError("KVzipPress needs a runtime that can run the model again over the context (WholePrefill.replay).")
     if not all(bool(context.available.all()) for context in prefill.contexts):
         raise ValueError(
             "KVzipPress cannot score a padded batch (its reconstruction repeats each row's context): "
             "compress contexts of equal length, or one at a time."
         )
-    context_length, decoder, cache = first.seq_len, prefill.decoder, prefill.cache
-    context_embeds = prefill.embeddings()
+    contexts = {context.layer_idx: context for context in prefill.contexts}
+    context_length = prefill.contexts[0].seq_len
+    context_embeds = prefill.replay.context_embeddings()
     batch = context_embeds.shape[0]
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=context_embeds.device)
-    prompt_embeds = decoder.get_input_embeddings()(prompt)[None].expand(batch, -1, -1).to(context_embeds.dtype)
+    prompt_embeds = prefill.replay.embed(prompt)[None].expand(batch, -1, -1).to(context_embeds.dtype)
     stream = torch.cat([prompt_embeds, context_embeds], dim=1)  # (batch, prompt + seq, hidden)
     scores = {index: c.keys.new_zeros(c.keys.shape[:3], dtype=torch.float32) for index, c in contexts.items()}
-    chunk_start = [0]
 
-    def score_chunk(module, args, kwargs, output) -> None:
-        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        chunk_queries = queries(module, hidden_states, kwargs["position_embeddings"])
-        keys = cache.layers[module.layer_idx].keys  # (batch, kv_heads, context + reconstruction so far, head_dim)
-        update_max_attention(scores[module.layer_idx], chunk_queries, keys, module.scaling, context_length,
-                             chunk_start[0], len(prompt_ids))
+    def score_chunk(layer_idx: int, chunk_queries: torch.Tensor, keys: torch.Tensor, chunk_start: int) -> None:
+        scaling = contexts[layer_idx].module.scaling
+        update_max_attention(scores[layer_idx], chunk_queries, keys, scaling, context_length, chunk_start, len(prompt_ids))
 
-    saved = checkpoint(cache)
-    handles = [c.module.register_forward_hook(score_chunk, with_kwargs=True) for c in contexts.values()]
-    try:
-        for start in range(0, stream.shape[1], chunk_size):
-            chunk_start[0] = start
-            decoder(inputs_embeds=stream[:, start : start + chunk_size], use_cache=True,
-                    **{cache_argument_name(decoder): cache})
-    finally:
-        for handle in handles:
-            handle.remove()
-        restore(cache, saved)
-        for index, context in contexts.items():  # drop the views into the longer reconstruction tensors
-            cache.layers[index].keys, cache.layers[index].values = context.keys, context.values
+    prefill.replay.replay(stream, chunk_size, score_chunk)
     return scores
-
-
-def update_max_attention(
-    running_max: torch.Tensor, chunk_queries: torch.Tensor, keys: torch.Tensor, scaling: float,
-    context_length: int, chunk_start: int, first_counted: int,
-) -> None:
-    """`torch_max_attention`'s update, by the Triton kernels of kvzip_kernels.py on CUDA (they hold no
-    probabilities), by PyTorch elsewhere."""
-    fused = (
-        keys.is_cuda
-        and triton_available()
-        and chunk_queries.dtype == keys.dtype
-        and keys.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and keys.shape[-1] <= MAX_HEAD_DIM
-    )
-    if not fused:
-        torch_max_attention(running_max, chunk_queries, keys, scaling, context_length, chunk_start, first_counted)
-        return
-    from .kvzip_kernels import triton_max_attention
-
-    unit_last_stride = [tensor if tensor.stride(-1) == 1 else tensor.contiguous() for tensor in (chunk_queries, keys)]
-    triton_max_attention(running_max, *unit_last_stride, scaling, context_length, chunk_start, first_counted)
-
-
-def torch_max_attention(
-    running_max: torch.Tensor, chunk_queries: torch.Tensor, keys: torch.Tensor, scaling: float,
-    context_length: int, chunk_start: int, first_counted: int,
-) -> None:
-    """running_max (batch, kv_heads, context_length) = max(running_max, attention of this chunk's counted
-    queries to each context key, over query heads and queries).
-
-    chunk_queries: (batch, heads, chunk, head_dim), the reconstruction stream's tokens
-    [chunk_start, chunk_start + chunk); keys: (batch, kv_heads, context_length + chunk_start + chunk, head_dim).
-    Query i of the stream sees the context and stream keys up to itself; queries before `first_counted`
-    (the repeat prompt) are not counted. Rows go in blocks of at most SCORING_BLOCK_ROWS, each against
-    only the keys its last row sees, so the causal triangle of the reconstruction is mostly skipped."""
-    batch, heads, chunk, head_dim = chunk_queries.shape
-    groups = heads // keys.shape[1]
-    first_row = max(0, first_counted - chunk_start)  # the counted queries are a suffix of the stream
-    seen_before = context_length + chunk_start  # keys every row of this chunk sees
-    rows_per_block = min(SCORING_BLOCK_ROWS, max(1, SCORING_BLOCK_ELEMENTS // (keys.shape[2] * groups)))
-    lowest = torch.finfo(torch.float32).min
-    for start in range(first_row, chunk, rows_per_block):
-        end = min(start + rows_per_block, chunk)
-        # among the keys this block sees beyond seen_before, row i of the block sees the first start + i + 1
-        stream_keys = torch.arange(end, device=keys.device)
-        future = stream_keys[None, :] > torch.arange(start, end, device=keys.device)[:, None]  # (rows, end)
-        for head in range(keys.shape[1]):
-            block = chunk_queries[:, head * groups : (head + 1) * groups, start:end].reshape(batch, -1, head_dim)
-            logits = float32_scores(block, keys[:, head, : seen_before + end].transpose(1, 2)).mul_(scaling)
-            logits = logits.view(batch, groups, end - start, seen_before + end)
-            logits[..., seen_before:].masked_fill_(future, lowest)
-            probabilities = logits.softmax(dim=-1)[..., :context_length]  # (batch, groups, rows, context)
-            best = probabilities.amax(dim=(1, 2))  # (batch, context)
-            torch.maximum(running_max[:, head], best, out=running_max[:, head])

@@ -4,6 +4,7 @@ Inference of Large Language Models", arXiv 2306.14048."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,11 @@ class ObservedAttentionPress(ScorerPress):
     weights, so the model must be loaded with attn_implementation="eager". (Fully masked query rows
     of left padding spread uniform weight, which shifts every key's score equally.)
     """
+
+    refuses_chunked_prefill: ClassVar[str] = (
+        "a later chunk's attention weights also cover the earlier chunks, so they are not the weights of the "
+        "chunk alone. Use an ordinary prefill."
+    )
 
     scores_are_probabilities = True  # softmax attention weights
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adakv.distributed import (
+from adakv.selection.distributed import (
     check_exchange,
     distributed_adaptive_keep_mask,
     distributed_model_keep_masks,
@@ -52,7 +52,7 @@ class AdaptivePress(WrapperPress):
 
     Under tensor parallelism (transformers' `tp_plan`, each rank holding some KV heads) the ranks
     exchange what the layer-wide top-k needs and select exactly the single-process set; `exchange`
-    picks how (adakv/distributed.py): "all_gather" (every rank's scores) or "threshold_search" (a
+    picks how (adakv/selection/distributed.py): "all_gather" (every rank's scores) or "threshold_search" (a
     distributed search for the k-th largest score, a few small all-reduces). Unused on one process.
     With scope="model" the exchange runs once, over every layer's rows.
 

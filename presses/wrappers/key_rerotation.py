@@ -6,6 +6,7 @@ al., "Efficient Streaming Language Models with Attention Sinks", arXiv 2309.1745
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -39,6 +40,11 @@ class KeyRerotationPress(WrapperPress):
     changed in place in `context.keys`, the cache's tensor, so this press must be the outermost one
     (ChunkPress and ComposedPress refuse it as an inner press).
     """
+
+    refuses_chunked_prefill: ClassVar[str] = (
+        "it re-positions the kept keys of a whole context, which the chunks after it would no longer line up "
+        "with. Use its inner press."
+    )
 
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:

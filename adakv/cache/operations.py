@@ -1,0 +1,74 @@
+"""Reading and rolling back a model's cache: kept counts, rollback, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .layer import CompressedLayer
+
+
+def newest_keys_values(layer: DynamicLayer, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values (batch, kv_heads, count, head_dim) of the last `count` tokens written to `layer`,
+    a dense DynamicLayer or a compressed one."""
+    if isinstance(layer, CompressedLayer):
+        return layer.newest_keys_values(count)
+    return layer.keys[..., -count:, :], layer.values[..., -count:, :]
+
+
+def compressed_layers(cache: Cache) -> dict[int, CompressedLayer]:
+    """The layers of `cache` that a press compressed, by layer index."""
+    return {index: layer for index, layer in enumerate(cache.layers) if isinstance(layer, CompressedLayer)}
+
+
+def kept_token_counts(cache: Cache) -> dict[int, torch.Tensor]:
+    """Number of tokens each head attends to, per compressed layer: {layer: (batch, kv_heads)}."""
+    return {index: layer.kept_counts() for index, layer in compressed_layers(cache).items()}
+
+
+def rollback(cache: Cache, seq_len: int) -> None:
+    """Drop every token after the first `seq_len` in every layer (e.g. a question and its answer).
+
+    Raises ValueError when that would cut into a compressed context, or when a sliding-window layer
+    has already dropped older tokens for newer ones (use `checkpoint` / `restore` around such use)."""
+    for index, layer in enumerate(cache.layers):
+        if layer.get_seq_length() <= seq_len:
+            continue
+        if getattr(layer, "is_sliding", False):
+            raise ValueError(
+                f"Layer {index} is a sliding-window layer that has moved past {seq_len} tokens and cannot be "
+                "rolled back; take `adakv.cache.checkpoint(cache)` before and `restore(cache, checkpoint)` after."
+            )
+        if isinstance(layer, CompressedLayer):
+            layer.truncate(seq_len)
+        else:
+            layer.keys, layer.values = layer.keys[..., :seq_len, :], layer.values[..., :seq_len, :]
+
+
+@dataclass
+class Checkpoint:
+    """What `restore` needs to bring a cache back: its length, and copies of its sliding-window layers
+    (keys, values, cumulative_length), which drop their oldest tokens as new ones arrive."""
+
+    seq_len: int
+    sliding_layers: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+
+
+def checkpoint(cache: Cache) -> Checkpoint:
+    sliding = {
+        index: (layer.keys.clone(), layer.values.clone(), layer.cumulative_length)
+        for index, layer in enumerate(cache.layers)
+        if getattr(layer, "is_sliding", False) and getattr(layer, "keys", None) is not None
+    }
+    return Checkpoint(cache.get_seq_length(), sliding)
+
+
+def restore(cache: Cache, saved: Checkpoint) -> None:
+    """Bring `cache` back to `saved`: sliding-window layers are replaced by their copies, every other
+    layer is rolled back to `saved.seq_len`."""
+    for index, (keys, values, cumulative_length) in saved.sliding_layers.items():
+        layer = cache.layers[index]
+        layer.keys, layer.values, layer.cumulative_length = keys, values, cumulative_length
+    rollback(cache, saved.seq_len)

@@ -1,0 +1,32 @@
+"""The transformers runtime: everything that runs a press inside a Hugging Face model.
+
+- `session`: `PressSession`, the hooks and per-block state of `with press(model):`; `compressed_layer`,
+  `compressed_layers_after_prefill` and `whole_prefill` for code that compresses recorded prefills.
+- `attention`: the "adakv_sdpa" / "adakv_eager" attention functions that read compressed layers.
+- `chunked_prefill`: `prefill_in_chunks`, the context a chunk at a time, each chunk compressed as it arrives.
+- `decoding`: compression during decoding (DecodingPress).
+- `accelerate`: `accelerate(model, ...)`, the speed switches (CUDA graphs: `graph_decode`; fusions: `fusion/`).
+"""
+
+from .accelerate import Acceleration, accelerate
+from .chunked_prefill import prefill_in_chunks
+from .session import (
+    PressSession,
+    active_session,
+    block_backend,
+    compressed_layer,
+    compressed_layers_after_prefill,
+    whole_prefill,
+)
+
+__all__ = [
+    "Acceleration",
+    "PressSession",
+    "accelerate",
+    "active_session",
+    "block_backend",
+    "compressed_layer",
+    "compressed_layers_after_prefill",
+    "prefill_in_chunks",
+    "whole_prefill",
+]

@@ -1,0 +1,382 @@
+"""A press session: one press running inside a transformers model for the duration of a block.
+
+`with press(model):` opens a `PressSession`: two hooks on every attention layer, the model's attention
+implementation switched to its adakv twin (attention.py); leaving the block (also by an exception) removes
+the hooks and restores the implementation. After a layer's attention has run on the *context prefill*
+(the first forward into an empty cache layer), the session builds a `PrefillContext`, asks the press for a
+keep mask of shape (batch, kv_heads, seq) and hands it to the block's backend, which replaces the cache
+layer. Later forwards (decode steps, question tokens) are never compressed, except by a press that
+compresses during decoding (DecodingPress: decoding.py).
+
+A chunked context prefill (chunked_prefill.py) runs its forwards inside `session.receiving_context_chunks()`:
+every forward into a layer that already holds context is then a further *chunk* of the context, compressed
+on its own (a PrefillContext of the chunk) and folded into the layer's compressed context.
+
+Presses whose `compresses_after_prefill` is True (AdaptivePress(scope="model"), KVzipPress) need every layer
+at once: the session records each compressed layer's PrefillContext (the dense keys/values stay in the
+cache), and a forward hook on the model's decoder, after the last layer, hands them all to the press as a
+`WholePrefill`, whose `replay` (ContextReplay) lets KVzip run the model again over the context. Every
+compressed layer is then replaced at once. The cost is peak memory: the dense cache of the whole context
+and each layer's input hidden states are held until the end of the prefill.
+
+All per-block state lives on the session, none on the press: one press object may serve several models.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Generator
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
+
+from adakv.cache import (
+    ADAKV_ATTENTION_PREFIX,
+    DEFAULT_BACKEND,
+    BackendFallbackWarning,
+    CompressedLayer,
+    checkpoint,
+    evict_refusal,
+    make_compressed_layer,
+    newest_keys_values,
+    restore,
+)
+from adakv.models import (
+    SUPPORTED_ATTENTION_IMPLEMENTATIONS,
+    attention_modules,
+    cache_argument,
+    cache_argument_name,
+    is_full_attention_layer,
+    queries,
+)
+from adakv.presses.base import BasePress, PrefillContext, WholePrefill
+
+from . import active
+from .accelerate import Acceleration, accelerate
+from .attention import (
+    CACHE_ATTRIBUTE,
+    note_appended_padding,
+    real_token_mask,
+    register_attention_functions,
+    set_attention_implementation,
+)
+from .decoding import DecodingRecompression
+from .graph_decode import graph_decoding_refusal
+
+
+def block_backend(press: BasePress, config) -> str:
+    """The backend `press` uses on a model with `config`: the explicit one, else "evict". With no backend
+    set and a model the evict backend cannot serve, "mask" with one BackendFallbackWarning; an explicit
+    "evict" raises."""
+    backend, refusal = press.explicit_backend, evict_refusal(config)
+    if refusal is None or backend == "mask" or getattr(press, "builds_no_layers", False):
+        return backend or DEFAULT_BACKEND
+    if backend == "evict":
+        raise NotImplementedError(f"backend='evict' cannot serve this model: {refusal}. Use backend='mask'.")
+    warnings.warn(
+        f"{type(press).__name__} has no backend set, so it would evict, but {refusal}; it falls back to "
+        "backend='mask' (the dense cache is kept, no memory is freed). Pass backend='mask' to silence this.",
+        BackendFallbackWarning,
+        stacklevel=5,
+    )
+    return "mask"
+
+
+def compressed_layer(press: BasePress, context: PrefillContext, backend: str | None = None):
+    """The cache layer that replaces the dense one of `context` after `press` compressed it, or None to keep
+    it. backend: the block's (None: chosen now from the layer's config)."""
+    keep = press.compress(context)
+    if keep is None:
+        return None
+    backend = backend or block_backend(press, context.module.config)
+    return make_compressed_layer(backend, context.keys, context.values, keep, context.module.config)
+
+
+def compressed_layers_after_prefill(press: BasePress, prefill: WholePrefill, backend: str | None = None) -> list:
+    """The cache layers (or None: keep the dense one) that replace those of `prefill.contexts`."""
+    keeps = press.keep_masks_after_prefill(prefill)
+    layers = []
+    for context, keep in zip(prefill.contexts, keeps):
+        if keep is None:
+            layers.append(None)
+            continue
+        config = context.module.config
+        layer_backend = backend or block_backend(press, config)
+        layers.append(make_compressed_layer(layer_backend, context.keys, context.values, keep, config))
+    return layers
+
+
+class CacheReplay:
+    """`ContextReplay` over a transformers cache: runs the model's decoder again behind a prefilled context
+    (KVzip's reconstruction) and brings the cache back to the context afterwards."""
+
+    def __init__(self, decoder: nn.Module, cache: Cache, contexts: list[PrefillContext], input_ids=None, inputs_embeds=None):
+        self.decoder, self.cache, self.contexts = decoder, cache, contexts
+        self.input_ids, self.inputs_embeds = input_ids, inputs_embeds
+
+    def context_embeddings(self) -> torch.Tensor:
+        if self.inputs_embeds is not None:
+            return self.inputs_embeds
+        if self.input_ids is None:
+            raise ValueError("This prefill has neither input_ids nor inputs_embeds.")
+        return self.decoder.get_input_embeddings()(self.input_ids)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.decoder.get_input_embeddings()(token_ids)
+
+    def replay(self, stream: torch.Tensor, chunk_size: int, on_layer: Callable) -> None:
+        cache, chunk_start = self.cache, [0]
+
+        def after_attention(module, args, kwargs, output) -> None:
+            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            chunk_queries = queries(module, hidden_states, kwargs["position_embeddings"])
+            on_layer(module.layer_idx, chunk_queries, cache.layers[module.layer_idx].keys, chunk_start[0])
+
+        saved = checkpoint(cache)
+        handles = [c.module.register_forward_hook(after_attention, with_kwargs=True) for c in self.contexts]
+        session = active.session_of(self.decoder)
+        try:
+            with session.running_own_forwards() if session is not None else ExitStack():
+                for start in range(0, stream.shape[1], chunk_size):
+                    chunk_start[0] = start
+                    self.decoder(inputs_embeds=stream[:, start : start + chunk_size], use_cache=True,
+                                 **{cache_argument_name(self.decoder): cache})  # fmt: skip
+        finally:
+            for handle in handles:
+                handle.remove()
+            restore(cache, saved)
+            for context in self.contexts:  # drop the views into the longer replayed tensors
+                cache.layers[context.layer_idx].keys = context.keys
+                cache.layers[context.layer_idx].values = context.values
+
+
+def whole_prefill(contexts, cache: Cache, decoder: nn.Module, input_ids=None, inputs_embeds=None, memo=None) -> WholePrefill:
+    """The WholePrefill of `contexts`, recorded over `cache` by `decoder` (`model.get_decoder()`)."""
+    replay = CacheReplay(decoder, cache, contexts, input_ids, inputs_embeds)
+    return WholePrefill(contexts, replay, {} if memo is None else memo)
+
+
+class PressSession:
+    """The hooks and per-block state of one `with press(model):` block (see the module docstring).
+
+    backend: the block's backend, chosen once when it opens. graph_decoder: the CUDA-graph decoder of the
+    `adakv.accelerate` block around or inside this one (captures, replays), or None."""
+
+    def __init__(self, press: BasePress, model: nn.Module):
+        self.press, self.model = press, model
+        self.backend: str | None = None
+        self.acceleration: Acceleration | None = None
+        self.decoding = DecodingRecompression(press.decoding_press) if press.compresses_during_decoding else None
+        self._receiving_chunks = False
+        self._own_forwards = False
+        self._prefill_parts: dict | None = None
+
+    @property
+    def graph_decoder(self):
+        acceleration = self.acceleration or active.acceleration_of(self.model)
+        return None if acceleration is None else acceleration.graph_decoder
+
+    @property
+    def receiving_chunks(self) -> bool:
+        return self._receiving_chunks
+
+    # ----- opening and closing --------------------------------------------------------------------------
+    @contextmanager
+    def opened(self) -> Generator[PressSession, None, None]:
+        model, press = self.model, self.press
+        if active.session_of(model) is not None:
+            raise RuntimeError("This model is already inside a `with press(model):` block; presses do not nest.")
+        modules = attention_modules(model)
+        if not any(is_full_attention_layer(module) for module in modules):
+            raise ValueError(
+                "Every attention layer of this model uses a sliding window (config.sliding_window / layer_types), "
+                "so a press would compress nothing. adakv compresses full-attention layers only."
+            )
+        self.backend = block_backend(press, model.config)
+        acceleration = active.acceleration_of(model)
+        if acceleration is not None and acceleration.graph_decoder is not None:
+            refusal = graph_decoding_refusal(press, self.backend)
+            if refusal is not None:
+                raise ValueError(refusal)
+        original_implementation = switch_attention_implementation(model)
+        handles = []
+        try:
+            for module in modules:
+                handles.append(module.register_forward_pre_hook(remember_cache, with_kwargs=True))
+                if is_full_attention_layer(module):
+                    handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
+            if press.compresses_after_prefill:
+                decoder_module = model.get_decoder()
+                handles.append(decoder_module.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
+                handles.append(decoder_module.register_forward_hook(self._after_decoder, with_kwargs=True))
+            active.register(active._sessions, model, self)
+            yield self
+        finally:
+            active.unregister(active._sessions, model)
+            for handle in handles:
+                handle.remove()
+            for module in modules:
+                module.__dict__.pop(CACHE_ATTRIBUTE, None)
+            self._prefill_parts = None
+            set_attention_implementation(model, original_implementation)
+
+    @contextmanager
+    def receiving_context_chunks(self) -> Generator[None, None, None]:
+        """Mark every forward run inside this block as one chunk of the context (chunked_prefill drives it).
+        A forward into a layer that already holds context is then compressed too: the press sees the
+        chunk's tokens only and the kept ones join the compressed context. Outside the block such forwards
+        (questions, decode steps) are never compressed."""
+        if self._receiving_chunks:
+            raise RuntimeError("This press is already receiving context chunks; chunked prefills do not nest.")
+        self._receiving_chunks = True
+        try:
+            yield
+        finally:
+            self._receiving_chunks = False
+
+    @contextmanager
+    def running_own_forwards(self) -> Generator[None, None, None]:
+        """Forwards run inside this block belong to a press's own work (KVzip's replay): no hook acts on them."""
+        previous, self._own_forwards = self._own_forwards, True
+        try:
+            yield
+        finally:
+            self._own_forwards = previous
+
+    # ----- hooks -----------------------------------------------------------------------------------------
+    def _before_decoder(self, module: nn.Module, args, kwargs) -> None:
+        if self._own_forwards:
+            return
+        input_ids = kwargs["input_ids"] if "input_ids" in kwargs else (args[0] if args else None)
+        self._prefill_parts = {"contexts": [], "input_ids": input_ids, "inputs_embeds": kwargs.get("inputs_embeds")}
+
+    def _after_decoder(self, module: nn.Module, args, kwargs, output) -> None:
+        parts, self._prefill_parts = self._prefill_parts, None
+        if self._own_forwards or parts is None or not parts["contexts"]:
+            return  # not a context prefill (a decode step, a question) or a press's own forward
+        cache = parts.pop("cache")
+        prefill = whole_prefill(parts["contexts"], cache, module, parts["input_ids"], parts["inputs_embeds"])
+        with self.running_own_forwards():
+            layers = compressed_layers_after_prefill(self.press, prefill, self.backend)
+        for context, layer in zip(prefill.contexts, layers):
+            if layer is not None:
+                cache.layers[context.layer_idx] = layer
+
+    def _after_attention(self, module: nn.Module, args, kwargs, output) -> None:
+        if self._own_forwards:
+            return
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cache = cache_argument(kwargs)
+        if cache is None:
+            return
+        layer = cache.layers[module.layer_idx]
+        new_tokens = hidden_states.shape[1]
+        first_context = type(layer) is DynamicLayer and layer.get_seq_length() == new_tokens
+        if not (first_context or self._receiving_chunks):
+            # a decode step or question tokens after the context (or a layer already compressed)
+            if self.decoding is not None:
+                self.decoding.after_appended_tokens(module, cache, hidden_states, kwargs, self.backend)
+            return
+        keys, values = newest_keys_values(layer, new_tokens)
+        batch, kv_heads = keys.shape[:2]
+        kv_length = layer.get_seq_length()
+        real = real_token_mask(kwargs.get("attention_mask"), batch, kv_length, keys.device)  # (batch, kv_length)
+        attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        context = PrefillContext(
+            module=module,
+            hidden_states=hidden_states,
+            keys=keys,
+            values=values,
+            position_embeddings=kwargs["position_embeddings"],
+            attentions=attentions if first_context else None,  # a chunk's weights also cover earlier keys
+            available=real[:, None, -new_tokens:].expand(batch, kv_heads, new_tokens),
+            layer_idx=module.layer_idx,
+            num_layers=module.config.num_hidden_layers,
+        )
+        if self.decoding is not None:
+            self.decoding.remember_context(cache, context, new_context=first_context)
+        if self.press.compresses_after_prefill:
+            self._record_for_whole_prefill(context, cache, first_context)
+            return
+        if first_context:
+            compressed = compressed_layer(self.press, context, self.backend)
+        else:
+            compressed = self._compress_chunk(context, layer, real[:, None, :-new_tokens].expand(batch, kv_heads, -1))
+        if compressed is not None:
+            cache.layers[module.layer_idx] = compressed
+
+    def _record_for_whole_prefill(self, context: PrefillContext, cache, first_context: bool) -> None:
+        if not first_context:
+            raise ValueError(
+                f"{type(self.press).__name__} compresses after the whole context prefill (it needs every layer at "
+                "once), so it cannot compress a chunked prefill chunk by chunk. Prefill the context in one forward."
+            )
+        if self._prefill_parts is None:
+            raise RuntimeError("The model's decoder ran without this press's decoder hook; call the model itself.")
+        self._prefill_parts["contexts"].append(context)
+        self._prefill_parts["cache"] = cache
+
+    def _compress_chunk(self, context: PrefillContext, layer, earlier_real: torch.Tensor):
+        """Compress a later chunk of the context, which `layer` holds as its newest tokens. Returns a
+        layer that replaces `layer`, or None when `layer` was updated in place (or stays as it is).
+
+        earlier_real: (batch, kv_heads, earlier) the real tokens before the chunk, for a layer that is
+        still dense because every earlier chunk was left uncompressed (e.g. ratio 0)."""
+        keep = self.press.compress(context)
+        if isinstance(layer, CompressedLayer):
+            layer.fold_appended_into_context(context.available if keep is None else keep)
+            return None
+        if keep is None:
+            return None  # still nothing compressed in this layer: it stays dense
+        keep = torch.cat([earlier_real, keep], dim=-1)
+        return make_compressed_layer(self.backend, layer.keys, layer.values, keep, context.module.config)
+
+
+@contextmanager
+def press_session(press: BasePress, model: nn.Module, **speed_switches) -> Generator[PressSession, None, None]:
+    """`with press(model, **speed_switches):` (BasePress.__call__): a PressSession for the block, inside an
+    `adakv.accelerate(model, **speed_switches)` block when any switch is on."""
+    session = PressSession(press, model)
+    with ExitStack() as stack:
+        if any(speed_switches.values()):
+            if speed_switches.get("cuda_graphs"):  # refused before anything is switched on, as the block would
+                refusal = graph_decoding_refusal(press, block_backend(press, model.config))
+                if refusal is not None:
+                    raise ValueError(refusal)
+            session.acceleration = stack.enter_context(accelerate(model, **speed_switches))
+        yield stack.enter_context(session.opened())
+
+
+def remember_cache(module: nn.Module, args, kwargs) -> None:
+    """The pre-forward hook of every attention layer: keeps the forward's cache on the module for adakv's
+    attention functions, and tells a flat layer about left padding in the tokens it is about to receive."""
+    hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    if hidden_states.shape[1] == 0:
+        raise ValueError(
+            "The model was given 0 tokens (an empty prompt or context?): at least one token is needed, "
+            "both to run the model and for a press to compress."
+        )
+    setattr(module, CACHE_ATTRIBUTE, cache_argument(kwargs))
+    note_appended_padding(module, hidden_states, kwargs.get("attention_mask"))
+
+
+def switch_attention_implementation(model: nn.Module) -> str:
+    """Switch to the adakv twin of the current implementation; return the original name."""
+    current = model.config._attn_implementation
+    if current.startswith(ADAKV_ATTENTION_PREFIX):
+        raise RuntimeError("This model is already inside a `with press(model):` block; presses do not nest.")
+    if current not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attn_implementation={current!r} is not supported by adakv presses. "
+            f"Load the model with one of {SUPPORTED_ATTENTION_IMPLEMENTATIONS}."
+        )
+    register_attention_functions()
+    set_attention_implementation(model, ADAKV_ATTENTION_PREFIX + current)
+    return current
+
+
+def active_session(model: nn.Module) -> PressSession | None:
+    """The PressSession open on `model` (or on its decoder), or None."""
+    return active.session_of(model)
