@@ -21,12 +21,15 @@ import transformers
 PACKAGE = Path(__file__).resolve().parents[1]  # the adakv package folder
 
 
-def _version(distribution: str) -> str | None:
-    """The installed version of `distribution`, read from its metadata (nothing is imported)."""
-    try:
-        return metadata.version(distribution)
-    except (metadata.PackageNotFoundError, ValueError):
-        return None
+def _version(*distributions: str) -> str | None:
+    """The installed version of the first of `distributions` installed, read from its metadata (nothing
+    is imported), or None."""
+    for distribution in distributions:
+        try:
+            return metadata.version(distribution)
+        except (metadata.PackageNotFoundError, ValueError):
+            continue
+    return None
 
 
 def _git(*args: str) -> str | None:
@@ -81,7 +84,7 @@ def provenance(device=None) -> dict:
         device=name,
         torch=torch.__version__,
         transformers=transformers.__version__,
-        triton=_version("triton"),
+        triton=_version("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"),
         vllm=_version("vllm"),
         python=platform.python_version(),
         platform=platform.platform(),
