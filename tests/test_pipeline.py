@@ -9,7 +9,7 @@ from transformers import DynamicCache, PreTrainedTokenizerFast, pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 import adakv
-import adakv.runtimes.hf.accelerate as accelerate_module
+import adakv.runtimes.hf.acceleration as accelerate_module
 from adakv import AdaptivePress, SnapKVPress, kept_token_counts
 from adakv.pipeline import (
     TASK,

@@ -8,7 +8,7 @@
 - `accelerate`: `accelerate(model, ...)`, the speed switches (CUDA graphs: `graph_decode`; fusions: `fusion/`).
 """
 
-from .accelerate import Acceleration, accelerate
+from .acceleration import Acceleration, accelerate
 from .chunked_prefill import prefill_in_chunks
 from .session import (
     PressSession,

@@ -176,7 +176,7 @@ class GraphDecoder:
         for index, layer in enumerate(layers):
             if not (isinstance(layer, CompressedLayer) and layer.replays_decode_steps):
                 self._warn_once(
-                    f"layer {index} of the cache is a {type(layer).__name__}, not a flat layer (backend "
+                    f"layer {index} of the cache is a {type(layer).__name__}, not a FlatHeadwiseLayer (backend "
                     "'mask', a layer left uncompressed, or a sliding-window layer)"
                 )
                 return None

@@ -54,7 +54,7 @@ from adakv.models import (
 from adakv.presses.base import BasePress, PrefillContext, WholePrefill
 
 from . import active
-from .accelerate import Acceleration, accelerate
+from .acceleration import Acceleration, accelerate
 from .attention import (
     CACHE_ATTRIBUTE,
     note_appended_padding,
