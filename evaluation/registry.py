@@ -27,9 +27,12 @@ PRESSES: dict[str, tuple[str, tuple[str, ...]]] = {
     "observed_attention": ("ObservedAttentionPress", ()),
     "adakv_observed_attention": ("ObservedAttentionPress", ("AdaptivePress",)),
     "streaming_llm": ("StreamingLLMPress", ()),
-    "kvzip": ("KVzipPress", ()),
-    "adakv_kvzip": ("KVzipPress", ("AdaptivePress",)),
-    "adakv_model_kvzip": ("KVzipPress", ("AdaptivePress:scope=model",)),
+    # KVzip uniform (per head); KVzipPress's own default is model-wide, the same as adakv_model_kvzip. Inside
+    # AdaptivePress the wrapper allocates and budget_scope is not read; the same scorer spec pairs the three
+    # in the report (adaptive_vs_uniform).
+    "kvzip": ("KVzipPress:budget_scope=head", ()),
+    "adakv_kvzip": ("KVzipPress:budget_scope=head", ("AdaptivePress",)),
+    "adakv_model_kvzip": ("KVzipPress:budget_scope=head", ("AdaptivePress:scope=model",)),
     "random": ("RandomPress", ()),
     "chunkkv_snapkv": ("SnapKVPress", ("ChunkKVPress",)),
     "lagkv": ("LagKVPress", ()),
@@ -90,7 +93,8 @@ def build_press(name: str, compression_ratio: float, backend: str | None = None)
     if name == NO_PRESS:
         return None
     scorer, wrappers = PRESSES[name]
-    press = press_class(scorer)(compression_ratio=compression_ratio, backend=backend)
+    class_name, fields = class_and_fields(scorer)
+    press = press_class(class_name)(compression_ratio=compression_ratio, backend=backend, **fields)
     for wrapper in wrappers:
         class_name, fields = class_and_fields(wrapper)
         press = press_class(class_name)(press, backend=backend, **fields)

@@ -10,6 +10,7 @@ import torch
 
 from ..base import PrefillContext, check_integer_fields
 from ..scorer import ScorerPress
+from .streaming_llm import first_available
 
 LEVERAGE_SOURCES = ("keys", "values", "keys_and_values")
 
@@ -51,17 +52,27 @@ class CURPress(ScorerPress):
     leverage_of: "keys", "values", or "keys_and_values" (default, as CurDKV: the product of both).
     rank: number of singular directions (clamped to head_dim).
 
+    n_sink: the first `n_sink` real tokens of each head (the attention sinks) are always kept: their score
+    is set to 1, the largest a leverage score can be, and ties keep the earlier token, so a per-head top-k
+    takes them before any other token. Leverage alone does not protect them: by leverage only, position 0
+    was evicted in 80 of 90 (layer, head) pairs on the samples of issue 25, and the answers degenerated.
+    CurDKV's selection is described by leverage alone (whether its code protects sinks is not checked);
+    kvpress's CURPress sets its first 4 scores to 1 likewise (docs/PRESSES.md). n_sink=0 gives pure
+    leverage selection. Under AdaptivePress a sink ties with other heads' leverage-1 rows and the lower
+    head wins the tie; only heads holding about `rank` tokens or fewer have many such rows.
+
     score: (batch, kv_heads, seq) leverage scores, higher = keep, rounded to 1e-6 so that rows of equal
     leverage (e.g. every row of a head holding at most `rank` tokens has leverage 1) tie exactly rather
-    than by rounding noise; ties keep the earlier token.
+    than by rounding noise; ties keep the earlier token. Sinks score 1.
     """
 
     rank: int = 32
     leverage_of: str = "keys_and_values"
+    n_sink: int = 4
 
     def __post_init__(self):
         super().__post_init__()
-        check_integer_fields(self, {"rank": 1})
+        check_integer_fields(self, {"rank": 1, "n_sink": 0})
         if self.leverage_of not in LEVERAGE_SOURCES:
             raise ValueError(f"leverage_of must be one of {LEVERAGE_SOURCES}, got {self.leverage_of!r}.")
 
@@ -72,4 +83,4 @@ class CURPress(ScorerPress):
             scores = scores * leverage_scores(context.keys, available, self.rank)
         if self.leverage_of in ("values", "keys_and_values"):
             scores = scores * leverage_scores(context.values, available, self.rank)
-        return scores.round(decimals=6)
+        return scores.round(decimals=6).masked_fill(first_available(available, self.n_sink), 1.0)

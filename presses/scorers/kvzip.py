@@ -33,9 +33,18 @@ class KVzipPress(ScorerPress):
     one more prefill of the context, are the cost (README, "KVzip").
 
     KVzip needs the whole context in every layer, so it compresses after the whole prefill
-    (`compresses_after_prefill`; chunked prefill is refused). Alone it keeps each head's best
-    (1 - ratio) share; `AdaptivePress(KVzipPress(...), scope="model")` allocates one model-wide budget
-    by these scores (the paper's default); `AdaptivePress(KVzipPress(...))` allocates per layer.
+    (`compresses_after_prefill`; chunked prefill is refused).
+
+    budget_scope: how KVzipPress *alone* allocates its budget (inside a wrapper that allocates, such as
+    AdaptivePress, ChunkKVPress or PerLayerCompressionPress, the wrapper decides and this field is not read).
+    "model" (default; the paper's default, and kvpress's layerwise=False): one budget over every
+    (layer, KV head) of the model, the sum of what a uniform selection would keep, allocated by these
+    scores exactly as `AdaptivePress(KVzipPress(...), scope="model")` with its defaults does: each
+    (layer, head) is first guaranteed its best alpha_safeguard=0.2 share of the mean budget (kvpress uses
+    no such floor; `AdaptivePress(..., scope="model", alpha_safeguard=0)` drops it). "head": every head
+    keeps its own best (1 - ratio) share (the evaluation's "kvzip", KVzip uniform; weaker: 0.38 against
+    0.75 model-wide on the samples of issue 25). `compress(context)`, one layer on its own, is always the
+    per-head selection, so wrappers that forward `compress` (ThinKPress, MergePress) get that one.
 
     repeat_prompt: text fed before the context copy, encoded with `tokenizer` (the pipeline and the
     evaluation attach theirs when it is None). repeat_prompt_ids: token ids used instead (no tokenizer needed).
@@ -46,11 +55,18 @@ class KVzipPress(ScorerPress):
     repeat_prompt: str = DEFAULT_REPEAT_PROMPT
     repeat_prompt_ids: tuple[int, ...] | None = None
     tokenizer: Any = field(default=None, repr=False, compare=False)
+    budget_scope: str = "model"
 
+    BUDGET_SCOPES = ("model", "head")  # a class constant, not a field
     scores_are_probabilities = True  # attention probabilities
 
     def __post_init__(self):
         super().__post_init__()
+        if self.budget_scope not in self.BUDGET_SCOPES:
+            raise ValueError(
+                f"budget_scope must be one of {self.BUDGET_SCOPES} ('model': one budget over every layer and "
+                f"head, the paper's default; 'head': each head its own (1 - ratio) share), got {self.budget_scope!r}."
+            )
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}.")
         if not isinstance(self.repeat_prompt, str):
@@ -84,6 +100,15 @@ class KVzipPress(ScorerPress):
     def memo_key(self) -> tuple:
         """Where this press's scores of a prefill are kept in its memo (they do not depend on the ratio)."""
         return ("kvzip", self.chunk_size, self.prompt_ids())
+
+    def compress_prefill(self, prefill: WholePrefill) -> list[torch.Tensor | None]:
+        """KVzipPress alone: per `budget_scope`, one model-wide allocation (through AdaptivePress's own
+        scope="model" selection, so the two agree exactly, tensor parallelism included) or per head."""
+        if self.budget_scope == "head":
+            return super().compress_prefill(prefill)
+        from ..wrappers.adaptive import AdaptivePress  # scorers import no wrapper at module level
+
+        return AdaptivePress(self, scope="model").compress_prefill(prefill)
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         scores = None if context.memo is None else context.memo.get(self.memo_key())
