@@ -95,7 +95,7 @@ def test_scores_ignore_the_contexts_own_queries():
 def test_evict_matches_mask(family, wrap):
     model = tiny_model(family)
     make = {
-        "alone": lambda backend: kvzip(0.6, backend=backend),
+        "alone": lambda backend: kvzip(0.6, backend=backend, budget_scope="head"),
         "adaptive_layer": lambda backend: AdaptivePress(kvzip(0.6, backend=None), backend=backend),
         "adaptive_model": lambda backend: AdaptivePress(kvzip(0.6, backend=None), scope="model", backend=backend),
     }[wrap]
@@ -111,7 +111,7 @@ def test_press_keeps_the_best_reconstruction_scores_and_leaves_no_reconstruction
     model, ids = tiny_model("llama"), random_ids(1, SEQ)
     scores, _ = scores_of(model, ids, chunk_size=16)
     cache = DynamicCache(config=model.config)
-    with torch.no_grad(), kvzip(0.75)(model):
+    with torch.no_grad(), kvzip(0.75, budget_scope="head")(model):
         model(ids, past_key_values=cache)
         assert cache.get_seq_length() == SEQ
         for index, layer in compressed_layers(cache).items():
