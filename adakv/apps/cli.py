@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adakv", description="Head-wise adaptive KV cache compression.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from adakv import demo
+    from adakv.apps import demo
 
     demo_parser = commands.add_parser(
         "demo", help="hide a needle in Paul Graham essays and ask SmolLM2 for it under several presses",
