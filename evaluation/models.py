@@ -10,7 +10,7 @@ evaluation then runs with `--model <name>` (or the folder's path).
 Machines without network get the GGUF in pieces: `split_gguf` cuts it into pieces of at most
 `max_bytes` with a manifest (order, sizes, sha256), `join_piece` appends one piece at a time to a
 partial file there (checking the piece's place and hash, so a piece sent twice or out of order is
-refused), and `build_model(name, gguf=...)` converts the joined file. README, "Real instruct models".
+refused), and `build_model(name, gguf=...)` converts the joined file. docs/RESULTS.md, "Real instruct models".
 """
 
 from __future__ import annotations

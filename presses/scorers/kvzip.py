@@ -30,7 +30,7 @@ class KVzipPress(ScorerPress):
     the earlier chunks, so chunking changes nothing but memory: each forward's attention probabilities
     are (chunk x keys) and are reduced blockwise. The reconstruction's keys/values stay in the cache while
     scoring (about as much again as the context) and are removed afterwards. The extra forwards, about
-    one more prefill of the context, are the cost (README, "KVzip").
+    one more prefill of the context, are the cost (docs/RESULTS.md, "KVzip: compress once, for any question").
 
     KVzip needs the whole context in every layer, so it compresses after the whole prefill
     (`compresses_after_prefill`; chunked prefill is refused).
