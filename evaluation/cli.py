@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run or resume a sweep into a run folder")
     run.add_argument("--model", default=DEFAULT_MODEL,
-                     help=f"'smollm2' (embedded), a built model ({', '.join(SPLIT_MODELS)}) or a from_pretrained path")
+                     help=f"'smollm2' (embedded), a built model ({', '.join(SPLIT_MODELS)}), a local Hugging Face "
+                     "model folder, or a model id already in the local Hugging Face cache (nothing is downloaded)")
     run.add_argument("--tasks", nargs="+", default=list(tasks.DEFAULT_TASKS), help=f"known: {', '.join(tasks.TASKS)}")
     run.add_argument("--context-length", nargs="+", default=["1024"], help="tokens; several for the needle grid")
     run.add_argument("--samples", type=int, default=5,
@@ -89,10 +90,20 @@ def run_model_command(args) -> None:
         print(f"{joined} pieces joined into {args.into}")
 
 
+def _numbers(values: list[str], kind, option: str) -> list:
+    """`--option a b` or `--option a,b` as numbers, refusing a non-number with the option's name."""
+    try:
+        return [kind(value) for value in _names(values)]
+    except ValueError:
+        what = "integers" if kind is int else "numbers"
+        raise ValueError(f"{option} takes {what}, got {' '.join(values)!r}.") from None
+
+
 def config_from_args(args) -> SweepConfig:
     return SweepConfig(
-        model=args.model, tasks=_names(args.tasks), context_lengths=[int(v) for v in _names(args.context_length)],
-        samples=args.samples, presses=_names(args.presses), ratios=[float(v) for v in _names(args.ratios)],
+        model=args.model, tasks=_names(args.tasks),
+        context_lengths=_numbers(args.context_length, int, "--context-length"),
+        samples=args.samples, presses=_names(args.presses), ratios=_numbers(args.ratios, float, "--ratios"),
         backend=args.backend, seed=args.seed, query_aware=args.query_aware, dtype=args.dtype, device=args.device,
         fast_path=not args.no_fast_path, check_naive=args.check_naive, cuda_graphs=args.cuda_graphs,
         fused_decode=args.fused_decode,
@@ -100,6 +111,9 @@ def config_from_args(args) -> SweepConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Misuse (an unknown name, a bad value, an --out that is a file, a report folder that is not a run
+    folder, a missing file) ends as `adakv-eval COMMAND: error: ...` on stderr and exit status 2, as
+    argparse's own errors do; nothing reaches a model hub."""
     args = build_parser().parse_args(argv)
     try:
         if args.command in ("build-model", "fetch-gguf", "split-gguf", "join-piece"):
@@ -114,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .runner import run_sweep
 
-        if args.threads:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}.")
             import torch
 
             torch.set_num_threads(args.threads)
@@ -122,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(f"{args.out}/summary.md") as handle:
             print(handle.read())
         return 0
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # OSError: a missing or unreadable file, named in the message
+        print(f"adakv-eval {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

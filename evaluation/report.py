@@ -72,8 +72,31 @@ def score_grid(summary: pd.DataFrame) -> pd.DataFrame:
     return grid.reset_index()
 
 
+REQUIRED_COLUMNS = ("task", "context_length", "sample", "press", "ratio", "score")
+
+
+def check_run_folder(out: str) -> None:
+    """Refuse, with what is wrong, a path that is not a run folder with results (ValueError)."""
+    if not os.path.exists(out):
+        raise ValueError(f"Run folder {out!r} does not exist; give a folder written by `adakv-eval run --out`.")
+    if not os.path.isdir(out):
+        raise ValueError(f"{out!r} is a file, not a run folder; give a folder written by `adakv-eval run --out`.")
+    path = os.path.join(out, "results.csv")
+    if not os.path.isfile(path):
+        raise ValueError(f"{out!r} holds no results.csv: not a run folder written by `adakv-eval run --out`, "
+                         "or a run that has not finished its first sample yet.")
+    try:
+        columns = pd.read_csv(path, nrows=0).columns
+    except (pd.errors.EmptyDataError, pd.errors.ParserError) as error:
+        raise ValueError(f"{path} is not a results table ({error}).") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in columns]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing}: not written by `adakv-eval run`.")
+
+
 def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> dict:
     """Write summary.md, summary.csv, per_task.csv, adaptive_vs_uniform.csv, metrics.json and PNGs."""
+    check_run_folder(out)
     results = pd.read_csv(os.path.join(out, "results.csv"), keep_default_na=False)
     summary, per_task, paired = press_ratio_table(results), per_task_table(results), adaptive_vs_uniform(results)
     summary.to_csv(os.path.join(out, "summary.csv"), index=False)

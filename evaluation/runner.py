@@ -94,10 +94,65 @@ class SweepConfig:
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _in_hub_cache(name: str) -> bool:
+    """Whether `name` is a model id already in the local Hugging Face cache (looked up on disk only)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id, or no huggingface_hub: not in the cache
+        return False
+
+
+def check_model_name(name: str) -> None:
+    """Refuse, before any work and without any network, a `--model` that cannot be loaded: allowed are
+    "smollm2", a name of `models.SPLIT_MODELS`, a local folder holding a Hugging Face model (config.json),
+    or a model id already in the local Hugging Face cache (nothing is downloaded)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model must be a non-empty string, got {name!r}.")
+    if name == DEFAULT_MODEL or name in SPLIT_MODELS:
+        return
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"Model folder {name!r} holds no config.json: not a Hugging Face model folder.")
+        return
+    if os.path.exists(path):
+        raise ValueError(f"Model {name!r} is a file; give a Hugging Face model folder (with config.json).")
+    if _in_hub_cache(name):
+        return
+    known = ", ".join([DEFAULT_MODEL, *SPLIT_MODELS])
+    raise ValueError(f"Unknown model {name!r}: not a known name, not a local model folder and not in the local "
+                     f"Hugging Face cache (nothing is downloaded). Known: {known}; or the path of a Hugging Face "
+                     "model folder (with config.json).")
+
+
+def check_out_folder(out: str) -> None:
+    """Refuse, before any work, an `--out` that cannot be a run folder (an existing file, or a folder whose
+    config.json is not a readable run config)."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is an existing file; give a run folder (new, or one to resume).")
+    parent = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"--out {out!r} cannot be created: {parent!r} is a file, not a folder.")
+    path = os.path.join(out, "config.json")
+    if os.path.isdir(out) and os.path.lexists(path):
+        try:
+            with open(path) as handle:
+                previous = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{path} is not a readable run config ({error}); use another --out folder.") from None
+        if not isinstance(previous, dict):
+            raise ValueError(f"{path} is not a run config (a JSON object); use another --out folder.")
+
+
 def load_model(name: str, device: str, dtype: str = "auto"):
     """(model, tokenizer). "smollm2" is the embedded SmolLM2-135M-Instruct; a name of
     `models.SPLIT_MODELS` loads the folder `adakv-eval build-model NAME` converted; anything else goes to
     `from_pretrained` (a local folder or a model already in the Hugging Face cache)."""
+    check_model_name(name)
     torch_dtype = DTYPES[dtype] or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     if name == DEFAULT_MODEL:
         from adakv.apps.default_model import load_default_model
@@ -110,8 +165,10 @@ def load_model(name: str, device: str, dtype: str = "auto"):
         if not folder.is_dir():
             raise ValueError(f"Model {name!r} is not built yet ({folder} is missing): run `adakv-eval build-model {name}`.")
         name = str(folder)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa")
+    # a local folder or the local Hugging Face cache only: nothing may reach a model hub
+    tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch_dtype, attn_implementation="sdpa",
+                                                 local_files_only=True)
     return model.to(device).eval(), tokenizer
 
 
@@ -264,6 +321,7 @@ def run_sample(model, tokenizer, config: SweepConfig, sample, todo, timing: Timi
 def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progress: bool = True) -> pd.DataFrame:
     """Run (or resume) the sweep into folder `out`; returns all its result rows."""
     config.validate()
+    check_out_folder(out)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(config.model, config.device, config.dtype)
     check_context_fits(model, config.context_lengths)

@@ -11,6 +11,7 @@ from adakv.selection import adaptive_keep_mask, kept_count
 
 from ..base import PrefillContext, check_integer_fields
 from ..scorer import ScorerPress
+from .padding import relative_positions
 from .snapkv import mean_window_attention
 from .streaming_llm import first_available
 
@@ -90,10 +91,10 @@ class DuoAttentionPress(ScorerPress):
         return order < count[:, None]
 
     def score(self, context: PrefillContext) -> torch.Tensor:
-        seq_len, available = context.seq_len, context.available
-        position = torch.arange(seq_len, device=available.device, dtype=torch.float32)
+        available = context.available
+        position, length = relative_positions(available)  # from each row's first real token (left padding)
         sinks = first_available(available, self.n_sink)
-        streaming_order = (position + seq_len * sinks) / (2 * seq_len)  # in [0, 1): sinks, then recency
+        streaming_order = (position + length * sinks) / (2 * length)  # in [0, 1): sinks, then recency
         retrieval = ~self.streaming_heads(context)
         return streaming_order + 2.0 * retrieval[..., None]
 

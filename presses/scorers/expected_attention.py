@@ -9,7 +9,7 @@ import torch
 
 from adakv.models import pre_rope_queries, rope_cos_sin, rotate
 
-from ..base import PrefillContext
+from ..base import PrefillContext, check_integer_fields
 from ..scorer import ScorerPress
 from .streaming_llm import first_available
 
@@ -54,10 +54,7 @@ class ExpectedAttentionPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, minimum in (("n_future_positions", 1), ("n_recent", 1), ("n_sink", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+        check_integer_fields(self, {"n_future_positions": 1, "n_recent": 1, "n_sink": 0})
         for name in ("use_covariance", "use_value_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -104,4 +101,5 @@ class ExpectedAttentionPress(ScorerPress):
         if self.use_value_norm:
             scores = scores * context.values.float().norm(dim=-1)
         sinks = first_available(context.available, self.n_sink)
-        return torch.where(sinks, scores.amax() + 1.0, scores)
+        top = scores.amax(dim=(1, 2), keepdim=True)  # per batch row: a row's scores never depend on the others
+        return torch.where(sinks, top + 1.0, scores)

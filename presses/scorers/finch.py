@@ -11,6 +11,7 @@ from adakv.selection import kept_count, top_k_keep_mask
 
 from ..base import PrefillContext, check_integer_fields
 from ..scorer import ScorerPress
+from .padding import scores_per_unpadded_row
 from .snapkv import mean_window_attention
 
 
@@ -49,6 +50,11 @@ class FinchPress(ScorerPress):
         check_integer_fields(self, {"window_size": 1, "chunk_length": 1})
 
     def score(self, context: PrefillContext) -> torch.Tensor:
+        """Chunks count from each row's first real token: a left-padded row is scored on its unpadded
+        context, as the row alone."""
+        return scores_per_unpadded_row(context, self.unpadded_score)
+
+    def unpadded_score(self, context: PrefillContext) -> torch.Tensor:
         seq_len, available = context.seq_len, context.available
         window = min(self.window_size, seq_len)
         question = torch.zeros_like(available)

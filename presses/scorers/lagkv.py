@@ -9,6 +9,7 @@ import torch
 
 from ..base import PrefillContext, check_integer_fields
 from ..scorer import ScorerPress
+from .padding import scores_per_unpadded_row
 from .streaming_llm import first_available
 
 _SINK_SCORE = 4.0  # above the recent window (2 + recency < 3) and every partition score (<= 2)
@@ -54,6 +55,11 @@ class LagKVPress(ScorerPress):
         check_integer_fields(self, {"n_sink": 0, "lag_size": 1})
 
     def score(self, context: PrefillContext) -> torch.Tensor:
+        """Sinks and partitions count from each row's first real token: a left-padded row is scored on its
+        unpadded context, as the row alone."""
+        return scores_per_unpadded_row(context, self.unpadded_score)
+
+    def unpadded_score(self, context: PrefillContext) -> torch.Tensor:
         available = context.available
         batch, kv_heads, seq_len = available.shape
         scores = torch.zeros(batch, kv_heads, seq_len, device=available.device)

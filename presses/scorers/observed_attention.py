@@ -10,6 +10,7 @@ import torch
 
 from ..base import PrefillContext
 from ..scorer import ScorerPress
+from .padding import leading_padding
 
 
 @dataclass
@@ -18,8 +19,9 @@ class ObservedAttentionPress(ScorerPress):
 
     score (batch, kv_heads, seq): attention weights (batch, heads, seq, seq) averaged over all
     context queries and over the query heads sharing each KV head. Only eager attention returns
-    weights, so the model must be loaded with attn_implementation="eager". (Fully masked query rows
-    of left padding spread uniform weight, which shifts every key's score equally.)
+    weights, so the model must be loaded with attn_implementation="eager". The query rows of left
+    padding (fully masked, they spread uniform weight over every key) are left out of the mean, so a
+    padded row scores as the row alone.
     """
 
     refuses_chunked_prefill: ClassVar[str] = (
@@ -36,7 +38,11 @@ class ObservedAttentionPress(ScorerPress):
                 'Load the model with attn_implementation="eager" (e.g. '
                 'AutoModelForCausalLM.from_pretrained(..., attn_implementation="eager")).'
             )
-        batch, heads, _, seq_len = context.attentions.shape
+        batch, heads, queries, seq_len = context.attentions.shape
         kv_heads = context.keys.shape[1]
-        received = context.attentions.float().mean(dim=2)  # (batch, heads, seq)
+        # the queries of the real tokens: after each row's left padding (among the last `queries` keys)
+        lead = leading_padding(context.available)[:, None] - (seq_len - queries)  # (batch, 1)
+        real = torch.arange(queries, device=lead.device)[None, :] >= lead  # (batch, queries)
+        weights = real.float() / real.sum(-1, keepdim=True).clamp(min=1)
+        received = torch.einsum("bhqs,bq->bhs", context.attentions.float(), weights)  # (batch, heads, seq)
         return received.view(batch, kv_heads, heads // kv_heads, seq_len).mean(dim=2)

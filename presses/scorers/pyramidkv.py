@@ -3,6 +3,7 @@ Information Funneling", arXiv 2406.02069."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 from ..base import PrefillContext
@@ -47,8 +48,9 @@ class PyramidKVPress(SnapKVPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or self.beta < 1:
+        if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real) or not self.beta >= 1:
             raise ValueError(f"beta must be a number >= 1, got {self.beta!r}.")
+        self.beta = float(self.beta)  # numpy numbers too, as a Python float
 
     def layer_compression_ratio(self, context: PrefillContext) -> float:
         if self.compression_ratio == 0:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 
 from ..base import PrefillContext
 from ..scorer import ScorerPress
+from .padding import scores_per_unpadded_row
 
 
 @dataclass
@@ -15,20 +17,28 @@ class RandomPress(ScorerPress):
     """Random scores (batch, kv_heads, seq), uniform in [0, 1).
 
     seed: None draws from a freshly seeded generator (different every call); an integer makes the
-    selection reproducible (layer i uses seed + i, so layers still differ).
+    selection reproducible (layer i uses seed + i, so layers still differ). With a seed, every batch row
+    draws its own numbers from that seed over its real tokens (after its left padding), so a row of a
+    batch, padded or not, gets what the row alone gets.
     """
 
     seed: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}.")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+                raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}.")
+            self.seed = int(self.seed)  # numpy integers too, as a Python int
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         generator = torch.Generator(device=context.keys.device)
         if self.seed is None:
             generator.seed()
-        else:
+            return torch.rand(context.available.shape, generator=generator, device=context.keys.device)
+
+        def draw(row: PrefillContext) -> torch.Tensor:
             generator.manual_seed(self.seed + context.layer_idx)
-        return torch.rand(context.available.shape, generator=generator, device=context.keys.device)
+            return torch.rand(row.available.shape, generator=generator, device=context.keys.device)
+
+        return scores_per_unpadded_row(context, draw, always=True)

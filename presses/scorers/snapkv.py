@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -19,7 +20,8 @@ def mean_window_attention(context: PrefillContext, window: int) -> torch.Tensor:
     """Softmax attention of the last `window` context queries over all keys, averaged over those
     queries and over the query heads sharing each KV head: (batch, kv_heads, seq) float32.
 
-    Unavailable keys get zero weight; a query that sees no available key (padding) adds nothing."""
+    Unavailable keys get zero weight; a query that sees no available key (padding) adds nothing, and the
+    mean is over the queries that see one, so a left-padded row gets what the row alone gets."""
     module, seq_len = context.module, context.seq_len
     cos, sin = context.position_embeddings
     window_queries = queries(module, context.hidden_states[:, -window:], (cos[:, -window:], sin[:, -window:]))
@@ -39,16 +41,58 @@ def mean_window_attention(context: PrefillContext, window: int) -> torch.Tensor:
     probabilities = logits.view(batch * kv_heads, groups * window, seq_len).softmax(dim=-1)
 
     sees_a_key = context.available.cumsum(-1)[..., seq_len - window :] > 0  # (batch, kv_heads, window)
-    row_weights = sees_a_key[:, :, None, :].expand(batch, kv_heads, groups, window).float() / (groups * window)
+    seeing = sees_a_key.sum(-1, keepdim=True).clamp(min=1)[:, :, None, :]  # (batch, kv_heads, 1, 1)
+    row_weights = sees_a_key[:, :, None, :].expand(batch, kv_heads, groups, window).float() / (groups * seeing)
     mean = torch.bmm(row_weights.reshape(batch * kv_heads, 1, groups * window), probabilities)
     return mean.view(batch, kv_heads, seq_len)
+
+
+def pool_available(scores: torch.Tensor, available: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Average pooling of width `kernel_size` (odd) along each head's sequence of *available* positions:
+    position i gets the mean of its available neighbours, the kernel_size // 2 before and after it among the
+    available ones (fewer at the ends). So positions no head may keep (left padding, tokens pruned earlier)
+    never enter a mean, and a head's available tokens are pooled alike whether they sit in a dense view
+    with gaps or compacted (DecodingPress's evict view): a left-padded row gets what the row alone gets.
+
+    scores, available: (batch, kv_heads, seq) -> (batch, kv_heads, seq) float32, 0 where not available.
+    With every position available this is `avg_pool1d(..., count_include_pad=False)`."""
+    if kernel_size == 1:
+        return scores.float().masked_fill(~available, 0.0)
+    seq_len, half = scores.shape[-1], kernel_size // 2
+    if bool(available.all()):  # nothing to compact (the same sums as below, without the sort)
+        order, valid, compact = None, available.float(), scores.float()
+    else:
+        order = torch.argsort((~available).to(torch.int8), dim=-1, stable=True)  # available first, in order
+        valid = available.gather(-1, order).float()
+        compact = scores.float().gather(-1, order) * valid
+    padded_scores = F.pad(compact, (half, half))
+    padded_valid = F.pad(valid, (half, half))
+    sums, counts = padded_scores[..., :seq_len].clone(), padded_valid[..., :seq_len].clone()
+    for shift in range(1, kernel_size):  # one fixed order of additions, whatever the sequence length
+        sums += padded_scores[..., shift : shift + seq_len]
+        counts += padded_valid[..., shift : shift + seq_len]
+    pooled = sums / counts.clamp(min=1) * valid
+    return pooled if order is None else torch.zeros_like(pooled).scatter_(-1, order, pooled)
+
+
+def window_bonus(available: torch.Tensor, window: int) -> torch.Tensor:
+    """(batch, kv_heads, seq) float32: 2 + j / n on the available positions among the last `window` (the j-th
+    of the n there, oldest first), 0 elsewhere. Attention weights are <= 1, so this puts the window above
+    every other key, newest first; counted over available positions only, a left-padded row gets the
+    values of the row alone."""
+    in_window = available.clone()
+    in_window[..., : available.shape[-1] - window] = False
+    count = in_window.sum(-1, keepdim=True).clamp(min=1).float()
+    rank = (in_window.long().cumsum(-1) - 1).float()
+    return torch.where(in_window, 2.0 + rank / count, 0.0)
 
 
 @dataclass
 class SnapKVPress(ScorerPress):
     """Scores each key by the attention it receives from the last `window_size` queries of the
     context (averaged over those queries and over the query heads sharing the KV head), smoothed
-    by average pooling of width `kernel_size`. The window itself is always kept first.
+    by average pooling of width `kernel_size` over each head's available positions (`pool_available`:
+    padding and pruned positions never enter a mean). The window itself is always kept first.
     """
 
     scores_are_probabilities = True  # pooled softmax weights; the window bonus is the same in every layer
@@ -58,22 +102,20 @@ class SnapKVPress(ScorerPress):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise ValueError("window_size must be >= 1 and kernel_size a positive odd number.")
+        sizes = (self.window_size, self.kernel_size)
+        if any(isinstance(size, bool) or not isinstance(size, numbers.Integral) for size in sizes) or (
+            self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0
+        ):
+            raise ValueError(
+                "window_size must be >= 1 and kernel_size a positive odd number, both integers; got "
+                f"window_size={self.window_size!r}, kernel_size={self.kernel_size!r}."
+            )
+        self.window_size, self.kernel_size = int(self.window_size), int(self.kernel_size)  # numpy integers too
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         seq_len = context.seq_len
         window = min(self.window_size, seq_len)
         weights = mean_window_attention(context, window)  # (batch, kv_heads, seq)
-        batch, kv_heads, _ = weights.shape
-        pooled = F.avg_pool1d(
-            weights.reshape(batch * kv_heads, 1, seq_len),
-            kernel_size=self.kernel_size,
-            stride=1,
-            padding=self.kernel_size // 2,
-            count_include_pad=False,
-        ).view(batch, kv_heads, seq_len)
-        # Attention weights are <= 1, so 2 + rank puts the window above every other key, newest first.
-        window_bonus = 2.0 + torch.arange(window, device=pooled.device) / window
-        pooled[..., seq_len - window :] = window_bonus
+        pooled = pool_available(weights, context.available, self.kernel_size)
+        pooled[..., seq_len - window :] = window_bonus(context.available, window)[..., seq_len - window :]
         return pooled

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import PrefillContext
+from ..base import PrefillContext, check_integer_fields
 from ..scorer import ScorerPress
+from .padding import relative_positions
 
 
 def first_available(available: torch.Tensor, count: int) -> torch.Tensor:
@@ -22,22 +23,22 @@ class StreamingLLMPress(ScorerPress):
     """Keeps the first `n_sink` real tokens (the attention sinks) and then the most recent tokens.
 
     score (batch, kv_heads, seq): the position index, plus seq_len for sink tokens, so sinks rank
-    first and the rest by recency.
+    first and the rest by recency. Both count from the row's first real token (after left padding),
+    so a padded row scores as the row alone.
     """
 
     n_sink: int = 4
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise ValueError(f"n_sink must be an integer >= 0, got {self.n_sink!r}.")
+        check_integer_fields(self, {"n_sink": 0})
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         return sink_and_recency_scores(context.available, self.n_sink)
 
 
 def sink_and_recency_scores(available: torch.Tensor, n_sink: int) -> torch.Tensor:
-    """(batch, kv_heads, seq) float32: the position index, plus seq for the first `n_sink` available tokens."""
-    seq_len = available.shape[-1]
-    recency = torch.arange(seq_len, device=available.device, dtype=torch.float32)
-    return recency.expand(available.shape) + seq_len * first_available(available, n_sink).float()
+    """(batch, kv_heads, seq) float32: the position index, plus seq for the first `n_sink` available tokens;
+    position and seq counted from each row's first real token (its left padding left out)."""
+    recency, length = relative_positions(available)
+    return recency.expand(available.shape) + length * first_available(available, n_sink).float()

@@ -10,6 +10,7 @@ import torch
 
 from adakv.selection import kept_count, top_k_keep_mask
 
+from ..scorers.padding import keep_per_unpadded_row
 from .adaptive import check_scoring_press
 from ..base import PrefillContext, WrapperPress, check_integer_fields
 
@@ -63,6 +64,7 @@ class BlockPress(WrapperPress):
     press itself; with a score that does not depend on the other tokens (KnormPress) it is too, exactly.
 
     Unlike ChunkPress, which lets every chunk keep its own share, the kept tokens compete across blocks.
+    Blocks start at each row's first real token (a left-padded row is compressed as the row alone).
     Returns keep (batch, kv_heads, seq).
     """
 
@@ -74,6 +76,9 @@ class BlockPress(WrapperPress):
         check_integer_fields(self, {"block_size": 1})
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        return keep_per_unpadded_row(context, self.unpadded_compress)
+
+    def unpadded_compress(self, context: PrefillContext) -> torch.Tensor | None:
         ratio = self.press.layer_compression_ratio(context)
         if ratio == 0:
             return None

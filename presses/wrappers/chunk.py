@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import PrefillContext, WrapperPress
+from ..base import PrefillContext, WrapperPress, check_integer_fields
+from ..scorers.padding import keep_per_unpadded_row
 from .composed import check_not_rerotation
 
 
@@ -14,8 +15,9 @@ from .composed import check_not_rerotation
 class ChunkPress(WrapperPress):
     """Splits the context into chunks of `chunk_length` tokens and lets the inner press compress each
     one on its own, as if only that chunk had been prefilled (`context.slice`). Every chunk keeps its
-    own share, so no part of a long context is dropped entirely. Returns the concatenated keep
-    masks (batch, kv_heads, seq).
+    own share, so no part of a long context is dropped entirely. Chunks start at each row's first real
+    token (a left-padded row is chunked as the row alone). Returns the concatenated keep masks
+    (batch, kv_heads, seq).
     """
 
     chunk_length: int = 1024
@@ -23,10 +25,12 @@ class ChunkPress(WrapperPress):
     def __post_init__(self):
         super().__post_init__()
         check_not_rerotation(self.press, "ChunkPress")
-        if isinstance(self.chunk_length, bool) or not isinstance(self.chunk_length, int) or self.chunk_length < 1:
-            raise ValueError(f"chunk_length must be an integer >= 1, got {self.chunk_length!r}.")
+        check_integer_fields(self, {"chunk_length": 1})
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        return keep_per_unpadded_row(context, self.unpadded_compress)
+
+    def unpadded_compress(self, context: PrefillContext) -> torch.Tensor | None:
         masks, changed = [], False
         for start in range(0, context.seq_len, self.chunk_length):
             chunk = context.slice(start, min(start + self.chunk_length, context.seq_len))

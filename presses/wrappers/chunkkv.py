@@ -9,6 +9,7 @@ import torch
 
 from adakv.selection import kept_count, ranks_of_order
 
+from ..scorers.padding import keep_per_unpadded_row
 from .adaptive import check_scoring_press
 from ..base import PrefillContext, WrapperPress, check_integer_fields
 
@@ -51,7 +52,8 @@ class ChunkKVPress(WrapperPress):
     `shared_across_heads` (as in the paper: one chunk selection per layer). Each head takes chunks whole,
     best first, until it has its budget, the inner press's kept count ((1 - ratio) of its available tokens);
     the last chunk taken may be cut, keeping its own best tokens, so the budget is exact. Chunks start at
-    position 0. Returns keep (batch, kv_heads, seq). The paper's layer-wise index reuse is not included.
+    each row's first real token (position 0 without left padding; a padded row is chunked as the row
+    alone). Returns keep (batch, kv_heads, seq). The paper's layer-wise index reuse is not included.
 
     Not to be confused with ChunkPress, which compresses a long context piece by piece.
     """
@@ -67,6 +69,9 @@ class ChunkKVPress(WrapperPress):
             raise TypeError(f"shared_across_heads must be True or False, got {self.shared_across_heads!r}.")
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
+        return keep_per_unpadded_row(context, self.unpadded_compress)
+
+    def unpadded_compress(self, context: PrefillContext) -> torch.Tensor | None:
         ratio = self.press.layer_compression_ratio(context)
         if ratio == 0:
             return None

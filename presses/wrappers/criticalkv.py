@@ -63,8 +63,10 @@ class CriticalKVPress(WrapperPress):
         masked = base.masked_fill(~context.available, float("-inf"))
         ranks = descending_rank(masked, dim=-1)
         first_stage = ranks < first_stage_size.unsqueeze(-1)
-        # Shift so the weights are non-negative for scorers that are not attention weights (e.g. Knorm).
-        weights = base - masked.amin(-1, keepdim=True).clamp(max=0)
+        # Shift so the weights are non-negative for scorers that are not attention weights (e.g. Knorm): by
+        # the lowest *available* score (padding must not shift them: its -inf made every weight inf)
+        lowest = base.masked_fill(~context.available, float("inf")).amin(-1, keepdim=True)
+        weights = base - lowest.clamp(max=0)  # a head with nothing available: inf, clamped to 0
         perturbation = weights * projected_value_norms(context)
         return perturbation + first_stage * _FIRST_STAGE_BONUS
 

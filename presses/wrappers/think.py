@@ -10,16 +10,20 @@ import torch
 from adakv.models import queries
 
 from ..base import PrefillContext, WrapperPress, check_compression_ratio, check_integer_fields
+from ..scorers.padding import leading_padding
 from .composed import check_not_rerotation
 
 
 def key_channel_scores(context: PrefillContext, window: int) -> torch.Tensor:
     """(batch, kv_heads, head_dim) float32: ||Q[:, c]|| * ||K[:, c]|| per channel c, the query norm taken
-    over the last `window` queries of every query head sharing the KV head, the key norm over the
-    available keys. Both rotated, as attention multiplies them."""
+    over the last `window` queries of every query head sharing the KV head (those of real tokens: left
+    padding left out), the key norm over the available keys. Both rotated, as attention multiplies them."""
     cos, sin = context.position_embeddings
     window_queries = queries(context.module, context.hidden_states[:, -window:], (cos[:, -window:], sin[:, -window:]))
     batch, kv_heads, _, head_dim = context.keys.shape
+    first_real = leading_padding(context.available) - (context.seq_len - window)  # (batch,)
+    real = torch.arange(window, device=first_real.device)[None, :] >= first_real[:, None]  # (batch, window)
+    window_queries = window_queries * real[:, None, :, None]
     grouped = window_queries.float().reshape(batch, kv_heads, -1, head_dim)  # query heads of a group are adjacent
     keys = context.keys.float() * context.available[..., None]
     return grouped.norm(dim=-2) * keys.norm(dim=-2)
@@ -63,6 +67,7 @@ class ThinKPress(WrapperPress):
             raise ValueError(
                 f"key_channel_compression_ratio must be a number in [0, 1), got {self.key_channel_compression_ratio!r}."
             ) from None
+        self.key_channel_compression_ratio = float(self.key_channel_compression_ratio)
         check_integer_fields(self, {"window_size": 1})
 
     def pruned_channels(self, context: PrefillContext) -> torch.Tensor:
