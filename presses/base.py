@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from adakv.cache import BACKENDS, DEFAULT_BACKEND
+from adakv.models import queries
 
 
 @dataclass
@@ -26,17 +27,22 @@ class PrefillContext:
     `attentions` is None).
 
     keys/values: (batch, kv_heads, seq, head_dim), rotated keys as stored in the cache.
-    hidden_states: (batch, seq, hidden), the layer's input.
-    position_embeddings: (cos, sin), each (batch, seq, rotary_dim).
+    hidden_states: (batch, seq, hidden), the layer's input; None where the runtime does not have it (vLLM's
+        attention backend sees queries, keys and values only).
+    position_embeddings: (cos, sin), each (batch, seq, rotary_dim); None with hidden_states.
     attentions: (batch, heads, seq, seq) or None (only eager attention returns weights).
     available: (batch, kv_heads, seq) bool, positions that may be kept (real tokens not yet pruned).
+    module: the transformers attention module, None outside transformers.
+    recent_queries: (batch, heads, n, head_dim), the rotated queries of the last n context positions when the
+        runtime holds them (vLLM); None: `last_queries` recomputes them from hidden_states through `module`.
+    scaling: the attention's softmax scale when there is no module to ask.
     """
 
-    module: nn.Module
-    hidden_states: torch.Tensor
+    module: nn.Module | None
+    hidden_states: torch.Tensor | None
     keys: torch.Tensor
     values: torch.Tensor
-    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None
     attentions: torch.Tensor | None
     available: torch.Tensor
     layer_idx: int
@@ -44,10 +50,29 @@ class PrefillContext:
     # what presses computed from the whole prefill this context belongs to (shared by its layers'
     # contexts; e.g. KVzip's scores), None outside a whole prefill
     memo: dict | None = field(default=None, repr=False, compare=False)
+    recent_queries: torch.Tensor | None = field(default=None, repr=False)
+    scaling: float | None = None
 
     @property
     def seq_len(self) -> int:
         return self.keys.shape[-2]
+
+    @property
+    def softmax_scale(self) -> float:
+        """The scale the layer's attention multiplies its logits by."""
+        return self.module.scaling if self.scaling is None else self.scaling
+
+    def last_queries(self, count: int) -> torch.Tensor:
+        """(batch, heads, count, head_dim): the rotated queries of the last `count` context positions."""
+        if self.recent_queries is not None:
+            held = self.recent_queries.shape[-2]
+            if held < count:
+                raise ValueError(f"the runtime holds the last {held} queries of the context; {count} were asked for.")
+            return self.recent_queries[..., held - count :, :]
+        if self.hidden_states is None or self.module is None:
+            raise ValueError("this runtime gives presses neither queries nor the hidden states to compute them from.")
+        cos, sin = self.position_embeddings
+        return queries(self.module, self.hidden_states[:, -count:], (cos[:, -count:], sin[:, -count:]))
 
     def restrict(self, keep: torch.Tensor) -> PrefillContext:
         """The same context with only `keep` (batch, kv_heads, seq) still available."""

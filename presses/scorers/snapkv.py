@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from adakv.kernels.attention_scores import float32_scores
-from adakv.models import queries
 
 from ..base import PrefillContext
 from ..scorer import ScorerPress
@@ -22,16 +21,15 @@ def mean_window_attention(context: PrefillContext, window: int) -> torch.Tensor:
 
     Unavailable keys get zero weight; a query that sees no available key (padding) adds nothing, and the
     mean is over the queries that see one, so a left-padded row gets what the row alone gets."""
-    module, seq_len = context.module, context.seq_len
-    cos, sin = context.position_embeddings
-    window_queries = queries(module, context.hidden_states[:, -window:], (cos[:, -window:], sin[:, -window:]))
+    seq_len = context.seq_len
+    window_queries = context.last_queries(window)
     batch, num_heads, _, head_dim = window_queries.shape
     kv_heads = context.keys.shape[1]
     groups = num_heads // kv_heads
     # one matrix per (batch, kv-head): rows are its query heads x window positions
     grouped = window_queries.reshape(batch * kv_heads, groups * window, head_dim)
     keys = context.keys.reshape(batch * kv_heads, seq_len, head_dim).transpose(1, 2)
-    logits = float32_scores(grouped, keys).mul_(module.scaling).view(batch, kv_heads, groups, window, seq_len)
+    logits = float32_scores(grouped, keys).mul_(context.softmax_scale).view(batch, kv_heads, groups, window, seq_len)
 
     # masked in place with a finite minimum: exp gives exactly 0 and a fully hidden row no NaN
     lowest = torch.finfo(torch.float32).min

@@ -1,0 +1,146 @@
+"""The vLLM runtime's pieces that need no vLLM: pair-slot packing, the reference decode attention over packed
+pages, per-request settings and the engine checks (the engine itself: tests/test_vllm_engine.py)."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from adakv.runtimes.vllm.layout import compressed_attention, gather_prompt, pack_layer
+from adakv.runtimes.vllm.settings import ServingPress, check_engine, engine_setting, request_setting
+from adakv.selection.headwise import kept_count
+
+KV_HEADS, BLOCK_SIZE, HEAD_DIM, NUM_HEADS = 2, 4, 8, 4
+
+
+def paged_request(prompt_len: int, tail: int, seed: int = 0):
+    """A pool of 16 blocks and one request's shuffled block table, its prompt and tail written as vLLM
+    writes them (slot = position, lane = head); returns caches, table and the dense rows per head."""
+    generator = torch.Generator().manual_seed(seed)
+    key_cache = torch.randn(16, KV_HEADS, BLOCK_SIZE, HEAD_DIM, generator=generator)
+    value_cache = torch.randn(16, KV_HEADS, BLOCK_SIZE, HEAD_DIM, generator=generator)
+    blocks_needed = -(-(prompt_len + tail) // BLOCK_SIZE)
+    block_table = torch.randperm(16, generator=generator)[:blocks_needed]
+    dense_keys = gather_prompt(key_cache, block_table, prompt_len + tail).clone()
+    dense_values = gather_prompt(value_cache, block_table, prompt_len + tail).clone()
+    return key_cache, value_cache, block_table, dense_keys, dense_values
+
+
+def random_keep(prompt_len: int, per_head_counts: list[int], seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.zeros(KV_HEADS, prompt_len, dtype=torch.bool)
+    for head, count in enumerate(per_head_counts):
+        keep[head, torch.randperm(prompt_len, generator=generator)[:count]] = True
+    return keep
+
+
+def reference_attention(query, positions, dense_keys, dense_values, keep, prompt_len, scale):
+    """Each query head attends its KV head's kept prompt rows and the tail up to its own position."""
+    out = torch.empty_like(query)
+    group = NUM_HEADS // KV_HEADS
+    for n, position in enumerate(positions.tolist()):
+        for head in range(NUM_HEADS):
+            kv = head // group
+            visible = torch.cat([keep[kv], torch.ones(position + 1 - prompt_len, dtype=torch.bool)])
+            keys, values = dense_keys[kv, : position + 1][visible], dense_values[kv, : position + 1][visible]
+            weights = (keys @ query[n, head] * scale).softmax(-1)
+            out[n, head] = weights @ values
+    return out
+
+
+@pytest.mark.parametrize("per_head_counts", [[5, 5], [9, 1], [1, 9], [10, 0]])
+def test_packed_attention_equals_attention_over_the_kept_rows(per_head_counts):
+    prompt_len, tail = 13, 3
+    key_cache, value_cache, block_table, dense_keys, dense_values = paged_request(prompt_len, tail)
+    keep = random_keep(prompt_len, per_head_counts)
+    slots = sum(per_head_counts) // KV_HEADS
+    packed = pack_layer(key_cache, value_cache, block_table, keep, slots)
+    assert packed.lengths.tolist() == per_head_counts
+    query = torch.randn(tail, NUM_HEADS, HEAD_DIM, generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(prompt_len, prompt_len + tail)
+    got = compressed_attention(query, positions, key_cache, value_cache, block_table, packed, prompt_len, 0.3)
+    want = reference_attention(query, positions, dense_keys, dense_values, keep, prompt_len, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_writes_only_the_first_slots():
+    """The pages the scheduler frees (wholly past the kept slots) and the tail are left as they were."""
+    prompt_len, tail = 13, 3
+    key_cache, value_cache, block_table, _, _ = paged_request(prompt_len, tail)
+    before = key_cache.clone()
+    slots = 5
+    pack_layer(key_cache, value_cache, block_table, random_keep(prompt_len, [5, 5]), slots)
+    untouched = block_table[-(-slots // BLOCK_SIZE) :]
+    assert torch.equal(key_cache[untouched], before[untouched])
+    others = torch.ones(16, dtype=torch.bool)
+    others[block_table] = False
+    assert torch.equal(key_cache[others], before[others])
+
+
+def test_packing_refuses_more_pairs_than_reserved():
+    key_cache, value_cache, block_table, _, _ = paged_request(13, 0)
+    with pytest.raises(RuntimeError, match="more than the 8 the scheduler reserved"):
+        pack_layer(key_cache, value_cache, block_table, random_keep(13, [5, 5]), 4)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.25, 0.5, 0.75, 0.875, 0.9375, 0.999])
+def test_scheduler_count_is_the_selections(ratio):
+    """The scheduler frees pages from the ratio alone: its count must be what the selection keeps."""
+    for prompt_len in [1, 2, 3, 7, 64, 99, 100, 101, 4097]:
+        want = int(kept_count(torch.tensor(prompt_len), ratio))
+        assert ServingPress("snapkv", ratio).kept_per_head(prompt_len) == want
+
+
+def test_settings_refuse_what_is_not_served():
+    with pytest.raises(ValueError, match="serves the presses"):
+        ServingPress("kvzip", 0.5)
+    with pytest.raises(ValueError, match=r"compression_ratio must be a number in \[0, 1\)"):
+        ServingPress("snapkv", 1.0)
+    with pytest.raises(ValueError, match="unknown"):
+        ServingPress("snapkv", 0.5, {"n_sink": 2})
+    with pytest.raises(ValueError, match="window_size"):
+        ServingPress("snapkv", 0.5, {"window_size": 0})
+
+
+def test_per_request_overrides():
+    engine = engine_setting({"adakv": {"press": "adakv_snapkv", "compression_ratio": 0.75, "window_size": 16}})
+    dense = request_setting(engine, SimpleNamespace(extra_args={"adakv": {"compression_ratio": 0}}))
+    assert not dense.compresses and dense.options == {"window_size": 16}
+    other = request_setting(engine, SimpleNamespace(extra_args={"adakv": {"press": "streaming_llm"}}))
+    assert other.build().n_sink == 4 and other.compression_ratio == 0.75
+    assert request_setting(engine, SimpleNamespace(extra_args=None)) is engine
+    with pytest.raises(ValueError, match="must be a dict"):
+        request_setting(engine, SimpleNamespace(extra_args={"adakv": 0.5}))
+
+
+def engine_config(**changes):
+    values = {
+        "additional_config": {"adakv": {"press": "snapkv", "compression_ratio": 0.5}},
+        "scheduler_cls": "adakv.runtimes.vllm.scheduler.CompressingScheduler",
+        "worker_cls": "adakv.runtimes.vllm.worker.CompressingCPUWorker",
+        "enable_prefix_caching": False, "tensor_parallel_size": 1, "speculative_config": None,
+    } | changes  # fmt: skip
+    return SimpleNamespace(
+        additional_config=values["additional_config"],
+        scheduler_config=SimpleNamespace(scheduler_cls=values["scheduler_cls"]),
+        parallel_config=SimpleNamespace(
+            worker_cls=values["worker_cls"], tensor_parallel_size=values["tensor_parallel_size"],
+            pipeline_parallel_size=1,
+        ),
+        cache_config=SimpleNamespace(enable_prefix_caching=values["enable_prefix_caching"]),
+        speculative_config=values["speculative_config"],
+    )  # fmt: skip
+
+
+def test_engine_checks():
+    assert check_engine(engine_config()).compression_ratio == 0.5
+    with pytest.raises(ValueError, match="needs both its scheduler"):
+        check_engine(engine_config(scheduler_cls=None))
+    with pytest.raises(ValueError, match="needs both its scheduler"):
+        check_engine(engine_config(worker_cls="auto"))
+    with pytest.raises(ValueError, match="prefix caching"):
+        check_engine(engine_config(enable_prefix_caching=True))
+    with pytest.raises(ValueError, match="tensor_parallel_size"):
+        check_engine(engine_config(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="without additional_config"):
+        check_engine(engine_config(additional_config={}))

@@ -1,0 +1,39 @@
+"""Runs a tiny model in vLLM with adakv's plugin and writes what the tests check as JSON.
+
+Run with the vLLM environment's Python (scripts/setup_vllm.sh): `python run_engine.py CASE.json OUT.json`.
+CASE: {"model": dir, "engine": engine_args kwargs, "llm": other LLM kwargs, "requests": [{"prompt": [ids],
+"max_tokens": n, "adakv": {...} or null}]}. OUT: tokens per request, the workers' packings, the scheduler's
+most requests running at once and its pool size.
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the scheduler in this process, to read it
+
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+
+    from adakv.runtimes.vllm import engine_args
+
+    case = json.load(open(sys.argv[1]))
+    engine = engine_args(**case["engine"]) if case["engine"] is not None else {}
+    llm = LLM(model=case["model"], skip_tokenizer_init=True, enforce_eager=True, **case["llm"], **engine)
+    prompts, params = [], []
+    for request in case["requests"]:
+        prompts.append({"prompt_token_ids": request["prompt"]})
+        extra = {"adakv": request["adakv"]} if request.get("adakv") is not None else None
+        params.append(SamplingParams(max_tokens=request["max_tokens"], temperature=0, ignore_eos=True, extra_args=extra))
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    result = {
+        "tokens": [list(output.outputs[0].token_ids) for output in outputs],
+        "request_ids": [output.request_id for output in outputs],
+        "packings": llm.collective_rpc("adakv_packings")[0] if case["engine"] is not None else {},
+        "max_running": getattr(scheduler, "adakv_max_running", None),
+        "num_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
+        "preemptions": getattr(scheduler, "adakv_preemptions", None),
+    }
+    json.dump(result, open(sys.argv[2], "w"))
