@@ -33,9 +33,8 @@ from adakv.selection.distributed import (
     distributed_adaptive_keep_mask,
     distributed_model_keep_masks,
     order_keys,
-    tensor_parallel_group,
 )
-from adakv.models import attention_modules
+from adakv.models import attention_modules, tensor_parallel_group
 from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count
 
 WORLD_SIZE = 2

@@ -11,8 +11,8 @@ from adakv.selection.distributed import (
     check_exchange,
     distributed_adaptive_keep_mask,
     distributed_model_keep_masks,
-    tensor_parallel_group,
 )
+from adakv.models import tensor_parallel_group
 from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, layer_budget
 
 from ..base import PrefillContext, WholePrefill, WrapperPress, check_fraction_fields, check_is_press
