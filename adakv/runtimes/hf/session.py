@@ -62,7 +62,7 @@ from .attention import (
     register_attention_functions,
     set_attention_implementation,
 )
-from .decoding import DecodingRecompression
+from .decoding import DecodingRecompression, decoding_policy
 from .graph_decode import graph_decoding_refusal
 
 
@@ -169,7 +169,7 @@ class PressSession:
         self.press, self.model = press, model
         self.backend: str | None = None
         self.acceleration: Acceleration | None = None
-        self.decoding = DecodingRecompression(press.decoding_press) if press.compresses_during_decoding else None
+        self.decoding = DecodingRecompression(decoding_policy(press)) if press.compresses_during_decoding else None
         self._receiving_chunks = False
         self._own_forwards = False
         self._prefill_parts: dict | None = None
