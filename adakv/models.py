@@ -1,5 +1,6 @@
-"""Model helpers: which families are supported, where their attention layers are, and how to
-recompute a layer's queries from its input (needed by query-based scorers such as SnapKV)."""
+"""Model helpers: which families are supported, where their attention layers are, how to recompute a
+layer's queries from its input (needed by query-based scorers such as SnapKV), and how transformers'
+tensor-parallel plan split a layer's heads over the ranks (`tensor_parallel_group`, `weight_for_local_heads`)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,62 @@ def is_full_attention_layer(module: nn.Module) -> bool:
 
 def num_key_value_heads(module: nn.Module) -> int:
     return module.config.num_key_value_heads
+
+
+KV_PROJECTIONS = ("k_proj", "qkv_proj")  # the projection whose sharding splits the KV heads
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (e.g. a tensor-parallel weight), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def tensor_parallel_group(module: nn.Module, local_heads: int):
+    """The process group over which the attention `module`'s KV heads are split, or None.
+
+    transformers' tensor-parallel plan turns the k projection's weight into a DTensor sharded on its
+    output features. local_heads: the KV heads this process computed. When it equals the model's count the
+    heads are replicated (e.g. Phi3's plan gathers the fused qkv output), and the selection is local. When
+    it is smaller and no sharded weight explains it, the heads were split some other way, which a
+    layer-wide selection cannot see: refused."""
+    group = _sharding_group(module)
+    total_heads = getattr(getattr(module, "config", None), "num_key_value_heads", None)
+    if total_heads is None:  # not a transformers attention module (e.g. a test double): trust the weight
+        return group
+    if local_heads >= total_heads:
+        return None
+    if group is None:
+        raise NotImplementedError(
+            f"This process holds {local_heads} of the layer's {total_heads} KV heads, but its k projection is not a "
+            "tensor-parallel DTensor: only transformers' tensor-parallel plan (tp_plan) is supported."
+        )
+    return group
+
+
+def weight_for_local_heads(weight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The columns of a row-sharded output projection that this process's heads feed: the local shard when
+    the heads are split like the weight, the whole weight (gathered) when every rank holds every head."""
+    local = local_tensor(weight)
+    if local.shape[-1] == in_features or local is weight:
+        return local
+    return weight.full_tensor()
+
+
+def _sharding_group(module: nn.Module):
+    for name in KV_PROJECTIONS:
+        weight = getattr(getattr(module, name, None), "weight", None)
+        mesh = getattr(weight, "device_mesh", None)
+        if mesh is None:
+            continue
+        if not any(placement.is_shard() for placement in weight.placements):
+            return None
+        if mesh.ndim != 1:
+            raise NotImplementedError(
+                f"{type(module).__name__}.{name} is sharded over a {mesh.ndim}-D device mesh; adakv's cross-rank "
+                "head allocation supports a 1-D tensor-parallel mesh only."
+            )
+        return mesh.get_group()
+    return None
 
 
 def _project_queries(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -17,12 +17,13 @@ chunk with AdaptivePress(SnapKVPress(r), backend="evict", exchange=--exchange), 
 and GPU: KV GiB the cache holds, peak GiB (torch.cuda.max_memory_allocated, weights included), prefill s,
 median decode ms/token.
 
-Cross-rank allocation: the only extra work TP adds to AdaptivePress is the exchange of adakv/selection/distributed.py,
-once per layer and chunk. It is timed on its own, for both exchanges, on scores of the shape one layer
-compresses per chunk ((1, 4, chunk) per rank), and reported as layers x chunks x that time, as a share of the
-measured prefill; next to it the same selection on one GPU over all 8 heads (no exchange). The model-wide
-allocation (AdaptivePress(scope="model"), which compresses after an ordinary prefill) is timed the same way
-on the scores of every layer over the whole context (`model_wide_selection_ms`: both exchanges and one GPU).
+Cross-rank allocation: the only extra work TP adds to AdaptivePress is the exchange (the selection's
+tensor-parallel reduction, adakv/selection/distributed.py), once per layer and chunk. It is timed on its own,
+for both exchanges, on scores of the shape one layer compresses per chunk ((1, 4, chunk) per rank), and
+reported as layers x chunks x that time, as a share of the measured prefill; next to it the same selection on
+one GPU over all 8 heads (no exchange). The model-wide allocation (AdaptivePress(scope="model"), which
+compresses after an ordinary prefill) is timed the same way on the scores of every layer over the whole
+context (`model_wide_selection_ms`: both exchanges and one GPU).
 
 Longest context that fits (per GPU): from >= 2 measured contexts per method, a straight-line fit of peak memory
 against context, solved for the GPU's memory (computed, not run; --fit-with adds earlier result files).
@@ -60,8 +61,9 @@ from bench_long_context import decode_steps, longest_context, tiny_config  # noq
 from adakv import presses as P  # noqa: E402
 from adakv.apps.provenance import provenance  # noqa: E402
 from adakv.runtimes.hf.chunked_prefill import prefill_in_chunks  # noqa: E402
-from adakv.selection.distributed import EXCHANGES, distributed_adaptive_keep_mask, distributed_model_keep_masks  # noqa: E402
-from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count  # noqa: E402
+from adakv.selection import (  # noqa: E402
+    EXCHANGES, adaptive_budget_keep_mask, adaptive_keep_mask, kept_count, model_keep_masks, tensor_parallel_reduction,
+)  # fmt: skip
 
 FULL = dict(layers=32, contexts=[131072, 262144, 524288], chunk_size=32768, ratios=[0.75, 0.875])
 TINY = dict(layers=2, contexts=[512, 1024], chunk_size=128, ratios=[0.75, 0.875])
@@ -202,7 +204,9 @@ def exchange_costs(config, tokens: int, ratio: float, device: str) -> dict:
     mine = slice(dist.get_rank() * local, (dist.get_rank() + 1) * local)
     costs = {
         exchange: time_selection(
-            lambda e=exchange: distributed_adaptive_keep_mask(scores[:, mine], available[:, mine], ratio, 0.2, exchange=e),
+            lambda r=tensor_parallel_reduction(exchange=exchange): adaptive_keep_mask(
+                scores[:, mine], available[:, mine], ratio, 0.2, r
+            ),
             device,
         )
         for exchange in EXCHANGES
@@ -224,8 +228,8 @@ def model_exchange_costs(config, tokens: int, ratio: float, device: str) -> dict
         available = [torch.ones_like(s, dtype=torch.bool) for s in scores]
         for exchange in EXCHANGES:
             costs[exchange] = time_selection(
-                lambda e=exchange: distributed_model_keep_masks(
-                    [s[:, mine] for s in scores], [a[:, mine] for a in available], [ratio] * layers, 0.2, exchange=e
+                lambda r=tensor_parallel_reduction(exchange=exchange): model_keep_masks(
+                    [s[:, mine] for s in scores], [a[:, mine] for a in available], [ratio] * layers, 0.2, r
                 ),
                 device,
             )

@@ -1,8 +1,8 @@
 """Tensor parallelism on CPU: two spawned processes, a gloo process group.
 
-1. The cross-rank Ada-KV selection (adakv/selection/distributed.py, both exchanges) keeps exactly the set of the
-   single-process `adaptive_keep_mask`, ties included; the model-wide one (every layer at once) the set
-   of the single-process allocation over every (layer, head).
+1. The Ada-KV selection with a tensor-parallel reduction (adakv/selection/distributed.py, both exchanges) keeps
+   exactly the set of the single-process `adaptive_keep_mask`, ties included; the model-wide one (every layer
+   at once) the set of the single-process allocation over every (layer, head).
 2. transformers' own tensor-parallel plan (tp_plan="auto") with presses: TP = 2 keeps the same
    (layer, head, token) set as one process and generates the same tokens, ordinary and chunked prefill
    (needs accelerate). The same test runs over NCCL on 2 GPUs (marked gpu, skipped with fewer).
@@ -28,15 +28,9 @@ import torch.multiprocessing as mp
 from test_presses import SCORERS
 
 from adakv import AdaptivePress, CriticalKVPress, SnapKVPress
-from adakv.selection.distributed import (
-    EXCHANGES,
-    distributed_adaptive_keep_mask,
-    distributed_model_keep_masks,
-    order_keys,
-    tensor_parallel_group,
-)
-from adakv.models import attention_modules
-from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count
+from adakv.selection.distributed import EXCHANGES, order_keys, tensor_parallel_reduction
+from adakv.models import attention_modules, tensor_parallel_group
+from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, kept_count, model_keep_masks
 
 WORLD_SIZE = 2
 TIMEOUT_S = 240
@@ -143,9 +137,8 @@ def _selection_on_rank(rank: int, cases) -> dict:
         mine = slice(rank * heads, (rank + 1) * heads)
         for exchange in EXCHANGES:
             for radix_bits in ((1, 8) if exchange == "threshold_search" else (8,)):
-                keep = distributed_adaptive_keep_mask(
-                    scores[:, mine], available[:, mine], ratio, alpha, exchange=exchange, radix_bits=radix_bits
-                )
+                reduction = tensor_parallel_reduction(exchange=exchange, radix_bits=radix_bits)
+                keep = adaptive_keep_mask(scores[:, mine], available[:, mine], ratio, alpha, reduction)
                 results[(case, ratio, alpha, exchange, radix_bits)] = keep
     return results
 
@@ -182,9 +175,9 @@ def _model_selection_on_rank(rank: int, cases) -> dict:
         mine = slice(rank * heads, (rank + 1) * heads)
         for exchange in EXCHANGES:
             for radix_bits in ((1, 8) if exchange == "threshold_search" else (8,)):
-                results[(case, alpha, exchange, radix_bits)] = distributed_model_keep_masks(
+                results[(case, alpha, exchange, radix_bits)] = model_keep_masks(
                     [s[:, mine] for s in scores], [a[:, mine] for a in available], ratios, alpha,
-                    exchange=exchange, radix_bits=radix_bits,
+                    tensor_parallel_reduction(exchange=exchange, radix_bits=radix_bits),
                 )  # fmt: skip
     return results
 
@@ -210,18 +203,17 @@ def test_order_keys_preserve_the_float_order():
 
 
 def test_bad_exchange_names_the_allowed_ones():
-    scores, available = layer_scores("random")
     with pytest.raises(ValueError, match="exchange must be one of"):
-        distributed_adaptive_keep_mask(scores, available, 0.5, 0.2, exchange="gossip")
+        tensor_parallel_reduction(exchange="gossip")
     with pytest.raises(ValueError, match="radix_bits must be one of"):
-        distributed_adaptive_keep_mask(scores, available, 0.5, 0.2, exchange="threshold_search", radix_bits=3)
+        tensor_parallel_reduction(exchange="threshold_search", radix_bits=3)
     with pytest.raises(ValueError, match="exchange must be one of"):
         AdaptivePress(SnapKVPress(0.5), exchange="broadcast")
     scores, available, ratios = model_scores("random")
     with pytest.raises(ValueError, match="one scores, availability and ratio per compressed layer, got 3, 3 and 2"):
-        distributed_model_keep_masks(scores, available, ratios[:2], 0.2)
+        model_keep_masks(scores, available, ratios[:2], 0.2, tensor_parallel_reduction())
     with pytest.raises(ValueError, match="of one shape"):
-        distributed_model_keep_masks([scores[0], scores[1][:, :, :7]], available[:2], ratios[:2], 0.2)
+        model_keep_masks([scores[0], scores[1][:, :, :7]], available[:2], ratios[:2], 0.2, tensor_parallel_reduction())
 
 
 def test_heads_split_without_a_tensor_parallel_plan_are_refused():

@@ -1,94 +1,42 @@
-"""Ada-KV's layer-wide allocation when a layer's KV heads are split over tensor-parallel ranks.
+"""Ada-KV's allocation when a layer's KV heads are split over tensor-parallel ranks: the reductions.
 
 Under transformers' tensor-parallel plan (`from_pretrained(..., tp_plan="auto")` under torchrun) the
 k/v projections are column-sharded: rank r of a group of size W computes KV heads
 [r * H / W, (r + 1) * H / W) of every layer, and the cache of each rank holds plain (local) tensors of
-those heads only. Uniform presses then run rank-locally as they are. AdaptivePress needs the top
-scores of the whole layer, i.e. of every rank's heads, so its selection exchanges a little:
+those heads only. Uniform presses then run rank-locally as they are. Ada-KV needs the top scores of the
+whole layer (or model), i.e. of every rank's heads. The allocation itself is the single-process one
+(headwise.allocate: budget, safeguard, top-k); what needs every rank is a `Reduction`, here one of two:
 
-- "all_gather": every rank gathers every rank's (batch, heads / W, seq) scores and availability,
-  runs the single-process `adaptive_keep_mask` on the whole layer and keeps its own heads' slice.
-  Communication: W x the local scores (4 bytes per (head, token)) per layer.
-- "threshold_search": a distributed selection of the k-th largest score. Scores are mapped to
-  order-preserving 32-bit integer keys; `radix_bits` bits of the k-th key are fixed per round from a
-  histogram that is summed over the ranks (an all-reduce of (batch, 2**radix_bits) counts), so
+- "all_gather" (`AllGatherReduction`): every rank gathers every rank's (batch, groups, heads / W, seq)
+  safeguarded scores, ranks them as one process would and keeps its own heads' slice.
+  Communication: W x the local scores (4 bytes per (head, token)) per allocation.
+- "threshold_search" (`ThresholdSearchReduction`): a distributed selection of the k-th largest score. Scores
+  are mapped to order-preserving 32-bit integer keys; `radix_bits` bits of the k-th key are fixed per round
+  from a histogram that is summed over the ranks (an all-reduce of (batch, 2**radix_bits) counts), so
   32 / radix_bits rounds find it (radix_bits=1 is a bisection on the threshold). Keys above the
-  threshold are kept; keys equal to it are taken in the single-process order (lower head first, then
-  earlier token: ranks hold consecutive heads, so rank order first, then flat order within a rank).
-  Communication: a few small all-reduces per layer, independent of the context length.
+  threshold are kept; keys equal to it are taken in the single-process order (earlier layer first, then
+  lower head: ranks hold consecutive heads, so rank order, then flat order within a rank).
+  Communication: a few small all-reduces per allocation, independent of the context length.
 
-Both give exactly the keep set of `adaptive_keep_mask` over the whole layer's scores (tests/test_distributed.py).
-
-AdaptivePress(scope="model") allocates over every (layer, KV head) of the model at once: the same two
-exchanges run once over all layers (`distributed_model_keep_masks`), in the single-process order of rows
-(layer first, then head: rank r's heads of a layer follow those of ranks < r).
+Both also sum the budget over the ranks (one all-reduce) and check that every rank holds scores of one shape
+(one small all-gather). Both give exactly the single-process keep set, for a layer (AdaptivePress) and for
+every (layer, head) of the model at once (scope="model"; tests/test_distributed.py).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from .headwise import adaptive_budget_keep_mask, layer_budget, safeguarded_scores
+from adakv.models import tensor_parallel_group
+
+from .headwise import LOCAL, Reduction
 
 EXCHANGES = ("all_gather", "threshold_search")
 KEY_BITS = 32
 RADIX_BITS = (1, 2, 4, 8, 16)
 DEFAULT_RADIX_BITS = 8
-KV_PROJECTIONS = ("k_proj", "qkv_proj")  # the projection whose sharding splits the KV heads
-
-
-def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (e.g. a tensor-parallel weight), or the tensor itself."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def tensor_parallel_group(module: torch.nn.Module, local_heads: int):
-    """The process group over which the attention `module`'s KV heads are split, or None.
-
-    transformers' tensor-parallel plan turns the k projection's weight into a DTensor sharded on its
-    output features. local_heads: the KV heads this process computed. When it equals the model's count the
-    heads are replicated (e.g. Phi3's plan gathers the fused qkv output), and the selection is local. When
-    it is smaller and no sharded weight explains it, the heads were split some other way, which a
-    layer-wide selection cannot see: refused."""
-    group = _sharding_group(module)
-    total_heads = getattr(getattr(module, "config", None), "num_key_value_heads", None)
-    if total_heads is None:  # not a transformers attention module (e.g. a test double): trust the weight
-        return group
-    if local_heads >= total_heads:
-        return None
-    if group is None:
-        raise NotImplementedError(
-            f"This process holds {local_heads} of the layer's {total_heads} KV heads, but its k projection is not a "
-            "tensor-parallel DTensor: only transformers' tensor-parallel plan (tp_plan) is supported."
-        )
-    return group
-
-
-def weight_for_local_heads(weight: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The columns of a row-sharded output projection that this process's heads feed: the local shard when
-    the heads are split like the weight, the whole weight (gathered) when every rank holds every head."""
-    local = local_tensor(weight)
-    if local.shape[-1] == in_features or local is weight:
-        return local
-    return weight.full_tensor()
-
-
-def _sharding_group(module: torch.nn.Module):
-    for name in KV_PROJECTIONS:
-        weight = getattr(getattr(module, name, None), "weight", None)
-        mesh = getattr(weight, "device_mesh", None)
-        if mesh is None:
-            continue
-        if not any(placement.is_shard() for placement in weight.placements):
-            return None
-        if mesh.ndim != 1:
-            raise NotImplementedError(
-                f"{type(module).__name__}.{name} is sharded over a {mesh.ndim}-D device mesh; adakv's cross-rank "
-                "head allocation supports a 1-D tensor-parallel mesh only."
-            )
-        return mesh.get_group()
-    return None
 
 
 def check_exchange(exchange: str, radix_bits: int = DEFAULT_RADIX_BITS) -> None:
@@ -98,79 +46,65 @@ def check_exchange(exchange: str, radix_bits: int = DEFAULT_RADIX_BITS) -> None:
         raise ValueError(f"radix_bits must be one of {RADIX_BITS} (bits of the 32-bit key fixed per round), got {radix_bits!r}.")
 
 
-def distributed_adaptive_keep_mask(
-    scores: torch.Tensor,
-    available: torch.Tensor,
-    compression_ratio: float,
-    alpha_safeguard: float,
-    group=None,
-    exchange: str = "all_gather",
-    radix_bits: int = DEFAULT_RADIX_BITS,
-) -> torch.Tensor:
-    """`adaptive_keep_mask` over a layer whose heads are split over the ranks of `group` (None: the
-    default group), in rank order with the same number of heads on every rank.
-
-    scores/available: this rank's (batch, local_heads, seq). Returns this rank's keep mask, the same
-    as the matching head slice of `adaptive_keep_mask` over every rank's heads."""
+def tensor_parallel_reduction(group=None, exchange: str = "all_gather", radix_bits: int = DEFAULT_RADIX_BITS) -> Reduction:
+    """The reduction over the ranks of `group` (None: the default group), which hold consecutive and equally
+    many heads in rank order. exchange: "all_gather" or "threshold_search" (module docstring)."""
     check_exchange(exchange, radix_bits)
-    if scores.shape != available.shape or scores.dim() != 3:
-        raise ValueError(
-            f"scores {tuple(scores.shape)} and available {tuple(available.shape)} must both be (batch, local_heads, seq)."
-        )
-    local_budget = layer_budget(available, compression_ratio)
-    keep = distributed_budget_keep_mask(
-        scores[:, None], available[:, None], local_budget, alpha_safeguard, group, exchange, radix_bits
-    )
-    return keep[:, 0]
-
-
-def distributed_model_keep_masks(
-    scores: list[torch.Tensor],
-    available: list[torch.Tensor],
-    compression_ratios: list[float],
-    alpha_safeguard: float,
-    group=None,
-    exchange: str = "all_gather",
-    radix_bits: int = DEFAULT_RADIX_BITS,
-) -> list[torch.Tensor]:
-    """AdaptivePress(scope="model")'s allocation when every layer's heads are split over the ranks.
-
-    scores/available: one (batch, local_heads, seq) tensor per compressed layer (the same shape for all);
-    compression_ratios: each layer's ratio. The model keeps the sum of what each head would keep alone.
-    Returns this rank's keep mask per layer, the same as the single-process allocation over every
-    (layer, head) of the model."""
-    check_exchange(exchange, radix_bits)
-    if not scores or not len(scores) == len(available) == len(compression_ratios):
-        raise ValueError(
-            f"one scores, availability and ratio per compressed layer, got {len(scores)}, {len(available)} and "
-            f"{len(compression_ratios)} (and at least one layer)."
-        )
-    if len({tuple(s.shape) for s in scores} | {tuple(a.shape) for a in available}) != 1 or scores[0].dim() != 3:
-        raise ValueError(
-            "every layer's scores and availability must be (batch, local_heads, seq) of one shape, got "
-            f"{[tuple(s.shape) for s in scores]} and {[tuple(a.shape) for a in available]}."
-        )
-    local_budget = sum(layer_budget(a, ratio) for a, ratio in zip(available, compression_ratios))
-    keep = distributed_budget_keep_mask(
-        torch.stack(scores, dim=1), torch.stack(available, dim=1), local_budget, alpha_safeguard, group,
-        exchange, radix_bits,
-    )  # fmt: skip
-    return list(keep.unbind(1))
-
-
-def distributed_budget_keep_mask(
-    scores: torch.Tensor, available: torch.Tensor, local_budget: torch.Tensor, alpha_safeguard: float,
-    group, exchange: str, radix_bits: int,
-) -> torch.Tensor:  # fmt: skip
-    """Ada-KV's allocation of the budget summed over ranks (local_budget: this rank's share, (batch,)) over
-    the rows (layer, head) of scores/available (batch, layers, local_heads, seq), heads split over the
-    ranks; returns this rank's (batch, layers, local_heads, seq) keep mask."""
-    check_same_shape_on_every_rank(scores, group)
-    budget = local_budget.clone()
-    dist.all_reduce(budget, group=group)  # (batch,) the budget of every rank's rows together
     if exchange == "all_gather":
-        return gathered_keep_mask(scores, available, budget, alpha_safeguard, group)
-    return searched_keep_mask(scores, available, budget, alpha_safeguard, group, radix_bits)
+        return AllGatherReduction(group)
+    return ThresholdSearchReduction(group, radix_bits)
+
+
+def reduction_for(module: nn.Module, local_heads: int, exchange: str = "all_gather") -> Reduction:
+    """The reduction of an allocation over the KV heads of attention `module`, of which this process holds
+    `local_heads`: LOCAL, unless transformers' tensor-parallel plan split them over ranks
+    (adakv.models.tensor_parallel_group)."""
+    group = tensor_parallel_group(module, local_heads)
+    return LOCAL if group is None else tensor_parallel_reduction(group, exchange)
+
+
+class TensorParallelReduction:
+    """What both exchanges share: the rows' count and the budget's sum over the ranks of `group`."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def total_rows(self, scores: torch.Tensor) -> int:
+        check_same_shape_on_every_rank(scores, self.group)
+        return scores.shape[1] * scores.shape[2] * dist.get_world_size(self.group)
+
+    def sum(self, counts: torch.Tensor) -> torch.Tensor:
+        total = counts.clone()
+        dist.all_reduce(total, group=self.group)
+        return total
+
+
+class AllGatherReduction(TensorParallelReduction):
+    """Exchange (a): gather every rank's rows on every rank, rank them in one process's order, keep this rank's."""
+
+    def top_k(self, boosted: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        batch, groups, rows, seq_len = boosted.shape
+        keep = LOCAL.top_k(in_single_process_order(_all_gather(boosted, self.group)), k)
+        return keep.view(batch, groups, dist.get_world_size(self.group), rows, seq_len)[:, :, dist.get_rank(self.group)]
+
+
+class ThresholdSearchReduction(TensorParallelReduction):
+    """Exchange (b): find the k-th largest score of every rank's rows with all-reduced histograms."""
+
+    def __init__(self, group=None, radix_bits: int = DEFAULT_RADIX_BITS):
+        super().__init__(group)
+        self.radix_bits = radix_bits
+
+    def top_k(self, boosted: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        batch, groups, rows, seq_len = boosted.shape
+        keys = order_keys(boosted).reshape(batch, groups, rows * seq_len)
+        threshold, needed_ties = kth_largest_key(keys.reshape(batch, -1), k.clamp(min=1), self.group, self.radix_bits)
+        above = keys > threshold[:, None, None]
+        ties = keys == threshold[:, None, None]
+        quota = tie_quota(ties.sum(-1), needed_ties, self.group)  # (batch, groups) ties this rank may keep per group
+        keep_ties = ties & (torch.cumsum(ties, dim=-1) <= quota[..., None])
+        keep = (above | keep_ties) & (k > 0)[:, None, None]
+        return keep.reshape(boosted.shape)
 
 
 def _all_gather(tensor: torch.Tensor, group) -> list[torch.Tensor]:
@@ -191,21 +125,11 @@ def check_same_shape_on_every_rank(scores: torch.Tensor, group) -> None:
 
 
 def in_single_process_order(parts: list[torch.Tensor]) -> torch.Tensor:
-    """Every rank's (batch, layers, local_heads, seq) -> (batch, layers * world * local_heads, seq): rows
-    ordered by layer, then rank, then local head, as one process holds them."""
-    stacked = torch.stack(parts, dim=2)  # (batch, layers, world, local_heads, seq)
-    batch, layers, world, local_heads, seq_len = stacked.shape
-    return stacked.reshape(batch, layers * world * local_heads, seq_len)
-
-
-def gathered_keep_mask(scores, available, budget, alpha_safeguard: float, group) -> torch.Tensor:
-    """Exchange (a): gather every rank's rows on every rank, select, keep this rank's heads."""
-    batch, layers, local_heads, seq_len = scores.shape
-    all_scores = in_single_process_order(_all_gather(scores.float(), group))
-    all_available = in_single_process_order(_all_gather(available.to(torch.uint8), group)).bool()
-    keep = adaptive_budget_keep_mask(all_scores, all_available, budget, alpha_safeguard)
-    keep = keep.view(batch, layers, dist.get_world_size(group), local_heads, seq_len)
-    return keep[:, :, dist.get_rank(group)]
+    """Every rank's (batch, groups, local_heads, seq) -> (batch, groups, world * local_heads, seq): each
+    group's rows ordered by rank, then local head, as one process holds them."""
+    stacked = torch.stack(parts, dim=2)  # (batch, groups, world, local_heads, seq)
+    batch, groups, world, local_heads, seq_len = stacked.shape
+    return stacked.reshape(batch, groups, world * local_heads, seq_len)
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:
@@ -215,22 +139,6 @@ def order_keys(values: torch.Tensor) -> torch.Tensor:
     bits = values.float().contiguous().view(torch.int32).long() & 0xFFFFFFFF
     negative = bits >= 2**31
     return torch.where(negative, 0xFFFFFFFF - bits, bits + 2**31)
-
-
-def searched_keep_mask(scores, available, budget, alpha_safeguard: float, group, radix_bits: int) -> torch.Tensor:
-    """Exchange (b): find the k-th largest safeguarded score of every rank's rows with all-reduced histograms."""
-    batch, layers, local_heads, seq_len = scores.shape
-    total_rows = layers * local_heads * dist.get_world_size(group)
-    rows = scores.reshape(batch, layers * local_heads, seq_len)
-    boosted = safeguarded_scores(rows, available.reshape(rows.shape), budget, total_rows, alpha_safeguard)
-    keys = order_keys(boosted).reshape(batch, layers, local_heads * seq_len)
-    threshold, needed_ties = kth_largest_key(keys.reshape(batch, -1), budget.clamp(min=1), group, radix_bits)
-    above = keys > threshold[:, None, None]
-    ties = keys == threshold[:, None, None]
-    quota = tie_quota(ties.sum(-1), needed_ties, group)  # (batch, layers) ties this rank may keep per layer
-    keep_ties = ties & (torch.cumsum(ties, dim=-1) <= quota[..., None])
-    keep = (above | keep_ties) & (budget > 0)[:, None, None]
-    return keep.reshape(scores.shape) & available
 
 
 def kth_largest_key(keys: torch.Tensor, k: torch.Tensor, group, radix_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,11 +164,11 @@ def kth_largest_key(keys: torch.Tensor, k: torch.Tensor, group, radix_bits: int)
 
 
 def tie_quota(local_ties: torch.Tensor, needed_ties: torch.Tensor, group) -> torch.Tensor:
-    """(batch, layers) how many of this rank's threshold ties of each layer are kept. Ties go in the
-    single-process order of rows: earlier layers first, within a layer the heads of ranks < r first.
-    local_ties: (batch, layers) this rank's tie counts; needed_ties: (batch,) ties the top k holds."""
-    counts = torch.stack(_all_gather(local_ties, group))  # (world, batch, layers)
+    """(batch, groups) how many of this rank's threshold ties of each group (layer) are kept. Ties go in the
+    single-process order of rows: earlier groups first, within a group the heads of ranks < r first.
+    local_ties: (batch, groups) this rank's tie counts; needed_ties: (batch,) ties the top k holds."""
+    counts = torch.stack(_all_gather(local_ties, group))  # (world, batch, groups)
     rank = dist.get_rank(group)
-    earlier_layers = counts.sum(0).cumsum(-1) - counts.sum(0)  # every rank's ties in layers before each one
-    earlier_ranks = counts[:rank].sum(0)  # this layer's ties on the ranks before this one
-    return (needed_ties[:, None] - earlier_layers - earlier_ranks).clamp(min=0)
+    earlier_groups = counts.sum(0).cumsum(-1) - counts.sum(0)  # every rank's ties in groups before each one
+    earlier_ranks = counts[:rank].sum(0)  # this group's ties on the ranks before this one
+    return (needed_ties[:, None] - earlier_groups - earlier_ranks).clamp(min=0)

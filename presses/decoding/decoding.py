@@ -77,11 +77,6 @@ class DecodingPress(BasePress):
         """The press whose `score` ranks the tokens (inside AdaptivePress, the wrapped one)."""
         return self.press.press if isinstance(self.press, AdaptivePress) else self.press
 
-    @property
-    def decoding_press(self) -> DecodingPress:
-        """The DecodingPress the runtime drives during decoding (this one)."""
-        return self
-
     def compress(self, context: PrefillContext) -> None:
         """The context is not compressed (the runtime keeps its last inputs for the first compression)."""
         return None

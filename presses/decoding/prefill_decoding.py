@@ -19,6 +19,7 @@ class PrefillDecodingPress(BasePress):
 
     prefill_press: BasePress
     decoding_press: DecodingPress
+    compresses_during_decoding = True  # the runtime drives `decoding_press` after the context
 
     def __post_init__(self):
         super().__post_init__()
@@ -35,8 +36,6 @@ class PrefillDecodingPress(BasePress):
     def compression_ratio(self) -> float:
         """The prefill press's ratio (the context's share removed)."""
         return getattr(self.prefill_press, "compression_ratio", 0.0)
-
-    compresses_during_decoding = True
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         return self.prefill_press.compress(context)

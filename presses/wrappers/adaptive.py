@@ -7,13 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adakv.selection.distributed import (
-    check_exchange,
-    distributed_adaptive_keep_mask,
-    distributed_model_keep_masks,
-    tensor_parallel_group,
-)
-from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, layer_budget
+from adakv.selection import Reduction, adaptive_keep_mask, check_exchange, model_keep_masks, reduction_for
 
 from ..base import PrefillContext, WholePrefill, WrapperPress, check_fraction_fields, check_is_press
 
@@ -51,8 +45,9 @@ class AdaptivePress(WrapperPress):
     pruned rows of every layer at once. A chunked prefill is refused.
 
     Under tensor parallelism (transformers' `tp_plan`, each rank holding some KV heads) the ranks
-    exchange what the layer-wide top-k needs and select exactly the single-process set; `exchange`
-    picks how (adakv/selection/distributed.py): "all_gather" (every rank's scores) or "threshold_search" (a
+    exchange what the layer-wide top-k needs and select exactly the single-process set: the selection is
+    the same, only its reduction (`reduction`, adakv.selection.reduction_for) differs; `exchange` picks it
+    (adakv/selection/distributed.py): "all_gather" (every rank's scores) or "threshold_search" (a
     distributed search for the k-th largest score, a few small all-reduces). Unused on one process.
     With scope="model" the exchange runs once, over every layer's rows.
 
@@ -83,6 +78,10 @@ class AdaptivePress(WrapperPress):
     def compresses_after_prefill(self) -> bool:
         return self.scope == "model" or self.press.compresses_after_prefill
 
+    def reduction(self, context: PrefillContext) -> Reduction:
+        """Where the layer's KV heads live: all in this process, or split over tensor-parallel ranks."""
+        return reduction_for(context.module, context.keys.shape[1], self.exchange)
+
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         if self.scope == "model":
             raise RuntimeError(
@@ -93,12 +92,7 @@ class AdaptivePress(WrapperPress):
         if ratio == 0:
             return None
         scores = self.press.score(context)
-        group = tensor_parallel_group(context.module, context.keys.shape[1])
-        if group is None:
-            return adaptive_keep_mask(scores, context.available, ratio, self.alpha_safeguard)
-        return distributed_adaptive_keep_mask(
-            scores, context.available, ratio, self.alpha_safeguard, group, self.exchange
-        )
+        return adaptive_keep_mask(scores, context.available, ratio, self.alpha_safeguard, self.reduction(context))
 
     def compress_prefill(self, prefill: WholePrefill) -> list[torch.Tensor | None]:
         if self.scope == "layer":
@@ -111,26 +105,11 @@ class AdaptivePress(WrapperPress):
         ]
         if not pooled:
             return keeps
-        first = pooled[0][1]
-        group = tensor_parallel_group(first.module, first.keys.shape[1])
-        if group is not None:
-            masks = distributed_model_keep_masks(
-                [self.press.score(context) for _, context, _ in pooled],
-                [context.available for _, context, _ in pooled],
-                [ratio for _, _, ratio in pooled], self.alpha_safeguard, group, self.exchange,
-            )  # fmt: skip
-            for (index, _, _), keep in zip(pooled, masks):
-                keeps[index] = keep
-            return keeps
-        device = first.keys.device
-        scores = torch.cat([self.press.score(context).float().to(device) for _, context, _ in pooled], dim=1)
-        available = torch.cat([context.available.to(device) for _, context, _ in pooled], dim=1)
-        total = sum(layer_budget(context.available, ratio).to(device) for _, context, ratio in pooled)
-        # (batch, layers * kv_heads, seq): every (layer, head) of the model is one row of the allocation
-        keep = adaptive_budget_keep_mask(scores, available, total, self.alpha_safeguard)
-        start = 0
-        for index, context, _ in pooled:
-            kv_heads = context.keys.shape[1]
-            keeps[index] = keep[:, start : start + kv_heads].to(context.keys.device)
-            start += kv_heads
+        # every (layer, KV head) of the model is one row of the allocation
+        masks = model_keep_masks(
+            [self.press.score(context) for _, context, _ in pooled], [context.available for _, context, _ in pooled],
+            [ratio for _, _, ratio in pooled], self.alpha_safeguard, self.reduction(pooled[0][1]),
+        )  # fmt: skip
+        for (index, _, _), keep in zip(pooled, masks):
+            keeps[index] = keep
         return keeps

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adakv.selection.distributed import weight_for_local_heads
+from adakv.models import weight_for_local_heads
 from adakv.selection import descending_rank, kept_count
 
 from .adaptive import check_scoring_press

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from adakv.cache import CompressedLayer, make_compressed_layer
-from adakv.presses.base import PrefillContext
+from adakv.presses.base import BasePress, PrefillContext
 from adakv.presses.decoding.decoding import DecodingPress
+from adakv.presses.decoding.prefill_decoding import PrefillDecodingPress
 
 from .attention import real_token_mask
 
@@ -53,6 +54,19 @@ def held_view(layer, attention_mask: torch.Tensor | None):
     if isinstance(layer, CompressedLayer):
         return layer.held_view(available)
     return layer.keys, layer.values, available
+
+
+def decoding_policy(press: BasePress) -> DecodingPress:
+    """The DecodingPress whose policy the runtime drives for a press that compresses during decoding: the
+    press itself, or a PrefillDecodingPress's `decoding_press`."""
+    if isinstance(press, DecodingPress):
+        return press
+    if isinstance(press, PrefillDecodingPress):
+        return press.decoding_press
+    raise TypeError(
+        f"{type(press).__name__} says it compresses during decoding, but the runtime drives only a DecodingPress "
+        "or a PrefillDecodingPress."
+    )
 
 
 @dataclass

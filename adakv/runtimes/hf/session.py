@@ -62,7 +62,7 @@ from .attention import (
     register_attention_functions,
     set_attention_implementation,
 )
-from .decoding import DecodingRecompression
+from .decoding import DecodingRecompression, decoding_policy
 from .graph_decode import graph_decoding_refusal
 
 
@@ -161,14 +161,15 @@ def whole_prefill(contexts, cache: Cache, decoder: nn.Module, input_ids=None, in
 class PressSession:
     """The hooks and per-block state of one `with press(model):` block (see the module docstring).
 
-    backend: the block's backend, chosen once when it opens. graph_decoder: the CUDA-graph decoder of the
+    backend: the block's backend, chosen once when it opens (by press_session already, before a CUDA-graph
+    block's acceleration is entered). graph_decoder: the CUDA-graph decoder of the
     `adakv.accelerate` block around or inside this one (captures, replays), or None."""
 
     def __init__(self, press: BasePress, model: nn.Module):
         self.press, self.model = press, model
         self.backend: str | None = None
         self.acceleration: Acceleration | None = None
-        self.decoding = DecodingRecompression(press.decoding_press) if press.compresses_during_decoding else None
+        self.decoding = DecodingRecompression(decoding_policy(press)) if press.compresses_during_decoding else None
         self._receiving_chunks = False
         self._own_forwards = False
         self._prefill_parts: dict | None = None
@@ -194,7 +195,8 @@ class PressSession:
                 "Every attention layer of this model uses a sliding window (config.sliding_window / layer_types), "
                 "so a press would compress nothing. adakv compresses full-attention layers only."
             )
-        self.backend = block_backend(press, model.config)
+        if self.backend is None:  # press_session may have chosen it already (a CUDA-graph block's early check)
+            self.backend = block_backend(press, model.config)
         acceleration = active.acceleration_of(model)
         if acceleration is not None and acceleration.graph_decoder is not None:
             refusal = graph_decoding_refusal(press, self.backend)
@@ -342,7 +344,8 @@ def press_session(press: BasePress, model: nn.Module, **speed_switches) -> Gener
     with ExitStack() as stack:
         if any(speed_switches.values()):
             if speed_switches.get("cuda_graphs"):  # refused before anything is switched on, as the block would
-                refusal = graph_decoding_refusal(press, block_backend(press, model.config))
+                session.backend = block_backend(press, model.config)  # chosen once: the session keeps it
+                refusal = graph_decoding_refusal(press, session.backend)
                 if refusal is not None:
                     raise ValueError(refusal)
             session.acceleration = stack.enter_context(accelerate(model, **speed_switches))
