@@ -13,6 +13,7 @@ kernels. This module is the public face over all of them.
 from adakv.cache import kept_token_counts, rollback
 from adakv.presses import *  # noqa: F401,F403
 from adakv.presses import __all__ as _press_names
+from adakv.runtimes.hf.acceleration import accelerate
 from adakv.runtimes.hf.chunked_prefill import prefill_in_chunks
 from adakv.apps.default_model import load_default_model
 from adakv.pipeline import KVPressTextGenerationPipeline  # importing registers "kv-press-text-generation"

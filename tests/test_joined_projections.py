@@ -11,7 +11,7 @@ from conftest import FAMILY_CONFIGS, press_logits_and_tokens, press_run, random_
 from torch import nn
 
 from adakv import presses as P
-from adakv.runtimes.hf.fusion.joined_projections import joined_projections, sibling_groups
+from adakv.runtimes.hf.fusion.joined_projections import JOINED_MAX_ROWS, joined_projections, sibling_groups
 
 JOINED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")  # Phi3 stores qkv_proj / gate_up_proj joined
 
@@ -89,6 +89,25 @@ def test_the_joined_product_is_dropped_when_its_input_is_freed():
         joined_matrices = [weakref.ref(group.weight) for group in joined]
     # the joined matrices are freed on exit although the caller still holds the groups
     assert all(matrix() is None for matrix in joined_matrices) and len(joined) == 6
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: biases on q/k/v
+def test_long_inputs_take_each_siblings_own_product_bit_for_bit(family):
+    """A prefill (more than JOINED_MAX_ROWS rows) multiplies sibling by sibling: the unjoined model's
+    products exactly, and no joined product holding every sibling's output at once."""
+    model = tiny_model(family)
+    ids = random_ids(2, JOINED_MAX_ROWS // 2 + 1)  # 2 x 65 rows
+    with torch.no_grad():
+        expected = model(ids).logits
+        with joined_projections(model) as joined:
+            weights = []
+            for group in joined:
+                group.product = lambda x, weight, bias: weights.append(weight) or torch.nn.functional.linear(x, weight, bias)
+            logits = model(ids).logits
+            joined_weights = {id(group.weight) for group in joined}
+            assert weights and not joined_weights & {id(weight) for weight in weights}  # never the joined matrix
+            assert all(group._last_input is None for group in joined)
+    assert torch.equal(logits, expected)
 
 
 def test_eager_and_emulated_graph_decoding_agree_with_joined_projections():

@@ -134,6 +134,7 @@ def _mlp_forward(mlp: nn.Module, kernels: ElementwiseKernels):
             gate, up = _gate_and_up(mlp, x)
             _check_no_gradients(gate, up)
             activated = kernels.silu_mul(gate, up)
+            del gate, up  # freed before down_proj, as `down(act(gate(x)) * up(x))` frees them
         return mlp.down_proj(activated)
 
     return forward

@@ -11,6 +11,12 @@ and re-points every sibling's parameter at its rows of it, so memory does not gr
 are freed); the first sibling called on an input computes the joined product, the others return their
 columns of it. On exit every sibling gets its own contiguous tensor back. Families that already store a
 joined matrix (Phi3's qkv_proj and gate_up_proj) have nothing to join.
+
+Inputs of more than JOINED_MAX_ROWS rows (prefills, long questions) are multiplied by each sibling's rows
+of the joined matrix on their own: a product that large is bound by arithmetic, not by reading the
+weights, so joining saves nothing there, while the joined product would hold every sibling's output
+until the last one is consumed (at a 128k-token prefill of an 8B model the gate/up product is 7 GiB where
+the unjoined MLP holds 3.5 GiB of it at a time). Those products are the unjoined model's, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adakv.models import attention_modules, forward_is_replaced
+
+JOINED_MAX_ROWS = 128  # inputs with more rows (batch x tokens) are multiplied sibling by sibling
 
 # (parent module attribute of a decoder layer, sibling nn.Linear names sharing one input)
 SIBLING_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -54,13 +62,17 @@ class JoinedGroup:
     _token: int = 0
 
     def output_of(self, index: int, inputs: torch.Tensor) -> torch.Tensor:
-        """(..., out_features of sibling `index`): its columns of the joined product of `inputs`."""
+        """(..., out_features of sibling `index`): its columns of the joined product of `inputs`, or for
+        inputs of more than JOINED_MAX_ROWS rows its own product with its rows of the joined matrix."""
         self._refuse_weight_gradients()
+        start, end = self.bounds[index]
+        if inputs.numel() > JOINED_MAX_ROWS * inputs.shape[-1]:
+            bias = None if self.bias is None else self.bias[start:end]
+            return self.product(inputs, self.weight[start:end], bias)
         if self._last_input is None or self._last_input() is not inputs:
             self._token += 1
             self._last_input, self._last_output = weakref.ref(inputs), self.product(inputs, self.weight, self.bias)
             weakref.finalize(inputs, self._forget, self._token)
-        start, end = self.bounds[index]
         return self._last_output[..., start:end]
 
     def silu_gated_output(self, inputs: torch.Tensor) -> torch.Tensor | None:

@@ -75,7 +75,9 @@ def layer_forward(
             hidden_states = hidden_states + attention_output
             return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
         hidden_states, normed = add_rms_norm(hidden_states, attention_output, *post_norm.arguments())
+        del attention_output  # held no longer than transformers' forward holds them (prefill memory)
         mlp_output = layer.mlp(normed)
+        del normed
         if not _addable(hidden_states, mlp_output):
             return hidden_states + mlp_output
         hidden_states, next_normed = add_rms_norm(hidden_states, mlp_output, *next_norm.arguments())
