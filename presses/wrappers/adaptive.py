@@ -8,14 +8,15 @@ from dataclasses import dataclass
 import torch
 
 from adakv.selection.distributed import (
-    check_exchange,
+    EXCHANGES,
     distributed_adaptive_keep_mask,
     distributed_model_keep_masks,
     tensor_parallel_group,
 )
 from adakv.selection import adaptive_budget_keep_mask, adaptive_keep_mask, layer_budget
 
-from ..base import PrefillContext, WholePrefill, WrapperPress, check_fraction_fields, check_is_press
+from ..base import PrefillContext, WholePrefill, WrapperPress, check_is_press
+from ..fields import FRACTION, Check, OneOf
 
 SCOPES = ("layer", "model")
 
@@ -63,13 +64,15 @@ class AdaptivePress(WrapperPress):
     scope: str = "layer"
     exchange: str = "all_gather"
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_scoring_press(self.press, "AdaptivePress")
-        check_fraction_fields(self, ("alpha_safeguard",))
-        check_exchange(self.exchange)
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
+    field_rules = {
+        "press": Check(check_scoring_press),
+        "alpha_safeguard": FRACTION,
+        "scope": OneOf(SCOPES),
+        "exchange": OneOf(EXCHANGES),
+    }
+
+    def check_combination(self) -> None:
+        super().check_combination()
         if self.scope == "model" and not getattr(self.press, "scores_are_probabilities", False):
             raise ValueError(
                 f'AdaptivePress(scope="model") ranks the scores of different layers against each other, which is '

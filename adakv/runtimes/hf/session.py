@@ -188,6 +188,7 @@ class PressSession:
         model, press = self.model, self.press
         if active.session_of(model) is not None:
             raise RuntimeError("This model is already inside a `with press(model):` block; presses do not nest.")
+        press.check_fields()  # an inner press or a list field may have changed since construction
         modules = attention_modules(model)
         if not any(is_full_attention_layer(module) for module in modules):
             raise ValueError(
