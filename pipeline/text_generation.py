@@ -28,6 +28,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from adakv.cache import checkpoint, restore
 from adakv.runtimes.hf.chunked_prefill import check_input_ids, prefill_in_chunks
 from adakv.runtimes.hf import accelerate
+from adakv.runtimes.hf.refusals import cache_refusal
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
 from adakv.presses.scorers.kvzip import attach_tokenizer
@@ -158,12 +159,16 @@ def check_pipeline_inputs(
         raise TypeError(f"question must be a str, got {type(question).__name__}.")
     if press is not None and not isinstance(press, BasePress):
         raise TypeError(f"press must be an adakv press (a BasePress instance such as SnapKVPress) or None, got {type(press).__name__}.")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
-    if max_context_length is not None and (not isinstance(max_context_length, int) or max_context_length < 1):
+    if max_context_length is not None and (
+        isinstance(max_context_length, bool) or not isinstance(max_context_length, int) or max_context_length < 1
+    ):
         raise ValueError(f"max_context_length must be a positive int or None, got {max_context_length!r}.")
     if cache is not None and not isinstance(cache, Cache):
         raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache()) or None, got {type(cache).__name__}.")
+    if cache is not None and press is not None and cache_refusal(cache) is not None:
+        raise ValueError(f"cache: {cache_refusal(cache)}")
     if cache is not None and cache.get_seq_length() != 0:
         raise ValueError("cache must be empty: the pipeline fills it with the (compressed) context.")
     chunk = prefill_chunk_size

@@ -11,13 +11,15 @@ thin front that opens that runtime's session for the press.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Protocol
+from typing import Any, Callable, ClassVar, Iterator, Protocol
 
 import torch
 from torch import nn
 
 from adakv.cache import BACKENDS, DEFAULT_BACKEND
 from adakv.models import queries
+
+from .fields import Check, FieldRule, OneOf
 
 
 @dataclass
@@ -139,27 +141,6 @@ class WholePrefill:
         return replace(self, contexts=contexts)
 
 
-def check_compression_ratio(ratio: float) -> None:
-    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"compression_ratio must be a number in [0, 1), got {ratio!r}.")
-
-
-def check_fraction_fields(press, names: tuple[str, ...]) -> None:
-    """Raise ValueError unless each named field of `press` is a number (not a bool) in [0, 1]."""
-    for name in names:
-        value = getattr(press, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
-
-
-def check_integer_fields(press, minimums: dict[str, int]) -> None:
-    """Raise ValueError unless each named field of `press` is an integer (not a bool) >= its minimum."""
-    for name, minimum in minimums.items():
-        value = getattr(press, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-
-
 def check_is_press(press, wrapper: str) -> None:
     if not isinstance(press, BasePress):
         raise TypeError(f"{wrapper} wraps a press (a BasePress instance), got {type(press).__name__}.")
@@ -188,11 +169,37 @@ class BasePress:
     # True for presses that act after the context, on the tokens appended to it (DecodingPress): the runtime
     # then hands them every later forward of each layer, which a replayed CUDA graph could not.
     compresses_during_decoding = False
+    # what each field takes (presses/fields.py), checked on every assignment; a subclass's rules join its bases'
+    field_rules: ClassVar[dict[str, FieldRule]] = {"backend": OneOf(BACKENDS, optional=True, note=" (not set: evict)")}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        rules: dict[str, FieldRule] = {}
+        for klass in reversed(cls.__mro__):
+            rules.update(vars(klass).get("field_rules", {}))
+        cls.field_rules = rules
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        rule = type(self).field_rules.get(name)
+        if rule is not None:
+            value = rule.check(name, value, type(self).__name__)
+        super().__setattr__(name, value)
 
     def __post_init__(self):
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None (not set: evict), got {self.backend!r}.")
+        self.check_combination()
+
+    def check_combination(self) -> None:
+        """Raise on values that are fine field by field but not together (fields of this press, or this press
+        and the presses inside it). Run at construction and, for the whole press tree, by `check_fields`."""
         _ = self.explicit_backend  # conflicting backends between this press and the presses it wraps fail here
+
+    def check_fields(self) -> None:
+        """Check every field of every press of the tree again, alone and together: an inner press, or a list
+        field changed in place, may have changed since construction (a press block runs this when it opens)."""
+        for press in self.press_tree():
+            for name, rule in type(press).field_rules.items():
+                rule.check(name, getattr(press, name), type(press).__name__)
+            press.check_combination()
 
     def inner_presses(self) -> tuple[BasePress, ...]:
         """The presses this one wraps directly (none for a plain press)."""
@@ -269,9 +276,7 @@ class WrapperPress(BasePress):
 
     press: BasePress
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_is_press(self.press, type(self).__name__)
+    field_rules = {"press": Check(check_is_press)}
 
     def inner_presses(self) -> tuple[BasePress, ...]:
         return (self.press,)
@@ -282,7 +287,11 @@ class WrapperPress(BasePress):
 
     @compression_ratio.setter
     def compression_ratio(self, value: float) -> None:
-        check_compression_ratio(value)
+        if not hasattr(self.press, "compression_ratio"):
+            raise AttributeError(
+                f"{type(self).__name__} wraps a {type(self.press).__name__}, which has no compression_ratio: "
+                "set the ratios of the presses inside it."
+            )
         self.press.compression_ratio = value
 
     @property

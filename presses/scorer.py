@@ -9,7 +9,8 @@ import torch
 
 from adakv.selection import uniform_keep_mask
 
-from .base import BasePress, PrefillContext, check_compression_ratio
+from .base import BasePress, PrefillContext
+from .fields import RATIO
 
 
 @dataclass
@@ -25,9 +26,7 @@ class ScorerPress(BasePress):
     # AdaptivePress(scope="model") may rank the scores of different layers against each other.
     scores_are_probabilities: ClassVar[bool] = False
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_compression_ratio(self.compression_ratio)
+    field_rules = {"compression_ratio": RATIO}
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         raise NotImplementedError

@@ -91,9 +91,9 @@ def test_chunk_length(chunk_length):
         ChunkPress(KnormPress(), chunk_length=chunk_length)
 
 
-@pytest.mark.parametrize("ratios", [[0.5, 1.0, 0.5], [-0.1, 0.5, 0.5], [0.5, "0.5", 0.5]])
-def test_per_layer_ratios_outside_0_1(ratios):
-    with pytest.raises(ValueError, match=r"compression_ratio must be a number in \[0, 1\)"):
+@pytest.mark.parametrize("ratios, index", [([0.5, 1.0, 0.5], 1), ([-0.1, 0.5, 0.5], 0), ([0.5, 0.5, "0.5"], 2)])
+def test_per_layer_ratios_outside_0_1(ratios, index):
+    with pytest.raises(ValueError, match=rf"compression_ratios\[{index}\] must be a number in \[0, 1\)"):
         PerLayerCompressionPress(SnapKVPress(), ratios)
 
 
@@ -151,10 +151,14 @@ def test_expected_attention_flags(field):
         ExpectedAttentionPress(**{field: 1})
 
 
-@pytest.mark.parametrize("window_size, kernel_size", [(0, 5), (8, 4), (8, 0)])
-def test_snapkv_family_window_and_kernel(window_size, kernel_size):
+@pytest.mark.parametrize(
+    "window_size, kernel_size, message",
+    [(0, 5, "window_size must be an integer >= 1, got 0"), (8, 4, "kernel_size must be an odd integer >= 1, got 4"),
+     (8, 0, "kernel_size must be an odd integer >= 1, got 0")],
+)
+def test_snapkv_family_window_and_kernel(window_size, kernel_size, message):
     for press_class in (SnapKVPress, PyramidKVPress):
-        with pytest.raises(ValueError, match="window_size must be >= 1"):
+        with pytest.raises(ValueError, match=message):
             press_class(window_size=window_size, kernel_size=kernel_size)
 
 

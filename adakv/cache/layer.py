@@ -18,13 +18,17 @@ ADAKV_ATTENTION_PREFIX = "adakv_"  # attention functions that can read compresse
 
 
 def check_attention_can_read(config, backend: str) -> None:
-    """Refuse to hand a compressed layer to an attention function that would ignore its per-head state."""
+    """Refuse to hand a compressed layer to an attention function that would ignore its per-head state.
+
+    config: that of the model that compressed the layer; outside a press block it names the model's own
+    attention again."""
     implementation = config._attn_implementation
     if not str(implementation).startswith(ADAKV_ATTENTION_PREFIX):
         raise RuntimeError(
             f"This cache holds layers compressed by an adakv press (backend {backend!r}), which only adakv's "
-            f"attention functions can read, but the model now runs attn_implementation={implementation!r}. "
-            "Keep using the cache inside the `with press(model):` block that compressed it."
+            "attention functions can read, but the model that compressed them is outside a press block now (it "
+            f"runs its own attn_implementation={implementation!r} again), so they would be read as dense layers. "
+            "Continue the cache inside a `with press(model):` block on the model that compressed it."
         )
 
 

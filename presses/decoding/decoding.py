@@ -9,7 +9,8 @@ import torch
 
 from adakv.selection import adaptive_budget_keep_mask, top_k_keep_mask
 
-from ..base import BasePress, PrefillContext, check_integer_fields
+from ..base import BasePress, PrefillContext
+from ..fields import Check, Integer
 from ..scorers.observed_attention import ObservedAttentionPress
 from ..wrappers.adaptive import AdaptivePress, check_scoring_press
 
@@ -19,6 +20,13 @@ QUERY_WINDOW_FIELDS = ("window_size", "n_recent", "n_last")  # how presses name 
 def query_window(press: BasePress) -> int:
     """The number of most recent queries a press (and the presses inside it) reads when scoring."""
     return max(getattr(inner, name, 0) for inner in press.press_tree() for name in QUERY_WINDOW_FIELDS)
+
+
+def check_decoding_scorer(press, owner: str) -> None:
+    """A scoring press, or AdaptivePress around one, that needs no attention weights."""
+    check_scoring_press(press.press if isinstance(press, AdaptivePress) else press, owner)
+    if any(isinstance(inner, ObservedAttentionPress) for inner in press.press_tree()):
+        raise TypeError(f"{owner} scores without attention weights; ObservedAttentionPress needs them.")
 
 
 @dataclass
@@ -59,12 +67,15 @@ class DecodingPress(BasePress):
     def inner_presses(self) -> tuple[BasePress, ...]:
         return (self.press,)
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_scoring_press(self.scorer, "DecodingPress")
-        if any(isinstance(inner, ObservedAttentionPress) for inner in self.press.press_tree()):
-            raise TypeError("DecodingPress scores without attention weights; ObservedAttentionPress needs them.")
-        check_integer_fields(self, {"compression_interval": 1, "target_size": 1, "hidden_states_buffer_size": 1})
+    field_rules = {
+        "press": Check(check_decoding_scorer),
+        "compression_interval": Integer(1),
+        "target_size": Integer(1),
+        "hidden_states_buffer_size": Integer(1),
+    }
+
+    def check_combination(self) -> None:
+        super().check_combination()
         window = query_window(self.press)
         if window > self.hidden_states_buffer_size:
             raise ValueError(

@@ -6,8 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import BasePress, PrefillContext, check_is_press
+from ..base import BasePress, PrefillContext
+from ..fields import Check
 from .decoding import DecodingPress
+
+
+def check_is_prefill_press(press, owner: str) -> None:
+    if not isinstance(press, BasePress):
+        raise TypeError(f"{owner} needs a press (a BasePress instance) as prefill_press, got {type(press).__name__}.")
+
+
+def check_is_decoding_press(press, owner: str) -> None:
+    if not isinstance(press, DecodingPress):
+        raise TypeError(f"{owner} needs a DecodingPress as decoding_press, got {type(press).__name__}.")
 
 
 @dataclass
@@ -21,13 +32,7 @@ class PrefillDecodingPress(BasePress):
     decoding_press: DecodingPress
     compresses_during_decoding = True  # the runtime drives `decoding_press` after the context
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_is_press(self.prefill_press, "PrefillDecodingPress")
-        if not isinstance(self.decoding_press, DecodingPress):
-            raise TypeError(
-                f"PrefillDecodingPress needs a DecodingPress as decoding_press, got {type(self.decoding_press).__name__}."
-            )
+    field_rules = {"prefill_press": Check(check_is_prefill_press), "decoding_press": Check(check_is_decoding_press)}
 
     def inner_presses(self) -> tuple[BasePress, ...]:
         return (self.prefill_press, self.decoding_press)
@@ -36,6 +41,10 @@ class PrefillDecodingPress(BasePress):
     def compression_ratio(self) -> float:
         """The prefill press's ratio (the context's share removed)."""
         return getattr(self.prefill_press, "compression_ratio", 0.0)
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        raise AttributeError("PrefillDecodingPress's compression_ratio is its prefill press's: set prefill_press.compression_ratio.")
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         return self.prefill_press.compress(context)

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import PrefillContext, check_integer_fields
+from ..base import PrefillContext
+from ..fields import Integer, OneOf
 from ..scorer import ScorerPress
 from .streaming_llm import first_available
 
@@ -70,11 +71,7 @@ class CURPress(ScorerPress):
     leverage_of: str = "keys_and_values"
     n_sink: int = 4
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_integer_fields(self, {"rank": 1, "n_sink": 0})
-        if self.leverage_of not in LEVERAGE_SOURCES:
-            raise ValueError(f"leverage_of must be one of {LEVERAGE_SOURCES}, got {self.leverage_of!r}.")
+    field_rules = {"rank": Integer(1), "leverage_of": OneOf(LEVERAGE_SOURCES), "n_sink": Integer(0)}
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         available = context.available

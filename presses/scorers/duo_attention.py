@@ -9,7 +9,8 @@ import torch
 
 from adakv.selection import adaptive_keep_mask, kept_count
 
-from ..base import PrefillContext, check_integer_fields
+from ..base import PrefillContext
+from ..fields import Integer
 from ..scorer import ScorerPress
 from .padding import relative_positions
 from .snapkv import mean_window_attention
@@ -72,9 +73,7 @@ class DuoAttentionPress(ScorerPress):
     n_recent: int = 64
     window_size: int = 64
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_integer_fields(self, {"n_sink": 0, "n_recent": 1, "window_size": 1})
+    field_rules = {"n_sink": Integer(0), "n_recent": Integer(1), "window_size": Integer(1)}
 
     def local_share(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads) share of the observation window's attention on sinks and recent tokens."""

@@ -9,7 +9,8 @@ import torch
 
 from adakv.models import pre_rope_queries, rope_cos_sin, rotate
 
-from ..base import PrefillContext, check_integer_fields
+from ..base import PrefillContext
+from ..fields import Flag, Integer
 from ..scorer import ScorerPress
 from .streaming_llm import first_available
 
@@ -52,12 +53,13 @@ class ExpectedAttentionPress(ScorerPress):
     use_covariance: bool = True
     use_value_norm: bool = True
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_integer_fields(self, {"n_future_positions": 1, "n_recent": 1, "n_sink": 0})
-        for name in ("use_covariance", "use_value_norm"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+    field_rules = {
+        "n_future_positions": Integer(1),
+        "n_recent": Integer(1),
+        "n_sink": Integer(0),
+        "use_covariance": Flag(),
+        "use_value_norm": Flag(),
+    }
 
     @property
     def scores_are_probabilities(self) -> bool:

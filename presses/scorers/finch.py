@@ -9,7 +9,8 @@ import torch
 
 from adakv.selection import kept_count, top_k_keep_mask
 
-from ..base import PrefillContext, check_integer_fields
+from ..base import PrefillContext
+from ..fields import Integer
 from ..scorer import ScorerPress
 from .padding import scores_per_unpadded_row
 from .snapkv import mean_window_attention
@@ -45,9 +46,7 @@ class FinchPress(ScorerPress):
     window_size: int = 64
     chunk_length: int = 512
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_integer_fields(self, {"window_size": 1, "chunk_length": 1})
+    field_rules = {"window_size": Integer(1), "chunk_length": Integer(1)}
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         """Chunks count from each row's first real token: a left-padded row is scored on its unpadded

@@ -11,6 +11,7 @@ import torch
 from adakv.kernels.kvzip_reference import update_max_attention
 
 from ..base import BasePress, PrefillContext, WholePrefill
+from ..fields import Integer, OneOf, Text, TokenIds
 from ..scorer import ScorerPress
 
 DEFAULT_REPEAT_PROMPT = "\n\nRepeat the previous context:"  # the paper's prompt
@@ -60,22 +61,16 @@ class KVzipPress(ScorerPress):
     BUDGET_SCOPES = ("model", "head")  # a class constant, not a field
     scores_are_probabilities = True  # attention probabilities
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.budget_scope not in self.BUDGET_SCOPES:
-            raise ValueError(
-                f"budget_scope must be one of {self.BUDGET_SCOPES} ('model': one budget over every layer and "
-                f"head, the paper's default; 'head': each head its own (1 - ratio) share), got {self.budget_scope!r}."
-            )
-        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"chunk_size must be an integer >= 1, got {self.chunk_size!r}.")
-        if not isinstance(self.repeat_prompt, str):
-            raise TypeError(f"repeat_prompt must be a str, got {type(self.repeat_prompt).__name__}.")
-        if self.repeat_prompt_ids is not None:
-            ids = self.repeat_prompt_ids
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and i >= 0 for i in ids):
-                raise TypeError(f"repeat_prompt_ids must be a tuple of token ids (ints >= 0) or None, got {ids!r}.")
-            self.repeat_prompt_ids = tuple(ids)
+    field_rules = {
+        "chunk_size": Integer(1),
+        "repeat_prompt": Text(),
+        "repeat_prompt_ids": TokenIds(),
+        "budget_scope": OneOf(
+            BUDGET_SCOPES,
+            note=" ('model': one budget over every layer and head, the paper's default; 'head': each head its own "
+            "(1 - ratio) share)",
+        ),
+    }
 
     @property
     def compresses_after_prefill(self) -> bool:

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import PrefillContext, check_integer_fields
+from ..base import PrefillContext
+from ..fields import Integer
 from ..scorer import ScorerPress
 from .padding import scores_per_unpadded_row
 from .streaming_llm import first_available
@@ -50,9 +51,7 @@ class LagKVPress(ScorerPress):
     n_sink: int = 4
     lag_size: int = 128
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_integer_fields(self, {"n_sink": 0, "lag_size": 1})
+    field_rules = {"n_sink": Integer(0), "lag_size": Integer(1)}
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         """Sinks and partitions count from each row's first real token: a left-padded row is scored on its

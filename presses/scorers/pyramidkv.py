@@ -3,10 +3,10 @@ Information Funneling", arXiv 2406.02069."""
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 from ..base import PrefillContext
+from ..fields import Real
 from .snapkv import SnapKVPress
 
 
@@ -46,11 +46,7 @@ class PyramidKVPress(SnapKVPress):
 
     beta: float = 20.0
 
-    def __post_init__(self):
-        super().__post_init__()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, numbers.Real) or not self.beta >= 1:
-            raise ValueError(f"beta must be a number >= 1, got {self.beta!r}.")
-        self.beta = float(self.beta)  # numpy numbers too, as a Python float
+    field_rules = {"beta": Real(1.0)}
 
     def layer_compression_ratio(self, context: PrefillContext) -> float:
         if self.compression_ratio == 0:

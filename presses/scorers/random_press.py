@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import torch
 
 from ..base import PrefillContext
+from ..fields import Integer
 from ..scorer import ScorerPress
 from .padding import scores_per_unpadded_row
 
@@ -24,12 +24,7 @@ class RandomPress(ScorerPress):
 
     seed: int | None = None
 
-    def __post_init__(self):
-        super().__post_init__()
-        if self.seed is not None:
-            if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-                raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}.")
-            self.seed = int(self.seed)  # numpy integers too, as a Python int
+    field_rules = {"seed": Integer(0, optional=True)}
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         generator = torch.Generator(device=context.keys.device)

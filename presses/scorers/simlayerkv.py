@@ -9,7 +9,8 @@ import torch
 
 from adakv.selection import uniform_keep_mask
 
-from ..base import PrefillContext, check_fraction_fields, check_integer_fields
+from ..base import PrefillContext
+from ..fields import FRACTION, Integer
 from ..scorer import ScorerPress
 from .snapkv import mean_window_attention
 from .streaming_llm import sink_and_recency_scores
@@ -43,10 +44,7 @@ class SimLayerKVPress(ScorerPress):
     n_last: int = 32
     n_sink: int = 4
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_fraction_fields(self, ("lazy_threshold",))
-        check_integer_fields(self, {"n_last": 1, "n_sink": 0})
+    field_rules = {"lazy_threshold": FRACTION, "n_last": Integer(1), "n_sink": Integer(0)}
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         return sink_and_recency_scores(context.available, self.n_sink)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 from adakv.kernels.attention_scores import float32_scores
 
 from ..base import PrefillContext
+from ..fields import Integer
 from ..scorer import ScorerPress
 
 
@@ -98,17 +98,7 @@ class SnapKVPress(ScorerPress):
     window_size: int = 64
     kernel_size: int = 5
 
-    def __post_init__(self):
-        super().__post_init__()
-        sizes = (self.window_size, self.kernel_size)
-        if any(isinstance(size, bool) or not isinstance(size, numbers.Integral) for size in sizes) or (
-            self.window_size < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0
-        ):
-            raise ValueError(
-                "window_size must be >= 1 and kernel_size a positive odd number, both integers; got "
-                f"window_size={self.window_size!r}, kernel_size={self.kernel_size!r}."
-            )
-        self.window_size, self.kernel_size = int(self.window_size), int(self.kernel_size)  # numpy integers too
+    field_rules = {"window_size": Integer(1), "kernel_size": Integer(1, odd=True)}
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         seq_len = context.seq_len

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import PrefillContext, check_integer_fields
+from ..base import PrefillContext
+from ..fields import Integer
 from ..scorer import ScorerPress
 from .padding import relative_positions
 
@@ -29,9 +30,7 @@ class StreamingLLMPress(ScorerPress):
 
     n_sink: int = 4
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_integer_fields(self, {"n_sink": 0})
+    field_rules = {"n_sink": Integer(0)}
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         return sink_and_recency_scores(context.available, self.n_sink)

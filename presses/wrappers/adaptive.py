@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adakv.selection import Reduction, adaptive_keep_mask, check_exchange, model_keep_masks, reduction_for
+from adakv.selection import EXCHANGES, Reduction, adaptive_keep_mask, model_keep_masks, reduction_for
 
-from ..base import PrefillContext, WholePrefill, WrapperPress, check_fraction_fields, check_is_press
+from ..base import PrefillContext, WholePrefill, WrapperPress, check_is_press
+from ..fields import FRACTION, Check, OneOf
 
 SCOPES = ("layer", "model")
 
@@ -58,13 +59,15 @@ class AdaptivePress(WrapperPress):
     scope: str = "layer"
     exchange: str = "all_gather"
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_scoring_press(self.press, "AdaptivePress")
-        check_fraction_fields(self, ("alpha_safeguard",))
-        check_exchange(self.exchange)
-        if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
+    field_rules = {
+        "press": Check(check_scoring_press),
+        "alpha_safeguard": FRACTION,
+        "scope": OneOf(SCOPES),
+        "exchange": OneOf(EXCHANGES),
+    }
+
+    def check_combination(self) -> None:
+        super().check_combination()
         if self.scope == "model" and not getattr(self.press, "scores_are_probabilities", False):
             raise ValueError(
                 f'AdaptivePress(scope="model") ranks the scores of different layers against each other, which is '

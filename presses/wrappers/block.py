@@ -12,7 +12,8 @@ from adakv.selection import kept_count, top_k_keep_mask
 
 from ..scorers.padding import keep_per_unpadded_row
 from .adaptive import check_scoring_press
-from ..base import PrefillContext, WrapperPress, check_integer_fields
+from ..base import PrefillContext, WrapperPress
+from ..fields import Check, Integer
 
 
 def gather_along(tensor: torch.Tensor, dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -70,10 +71,7 @@ class BlockPress(WrapperPress):
 
     block_size: int = 512
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_scoring_press(self.press, "BlockPress")
-        check_integer_fields(self, {"block_size": 1})
+    field_rules = {"press": Check(check_scoring_press), "block_size": Integer(1)}
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         return keep_per_unpadded_row(context, self.unpadded_compress)

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import PrefillContext, WrapperPress, check_integer_fields
+from ..base import PrefillContext, WrapperPress
+from ..fields import Check, Integer
 from ..scorers.padding import keep_per_unpadded_row
 from .composed import check_not_rerotation
 
@@ -22,10 +23,7 @@ class ChunkPress(WrapperPress):
 
     chunk_length: int = 1024
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_not_rerotation(self.press, "ChunkPress")
-        check_integer_fields(self, {"chunk_length": 1})
+    field_rules = {"press": Check(check_not_rerotation), "chunk_length": Integer(1)}
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         return keep_per_unpadded_row(context, self.unpadded_compress)

@@ -11,7 +11,8 @@ from adakv.selection import kept_count, ranks_of_order
 
 from ..scorers.padding import keep_per_unpadded_row
 from .adaptive import check_scoring_press
-from ..base import PrefillContext, WrapperPress, check_integer_fields
+from ..base import PrefillContext, WrapperPress
+from ..fields import Check, Flag, Integer
 
 
 def chunk_mean_scores(
@@ -61,12 +62,7 @@ class ChunkKVPress(WrapperPress):
     chunk_length: int = 10
     shared_across_heads: bool = True
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_scoring_press(self.press, "ChunkKVPress")
-        check_integer_fields(self, {"chunk_length": 1})
-        if not isinstance(self.shared_across_heads, bool):
-            raise TypeError(f"shared_across_heads must be True or False, got {self.shared_across_heads!r}.")
+    field_rules = {"press": Check(check_scoring_press), "chunk_length": Integer(1), "shared_across_heads": Flag()}
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         return keep_per_unpadded_row(context, self.unpadded_compress)

@@ -7,16 +7,25 @@ from dataclasses import dataclass
 import torch
 
 from ..base import BasePress, PrefillContext, WholePrefill, check_is_press
+from ..fields import Check
 from .key_rerotation import KeyRerotationPress
 
 
 def check_not_rerotation(press: BasePress, wrapper: str) -> None:
-    """KeyRerotationPress edits the cache's keys in place, so nothing may run on them after it."""
+    """A press (not a KeyRerotationPress: it edits the cache's keys in place, so nothing may run on them after it)."""
+    check_is_press(press, wrapper)
     if isinstance(press, KeyRerotationPress):
         raise TypeError(
             f"{wrapper} cannot wrap a KeyRerotationPress: rerotation must come last. "
             f"Wrap the {wrapper} in the KeyRerotationPress instead."
         )
+
+
+def check_press_list(presses, wrapper: str) -> None:
+    if not isinstance(presses, (list, tuple)) or not presses:
+        raise TypeError(f"{wrapper} needs a non-empty list of presses, got {presses!r}.")
+    for press in presses:
+        check_not_rerotation(press, wrapper)
 
 
 @dataclass
@@ -28,13 +37,7 @@ class ComposedPress(BasePress):
 
     presses: list[BasePress]
 
-    def __post_init__(self):
-        super().__post_init__()
-        if not isinstance(self.presses, (list, tuple)) or not self.presses:
-            raise TypeError(f"ComposedPress needs a non-empty list of presses, got {self.presses!r}.")
-        for press in self.presses:
-            check_is_press(press, "ComposedPress")
-            check_not_rerotation(press, "ComposedPress")
+    field_rules = {"presses": Check(check_press_list)}
 
     def inner_presses(self) -> tuple[BasePress, ...]:
         return tuple(self.presses) if isinstance(self.presses, (list, tuple)) else ()
@@ -46,6 +49,10 @@ class ComposedPress(BasePress):
         for press in self.presses:
             kept *= 1.0 - getattr(press, "compression_ratio", 0.0)
         return 1.0 - kept
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        raise AttributeError("ComposedPress's compression_ratio follows from its presses' ratios: set those.")
 
     @property
     def compresses_after_prefill(self) -> bool:

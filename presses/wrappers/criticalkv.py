@@ -11,7 +11,8 @@ from adakv.models import weight_for_local_heads
 from adakv.selection import descending_rank, kept_count
 
 from .adaptive import check_scoring_press
-from ..base import PrefillContext, WrapperPress, check_fraction_fields
+from ..base import PrefillContext, WrapperPress
+from ..fields import FRACTION, Check
 from ..scorer import uniform_compress
 
 # Adds to the scores of the first stage's picks so any later top-k takes them first.
@@ -48,10 +49,7 @@ class CriticalKVPress(WrapperPress):
 
     first_stage_ratio: float = 0.5
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_scoring_press(self.press, "CriticalKVPress")
-        check_fraction_fields(self, ("first_stage_ratio",))
+    field_rules = {"press": Check(check_scoring_press), "first_stage_ratio": FRACTION}
 
     def layer_compression_ratio(self, context: PrefillContext) -> float:
         return self.press.layer_compression_ratio(context)

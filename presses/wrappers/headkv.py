@@ -10,7 +10,8 @@ import torch
 from adakv.selection import adaptive_keep_mask, descending_rank, kept_count
 
 from .adaptive import check_scoring_press
-from ..base import PrefillContext, WrapperPress, check_fraction_fields, check_integer_fields
+from ..base import PrefillContext, WrapperPress
+from ..fields import FRACTION, Check, Integer
 from ..scorers.duo_attention import local_attention_share
 
 
@@ -39,11 +40,12 @@ class HeadKVPress(WrapperPress):
     window_size: int = 64
     n_sink: int = 4
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_scoring_press(self.press, "HeadKVPress")
-        check_fraction_fields(self, ("base_fraction",))
-        check_integer_fields(self, {"window_size": 1, "n_sink": 0})
+    field_rules = {
+        "press": Check(check_scoring_press),
+        "base_fraction": FRACTION,
+        "window_size": Integer(1),
+        "n_sink": Integer(0),
+    }
 
     def head_importance(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads) in [0, 1]: the window's attention on the distant context, rounded to 1e-6 so

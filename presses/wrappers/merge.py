@@ -8,7 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from ..base import PrefillContext, WrapperPress, check_integer_fields
+from ..base import PrefillContext, WrapperPress
+from ..fields import Check, Integer
 from .composed import check_not_rerotation
 from ..scorers.snapkv import mean_window_attention
 
@@ -82,10 +83,7 @@ class MergePress(WrapperPress):
         "backend 'evict'. Use an ordinary prefill."
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_not_rerotation(self.press, "MergePress")
-        check_integer_fields(self, {"merge_window": 1, "window_size": 1})
+    field_rules = {"press": Check(check_not_rerotation), "merge_window": Integer(1), "window_size": Integer(1)}
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         keep = self.press.compress(context)

@@ -9,7 +9,8 @@ import torch
 from adakv.selection import uniform_keep_mask
 
 from .adaptive import check_scoring_press
-from ..base import BasePress, PrefillContext, check_compression_ratio
+from ..base import BasePress, PrefillContext
+from ..fields import RATIO, Check, RealList
 
 
 @dataclass
@@ -22,16 +23,7 @@ class PerLayerCompressionPress(BasePress):
     press: BasePress
     compression_ratios: list[float]
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_scoring_press(self.press, "PerLayerCompressionPress")
-        if not isinstance(self.compression_ratios, (list, tuple)) or not self.compression_ratios:
-            raise TypeError(
-                f"compression_ratios must be a non-empty list of numbers in [0, 1), one per layer, "
-                f"got {self.compression_ratios!r}."
-            )
-        for ratio in self.compression_ratios:
-            check_compression_ratio(ratio)
+    field_rules = {"press": Check(check_scoring_press), "compression_ratios": RealList(RATIO, "one per layer")}
 
     def inner_presses(self) -> tuple[BasePress, ...]:
         return (self.press,)
@@ -40,6 +32,12 @@ class PerLayerCompressionPress(BasePress):
     def compression_ratio(self) -> float:
         """Mean of the per-layer ratios."""
         return sum(self.compression_ratios) / len(self.compression_ratios)
+
+    @compression_ratio.setter
+    def compression_ratio(self, value: float) -> None:
+        raise AttributeError(
+            "PerLayerCompressionPress has one ratio per layer and compression_ratio is their mean: set compression_ratios."
+        )
 
     @property
     def scores_are_probabilities(self) -> bool:

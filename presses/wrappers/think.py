@@ -9,7 +9,8 @@ import torch
 
 from adakv.models import queries
 
-from ..base import PrefillContext, WrapperPress, check_compression_ratio, check_integer_fields
+from ..base import PrefillContext, WrapperPress
+from ..fields import RATIO, Check, Integer
 from ..scorers.padding import leading_padding
 from .composed import check_not_rerotation
 
@@ -58,17 +59,7 @@ class ThinKPress(WrapperPress):
         "backend 'evict'. Use an ordinary prefill."
     )
 
-    def __post_init__(self):
-        super().__post_init__()
-        check_not_rerotation(self.press, "ThinKPress")
-        try:
-            check_compression_ratio(self.key_channel_compression_ratio)
-        except ValueError:
-            raise ValueError(
-                f"key_channel_compression_ratio must be a number in [0, 1), got {self.key_channel_compression_ratio!r}."
-            ) from None
-        self.key_channel_compression_ratio = float(self.key_channel_compression_ratio)
-        check_integer_fields(self, {"window_size": 1})
+    field_rules = {"press": Check(check_not_rerotation), "key_channel_compression_ratio": RATIO, "window_size": Integer(1)}
 
     def pruned_channels(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads, head_dim) bool: the channels each head drops."""

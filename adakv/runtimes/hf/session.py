@@ -64,6 +64,14 @@ from .attention import (
 )
 from .decoding import DecodingRecompression, decoding_policy
 from .graph_decode import graph_decoding_refusal
+from .refusals import (
+    EVICT_ATTENTIONS_WARNING,
+    cache_refusal,
+    guarded_generate,
+    layer_refusal,
+    no_cache_refusal,
+    right_padding_refusal,
+)
 
 
 def block_backend(press: BasePress, config) -> str:
@@ -173,6 +181,7 @@ class PressSession:
         self._receiving_chunks = False
         self._own_forwards = False
         self._prefill_parts: dict | None = None
+        self._warned_attentions = False
 
     @property
     def graph_decoder(self):
@@ -189,6 +198,7 @@ class PressSession:
         model, press = self.model, self.press
         if active.session_of(model) is not None:
             raise RuntimeError("This model is already inside a `with press(model):` block; presses do not nest.")
+        press.check_fields()  # an inner press or a list field may have changed since construction
         modules = attention_modules(model)
         if not any(is_full_attention_layer(module) for module in modules):
             raise ValueError(
@@ -208,13 +218,15 @@ class PressSession:
             for module in modules:
                 handles.append(module.register_forward_pre_hook(remember_cache, with_kwargs=True))
                 if is_full_attention_layer(module):
+                    handles.append(module.register_forward_pre_hook(self._before_attention, with_kwargs=True))
                     handles.append(module.register_forward_hook(self._after_attention, with_kwargs=True))
             if press.compresses_after_prefill:
                 decoder_module = model.get_decoder()
                 handles.append(decoder_module.register_forward_pre_hook(self._before_decoder, with_kwargs=True))
                 handles.append(decoder_module.register_forward_hook(self._after_decoder, with_kwargs=True))
             active.register(active._sessions, model, self)
-            yield self
+            with guarded_generate(model, type(press).__name__):
+                yield self
         finally:
             active.unregister(active._sessions, model)
             for handle in handles:
@@ -266,6 +278,23 @@ class PressSession:
             if layer is not None:
                 cache.layers[context.layer_idx] = layer
 
+    def _before_attention(self, module: nn.Module, args, kwargs) -> None:
+        """Refuse a forward the press cannot serve (no cache, another cache class, another model's compressed
+        layer) before the layer runs; warn once that evicted layers return no attention weights."""
+        cache = cache_argument(kwargs)
+        if cache is None:
+            raise ValueError(no_cache_refusal(type(self.press).__name__))
+        refusal = cache_refusal(cache)
+        layer = cache.layers[module.layer_idx] if module.layer_idx < len(cache.layers) else None
+        if refusal is None and layer is not None:
+            refusal = layer_refusal(layer, module)
+        if refusal is not None:
+            raise ValueError(refusal)
+        if kwargs.get("output_attentions") and isinstance(layer, CompressedLayer) and layer.backend == "evict":
+            if not self._warned_attentions:
+                self._warned_attentions = True
+                warnings.warn(EVICT_ATTENTIONS_WARNING, UserWarning, stacklevel=2)
+
     def _after_attention(self, module: nn.Module, args, kwargs, output) -> None:
         if self._own_forwards:
             return
@@ -285,6 +314,10 @@ class PressSession:
         batch, kv_heads = keys.shape[:2]
         kv_length = layer.get_seq_length()
         real = real_token_mask(kwargs.get("attention_mask"), batch, kv_length, keys.device)  # (batch, kv_length)
+        if kwargs.get("attention_mask") is not None:
+            refusal = right_padding_refusal(real)
+            if refusal is not None:
+                raise ValueError(refusal)
         attentions = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         context = PrefillContext(
             module=module,
