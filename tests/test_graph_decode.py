@@ -253,3 +253,22 @@ def test_smollm2_bf16_graph_steps_agree_with_eager_over_256_tokens(fusions):
     agreement = (graphed == eager).float().mean().item()
     assert decoder.captures == 1 and decoder.replays == 255
     assert agreement >= 0.99, agreement
+
+
+def test_generate_still_asks_the_prefill_for_the_last_logits_only(monkeypatch):
+    """generate passes logits_to_keep=1 only to a forward that declares it: the graph decoder's forward keeps
+    the model's signature, or the prefill computes logits for every prompt position (GiBs at long context)."""
+    model = tiny_model("llama")
+    seen = []
+    original = graph_decode.GraphDecoder.forward
+
+    def recording_forward(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        seen.append((kwargs.get("logits_to_keep"), output.logits.shape[1]))
+        return output
+
+    monkeypatch.setattr(graph_decode.GraphDecoder, "forward", recording_forward)
+    ids = random_ids(1, 24)
+    with torch.no_grad(), evict_press()(model, cuda_graphs="emulate"):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert seen and all(keep == 1 and positions == 1 for keep, positions in seen), seen

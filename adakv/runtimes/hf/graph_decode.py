@@ -25,6 +25,8 @@ graph would, so a code path that read host state instead of device state gives w
 
 from __future__ import annotations
 
+import functools
+
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -118,7 +120,14 @@ class GraphDecoder:
         model = self.model
         self._saved = {name: model.__dict__[name] for name in ("forward", "generate") if name in model.__dict__}
         original_generate = model.generate
-        model.forward = self.forward
+
+        # the model's own signature: generate passes `logits_to_keep=1` only to a forward that declares it,
+        # and without it the prefill computes logits for every prompt position (8 GiB at 32k tokens, 8B vocab)
+        @functools.wraps(self.eager_forward)
+        def forward(*args, **kwargs):
+            return self.forward(*args, **kwargs)
+
+        model.forward = forward
 
         def generate(*args, **kwargs):
             config = kwargs.get("generation_config") or model.generation_config
