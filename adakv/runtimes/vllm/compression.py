@@ -54,7 +54,7 @@ def compress_request_layer(
         recent_queries=queries,
         scaling=scale,
     )
-    keep = request.setting.build().compress(context)
+    keep = request.press.compress(context)
     if keep is None:
         keep = context.available
     request.packed[layer] = pack_layer(key_cache, value_cache, block_table, keep[0], request.kept_slots)

@@ -48,7 +48,7 @@ def token_addresses(position: torch.Tensor, head: torch.Tensor, block_table: tor
 
 def gather_prompt(cache: torch.Tensor, block_table: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """(kv_heads, prompt_len, head_dim): the prompt's dense rows of one request, in position order."""
-    kv_heads, block_size = cache.shape[1], cache.shape[2]
+    block_size = cache.shape[2]
     positions = torch.arange(prompt_len, device=cache.device)
     blocks, rows = block_table[positions // block_size], positions % block_size
     return cache[blocks, :, rows].transpose(0, 1)

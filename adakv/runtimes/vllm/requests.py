@@ -9,6 +9,7 @@ holds: prefix caching is refused with compression). Nothing here imports vLLM.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -33,6 +34,10 @@ class ServedRequest:
     scheduled: int = 0
     packed: dict[int, PackedLayer] = field(default_factory=dict)
     recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    press: Any = field(init=False, repr=False)  # the adakv press of `setting`, built once
+
+    def __post_init__(self):
+        self.press = self.setting.build()
 
     @property
     def kept_slots(self) -> int:

@@ -8,6 +8,7 @@ Nothing here imports vLLM: the scheduler, the worker and the tests share it.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping
@@ -85,7 +86,7 @@ class ServingPress:
         wrapper_options = {k: v for k, v in self.options.items() if k == "alpha_safeguard"}
         return presses.AdaptivePress(scorer, **wrapper_options)
 
-    @property
+    @functools.cached_property
     def recent_queries_needed(self) -> int:
         """How many of the prompt's last queries the scorer reads (SnapKV's window), 0 if none."""
         scorer = self.build()
