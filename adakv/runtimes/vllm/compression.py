@@ -10,7 +10,7 @@ import torch
 from adakv.presses.base import PrefillContext
 
 from .layout import compressed_attention, gather_prompt, pack_layer
-from .requests import ServedRequest
+from .requests import ServedRequest, ServedRequests
 
 
 def recent_queries(request: ServedRequest, layer: int, step_queries: torch.Tensor, start: int) -> torch.Tensor:
@@ -35,8 +35,10 @@ def compress_request_layer(
     value_cache: torch.Tensor,
     block_table: torch.Tensor,
     scale: float,
+    offsets_for: ServedRequests | None = None,
 ) -> None:
-    """Score the request's prompt in `layer` with its press, select, and pack the kept pairs."""
+    """Score the request's prompt in `layer` with its press, select, and pack the kept pairs (and record
+    where in `offsets_for`'s offset tables, for the decode kernel)."""
     prompt_len, kv_heads = request.prompt_len, key_cache.shape[1]
     keys = gather_prompt(key_cache, block_table, prompt_len)[None]
     values = gather_prompt(value_cache, block_table, prompt_len)[None]
@@ -59,6 +61,8 @@ def compress_request_layer(
         keep = context.available
     request.packed[layer] = pack_layer(key_cache, value_cache, block_table, keep[0], request.kept_slots)
     request.recent_queries.pop(layer, None)
+    if offsets_for is not None:
+        offsets_for.record_offsets(request, layer, request.packed[layer])
 
 
 def serve_layer(
@@ -72,6 +76,7 @@ def serve_layer(
     value_cache: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    offsets_for: ServedRequests | None = None,
 ) -> None:
     """Everything compressed requests need in this layer, after the dense attention wrote `output`.
 
@@ -89,8 +94,9 @@ def serve_layer(
                     request.recent_queries[layer] = recent_queries(request, layer, step_queries, start)
                 continue
             compress_request_layer(
-                request, layer, num_layers, step_queries, start, key_cache, value_cache, block_table, scale
-            )
+                request, layer, num_layers, step_queries, start, key_cache, value_cache, block_table, scale,
+                offsets_for,
+            )  # fmt: skip
         after_prompt = max(prompt_len - start, 0)  # this step's first query at a position >= prompt_len
         if after_prompt >= last - first:
             continue

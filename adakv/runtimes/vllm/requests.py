@@ -34,6 +34,7 @@ class ServedRequest:
     scheduled: int = 0
     packed: dict[int, PackedLayer] = field(default_factory=dict)
     recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)
+    table_row: int = -1  # its row in the registry's per-layer offset tables (decode kernels read them)
     press: Any = field(init=False, repr=False)  # the adakv press of `setting`, built once
 
     def __post_init__(self):
@@ -42,6 +43,10 @@ class ServedRequest:
     @property
     def kept_slots(self) -> int:
         return self.setting.kept_per_head(self.prompt_len)
+
+    def decodes_packed(self, num_layers: int) -> bool:
+        """This step is one token after a prompt packed in every layer (the decode kernel's case)."""
+        return self.scheduled == 1 and self.computed >= self.prompt_len and len(self.packed) == num_layers
 
     def restart(self, first_block: int, computed: int) -> None:
         """Resumed after a preemption: its pages were given back, the prefill (and compression) runs again."""
@@ -59,6 +64,10 @@ class ServedRequests:
         self.by_first_block: dict[int, ServedRequest] = {}
         self.finished: dict[str, ServedRequest] = {}  # the last few, for inspection (collective_rpc)
         self.keep_finished = 0
+        self.batch_req_ids: list[str] = []  # the current step's batch order (the CUDA worker records it)
+        self.offset_tables: dict[int, torch.Tensor] = {}  # layer -> (rows, kv_heads + 1) int32
+        self._free_table_rows: list[int] = []
+        self._table_rows_used = 0
 
     def update(self, scheduler_output) -> None:
         """Take one step's scheduling: new, resumed, continuing and finished requests."""
@@ -68,8 +77,9 @@ class ServedRequests:
             setting = request_setting(self.engine, new.sampling_params)
             if setting.compresses:
                 prompt_len = len(new.prompt_token_ids or ())
-                self.by_id[new.req_id] = ServedRequest(new.req_id, setting, prompt_len, new.block_ids[0][0])
-                self.by_id[new.req_id].computed = new.num_computed_tokens
+                request = ServedRequest(new.req_id, setting, prompt_len, new.block_ids[0][0])
+                request.computed, request.table_row = new.num_computed_tokens, self._take_table_row()
+                self.by_id[new.req_id] = request
         cached = scheduler_output.scheduled_cached_reqs
         for index, req_id in enumerate(cached.req_ids):
             request = self.by_id.get(req_id)
@@ -84,6 +94,8 @@ class ServedRequests:
 
     def _finish(self, req_id: str) -> None:
         request = self.by_id.pop(req_id, None)
+        if request is not None:
+            self._free_table_rows.append(request.table_row)
         if request is not None and self.keep_finished:
             self.finished[req_id] = request
             while len(self.finished) > self.keep_finished:
@@ -92,6 +104,30 @@ class ServedRequests:
     def rows(self, first_blocks: list[int]) -> list[ServedRequest | None]:
         """The compressed request of each batch row (None: served dense)."""
         return [self.by_first_block.get(block) for block in first_blocks]
+
+    def rows_of_batch(self, num_reqs: int) -> list[ServedRequest | None]:
+        """The compressed request of each row of the current step's batch, by the recorded order."""
+        return [self.by_id.get(req_id) for req_id in self.batch_req_ids[:num_reqs]]
+
+    def _take_table_row(self) -> int:
+        if self._free_table_rows:
+            return self._free_table_rows.pop()
+        self._table_rows_used += 1
+        return self._table_rows_used - 1
+
+    def record_offsets(self, request: ServedRequest, layer: int, packed: PackedLayer) -> None:
+        """Write a request's packed-pair offsets of one layer into that layer's offset table (grown as
+        needed): row request.table_row = (offsets[0], ..., offsets[kv_heads - 1], pairs)."""
+        kv_heads = packed.lengths.shape[0]
+        table = self.offset_tables.get(layer)
+        if table is None or table.shape[0] <= request.table_row:
+            rows = max(64, 2 * (request.table_row + 1))
+            grown = torch.zeros(rows, kv_heads + 1, dtype=torch.int32, device=packed.lengths.device)
+            if table is not None:
+                grown[: table.shape[0]] = table
+            table = self.offset_tables[layer] = grown
+        table[request.table_row, :kv_heads] = packed.offsets.to(torch.int32)
+        table[request.table_row, kv_heads] = packed.lengths.sum().to(torch.int32)
 
 
 _SERVED: ServedRequests | None = None
