@@ -31,7 +31,7 @@ def test_reference_equals_the_layouts_attention_for_every_row():
         keep = torch.rand(kv_heads, prompt_len) < 0.5
         packed = pack_layer(key_cache, value_cache, table[row], keep, -(-int(keep.sum()) // kv_heads))
         packings.append(packed)
-        offsets.append(torch.cat([packed.offsets, packed.lengths.sum()[None]]).int())
+        offsets.append(packed.offset_row())
         infos.append([1 - row, row, prompt_len, seq_len, row])  # query tokens in the other order
     query = torch.randn(2, kv_heads * group, head_dim)
     out = torch.zeros_like(query)

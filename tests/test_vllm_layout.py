@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adakv.runtimes.vllm.layout import compressed_attention, gather_prompt, pack_layer
+from adakv.runtimes.vllm.layout import PackedLayer, compressed_attention, gather_prompt, pack_layer
+from adakv.runtimes.vllm.requests import ServedRequests
 from adakv.runtimes.vllm.settings import ServingPress, check_engine, engine_setting, request_setting
 from adakv.selection.headwise import kept_count
 
@@ -144,3 +145,35 @@ def test_engine_checks():
         check_engine(engine_config(tensor_parallel_size=2))
     with pytest.raises(ValueError, match="without additional_config"):
         check_engine(engine_config(additional_config={}))
+
+
+def scheduled(new=(), finished=()):
+    """A SchedulerOutput with the fields ServedRequests reads: new requests (id, prompt length, first block)."""
+    return SimpleNamespace(
+        finished_req_ids=set(finished),
+        scheduled_new_reqs=[
+            SimpleNamespace(
+                req_id=req_id, sampling_params=SimpleNamespace(extra_args=None), prompt_token_ids=[1] * prompt_len,
+                block_ids=([block],), num_computed_tokens=0,
+            )
+            for req_id, prompt_len, block in new
+        ],  # fmt: skip
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[], num_computed_tokens=[], resumed_req_ids=set()),
+        num_scheduled_tokens={req_id: prompt_len for req_id, prompt_len, _ in new},
+    )
+
+
+def test_offset_tables_hold_each_requests_packing_and_reuse_finished_rows():
+    served = ServedRequests(ServingPress("snapkv", 0.5))
+    served.update(scheduled(new=[("a", 40, 3), ("b", 30, 7)]))
+    a, b = served.by_id["a"], served.by_id["b"]
+    assert a.table_row != b.table_row
+    packed = PackedLayer(
+        lengths=torch.tensor([5, 0, 3]), offsets=torch.tensor([0, 5, 5]), kept_positions=torch.arange(8)
+    )
+    served.record_offsets(b, layer=1, packed=packed)
+    assert served.offset_tables[1][b.table_row].tolist() == [0, 5, 5, 8]
+    assert served.offset_tables[1].dtype == torch.int32
+    served.update(scheduled(new=[("c", 20, 9)], finished=["a"]))
+    assert served.by_id["c"].table_row == a.table_row  # a finished request's row is reused
+    assert served.rows([7, 9, 11]) == [b, served.by_id["c"], None]

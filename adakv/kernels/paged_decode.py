@@ -12,15 +12,12 @@ offset_table (requests, kv_heads + 1) int32: head h's packed pairs are [offsets[
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
-MIN_CHUNK = 256  # keys per split below which a split's fixed cost outweighs the parallelism it adds
-PROGRAMS_PER_SM = 2
-LOG2_E = math.log2(math.e)
+from .triton_decode import LOG2_E, MIN_KEYS_PER_SPLIT, PROGRAMS_PER_SM, block_sizes
 
 
 @dataclass(frozen=True)
@@ -37,7 +34,7 @@ def decode_plan(rows: int, kv_heads: int, mean_length: int, max_length: int, num
     per multiprocessor; splits cover `max_length`, an upper bound of any head's sequence."""
     sequences = max(rows * kv_heads, 1)
     target = max(num_sms * PROGRAMS_PER_SM, 1)
-    chunk = max(MIN_CHUNK, -(-mean_length * sequences // target))
+    chunk = max(MIN_KEYS_PER_SPLIT, -(-mean_length * sequences // target))
     chunk = -(-chunk // block_n) * block_n
     return DecodePlan(chunk=chunk, num_splits=max(1, -(-max_length // chunk)))
 
@@ -47,12 +44,6 @@ def _kernels():
     from . import triton_pages
 
     return triton_pages
-
-
-def _tiles(group: int, head_dim: int, dtype: torch.dtype) -> dict:
-    block_d = max(16, 1 << (head_dim - 1).bit_length())
-    wide = block_d * (4 if dtype == torch.float32 else 2) > 256
-    return dict(BLOCK_M=max(16, 1 << (group - 1).bit_length()), BLOCK_N=32 if wide else 64, BLOCK_D=block_d)
 
 
 def packed_decode_attention(
@@ -74,7 +65,9 @@ def packed_decode_attention(
     num_heads, head_dim = query.shape[1], query.shape[2]
     kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     group = num_heads // kv_heads
-    tiles = _tiles(group, head_dim, query.dtype)
+    tiles = dict(block_sizes(group, head_dim, query.dtype))  # one program holds a head's whole GQA group
+    if group > tiles["BLOCK_M"]:
+        raise ValueError(f"{group} query heads per KV head: the packed-page decode kernel takes at most {tiles['BLOCK_M']}")
     if plan.chunk % tiles["BLOCK_N"]:
         raise ValueError(f"the plan's chunk ({plan.chunk}) must be a multiple of {tiles['BLOCK_N']} keys")
     kernels = _kernels()
@@ -87,7 +80,7 @@ def packed_decode_attention(
         query, key_cache, value_cache, block_table, rows_info, offset_table, partial_out, partial_lse,
         query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3], block_table.stride(0),
         scale * LOG2_E, kv_heads, block_size, plan.chunk, plan.num_splits,
-        GROUP=group, HEAD_DIM=head_dim, DOT_PRECISION=precision, num_warps=4, num_stages=2, **tiles,
+        GROUP=group, HEAD_DIM=head_dim, DOT_PRECISION=precision, **tiles,
     )  # fmt: skip
     kernels.combine_splits[(rows, kv_heads)](
         rows_info, offset_table, partial_out, partial_lse, out, out.stride(0), out.stride(1),

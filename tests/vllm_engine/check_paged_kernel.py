@@ -25,7 +25,7 @@ def case(kv_heads: int, group: int, head_dim: int, block_size: int, lengths, pla
         keep = torch.rand(kv_heads, prompt_len) < torch.rand(kv_heads, 1)  # heads keep different shares
         keep[:, -1] = True
         packed = pack_layer(key_cache, value_cache, table[row], keep, -(-int(keep.sum()) // kv_heads))
-        offsets.append(torch.cat([packed.offsets, packed.lengths.sum()[None]]).int())
+        offsets.append(packed.offset_row())
         infos.append([row, row, prompt_len, seq_len, row])
     query = torch.randn(len(lengths), kv_heads * group, head_dim)
     rows_info, offset_table = torch.tensor(infos, dtype=torch.int32), torch.stack(offsets)

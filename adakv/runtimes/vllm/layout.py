@@ -34,6 +34,10 @@ class PackedLayer:
     def pairs(self) -> int:
         return int(self.lengths.sum())
 
+    def offset_row(self) -> torch.Tensor:
+        """(kv_heads + 1,) int32: head h's pairs are [row[h], row[h + 1]) (the decode kernel's offset-table row)."""
+        return torch.cat([self.offsets, self.lengths.sum()[None]]).to(torch.int32)
+
 
 def pair_addresses(pair_index: torch.Tensor, block_table: torch.Tensor, kv_heads: int, block_size: int):
     """(block, lane, row) of packed pairs `pair_index` (any shape) in a request's pages."""

@@ -94,9 +94,10 @@ class ServedRequests:
 
     def _finish(self, req_id: str) -> None:
         request = self.by_id.pop(req_id, None)
-        if request is not None:
-            self._free_table_rows.append(request.table_row)
-        if request is not None and self.keep_finished:
+        if request is None:
+            return
+        self._free_table_rows.append(request.table_row)
+        if self.keep_finished:
             self.finished[req_id] = request
             while len(self.finished) > self.keep_finished:
                 self.finished.pop(next(iter(self.finished)))
@@ -126,8 +127,7 @@ class ServedRequests:
             if table is not None:
                 grown[: table.shape[0]] = table
             table = self.offset_tables[layer] = grown
-        table[request.table_row, :kv_heads] = packed.offsets.to(torch.int32)
-        table[request.table_row, kv_heads] = packed.lengths.sum().to(torch.int32)
+        table[request.table_row] = packed.offset_row()
 
 
 _SERVED: ServedRequests | None = None
