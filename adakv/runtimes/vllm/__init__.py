@@ -7,7 +7,7 @@
     llm.generate(prompts, SamplingParams(extra_args={"adakv": {"compression_ratio": 0.5}}))  # per request
 
 `engine_args` returns vLLM's own engine arguments (`additional_config`, `scheduler_cls`, `worker_cls`,
-`enable_prefix_caching=False`); `vllm serve` takes the same as flags (`serve_flags`). The plugin
+`enable_prefix_caching=False`, on CUDA `attention_backend="CUSTOM"`); `vllm serve` takes the same as flags (`serve_flags`). The plugin
 (entry point `vllm.general_plugins`) registers the attention backend. Importing this package does not
 import vLLM.
 """
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .settings import CONFIG_KEY, RUNTIME, SERVING_PRESSES, ServingPress
+from .settings import CONFIG_KEY, CUDA_BACKEND, RUNTIME, SERVING_PRESSES, WORKERS, ServingPress
 
 __all__ = ["SERVING_PRESSES", "ServingPress", "engine_args", "serve_flags"]
 
@@ -38,14 +38,13 @@ def engine_args(
     from vllm.platforms import current_platform
 
     on_cpu = current_platform.is_cpu()
+    if not on_cpu and not current_platform.is_cuda():
+        raise NotImplementedError(
+            f"adakv's vLLM runtime runs on CPU and CUDA; this platform is {current_platform.device_name!r}."
+        )
     if async_scheduling is None:
         async_scheduling = not on_cpu
-    if on_cpu:
-        worker = f"{RUNTIME}.worker.CompressingCPUWorker"
-    else:
-        raise NotImplementedError(
-            "adakv's vLLM runtime runs on CPU so far; its CUDA attention backend is not built yet."
-        )
+    backend = {} if on_cpu else {"attention_backend": CUDA_BACKEND}
     scheduler = "CompressingAsyncScheduler" if async_scheduling else "CompressingScheduler"
     setting = {"press": press, "compression_ratio": compression_ratio, **options}
     if keep_finished:
@@ -53,9 +52,10 @@ def engine_args(
     return {
         "additional_config": {CONFIG_KEY: setting},
         "scheduler_cls": f"{RUNTIME}.scheduler.{scheduler}",
-        "worker_cls": worker,
+        "worker_cls": WORKERS["cpu" if on_cpu else "cuda"],
         "enable_prefix_caching": False,
         "async_scheduling": async_scheduling,
+        **backend,
     }
 
 
@@ -68,4 +68,4 @@ def serve_flags(press: str = "adakv_snapkv", compression_ratio: float = 0.75, **
         "--worker-cls", args["worker_cls"],
         "--no-enable-prefix-caching",
         "--async-scheduling" if args["async_scheduling"] else "--no-async-scheduling",
-    ]  # fmt: skip
+    ] + (["--attention-backend", args["attention_backend"]] if "attention_backend" in args else [])  # fmt: skip

@@ -59,10 +59,11 @@ def compress_request_layer(
     keep = request.press.compress(context)
     if keep is None:
         keep = context.available
-    request.packed[layer] = pack_layer(key_cache, value_cache, block_table, keep[0], request.kept_slots)
+    packed = request.packed[layer] = pack_layer(key_cache, value_cache, block_table, keep[0], request.kept_slots)
     request.recent_queries.pop(layer, None)
     if offsets_for is not None:
-        offsets_for.record_offsets(request, layer, request.packed[layer])
+        offsets_for.record_offsets(request, layer, packed)
+        request.longest_head = max(request.longest_head, int(packed.lengths.max()))
 
 
 def serve_layer(

@@ -1,8 +1,10 @@
-"""The `vllm.general_plugins` entry point: registers adakv's attention backend in every vLLM process.
+"""The `vllm.general_plugins` entry point: registers adakv's attention backends in every vLLM process.
 
 On CPU vLLM always picks CPU_ATTN; its adakv subclass takes that name and is CPU_ATTN itself for every
-request that is not compressed (see attention.py). Nothing else in vLLM changes: the scheduler and
-worker classes are chosen by the engine arguments (`engine_args`).
+request that is not compressed (see attention.py). On CUDA adakv's FlashAttention subclass is registered
+as vLLM's CUSTOM backend, which an engine runs only when asked (`engine_args` asks): engines without
+adakv keep vLLM's own backend and its full CUDA graphs. The scheduler and worker classes are chosen by
+the engine arguments too.
 """
 
 from __future__ import annotations
@@ -14,3 +16,5 @@ def register() -> None:
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, "adakv.runtimes.vllm.attention.CPUCompressingBackend")
+    elif current_platform.is_cuda():
+        register_backend(AttentionBackendEnum.CUSTOM, "adakv.runtimes.vllm.cuda_attention.CUDACompressingBackend")

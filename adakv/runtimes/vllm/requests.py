@@ -35,6 +35,7 @@ class ServedRequest:
     packed: dict[int, PackedLayer] = field(default_factory=dict)
     recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)
     table_row: int = -1  # its row in the registry's per-layer offset tables (decode kernels read them)
+    longest_head: int = 0  # the most pairs any (layer, KV head) packed (bounds the decode kernel's splits)
     press: Any = field(init=False, repr=False)  # the adakv press of `setting`, built once
 
     def __post_init__(self):
@@ -53,6 +54,7 @@ class ServedRequest:
         self.first_block, self.computed = first_block, computed
         self.packed.clear()
         self.recent_queries.clear()
+        self.longest_head = 0
 
 
 class ServedRequests:
@@ -66,6 +68,8 @@ class ServedRequests:
         self.keep_finished = 0
         self.batch_req_ids: list[str] = []  # the current step's batch order (the CUDA worker records it)
         self.offset_tables: dict[int, torch.Tensor] = {}  # layer -> (rows, kv_heads + 1) int32
+        self.decode_launches = 0  # packed-page decode kernel calls (one per layer and step)
+        self.decode_differences: list[float] = []  # kernel vs torch reference, when the backend checks
         self._free_table_rows: list[int] = []
         self._table_rows_used = 0
 

@@ -15,6 +15,9 @@ from typing import Any, ClassVar, Mapping
 
 CONFIG_KEY = "adakv"
 RUNTIME = "adakv.runtimes.vllm"
+WORKERS = {"cpu": f"{RUNTIME}.worker.CompressingCPUWorker", "cuda": f"{RUNTIME}.cuda_worker.CompressingCUDAWorker"}
+# the attention backend adakv's CUDA worker needs (the plugin registers it under vLLM's CUSTOM name)
+CUDA_BACKEND = "CUSTOM"
 # engine-level keys that are not the press's: how many finished requests' packings a worker keeps for
 # inspection through `LLM.collective_rpc("adakv_packings")` (tests, checks against the HF runtime)
 ENGINE_KEYS = ("keep_finished",)
@@ -151,12 +154,13 @@ def check_engine(vllm_config) -> ServingPress:
         )
     scheduler = qualified_name(vllm_config.scheduler_config.scheduler_cls)
     worker = qualified_name(vllm_config.parallel_config.worker_cls)
-    if not scheduler.startswith(RUNTIME + ".scheduler.") or not worker.startswith(RUNTIME + ".worker."):
+    if not scheduler.startswith(RUNTIME + ".scheduler.") or worker not in WORKERS.values():
         raise ValueError(
             "adakv needs both its scheduler (which frees a compressed prompt's pages) and its worker (which "
             f"compresses): got scheduler_cls={scheduler or None!r}, worker_cls={worker or None!r}. Build the "
             "engine with adakv.runtimes.vllm.engine_args(...) (or `vllm serve` with serve_flags(...))."
         )
+    check_attention_backend(vllm_config, worker)
     parallel = vllm_config.parallel_config
     if parallel.tensor_parallel_size > 1 or parallel.pipeline_parallel_size > 1:
         raise ValueError(
@@ -171,3 +175,17 @@ def check_engine(vllm_config) -> ServingPress:
     if vllm_config.speculative_config is not None:
         raise ValueError("adakv's vLLM runtime does not serve speculative decoding yet: leave speculative_config unset.")
     return setting
+
+
+def check_attention_backend(vllm_config, worker: str) -> None:
+    """On CUDA the engine must run adakv's attention backend (vLLM would otherwise pick its own, which
+    knows nothing of packed pages)."""
+    if worker != WORKERS["cuda"]:
+        return
+    backend = getattr(vllm_config.attention_config, "backend", None)
+    name = getattr(backend, "name", backend)
+    if name != CUDA_BACKEND:
+        raise ValueError(
+            f"adakv's CUDA worker needs its attention backend: pass attention_backend={CUDA_BACKEND!r} "
+            f"(engine_args does), got {name!r}."
+        )

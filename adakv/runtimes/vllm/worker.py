@@ -1,41 +1,10 @@
-"""vLLM workers that tell adakv's attention backend, before each step, which requests it compresses.
-
-`engine_args` picks the one for the platform (`worker_cls`). The worker keeps the process's
-`ServedRequests` up to date from each step's `SchedulerOutput`; `adakv_packings` (through
-`LLM.collective_rpc`) reports where finished requests' kept pairs came from.
-"""
+"""adakv's vLLM worker on CPU (`engine_args` picks it there: `worker_cls`)."""
 
 from __future__ import annotations
 
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from .requests import served_requests
-from .settings import CONFIG_KEY, check_engine
-
-
-class CompressionSteps:
-    """The part shared by the CPU and CUDA workers (a mixin placed before vLLM's worker class)."""
-
-    def _adakv_registry(self):
-        served = served_requests()
-        if served is None:
-            served = served_requests(check_engine(self.vllm_config))
-            served.keep_finished = int(self.vllm_config.additional_config[CONFIG_KEY].get("keep_finished", 0))
-        return served
-
-    def execute_model(self, scheduler_output):
-        self._adakv_registry().update(scheduler_output)
-        return super().execute_model(scheduler_output)
-
-    def adakv_packings(self) -> dict[str, dict[int, list[list[int]]]]:
-        """Finished requests kept for inspection: request id -> layer -> per KV head, the kept positions."""
-        packings = {}
-        for req_id, request in self._adakv_registry().finished.items():
-            packings[req_id] = {
-                layer: [chunk.tolist() for chunk in packed.kept_positions.split(packed.lengths.tolist())]
-                for layer, packed in sorted(request.packed.items())
-            }
-        return packings
+from .steps import CompressionSteps
 
 
 class CompressingCPUWorker(CompressionSteps, CPUWorker):

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# adakv inside vLLM on a CUDA machine (vLLM 0.26.0 importable by $PYTHON, e.g. PYTHONPATH=/tmp/vllm-site
+# after .vllm-wheels/install.sh):
+#   PART=tests bash scripts/gpu_vllm.sh        # tests/test_vllm_cuda.py: the CUDA backend on a small model (~5 min)
+#   PART=checkpoint bash scripts/gpu_vllm.sh   # saves the random 8B-shape checkpoint to $CHECKPOINT (~1 min)
+#   PART=dense bash scripts/gpu_vllm.sh        # benchmarks/bench_serve_vllm.py --method dense (~6 min)
+#   PART=adakv bash scripts/gpu_vllm.sh        # the same with adakv's plugin, r = 0.75 and 0.875 (~8 min)
+# Environment: PYTHON (default python3), CHECKPOINT (default /tmp/llama8b), BENCH_ARGS (extra arguments
+# for the benchmark), ADAKV_COMMIT (the commit this tree is, for the results' provenance).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+CHECKPOINT=${CHECKPOINT:-/tmp/llama8b}
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
+export PYTHONUNBUFFERED=1
+if ! "$PYTHON" -c "import importlib.metadata as m; m.version('adakv')" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-deps --no-build-isolation -e .   # registers the vLLM plugin's entry point
+fi
+"$PYTHON" -c "import torch, vllm; assert torch.cuda.is_available(), 'no CUDA device';
+print('device', torch.cuda.get_device_name(), '| torch', torch.__version__, '| vllm', vllm.__version__)"
+case "${PART:-tests}" in
+  tests)
+    ADAKV_VLLM_PYTHON=$(command -v "$PYTHON") "$PYTHON" -m pytest -q -s -p no:cacheprovider tests/test_vllm_cuda.py ;;
+  checkpoint)
+    [ -f "$CHECKPOINT/config.json" ] || "$PYTHON" benchmarks/bench_serve_vllm.py --make-checkpoint "$CHECKPOINT" ;;
+  dense|adakv)
+    "$PYTHON" benchmarks/bench_serve_vllm.py --checkpoint "$CHECKPOINT" --method "$PART" ${BENCH_ARGS:-} ;;
+  *) echo "PART must be tests, checkpoint, dense or adakv" >&2; exit 2 ;;
+esac

@@ -1,0 +1,106 @@
+"""adakv inside vLLM on a GPU: the CUDA attention backend (FlashAttention + packed-page Triton decode) on a
+small random Llama in bf16, against adakv's transformers runtime on the same GPU.
+
+Skipped, saying so, without CUDA. On a GPU machine: `ADAKV_VLLM_PYTHON=$(which python) python -m pytest
+tests/test_vllm_cuda.py` with vLLM importable by that python (scripts/gpu_vllm.sh does it all).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from test_vllm_engine import VLLM_PYTHON, hf_answer_and_kept_sets, packing_of, random_prompt, serve
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device: the vLLM CUDA backend's tests run on a GPU (scripts/gpu_vllm.sh)", allow_module_level=True)
+
+WINDOW = 8
+RATIO = 0.75
+BF16 = {"dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """4 layers, 8 KV heads x 4 query heads each, head_dim 128 (the 8B's attention shape); weights drawn
+    wider than usual so that attention is peaked and SnapKV's scores are not near-ties."""
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: set ADAKV_VLLM_PYTHON")
+    path = tmp_path_factory.mktemp("small-llama")
+    config = LlamaConfig(
+        vocab_size=2048, hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=8192, initializer_range=0.06,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def overlap(ours: dict, theirs: dict) -> float:
+    """Share of the transformers runtime's kept (layer, head, token) triples that vLLM kept too."""
+    common = total = 0
+    for layer, heads in theirs.items():
+        for head, positions in enumerate(heads):
+            common += len(set(positions) & set(ours[layer][head]))
+            total += len(positions)
+    return common / total
+
+
+def test_kernel_equals_the_reference_inside_a_running_engine(small_checkpoint, tmp_path):
+    """Continuous batching of compressed requests of different lengths (and one dense), chunked prefill,
+    piecewise CUDA graphs: every decode launch compared with the torch reference on the same pages."""
+    requests = [{"prompt": random_prompt(300 + 97 * i, i), "max_tokens": 12 + 3 * i} for i in range(6)]
+    requests.append({"prompt": random_prompt(500, 9), "max_tokens": 10, "adakv": {"compression_ratio": 0}})
+    engine = {"press": "adakv_snapkv", "compression_ratio": RATIO, "window_size": WINDOW}
+    result = serve(
+        small_checkpoint, tmp_path, engine, requests, graphs=True, env={"ADAKV_VLLM_CHECK_DECODE": "1"},
+        max_model_len=2048, max_num_batched_tokens=256, enable_chunked_prefill=True, **BF16,
+    )  # fmt: skip
+    differences = result["stats"]["decode_differences"]
+    assert result["stats"]["decode_launches"] == len(differences) > 0
+    assert max(differences) < 2e-2, max(differences)  # bf16 outputs; the reference accumulates in fp32 too
+
+
+def test_same_kept_pairs_and_answers_as_the_transformers_runtime(small_checkpoint, tmp_path):
+    requests = [{"prompt": random_prompt(700 + 211 * i, 40 + i), "max_tokens": 8} for i in range(4)]
+    engine = {"press": "adakv_snapkv", "compression_ratio": RATIO, "window_size": WINDOW, "keep_finished": 8}
+    result = serve(small_checkpoint, tmp_path, engine, requests, graphs=True, max_model_len=4096, **BF16)
+    assert result["stats"]["decode_launches"] > 0
+    model = LlamaForCausalLM.from_pretrained(small_checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa")
+    model = model.to("cuda").eval()
+    first_tokens_equal = 0
+    for index, request in enumerate(requests):
+        tokens, kept = hf_answer_and_kept_sets(model, request["prompt"], RATIO, request["max_tokens"])
+        shared = overlap(packing_of(result, index), kept)
+        print(f"request {index}: kept overlap {shared:.4f}, tokens vLLM {result['tokens'][index]} HF {tokens}")
+        assert shared >= 0.99, f"request {index}: {shared:.4f} of the kept pairs in common"
+        first_tokens_equal += result["tokens"][index][:2] == tokens[:2]
+    assert first_tokens_equal >= len(requests) - 1
+
+
+def test_freed_pages_admit_more_requests_on_the_gpu(small_checkpoint, tmp_path):
+    """A pool of 60 blocks of 16 slots, 8 requests of 256 + 32 tokens: dense 18 blocks each (at most 3 at
+    once); at r = 0.75 a request keeps 64 slots of its prompt plus its 32 new tokens (6 blocks)."""
+    prompts = [random_prompt(256, 60 + seed) for seed in range(8)]
+    engine = {"press": "adakv_snapkv", "compression_ratio": RATIO, "window_size": WINDOW}
+    pool = {"max_model_len": 512, "num_gpu_blocks_override": 60, "block_size": 16, **BF16}
+    compressed = serve(small_checkpoint, tmp_path, engine, [{"prompt": p, "max_tokens": 32} for p in prompts], **pool)
+    dense = serve(
+        small_checkpoint, tmp_path, engine,
+        [{"prompt": p, "max_tokens": 32, "adakv": {"compression_ratio": 0}} for p in prompts], **pool,
+    )  # fmt: skip
+    assert dense["max_running"] <= 3
+    assert compressed["max_running"] >= 6
+    assert compressed["stats"]["decode_launches"] > 0 and dense["stats"]["decode_launches"] == 0
+
+
+def test_preemption_recomputes_the_same_compression_on_the_gpu(small_checkpoint, tmp_path):
+    requests = [{"prompt": random_prompt(200, 80 + seed), "max_tokens": 150} for seed in range(6)]
+    engine = {"press": "adakv_snapkv", "compression_ratio": 0.5, "window_size": WINDOW}
+    pool = {"max_model_len": 512, "block_size": 16, **BF16}
+    tight = serve(small_checkpoint, tmp_path, engine, requests, num_gpu_blocks_override=40, **pool)
+    roomy = serve(small_checkpoint, tmp_path, engine, requests, **pool)
+    assert tight["preemptions"] > 0 and roomy["preemptions"] == 0
+    same = sum(a == b for a, b in zip(tight["tokens"], roomy["tokens"]))
+    assert same >= len(requests) - 1, f"{same} of {len(requests)} answers equal after recomputation"
