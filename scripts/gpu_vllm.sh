@@ -5,7 +5,7 @@
 #   PART=checkpoint bash scripts/gpu_vllm.sh   # saves the random 8B-shape checkpoint to $CHECKPOINT (~1 min)
 #   PART=dense bash scripts/gpu_vllm.sh        # benchmarks/bench_serve_vllm.py --method dense (~6 min)
 #   PART=adakv bash scripts/gpu_vllm.sh        # the same with adakv's plugin, r = 0.75 and 0.875 (~8 min)
-# Environment: PYTHON (default python3), CHECKPOINT (default /tmp/llama8b), BENCH_ARGS (extra arguments
+# Environment: PYTHON (default python3), PYTEST_ARGS (e.g. -k kernel), CHECKPOINT (default /tmp/llama8b), BENCH_ARGS (extra arguments
 # for the benchmark), ADAKV_COMMIT (the commit this tree is, for the results' provenance).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +20,7 @@ fi
 print('device', torch.cuda.get_device_name(), '| torch', torch.__version__, '| vllm', vllm.__version__)"
 case "${PART:-tests}" in
   tests)
-    ADAKV_VLLM_PYTHON=$(command -v "$PYTHON") "$PYTHON" -m pytest -q -s -p no:cacheprovider tests/test_vllm_cuda.py ;;
+    ADAKV_VLLM_PYTHON=$(command -v "$PYTHON") "$PYTHON" -m pytest -q -s -p no:cacheprovider tests/test_vllm_cuda.py ${PYTEST_ARGS:-} ;;
   checkpoint)
     [ -f "$CHECKPOINT/config.json" ] || "$PYTHON" benchmarks/bench_serve_vllm.py --make-checkpoint "$CHECKPOINT" ;;
   dense|adakv)

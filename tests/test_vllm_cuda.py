@@ -57,15 +57,16 @@ def test_kernel_equals_the_reference_inside_a_running_engine(small_checkpoint, t
         small_checkpoint, tmp_path, engine, requests, graphs=True, env={"ADAKV_VLLM_CHECK_DECODE": "1"},
         max_model_len=2048, max_num_batched_tokens=256, enable_chunked_prefill=True, **BF16,
     )  # fmt: skip
-    differences = result["stats"]["decode_differences"]
+    differences = torch.tensor(result["stats"]["decode_differences"])
     assert result["stats"]["decode_launches"] == len(differences) > 0
-    assert max(differences) < 2e-2, max(differences)  # bf16 outputs; the reference accumulates in fp32 too
+    worst = differences.nan_to_num(float("inf")).max()
+    assert worst < 2e-2, f"{int((differences >= 2e-2).sum())} of {len(differences)} launches differ, worst {worst}"
 
 
 def test_same_kept_pairs_and_answers_as_the_transformers_runtime(small_checkpoint, tmp_path):
     requests = [{"prompt": random_prompt(700 + 211 * i, 40 + i), "max_tokens": 8} for i in range(4)]
     engine = {"press": "adakv_snapkv", "compression_ratio": RATIO, "window_size": WINDOW, "keep_finished": 8}
-    result = serve(small_checkpoint, tmp_path, engine, requests, graphs=True, max_model_len=4096, **BF16)
+    result = serve(small_checkpoint, tmp_path, engine, requests, max_model_len=4096, **BF16)
     assert result["stats"]["decode_launches"] > 0
     model = LlamaForCausalLM.from_pretrained(small_checkpoint, dtype=torch.bfloat16, attn_implementation="sdpa")
     model = model.to("cuda").eval()
@@ -96,11 +97,17 @@ def test_freed_pages_admit_more_requests_on_the_gpu(small_checkpoint, tmp_path):
 
 
 def test_preemption_recomputes_the_same_compression_on_the_gpu(small_checkpoint, tmp_path):
+    """Preempted requests are compressed again after their recomputation: the same kept pairs as in an
+    engine with room for all (bf16 batches of other shapes round differently, so greedy tokens of a
+    random model may part after a while: they are printed, not compared)."""
     requests = [{"prompt": random_prompt(200, 80 + seed), "max_tokens": 150} for seed in range(6)]
-    engine = {"press": "adakv_snapkv", "compression_ratio": 0.5, "window_size": WINDOW}
+    engine = {"press": "adakv_snapkv", "compression_ratio": 0.5, "window_size": WINDOW, "keep_finished": 8}
     pool = {"max_model_len": 512, "block_size": 16, **BF16}
     tight = serve(small_checkpoint, tmp_path, engine, requests, num_gpu_blocks_override=40, **pool)
     roomy = serve(small_checkpoint, tmp_path, engine, requests, **pool)
     assert tight["preemptions"] > 0 and roomy["preemptions"] == 0
-    same = sum(a == b for a, b in zip(tight["tokens"], roomy["tokens"]))
-    assert same >= len(requests) - 1, f"{same} of {len(requests)} answers equal after recomputation"
+    for index in range(len(requests)):
+        shared = overlap(packing_of(tight, index), packing_of(roomy, index))
+        agree = next((i for i, (a, b) in enumerate(zip(tight["tokens"][index], roomy["tokens"][index])) if a != b), 150)
+        print(f"request {index}: kept overlap {shared:.4f}, first {agree} tokens equal")
+        assert shared >= 0.99, f"request {index}: {shared:.4f}"

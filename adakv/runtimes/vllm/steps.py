@@ -14,6 +14,8 @@ from .settings import CONFIG_KEY, check_engine
 class CompressionSteps:
     """The part shared by the CPU and CUDA workers."""
 
+    _adakv_warming_up = False
+
     def _adakv_registry(self):
         served = served_requests()
         if served is None:
@@ -22,13 +24,26 @@ class CompressionSteps:
         return served
 
     def execute_model(self, scheduler_output):
-        self._adakv_registry().update(scheduler_output)
+        if not self._adakv_warming_up:
+            self._adakv_registry().update(scheduler_output)
         return super().execute_model(scheduler_output)
 
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        """vLLM's warm-up runs made-up requests (pages never written, default sampling parameters) through
+        execute_model: they are served dense, and never enter the registry."""
+        self._adakv_warming_up = True
+        try:
+            return super().compile_or_warm_up_model(*args, **kwargs)
+        finally:
+            self._adakv_warming_up = False
+
     def adakv_packings(self) -> dict[str, dict[int, list[list[int]]]]:
-        """Finished requests kept for inspection: request id -> layer -> per KV head, the kept positions."""
+        """Requests kept for inspection (the last `keep_finished` finished ones, and those not yet known
+        to be finished: with asynchronous scheduling the last step's finishing reaches the worker with
+        the next step): request id -> layer -> per KV head, the kept positions."""
+        served = self._adakv_registry()
         packings = {}
-        for req_id, request in self._adakv_registry().finished.items():
+        for req_id, request in {**served.finished, **served.by_id}.items():
             packings[req_id] = {
                 layer: [chunk.tolist() for chunk in packed.kept_positions.split(packed.lengths.tolist())]
                 for layer, packed in sorted(request.packed.items())
