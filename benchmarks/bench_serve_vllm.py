@@ -1,7 +1,7 @@
 """Serving throughput inside vLLM: vLLM dense against adakv's plugin, through `LLM.generate` (CUDA).
 
-The Llama-3.1-8B shape with random bf16 weights (`--make-checkpoint DIR` saves one, ~1 min), prompts as
-token ids. One engine per run (`--method dense`: vLLM unchanged, its default backend and full CUDA
+The Llama-3.1-8B shape with random bf16 weights (`--make-checkpoint DIR` saves its config; vLLM draws the
+weights, `load_format="dummy"`), prompts as token ids. One engine per run (`--method dense`: vLLM unchanged, its default backend and full CUDA
 graphs; `--method adakv`: `engine_args(press, ratio)`, every ratio of `--ratios` per request through
 `SamplingParams.extra_args`), both with prefix caching off and the same `--gpu-memory-utilization`.
 
@@ -17,7 +17,8 @@ rewrites the .md beside it, so the two methods can run in separate processes of 
 
     python benchmarks/bench_serve_vllm.py --make-checkpoint /tmp/llama8b
     python benchmarks/bench_serve_vllm.py --checkpoint /tmp/llama8b --method dense
-    python benchmarks/bench_serve_vllm.py --checkpoint /tmp/llama8b --method adakv --ratios 0.75 0.875
+    python benchmarks/bench_serve_vllm.py --checkpoint /tmp/llama8b --method adakv --ratios 0.75 --batch1
+    python benchmarks/bench_serve_vllm.py --checkpoint /tmp/llama8b --method adakv --ratios 0.875 --batch1
 """
 
 from __future__ import annotations
@@ -35,19 +36,16 @@ ROWS_KEY = ("method", "batch", "context", "ratio")
 
 
 def make_checkpoint(path: Path, layers: int) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The model's config alone: vLLM draws random weights for it (`load_format="dummy"`)."""
+    from transformers import LlamaConfig
 
     config = LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=262144, rope_theta=500000.0,
-        torch_dtype="bfloat16",
+        torch_dtype="bfloat16", architectures=["LlamaForCausalLM"],
     )  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    print(f"saved a random {layers}-layer 8B-shape checkpoint to {path}")
+    config.save_pretrained(path)
+    print(f"saved the config of a {layers}-layer 8B-shape Llama to {path}")
 
 
 def prompt_ids(length: int, seed: int) -> dict:
@@ -116,6 +114,7 @@ def build_engine(args):
     common = dict(
         model=str(args.checkpoint), skip_tokenizer_init=True, dtype="bfloat16", max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=False, disable_log_stats=False,
+        load_format="dummy", max_num_seqs=args.max_num_seqs,
     )  # fmt: skip
     if args.method == "dense":
         return LLM(**common)
@@ -177,12 +176,13 @@ def main() -> None:
     parser.add_argument("--press", default="adakv_snapkv")
     parser.add_argument("--window-size", type=int, default=64)
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.875])
-    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--requests", type=int, default=96, help="0: batch-1 rows only")
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch1", type=int, nargs="*", default=[32768, 131072])
     parser.add_argument("--max-model-len", type=int, default=131072 + 1024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--max-num-seqs", type=int, default=128, help="both engines; dense runs at most ~24 at 32k")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--tag", default="")
     args = parser.parse_args()
@@ -201,19 +201,19 @@ def main() -> None:
     ratios = [None] if args.method == "dense" else args.ratios
     warm_up = min(2048, args.max_model_len // 2)
     batch_one(llm, method_names[args.method], ratios[0], warm_up, 8, short=4)  # kernels compiled, graphs hot
-    rows = []
-    for ratio in ratios:
-        rows.append(saturation(llm, method_names[args.method], ratio, args.requests, args.context, args.new_tokens))
-        print(json.dumps(rows[-1]), flush=True)
-    for context in args.batch1:
-        rows.append(batch_one(llm, method_names[args.method], ratios[0], context, args.new_tokens))
-        print(json.dumps(rows[-1]), flush=True)
     gpu = (meta.get("gpu") or "gpu").replace(" ", "_")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serve_vllm_{gpu}{args.tag}.json"
-    data = merge(path, rows, meta, args.method)
-    path.with_suffix(".md").write_text(render(data))
-    print(render(data))
+    runs = [(ratio, None) for ratio in (ratios if args.requests else [])] + [(ratios[0], c) for c in args.batch1]
+    for ratio, context in runs:  # each row saved as soon as it is measured: a run cut short keeps its rows
+        if context is None:
+            row = saturation(llm, method_names[args.method], ratio, args.requests, args.context, args.new_tokens)
+        else:
+            row = batch_one(llm, method_names[args.method], ratio, context, args.new_tokens)
+        print(json.dumps(row), flush=True)
+        data = merge(path, [row], meta, args.method)
+        path.with_suffix(".md").write_text(render(data))
+    print(render(json.loads(path.read_text())))
     os._exit(0)  # the engine's background processes would otherwise keep the interpreter alive a while
 
 

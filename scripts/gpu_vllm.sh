@@ -2,10 +2,12 @@
 # adakv inside vLLM on a CUDA machine (vLLM 0.26.0 importable by $PYTHON, e.g. PYTHONPATH=/tmp/vllm-site
 # after .vllm-wheels/install.sh):
 #   PART=tests bash scripts/gpu_vllm.sh        # tests/test_vllm_cuda.py: the CUDA backend on a small model (~5 min)
-#   PART=checkpoint bash scripts/gpu_vllm.sh   # saves the random 8B-shape checkpoint to $CHECKPOINT (~1 min)
-#   PART=dense bash scripts/gpu_vllm.sh        # benchmarks/bench_serve_vllm.py --method dense (~6 min)
-#   PART=adakv bash scripts/gpu_vllm.sh        # the same with adakv's plugin, r = 0.75 and 0.875 (~8 min)
-# Environment: PYTHON (default python3), PYTEST_ARGS (e.g. -k kernel), CHECKPOINT (default /tmp/llama8b), BENCH_ARGS (extra arguments
+#   PART=checkpoint bash scripts/gpu_vllm.sh   # saves the 8B shape's config to $CHECKPOINT (vLLM draws the weights)
+#   PART=dense bash scripts/gpu_vllm.sh        # benchmarks/bench_serve_vllm.py --method dense
+#   PART=adakv BENCH_ARGS="--ratios 0.75" bash scripts/gpu_vllm.sh   # the same with adakv's plugin
+# Each benchmark row is saved as it is measured (a run cut short by a time limit keeps its rows); an
+# engine start takes ~2-3 min on the 8B shape, each 96 x 32k saturation run several more.
+# Environment: PYTHON (default python3), PYTEST_K (a pytest -k expression), CHECKPOINT (default /tmp/llama8b), BENCH_ARGS (extra arguments
 # for the benchmark), ADAKV_COMMIT (the commit this tree is, for the results' provenance).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +22,7 @@ fi
 print('device', torch.cuda.get_device_name(), '| torch', torch.__version__, '| vllm', vllm.__version__)"
 case "${PART:-tests}" in
   tests)
-    ADAKV_VLLM_PYTHON=$(command -v "$PYTHON") "$PYTHON" -m pytest -q -s -p no:cacheprovider tests/test_vllm_cuda.py ${PYTEST_ARGS:-} ;;
+    ADAKV_VLLM_PYTHON=$(command -v "$PYTHON") "$PYTHON" -m pytest -q -s -p no:cacheprovider tests/test_vllm_cuda.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
   checkpoint)
     [ -f "$CHECKPOINT/config.json" ] || "$PYTHON" benchmarks/bench_serve_vllm.py --make-checkpoint "$CHECKPOINT" ;;
   dense|adakv)

@@ -59,8 +59,10 @@ def test_kernel_equals_the_reference_inside_a_running_engine(small_checkpoint, t
     )  # fmt: skip
     differences = torch.tensor(result["stats"]["decode_differences"])
     assert result["stats"]["decode_launches"] == len(differences) > 0
+    # each launch's largest difference relative to its largest output; bf16 rounding gives at most 2^-7 (one ulp)
+    # (measured before this relative form: 28 of 148 launches differed, by at most 0.03125 = 1 ulp in [4, 8))
     worst = differences.nan_to_num(float("inf")).max()
-    assert worst < 2e-2, f"{int((differences >= 2e-2).sum())} of {len(differences)} launches differ, worst {worst}"
+    assert worst <= 2**-6, f"{int((differences > 2**-6).sum())} of {len(differences)} launches differ, worst {worst}"
 
 
 def test_same_kept_pairs_and_answers_as_the_transformers_runtime(small_checkpoint, tmp_path):

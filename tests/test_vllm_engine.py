@@ -163,3 +163,15 @@ def test_unknown_press_is_refused_before_the_engine_starts(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode != 0 and "serves the presses" in run.stderr
+
+
+def test_the_serving_example_runs_and_compresses_as_asked(tmp_path):
+    """scripts/serve_vllm_example.py (the README's pointer to a runnable example): 600-token prompts on
+    2 layers x 2 KV heads, so 2400 pairs; the engine's 0.75 keeps 600, a request's own 0.5 keeps 1200."""
+    run = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "scripts" / "serve_vllm_example.py")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    lines = [line for line in run.stdout.splitlines() if line.startswith("request ")]
+    assert [line.rsplit("kept pairs ", 1)[1] for line in lines] == ["600", "1200", "dense"]

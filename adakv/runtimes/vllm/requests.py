@@ -69,7 +69,7 @@ class ServedRequests:
         self.batch_req_ids: list[str] = []  # the current step's batch order (the CUDA worker records it)
         self.offset_tables: dict[int, torch.Tensor] = {}  # layer -> (rows, kv_heads + 1) int32
         self.decode_launches = 0  # packed-page decode kernel calls (one per layer and step)
-        self.decode_differences: list[float] = []  # kernel vs torch reference, when the backend checks
+        self.decode_differences: list[float] = []  # kernel vs torch reference (relative), when checked
         self._free_table_rows: list[int] = []
         self._table_rows_used = 0
 
