@@ -19,6 +19,7 @@ from torch import nn
 from adakv.cache import BACKENDS, DEFAULT_BACKEND
 from adakv.models import queries
 
+from .attributes import check_known_attribute
 from .fields import Check, FieldRule, OneOf
 
 
@@ -180,6 +181,7 @@ class BasePress:
         cls.field_rules = rules
 
     def __setattr__(self, name: str, value: Any) -> None:
+        check_known_attribute(self, name)  # a misspelt field raises instead of becoming a new attribute
         rule = type(self).field_rules.get(name)
         if rule is not None:
             value = rule.check(name, value, type(self).__name__)
