@@ -167,8 +167,8 @@ def check_pipeline_inputs(
         raise ValueError(f"max_context_length must be a positive int or None, got {max_context_length!r}.")
     if cache is not None and not isinstance(cache, Cache):
         raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache()) or None, got {type(cache).__name__}.")
-    if cache is not None and press is not None and cache_refusal(cache) is not None:
-        raise ValueError(f"cache: {cache_refusal(cache)}")
+    if cache is not None and press is not None and cache_refusal(cache, type(press).__name__) is not None:
+        raise ValueError(f"cache: {cache_refusal(cache, type(press).__name__)}")
     if cache is not None and cache.get_seq_length() != 0:
         raise ValueError("cache must be empty: the pipeline fills it with the (compressed) context.")
     chunk = prefill_chunk_size

@@ -284,7 +284,7 @@ class PressSession:
         cache = cache_argument(kwargs)
         if cache is None:
             raise ValueError(no_cache_refusal(type(self.press).__name__))
-        refusal = cache_refusal(cache)
+        refusal = cache_refusal(cache, type(self.press).__name__)
         layer = cache.layers[module.layer_idx] if module.layer_idx < len(cache.layers) else None
         if refusal is None and layer is not None:
             refusal = layer_refusal(layer, module)
