@@ -65,3 +65,58 @@ def test_declared_names_stay_settable():
     press.score = lambda context: None  # a method replaced (tests do this)
     copy = dataclasses.replace(press, compression_ratio=0.25)  # replace, copy and pickle build presses too
     assert copy.compression_ratio == 0.25
+
+
+# --- combinations that would run and give a wrong or ignored result ---------------------------------------------
+
+
+def decoding_press():
+    return P.DecodingPress(P.KnormPress(), compression_interval=2, target_size=8, hidden_states_buffer_size=8)
+
+
+HOLDERS = {
+    "KeyRerotationPress": lambda inner: P.KeyRerotationPress(inner),
+    "ChunkPress": lambda inner: P.ChunkPress(inner, chunk_length=8),
+    "MergePress": lambda inner: P.MergePress(inner),
+    "ThinKPress": lambda inner: P.ThinKPress(inner),
+    "ComposedPress": lambda inner: P.ComposedPress([P.KnormPress(0.25), inner]),
+    "PrefillDecodingPress.prefill_press": lambda inner: P.PrefillDecodingPress(inner, decoding_press()),
+}
+DECODING_INNERS = {
+    "DecodingPress": decoding_press,
+    "PrefillDecodingPress": lambda: P.PrefillDecodingPress(P.KnormPress(0.5), decoding_press()),
+}
+
+
+@pytest.mark.parametrize("inner", sorted(DECODING_INNERS))
+@pytest.mark.parametrize("holder", sorted(HOLDERS))
+def test_a_press_that_compresses_during_decoding_is_refused_inside_a_wrapper(holder, inner):
+    with pytest.raises(TypeError, match=f"cannot hold a {inner}: .*would\\s+never run.*PrefillDecodingPress"):
+        HOLDERS[holder](DECODING_INNERS[inner]())
+
+
+def test_a_decoding_press_put_into_a_composed_press_later_is_refused_when_the_block_opens():
+    model, press = tiny_model("llama"), P.ComposedPress([P.KnormPress(0.5)])
+    press.presses.append(decoding_press())
+    with pytest.raises(TypeError, match="ComposedPress cannot hold a DecodingPress"):
+        with press(model):
+            pass
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("holder", ["KeyRerotationPress", "MergePress", "ThinKPress"])
+def test_key_rerotation_is_refused_inside_any_wrapper(holder):
+    inner = P.KeyRerotationPress(P.KnormPress(0.5))
+    with pytest.raises(TypeError, match=f"{holder} cannot (hold|wrap) a KeyRerotationPress"):
+        HOLDERS[holder](inner)
+
+
+def test_key_rerotation_may_be_the_prefill_press_and_the_outermost_press():
+    P.PrefillDecodingPress(P.KeyRerotationPress(P.KnormPress(0.5)), decoding_press())
+    P.KeyRerotationPress(P.MergePress(P.KnormPress(0.5)))
+    P.KeyRerotationPress(P.ComposedPress([P.KnormPress(0.5), P.SnapKVPress(0.5)]))
+
+
+def test_rerotating_twice_is_refused():
+    with pytest.raises(TypeError, match="use one KeyRerotationPress, outermost"):
+        P.KeyRerotationPress(P.KeyRerotationPress(P.KnormPress(0.5)))

@@ -275,8 +275,8 @@ def test_a_ratio_that_follows_from_other_fields_cannot_be_set():
         P.ChunkPress(P.ComposedPress([P.KnormPress(0.5)])).compression_ratio = 0.5
     with pytest.raises(AttributeError, match="set prefill_press.compression_ratio"):
         P.PrefillDecodingPress(P.KnormPress(0.5), P.DecodingPress(P.KnormPress())).compression_ratio = 0.5
-    with pytest.raises(AttributeError, match="wraps a DecodingPress, which has no compression_ratio"):
-        P.KeyRerotationPress(P.DecodingPress(P.KnormPress())).compression_ratio = 0.5
+    with pytest.raises(AttributeError, match="wraps a RecordingPress, which has no compression_ratio"):
+        P.KeyRerotationPress(P.RecordingPress()).compression_ratio = 0.5
     with pytest.raises(AttributeError, match="set compression_ratios"):
         P.AdaptivePress(P.PerLayerCompressionPress(P.KnormPress(), [0.5] * 3)).compression_ratio = 0.5
 
