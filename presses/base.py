@@ -298,10 +298,11 @@ class BasePress:
     def __call__(self, model: nn.Module, **speed_switches):
         """`with press(model):` hooks the press onto a transformers model for the block and yields the
         session (adakv.runtimes.hf.session.PressSession). speed_switches: cuda_graphs, join_projections,
-        fuse_elementwise, gemv_linears, as `adakv.accelerate` takes them, entered for the same block."""
-        from adakv.runtimes.hf.session import press_session  # the runtime sits above the presses
+        fuse_elementwise, gemv_linears, as `adakv.accelerate` takes them, entered for the same block. The
+        arguments are checked here; nothing acts until the block is entered (a block never entered warns)."""
+        from adakv.runtimes.hf.session import PressBlock  # the runtime sits above the presses
 
-        return press_session(self, model, **speed_switches)
+        return PressBlock(self, model, speed_switches)
 
 
 @dataclass

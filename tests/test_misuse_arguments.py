@@ -120,3 +120,168 @@ def test_key_rerotation_may_be_the_prefill_press_and_the_outermost_press():
 def test_rerotating_twice_is_refused():
     with pytest.raises(TypeError, match="use one KeyRerotationPress, outermost"):
         P.KeyRerotationPress(P.KeyRerotationPress(P.KnormPress(0.5)))
+
+
+# --- press(model) and accelerate ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["model", None, torch.nn.Linear(2, 2)], ids=["str", "None", "module-without-config"])
+def test_press_of_something_that_is_not_a_model_is_refused_at_the_call(model):
+    with pytest.raises(TypeError, match=r"SnapKVPress\(\.\.\.\)\(model\) takes a transformers model.*got"):
+        P.SnapKVPress(0.5)(model)
+
+
+@pytest.mark.parametrize(
+    "switches, error, message",
+    [
+        ({"bogus": False}, TypeError, r"unknown speed switch\(es\) \['bogus'\]; the switches are \['cuda_graphs'"),
+        ({"cuda_grpahs": True}, TypeError, r"unknown speed switch\(es\) \['cuda_grpahs'\]"),
+        ({"join_projections": 1}, TypeError, r"join_projections must be one of \(False, True\), got 1 \(int\)"),
+        ({"cuda_graphs": "yes"}, ValueError, r"cuda_graphs must be one of \(False, True, 'emulate'\), got 'yes'"),
+        ({"gemv_linears": None}, TypeError, r"gemv_linears must be one of \(False, True\), got None"),
+    ],
+)
+def test_press_of_a_model_checks_the_speed_switches_at_the_call(switches, error, message):
+    model = tiny_model("llama")
+    with pytest.raises(error, match=message):
+        P.SnapKVPress(0.5)(model, **switches)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda model: P.accelerate("model"), lambda model: P.accelerate(model, join_projections="yes"),
+     lambda model: P.accelerate(model, fuse_elementwise=1)],
+    ids=["not-a-model", "str-switch", "int-switch"],
+)
+def test_accelerate_checks_its_arguments_at_the_call(call):
+    with pytest.raises(TypeError, match="accelerate: |accelerate takes a transformers model"):
+        call(tiny_model("llama"))
+
+
+def test_a_press_block_never_entered_warns_that_nothing_was_compressed():
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match=r"SnapKVPress\(\.\.\.\)\(model\) was called but never entered"):
+        P.SnapKVPress(0.5)(model)
+        gc.collect()
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_an_entered_press_block_does_not_warn_and_cannot_be_entered_twice():
+    model, ids = tiny_model("llama"), random_ids(seq_len=16)
+    block = P.SnapKVPress(0.5)(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad(), block:
+            cache = model(ids, use_cache=True).past_key_values
+        with pytest.raises(RuntimeError, match="entered already; a block opens once. Call press\\(model\\) again"):
+            with block:
+                pass
+        del block
+        gc.collect()
+    assert P.kept_token_counts(cache)[0].tolist() == [[8, 8]]
+
+
+# --- cache helpers ------------------------------------------------------------------------------------------------
+
+from adakv.cache import checkpoint, restore  # noqa: E402
+
+
+@pytest.mark.parametrize("helper", ["kept_token_counts", "checkpoint"])
+@pytest.mark.parametrize("cache", [None, "cache", [1]], ids=["None", "str", "list"])
+def test_cache_helpers_refuse_what_is_not_a_cache(helper, cache):
+    function = {"kept_token_counts": P.kept_token_counts, "checkpoint": checkpoint}[helper]
+    with pytest.raises(TypeError, match=f"{helper} takes a transformers Cache.*got"):
+        function(cache)
+
+
+@pytest.mark.parametrize(
+    "seq_len, error", [(-1, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError), ("3", TypeError)]
+)
+def test_rollback_refuses_a_negative_or_non_integer_length(seq_len, error):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        cache = model(random_ids(seq_len=8), use_cache=True).past_key_values
+    with pytest.raises(error, match=r"rollback: seq_len must be an integer >= 0, got"):
+        P.rollback(cache, seq_len)
+    assert cache.get_seq_length() == 8  # a negative count used to cut from the end, like a slice
+
+
+def test_rollback_takes_numpy_integers_and_restore_refuses_what_is_not_a_checkpoint():
+    import numpy as np
+
+    model = tiny_model("llama")
+    with torch.no_grad():
+        cache = model(random_ids(seq_len=8), use_cache=True).past_key_values
+    P.rollback(cache, np.int64(5))
+    assert cache.get_seq_length() == 5
+    with pytest.raises(TypeError, match=r"restore: saved must be what adakv.cache.checkpoint\(cache\) returned"):
+        restore(cache, 5)
+    with pytest.raises(TypeError, match="rollback takes a transformers Cache"):
+        P.rollback("cache", 2)
+
+
+# --- prefill_in_chunks --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        (lambda model, ids: ("model", None, ids, 4), TypeError, "prefill_in_chunks takes a transformers model"),
+        (lambda model, ids: (model, None, ids.float(), 4), TypeError, "input_ids must hold integer token ids, got a torch.float32"),
+        (lambda model, ids: (model, None, ids + 1000, 4), ValueError, r"token ids in \[0, 128\).*from 10\d\d to"),
+        (lambda model, ids: (model, None, ids - 200, 4), ValueError, r"token ids in \[0, 128\)"),
+        (lambda model, ids: (model, None, ids[0], 4), TypeError, "2-D tensor of token ids.*got a 1-D tensor"),
+        (lambda model, ids: (model, None, ids.tolist(), 4), TypeError, r"2-D tensor of token ids.*\(list\)"),
+        (lambda model, ids: (model, None, ids, 2.0), ValueError, "chunk_size must be an integer >= 1, got 2.0"),
+    ],
+    ids=["model", "float-ids", "ids-above-vocabulary", "negative-ids", "1-D", "list", "float-chunk"],
+)
+def test_prefill_in_chunks_checks_its_arguments(arguments, error, message):
+    model = tiny_model("llama")
+    with pytest.raises(error, match=message):
+        P.prefill_in_chunks(*arguments(model, random_ids(seq_len=16)))
+
+
+def test_prefill_in_chunks_takes_a_numpy_chunk_size():
+    import numpy as np
+
+    model = tiny_model("llama")
+    assert P.prefill_in_chunks(model, None, random_ids(seq_len=16), np.int64(4)).get_seq_length() == 16
+
+
+# --- the pipeline -------------------------------------------------------------------------------------------------
+
+from transformers import pipeline  # noqa: E402
+
+from adakv.pipeline import TASK  # noqa: E402
+from test_pipeline import CONTEXT, QUESTIONS, tiny_pair  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        ({"answer_prefix": 3}, TypeError, r"answer_prefix must be a str.*got 3 \(int\)"),
+        ({"join_projections": 1}, TypeError, r"kv-press-text-generation: join_projections must be one of \(False, True\)"),
+        ({"cuda_graphs": "yes"}, ValueError, "cuda_graphs must be one of"),
+        ({"max_new_tokens": 2.0}, TypeError, r"max_new_tokens must be a positive int, got 2.0 \(float\)"),
+        ({"max_context_length": "10"}, TypeError, "max_context_length must be a positive int or None, got '10'"),
+        ({"max_context_length": 0}, ValueError, "max_context_length must be a positive int or None, got 0"),
+    ],
+)
+def test_the_pipeline_checks_its_arguments(arguments, error, message):
+    model, tokenizer = tiny_pair()
+    pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
+    with pytest.raises(error, match=message):
+        pipe(CONTEXT, question=QUESTIONS[0], **{"max_new_tokens": 2, **arguments})
+
+
+def test_the_pipeline_takes_numpy_integers():
+    import numpy as np
+
+    model, tokenizer = tiny_pair()
+    pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
+    press = P.SnapKVPress(0.5, window_size=4)
+    expected = pipe(CONTEXT, question=QUESTIONS[0], press=press, max_new_tokens=3, prefill_chunk_size=16)
+    numpy = pipe(CONTEXT, question=QUESTIONS[0], press=press, max_new_tokens=np.int64(3), prefill_chunk_size=np.int32(16))
+    assert numpy == expected
