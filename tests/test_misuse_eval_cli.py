@@ -136,3 +136,15 @@ def test_missing_files_of_the_model_commands_are_clear_errors(tmp_path, capsys):
     assert cli_main(["split-gguf", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "adakv-eval split-gguf: error:" in err and "none.gguf" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "--device 'bogus' is not a device; use cpu or cuda"),
+    ("meta", "run on cpu or cuda (cuda:N for the N-th GPU), not meta"),
+    ("cuda:99", "--device 'cuda:99': "),
+])
+def test_a_device_that_is_not_one_or_not_there_is_one_line(tmp_path, capsys, device, message):
+    assert cli_main(run_args(tmp_path / "x", "--device", device)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
