@@ -148,3 +148,22 @@ def test_a_device_that_is_not_one_or_not_there_is_one_line(tmp_path, capsys, dev
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("option, values, message", [
+    ("--ratios", ["0.5", "0.5"], "ratios name 0.5 more than once"),
+    ("--ratios", ["0.25,0.5,0.25"], "ratios name 0.25 more than once"),
+    ("--presses", ["none", "snapkv", "snapkv"], "presses name snapkv more than once"),
+    ("--tasks", ["niah_single", "niah_single"], "tasks name niah_single more than once"),
+])
+def test_a_point_named_twice_is_refused(tmp_path, capsys, option, values, message):
+    arguments = run_args(tmp_path / "x")
+    if option in arguments:  # replace the default value of the option
+        at = arguments.index(option)
+        arguments[at + 1 : at + 2] = values
+    else:
+        arguments += [option, *values]
+    assert cli_main(arguments) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
