@@ -285,3 +285,29 @@ def test_the_pipeline_takes_numpy_integers():
     expected = pipe(CONTEXT, question=QUESTIONS[0], press=press, max_new_tokens=3, prefill_chunk_size=16)
     numpy = pipe(CONTEXT, question=QUESTIONS[0], press=press, max_new_tokens=np.int64(3), prefill_chunk_size=np.int32(16))
     assert numpy == expected
+
+
+# --- found by trying things as a new user would ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokenizer", ["abc", 5])
+def test_kvzip_refuses_a_tokenizer_that_is_not_one(tokenizer):
+    with pytest.raises(TypeError, match=r"KVzipPress's tokenizer must be the model's tokenizer.*or None"):
+        P.KVzipPress(0.5, tokenizer=tokenizer)
+    press = P.KVzipPress(0.5)
+    with pytest.raises(TypeError, match="tokenizer must be"):  # used to fail inside the press: 'str' is not callable
+        press.tokenizer = tokenizer
+
+
+def test_recording_press_contexts_must_be_a_list():
+    with pytest.raises(TypeError, match=r"RecordingPress.contexts must be a list"):
+        P.RecordingPress().contexts = 5
+
+
+def test_generate_given_a_cache_longer_than_its_ids_says_what_to_pass():
+    model, ids = tiny_model("llama"), random_ids(seq_len=16)
+    cache = DynamicCache()
+    with torch.no_grad(), P.KnormPress(0.5)(model):
+        model(ids, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match=r"0 tokens.*generate\(\) given a cache feeds only the input_ids after"):
+            model.generate(ids[:, :4], past_key_values=cache, max_new_tokens=2, do_sample=False, pad_token_id=0)

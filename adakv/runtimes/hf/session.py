@@ -394,8 +394,12 @@ class PressBlock:
         return self._block.__exit__(*exception)
 
     def __del__(self) -> None:
-        if getattr(self, "_block", True) is None:  # built, never entered
+        if getattr(self, "_block", True) is not None:  # entered, or never built
+            return
+        try:
             warnings.warn(NOT_ENTERED_WARNING.format(press=type(self.press).__name__), NotEnteredWarning, stacklevel=2)
+        except (TypeError, AttributeError):  # at interpreter exit the module's names may already be None
+            pass
 
 
 class NotEnteredWarning(UserWarning):
@@ -431,7 +435,8 @@ def remember_cache(module: nn.Module, args, kwargs) -> None:
     if hidden_states.shape[1] == 0:
         raise ValueError(
             "The model was given 0 tokens (an empty prompt or context?): at least one token is needed, "
-            "both to run the model and for a press to compress."
+            "both to run the model and for a press to compress. (generate() given a cache feeds only the input_ids "
+            "after the tokens the cache holds: pass the cached ids followed by the new ones.)"
         )
     setattr(module, CACHE_ATTRIBUTE, cache_argument(kwargs))
     note_appended_padding(module, hidden_states, kwargs.get("attention_mask"))
