@@ -77,3 +77,22 @@ def test_a_context_longer_than_smollm2_reads_is_refused_after_loading_it(capsys)
         "adakv demo: error: --context-length 9000: SmolLM2 reads at most 8192 positions, and the template, "
         "question and answer need about 64; use at most 8128."
     )
+
+
+@pytest.mark.parametrize(
+    "arguments, error, message",
+    [
+        ({"device": "bogus"}, ValueError, r"load_default_model: device 'bogus' is not a device"),
+        ({"device": "meta"}, ValueError, r"the default model runs on cpu, cuda, mps, xpu, not meta"),
+        ({"dtype": "half-ish"}, TypeError, r"dtype must be a floating torch.dtype.*got 'half-ish'"),
+        ({"dtype": torch.int8}, TypeError, r"dtype must be a floating torch.dtype"),
+        ({"attn_implementation": "flash_attention_2"}, ValueError, r"attn_implementation must be one of \('sdpa', 'eager'\)"),
+    ],
+)
+def test_load_default_model_checks_its_arguments_before_loading(arguments, error, message, monkeypatch):
+    from adakv.apps import default_model
+
+    monkeypatch.setattr(default_model, "convert_default_model", lambda *a: pytest.fail("a model was converted"))
+    monkeypatch.setattr(default_model, "default_model_folder", lambda: pytest.fail("a model was looked for"))
+    with pytest.raises(error, match=message):
+        default_model.load_default_model(**arguments)
