@@ -134,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(args.threads)
+        from adakv.apps.devices import check_device
+
+        check_device(args.device)  # before any model is loaded
         run_sweep(config_from_args(args), args.out, progress=not args.quiet)
         with open(f"{args.out}/summary.md") as handle:
             print(handle.read())

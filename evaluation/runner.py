@@ -65,6 +65,11 @@ class SweepConfig:
         bad = [r for r in self.ratios if not 0.0 <= r < 1.0]
         if bad or not self.ratios:
             raise ValueError(f"ratios must be in [0, 1), got {self.ratios}.")
+        for what, values in (("presses", self.presses), ("ratios", self.ratios), ("tasks", self.tasks),
+                             ("context lengths", self.context_lengths)):  # fmt: skip
+            repeated = sorted({value for value in values if values.count(value) > 1}, key=str)
+            if repeated:  # the same point twice would be counted as two samples (n = 2, a zero interval)
+                raise ValueError(f"{what} name {', '.join(map(str, repeated))} more than once; give each once.")
         for press in self.presses:  # a bad backend or press argument fails here, before any work
             registry.build_press(press, self.ratios[0], self.backend)
         if self.dtype not in DTYPES:

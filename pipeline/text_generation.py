@@ -25,9 +25,11 @@ from transformers import AutoModelForCausalLM, Pipeline
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from adakv.arguments import ArgumentTypeError, given, is_integer
 from adakv.cache import checkpoint, restore
 from adakv.runtimes.hf.chunked_prefill import check_input_ids, prefill_in_chunks
 from adakv.runtimes.hf import accelerate
+from adakv.runtimes.hf.acceleration import check_speed_switches
 from adakv.runtimes.hf.refusals import cache_refusal
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
@@ -140,8 +142,17 @@ def answer_from_cache(model, tokenizer, cache: Cache, question_ids: torch.Tensor
     return tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 
+def check_positive_integer(name: str, value, optional: bool = False) -> None:
+    if (value is None and optional) or (is_integer(value) and value >= 1):
+        return
+    allowed = "a positive int" + (" or None" if optional else "")
+    error = ValueError if is_integer(value) else ArgumentTypeError
+    raise error(f"{name} must be {allowed}, got {given(value)}.")
+
+
 def check_pipeline_inputs(
-    context, question, questions, press, max_new_tokens, max_context_length, cache, prefill_chunk_size=None
+    context, question, questions, press, max_new_tokens, max_context_length, cache, prefill_chunk_size=None,
+    answer_prefix="",
 ) -> list[str]:
     """Validate the pipeline's arguments; return the list of questions to answer."""
     if not isinstance(context, str):
@@ -152,27 +163,25 @@ def check_pipeline_inputs(
         raise ValueError("Pass either `question` (one str) or `questions` (a list of str), not both.")
     if questions is not None:
         if not isinstance(questions, list) or not all(isinstance(item, str) for item in questions):
-            raise TypeError("questions must be a list of str.")
+            raise TypeError(f"questions must be a list of str, got {given(questions)}.")
         if not questions:
             raise ValueError("questions is an empty list: pass at least one question.")
     elif question is not None and not isinstance(question, str):
         raise TypeError(f"question must be a str, got {type(question).__name__}.")
+    if not isinstance(answer_prefix, str):
+        raise TypeError(f"answer_prefix must be a str (the text the answer starts with), got {given(answer_prefix)}.")
     if press is not None and not isinstance(press, BasePress):
         raise TypeError(f"press must be an adakv press (a BasePress instance such as SnapKVPress) or None, got {type(press).__name__}.")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}.")
-    if max_context_length is not None and (
-        isinstance(max_context_length, bool) or not isinstance(max_context_length, int) or max_context_length < 1
-    ):
-        raise ValueError(f"max_context_length must be a positive int or None, got {max_context_length!r}.")
+    check_positive_integer("max_new_tokens", max_new_tokens)
+    check_positive_integer("max_context_length", max_context_length, optional=True)
     if cache is not None and not isinstance(cache, Cache):
         raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache()) or None, got {type(cache).__name__}.")
-    if cache is not None and press is not None and cache_refusal(cache) is not None:
-        raise ValueError(f"cache: {cache_refusal(cache)}")
+    if cache is not None and press is not None and cache_refusal(cache, type(press).__name__) is not None:
+        raise ValueError(f"cache: {cache_refusal(cache, type(press).__name__)}")
     if cache is not None and cache.get_seq_length() != 0:
         raise ValueError("cache must be empty: the pipeline fills it with the (compressed) context.")
     chunk = prefill_chunk_size
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+    if chunk is not None and not (is_integer(chunk) and chunk >= 1):
         raise ValueError(f"prefill_chunk_size must be None or an integer >= 1, got {chunk!r}.")
     return questions if questions is not None else [question or ""]
 
@@ -230,6 +239,9 @@ class KVPressTextGenerationPipeline(Pipeline):
     ):
         if kwargs:
             raise TypeError(f"Unexpected arguments for {TASK}: {sorted(kwargs)}.")
+        switches = dict(cuda_graphs=cuda_graphs, join_projections=join_projections, fuse_elementwise=fuse_elementwise,
+                        gemv_linears=gemv_linears)  # fmt: skip
+        check_speed_switches(switches, TASK)
         preprocess = dict(
             question=question, questions=questions, answer_prefix=answer_prefix, press=press,
             max_new_tokens=max_new_tokens, max_context_length=max_context_length, cache=cache,
@@ -246,7 +258,8 @@ class KVPressTextGenerationPipeline(Pipeline):
     def preprocess(self, context, question=None, questions=None, answer_prefix="", press=None,
                    max_new_tokens=50, max_context_length=None, cache=None, prefill_chunk_size=None):
         question_list = check_pipeline_inputs(
-            context, question, questions, press, max_new_tokens, max_context_length, cache, prefill_chunk_size
+            context, question, questions, press, max_new_tokens, max_context_length, cache, prefill_chunk_size,
+            answer_prefix,
         )
         context = truncate_context(self.tokenizer, context, max_context_length)
         parts = [split_prompt(self.tokenizer, context, item, answer_prefix) for item in question_list]

@@ -19,6 +19,7 @@ from torch import nn
 from adakv.cache import BACKENDS, DEFAULT_BACKEND
 from adakv.models import queries
 
+from .attributes import check_known_attribute
 from .fields import Check, FieldRule, OneOf
 
 
@@ -150,6 +151,27 @@ def describe_backend(press: BasePress) -> str:
     return f"{type(press).__name__}(backend={press.backend!r})"
 
 
+def placement_refusal(wrapper: BasePress, inner: BasePress) -> str | None:
+    """Why `wrapper` cannot hold `inner`, or None: a press that compresses during decoding, or one that must be
+    outermost, anywhere inside it would be ignored, or would run on keys it has already moved."""
+    outer = type(wrapper).__name__
+    for part in inner.press_tree():
+        name = type(part).__name__
+        if wrapper.allows_inside(inner, part):
+            continue
+        if part.compresses_during_decoding:
+            return (
+                f"{outer} cannot hold a {name}: the runtime drives a press that compresses during decoding only when "
+                f"it is the press of the block (or PrefillDecodingPress's decoding_press), so inside {outer} it would "
+                "never run and nothing generated would be compressed. Use PrefillDecodingPress(prefill_press=..., "
+                "decoding_press=DecodingPress(...)) as the block's press."
+            )
+        if part.outermost_only is not None:
+            fix = f"use one {name}, outermost" if name == outer else f"wrap the {outer} in the {name}: {name}({outer}(...))"
+            return f"{outer} cannot hold a {name}: {part.outermost_only}. Instead {fix}."
+    return None
+
+
 @dataclass
 class BasePress:
     """Base of every press. Subclasses implement `compress(context) -> keep mask`.
@@ -169,6 +191,8 @@ class BasePress:
     # True for presses that act after the context, on the tokens appended to it (DecodingPress): the runtime
     # then hands them every later forward of each layer, which a replayed CUDA graph could not.
     compresses_during_decoding = False
+    # why a press must be the outermost one (KeyRerotationPress), or None: wrappers refuse to hold it
+    outermost_only: ClassVar[str | None] = None
     # what each field takes (presses/fields.py), checked on every assignment; a subclass's rules join its bases'
     field_rules: ClassVar[dict[str, FieldRule]] = {"backend": OneOf(BACKENDS, optional=True, note=" (not set: evict)")}
 
@@ -180,6 +204,7 @@ class BasePress:
         cls.field_rules = rules
 
     def __setattr__(self, name: str, value: Any) -> None:
+        check_known_attribute(self, name)  # a misspelt field raises instead of becoming a new attribute
         rule = type(self).field_rules.get(name)
         if rule is not None:
             value = rule.check(name, value, type(self).__name__)
@@ -192,6 +217,15 @@ class BasePress:
         """Raise on values that are fine field by field but not together (fields of this press, or this press
         and the presses inside it). Run at construction and, for the whole press tree, by `check_fields`."""
         _ = self.explicit_backend  # conflicting backends between this press and the presses it wraps fail here
+        for inner in self.inner_presses():
+            refusal = placement_refusal(self, inner) if isinstance(inner, BasePress) else None
+            if refusal is not None:
+                raise TypeError(refusal)
+
+    def allows_inside(self, inner: BasePress, part: BasePress) -> bool:
+        """True when `part`, a press of the tree of `inner` (one of this press's inner presses), may sit there
+        although it compresses during decoding or must be outermost (PrefillDecodingPress: its two presses)."""
+        return False
 
     def check_fields(self) -> None:
         """Check every field of every press of the tree again, alone and together: an inner press, or a list
@@ -264,10 +298,11 @@ class BasePress:
     def __call__(self, model: nn.Module, **speed_switches):
         """`with press(model):` hooks the press onto a transformers model for the block and yields the
         session (adakv.runtimes.hf.session.PressSession). speed_switches: cuda_graphs, join_projections,
-        fuse_elementwise, gemv_linears, as `adakv.accelerate` takes them, entered for the same block."""
-        from adakv.runtimes.hf.session import press_session  # the runtime sits above the presses
+        fuse_elementwise, gemv_linears, as `adakv.accelerate` takes them, entered for the same block. The
+        arguments are checked here; nothing acts until the block is entered (a block never entered warns)."""
+        from adakv.runtimes.hf.session import PressBlock  # the runtime sits above the presses
 
-        return press_session(self, model, **speed_switches)
+        return PressBlock(self, model, speed_switches)
 
 
 @dataclass

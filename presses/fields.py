@@ -156,6 +156,19 @@ class TokenIds:
 
 
 @dataclass(frozen=True)
+class Tokenizer:
+    """None, or something that encodes text as a transformers tokenizer does (`tokenizer(text).input_ids`)."""
+
+    def check(self, name: str, value: Any, owner: str) -> Any:
+        if value is not None and not callable(value):
+            raise FieldTypeError(
+                f"{owner}'s {name} must be the model's tokenizer (e.g. AutoTokenizer.from_pretrained(name)) or None, "
+                f"got {type(value).__name__}."
+            )
+        return value
+
+
+@dataclass(frozen=True)
 class Text:
     """A str."""
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .base import BasePress, PrefillContext
+from .fields import Check
+
+
+def check_context_list(contexts, owner: str) -> None:
+    if not isinstance(contexts, list):
+        raise TypeError(f"{owner}.contexts must be a list (it records into it), got {type(contexts).__name__}.")
 
 
 @dataclass
@@ -15,6 +21,8 @@ class RecordingPress(BasePress):
     runner does. A chunked prefill is refused (it would record chunks, not whole contexts)."""
 
     contexts: list[PrefillContext] = field(default_factory=list)
+
+    field_rules = {"contexts": Check(check_context_list)}
     # no compressed layer is ever built, so no backend is chosen for the model (and none falls back)
     builds_no_layers = True
     refuses_chunked_prefill = "it records whole contexts, and a chunked prefill compresses chunks. Use an ordinary prefill."

@@ -23,6 +23,7 @@ FOLDERS = {
 LAYERS = {
     "adakv.kernels": 0,
     "adakv.models": 0,
+    "adakv.arguments": 0,
     "adakv.cache": 1,
     "adakv.selection": 1,
     "adakv.presses": 2,

@@ -136,3 +136,34 @@ def test_missing_files_of_the_model_commands_are_clear_errors(tmp_path, capsys):
     assert cli_main(["split-gguf", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err
     assert "adakv-eval split-gguf: error:" in err and "none.gguf" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("bogus", "--device 'bogus' is not a device; use cpu or cuda"),
+    ("meta", "run on cpu or cuda (cuda:N for the N-th GPU), not meta"),
+    ("cuda:99", "--device 'cuda:99': "),
+])
+def test_a_device_that_is_not_one_or_not_there_is_one_line(tmp_path, capsys, device, message):
+    assert cli_main(run_args(tmp_path / "x", "--device", device)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("option, values, message", [
+    ("--ratios", ["0.5", "0.5"], "ratios name 0.5 more than once"),
+    ("--ratios", ["0.25,0.5,0.25"], "ratios name 0.25 more than once"),
+    ("--presses", ["none", "snapkv", "snapkv"], "presses name snapkv more than once"),
+    ("--tasks", ["niah_single", "niah_single"], "tasks name niah_single more than once"),
+])
+def test_a_point_named_twice_is_refused(tmp_path, capsys, option, values, message):
+    arguments = run_args(tmp_path / "x")
+    if option in arguments:  # replace the default value of the option
+        at = arguments.index(option)
+        arguments[at + 1 : at + 2] = values
+    else:
+        arguments += [option, *values]
+    assert cli_main(arguments) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()

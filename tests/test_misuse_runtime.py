@@ -120,6 +120,50 @@ def test_a_quantized_cache_is_refused():
             model(random_ids(seq_len=24), past_key_values=cache, use_cache=True)
 
 
+def offloading_cache(model, monkeypatch) -> DynamicCache:
+    """A DynamicCache(offloading=True): on CPU its prefetch stream cannot be made, so a stand-in is used (the
+    press refuses the cache before any forward reaches the stream)."""
+    monkeypatch.setattr(torch, "Stream", lambda *args, **kwargs: None)
+    cache = DynamicCache(config=model.config, offloading=True)
+    assert cache.offloading
+    return cache
+
+
+@pytest.mark.parametrize("call", ["forward", "generate"])
+def test_an_offloading_dynamic_cache_is_refused(call, monkeypatch):
+    model = tiny_model("llama")
+    cache = offloading_cache(model, monkeypatch)
+    with pytest.raises(ValueError, match=r"offloading cache \(DynamicCache\(offloading=True\).*SnapKVPress.*without offloading"):
+        with torch.no_grad(), press_of()(model):
+            if call == "forward":
+                model(random_ids(seq_len=24), past_key_values=cache, use_cache=True)
+            else:
+                model.generate(random_ids(seq_len=24), past_key_values=cache, max_new_tokens=2, do_sample=False)
+    assert cache.get_seq_length() == 0
+    assert_model_restored(model)
+
+
+@pytest.mark.parametrize("where", ["argument", "generation_config"])
+def test_generate_with_an_offloaded_cache_implementation_is_refused_up_front(where):
+    model = tiny_model("llama")
+    forwards = []
+    model.register_forward_pre_hook(lambda *args: forwards.append(1))
+    kwargs = {"cache_implementation": "offloaded"}
+    if where == "generation_config":
+        kwargs = {"generation_config": GenerationConfig(cache_implementation="offloaded", max_new_tokens=2)}
+    with pytest.raises(ValueError, match="cache_implementation='offloaded'.*not built to be offloaded"):
+        with torch.no_grad(), press_of()(model):
+            model.generate(random_ids(seq_len=24), max_new_tokens=2, do_sample=False, **kwargs)
+    assert forwards == []
+
+
+def test_the_pipeline_refuses_an_offloading_cache_with_a_press(monkeypatch):
+    model, tokenizer = tiny_pair()
+    pipe = pipeline(TASK, model=model, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="cache: An offloading cache"):
+        pipe(CONTEXT, question=QUESTIONS[0], press=press_of(), cache=offloading_cache(model, monkeypatch), max_new_tokens=2)
+
+
 def test_a_dynamic_cache_given_explicitly_is_compressed():
     model = tiny_model("llama")
     cache = DynamicCache()

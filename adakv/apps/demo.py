@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from adakv.cache import compressed_layers
 from adakv.apps.default_model import load_default_model
+from adakv.apps.devices import check_device
 from adakv.pipeline import answer_from_cache, encode_prompt_parts, prefill_context, split_prompt
 from adakv.presses import AdaptivePress, BasePress, KnormPress, SnapKVPress, StreamingLLMPress
 
@@ -56,6 +57,11 @@ def haystack(tokenizer, n_tokens: int, needle: str = NEEDLE, depth: float = 0.5)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         if len(ids) >= budget:
             break
+    if len(ids) < budget:
+        raise ValueError(
+            f"--context-length {n_tokens}: the essays hold {len(ids) + needle_tokens} tokens with the needle; "
+            "ask for fewer."
+        )
     text = tokenizer.decode(ids[:budget])
     cut = text.rfind(". ", 0, int(depth * len(text))) + 1  # 0 when no sentence ends before depth
     return f"{text[:cut]}\n\n{needle}\n\n{text[cut:].lstrip()}".strip()
@@ -157,8 +163,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     for ratio in args.ratios:
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"--ratios must be in (0, 1), got {ratio}.")
+    repeated = sorted({ratio for ratio in args.ratios if args.ratios.count(ratio) > 1})
+    if repeated:
+        raise ValueError(f"--ratios names {', '.join(map(str, repeated))} more than once; give each ratio once.")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}.")
+    check_device(args.device)
 
 
 def run(args: argparse.Namespace) -> list[DemoRow]:
@@ -169,6 +179,12 @@ def run(args: argparse.Namespace) -> list[DemoRow]:
     transformers_logging.disable_progress_bar()  # the weight-loading bars would clutter the table
     started = time.perf_counter()
     model, tokenizer = load_default_model(device=args.device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and args.context_length + 64 > limit:  # the template, question and answer need room
+        raise ValueError(
+            f"--context-length {args.context_length}: SmolLM2 reads at most {limit} positions, and the template, "
+            f"question and answer need about 64; use at most {limit - 64}."
+        )
     context = haystack(tokenizer, args.context_length, NEEDLE, args.depth)
     context_text, question_text = split_prompt(tokenizer, context, QUESTION, ANSWER_PREFIX)
     context_ids, (question_ids,) = encode_prompt_parts(tokenizer, context_text, [question_text])

@@ -7,7 +7,17 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from adakv.arguments import check_integer, given
+
 from .layer import CompressedLayer
+
+
+def check_cache(cache, owner: str) -> None:
+    if not isinstance(cache, Cache):
+        raise TypeError(
+            f"{owner} takes a transformers Cache (e.g. the past_key_values of a forward or generate call, or a "
+            f"DynamicCache()), got {given(cache)}."
+        )
 
 
 def newest_keys_values(layer: DynamicLayer, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +35,7 @@ def compressed_layers(cache: Cache) -> dict[int, CompressedLayer]:
 
 def kept_token_counts(cache: Cache) -> dict[int, torch.Tensor]:
     """Number of tokens each head attends to, per compressed layer: {layer: (batch, kv_heads)}."""
+    check_cache(cache, "kept_token_counts")
     return {index: layer.kept_counts() for index, layer in compressed_layers(cache).items()}
 
 
@@ -32,7 +43,10 @@ def rollback(cache: Cache, seq_len: int) -> None:
     """Drop every token after the first `seq_len` in every layer (e.g. a question and its answer).
 
     Raises ValueError when that would cut into a compressed context, or when a sliding-window layer
-    has already dropped older tokens for newer ones (use `checkpoint` / `restore` around such use)."""
+    has already dropped older tokens for newer ones (use `checkpoint` / `restore` around such use).
+    seq_len: an integer >= 0 (a negative count would cut from the end, as a slice does: refused)."""
+    check_cache(cache, "rollback")
+    seq_len = check_integer("seq_len", seq_len, 0, "rollback")
     for index, layer in enumerate(cache.layers):
         if layer.get_seq_length() <= seq_len:
             continue
@@ -57,6 +71,7 @@ class Checkpoint:
 
 
 def checkpoint(cache: Cache) -> Checkpoint:
+    check_cache(cache, "checkpoint")
     sliding = {
         index: (layer.keys.clone(), layer.values.clone(), layer.cumulative_length)
         for index, layer in enumerate(cache.layers)
@@ -68,6 +83,9 @@ def checkpoint(cache: Cache) -> Checkpoint:
 def restore(cache: Cache, saved: Checkpoint) -> None:
     """Bring `cache` back to `saved`: sliding-window layers are replaced by their copies, every other
     layer is rolled back to `saved.seq_len`."""
+    check_cache(cache, "restore")
+    if not isinstance(saved, Checkpoint):
+        raise TypeError(f"restore: saved must be what adakv.cache.checkpoint(cache) returned, got {given(saved)}.")
     for index, (keys, values, cumulative_length) in saved.sliding_layers.items():
         layer = cache.layers[index]
         layer.keys, layer.values, layer.cumulative_length = keys, values, cumulative_length

@@ -37,6 +37,12 @@ class PrefillDecodingPress(BasePress):
     def inner_presses(self) -> tuple[BasePress, ...]:
         return (self.prefill_press, self.decoding_press)
 
+    def allows_inside(self, inner: BasePress, part: BasePress) -> bool:
+        """The decoding press itself compresses during decoding; the prefill press is the outermost of the context."""
+        if part.compresses_during_decoding:
+            return inner is self.decoding_press and part is inner
+        return inner is self.prefill_press
+
     @property
     def compression_ratio(self) -> float:
         """The prefill press's ratio (the context's share removed)."""

@@ -11,7 +11,7 @@ import torch
 from adakv.kernels.kvzip_reference import update_max_attention
 
 from ..base import BasePress, PrefillContext, WholePrefill
-from ..fields import Integer, OneOf, Text, TokenIds
+from ..fields import Integer, OneOf, Text, Tokenizer, TokenIds
 from ..scorer import ScorerPress
 
 DEFAULT_REPEAT_PROMPT = "\n\nRepeat the previous context:"  # the paper's prompt
@@ -62,6 +62,7 @@ class KVzipPress(ScorerPress):
     scores_are_probabilities = True  # attention probabilities
 
     field_rules = {
+        "tokenizer": Tokenizer(),
         "chunk_size": Integer(1),
         "repeat_prompt": Text(),
         "repeat_prompt_ids": TokenIds(),

@@ -38,14 +38,17 @@ class KeyRerotationPress(WrapperPress):
     The rotation is undone with the cos/sin the layer used (no assumption on the original
     positions) and redone at the new positions with the model's own rotary embedding. The keys are
     changed in place in `context.keys`, the cache's tensor, so this press must be the outermost one
-    (ChunkPress and ComposedPress refuse it as an inner press).
+    (every wrapper refuses it inside, `outermost_only`).
     """
 
+    outermost_only: ClassVar[str] = (
+        "KeyRerotationPress rotates the kept keys of the cache to new positions in place, so a press around it "
+        "would score, or rotate again, keys that no longer sit at the positions the layer gave them"
+    )
     refuses_chunked_prefill: ClassVar[str] = (
         "it re-positions the kept keys of a whole context, which the chunks after it would no longer line up "
         "with. Use its inner press."
     )
-
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         keep = self.press.compress(context)

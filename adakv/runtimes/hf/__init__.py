@@ -1,6 +1,8 @@
 """The transformers runtime: everything that runs a press inside a Hugging Face model.
 
-- `session`: `PressSession`, the hooks and per-block state of `with press(model):`; `compressed_layer`,
+- `session`: `PressBlock`, what `press(model)` returns (arguments checked at the call, entered once, a
+  `NotEnteredWarning` when dropped unentered); `PressSession`, the hooks and per-block state of
+  `with press(model):`; `compressed_layer`,
   `compressed_layers_after_prefill` and `whole_prefill` for code that compresses recorded prefills.
 - `attention`: the "adakv_sdpa" / "adakv_eager" attention functions that read compressed layers.
 - `chunked_prefill`: `prefill_in_chunks`, the context a chunk at a time, each chunk compressed as it arrives.
@@ -11,6 +13,8 @@
 from .acceleration import Acceleration, accelerate
 from .chunked_prefill import prefill_in_chunks
 from .session import (
+    NotEnteredWarning,
+    PressBlock,
     PressSession,
     active_session,
     block_backend,
@@ -21,6 +25,8 @@ from .session import (
 
 __all__ = [
     "Acceleration",
+    "NotEnteredWarning",
+    "PressBlock",
     "PressSession",
     "accelerate",
     "active_session",

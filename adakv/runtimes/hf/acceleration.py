@@ -23,9 +23,22 @@ from typing import Generator
 
 from torch import nn
 
+from adakv.arguments import check_flag, check_model
+
 from . import active
 from .fusion import model_fusions
-from .graph_decode import GraphDecoder, graph_decoder_for, graph_decoding_refusal
+from .graph_decode import CUDA_GRAPH_OPTIONS, GraphDecoder, graph_decoder_for, graph_decoding_refusal
+
+SPEED_SWITCHES = ("cuda_graphs", "join_projections", "fuse_elementwise", "gemv_linears")
+
+
+def check_speed_switches(switches: dict, owner: str) -> None:
+    """Every switch a known name with an allowed value (cuda_graphs: False, True or "emulate"; the others a bool)."""
+    unknown = sorted(set(switches) - set(SPEED_SWITCHES))
+    if unknown:
+        raise TypeError(f"{owner} got unknown speed switch(es) {unknown}; the switches are {list(SPEED_SWITCHES)}.")
+    for name, value in switches.items():
+        check_flag(name, value, owner, CUDA_GRAPH_OPTIONS if name == "cuda_graphs" else (False, True))
 
 
 @dataclass
@@ -36,15 +49,27 @@ class Acceleration:
     graph_decoder: GraphDecoder | None
 
 
-@contextmanager
 def accelerate(
     model: nn.Module,
     cuda_graphs: bool | str = False,
     join_projections: bool = False,
     fuse_elementwise: bool = False,
     gemv_linears: bool = False,
+):
+    """Switch on the requested speed-ups of `model` for the block (see the module docstring). The arguments are
+    checked when this is called, the switches act when the block is entered."""
+    check_model(model, "accelerate")
+    switches = dict(cuda_graphs=cuda_graphs, join_projections=join_projections, fuse_elementwise=fuse_elementwise,
+                    gemv_linears=gemv_linears)  # fmt: skip
+    check_speed_switches(switches, "accelerate")
+    return accelerated(model, **switches)
+
+
+@contextmanager
+def accelerated(
+    model: nn.Module, cuda_graphs: bool | str, join_projections: bool, fuse_elementwise: bool, gemv_linears: bool
 ) -> Generator[Acceleration, None, None]:
-    """Switch on the requested speed-ups of `model` for the block (see the module docstring)."""
+    """The block of `accelerate`, its arguments checked."""
     if active.acceleration_of(model) is not None:
         raise RuntimeError("This model is already inside an `adakv.accelerate` block; the blocks do not nest.")
     decoder = graph_decoder_for(model, cuda_graphs)

@@ -46,6 +46,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from adakv.arguments import check_model, given, is_integer
 from adakv.cache import ADAKV_ATTENTION_PREFIX, CompressedLayer
 from adakv.models import cache_argument_name
 from adakv.presses.base import BasePress
@@ -76,8 +77,9 @@ def prefill_in_chunks(
 
     See the module docstring for how this differs from compressing after a full prefill.
     """
-    check_chunk_size(chunk_size)
-    check_input_ids(input_ids)
+    check_model(model, "prefill_in_chunks")
+    chunk_size = check_chunk_size(chunk_size)
+    check_input_ids(input_ids, vocab_size(model))
     check_press(model, press)
     cache = DynamicCache(config=model.config) if cache is None else cache
     check_empty_cache(cache)
@@ -133,18 +135,34 @@ def positions(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> t
     return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
 
-def check_chunk_size(chunk_size) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+def check_chunk_size(chunk_size) -> int:
+    if not is_integer(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}.")
+    return int(chunk_size)
 
 
-def check_input_ids(input_ids) -> None:
+def vocab_size(model) -> int | None:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(embeddings, "num_embeddings", None)
+
+
+def check_input_ids(input_ids, vocabulary: int | None = None) -> None:
+    """A 2-D integer tensor of at least one token, every id in [0, vocabulary) when that is known."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise TypeError("input_ids must be a 2-D tensor of token ids (batch, seq).")
+        shape = f"a {input_ids.dim()}-D tensor" if isinstance(input_ids, torch.Tensor) else given(input_ids)
+        raise TypeError(f"input_ids must be a 2-D tensor of token ids (batch, seq), got {shape}.")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got a {input_ids.dtype} tensor.")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(
             f"input_ids is empty (shape {tuple(input_ids.shape)}): at least one token is needed "
             "(the context is empty?)."
+        )
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (vocabulary is not None and high >= vocabulary):
+        raise ValueError(
+            f"input_ids must be token ids in [0, {vocabulary if vocabulary is not None else 'vocabulary size'}) "
+            f"(the model's vocabulary), got ids from {low} to {high}."
         )
 
 

@@ -2,7 +2,8 @@
 
 A press compresses the full-attention layers of a transformers `DynamicCache` during the context prefill.
 Anything else would run without a word and leave the cache as it was, or compress tokens that are not the
-context: another cache class (StaticCache, QuantizedCache, a `cache_implementation` other than "dynamic"),
+context: another cache class (StaticCache, QuantizedCache, a `cache_implementation` other than "dynamic"), an
+offloading DynamicCache (its layers move to the CPU between forwards, which compressed layers are not built for),
 no cache at all (`use_cache=False`), a batch padded on the right, and assisted generation (its draft tokens
 would be compressed as context, and rejected drafts rolled back out of a compressed cache). `PressSession`'s
 hooks raise these before a layer runs; `guarded_generate` raises them when `model.generate` is called,
@@ -36,10 +37,19 @@ EVICT_ATTENTIONS_WARNING = (
 )
 
 
-def cache_refusal(cache) -> str | None:
-    """Why a press cannot compress `cache`, or None when it can (a DynamicCache)."""
+OFFLOADING_REFUSAL = (
+    "An offloading cache (DynamicCache(offloading=True), or cache_implementation='offloaded') moves each layer's "
+    "keys and values to the CPU between forwards, but the layers {press} compresses are not built to be offloaded "
+    "(their per-head offsets, lengths and keep masks stay on the model's device, a CUDA-graph decode reads fixed "
+    "buffer addresses), so adakv refuses the combination rather than run it untested. Compress instead of "
+    "offloading (backend 'evict' frees the pruned pairs): pass a DynamicCache() without offloading, or no cache."
+)
+
+
+def cache_refusal(cache, press_name: str = "the press") -> str | None:
+    """Why a press cannot compress `cache`, or None when it can (a DynamicCache that does not offload)."""
     if isinstance(cache, DynamicCache):
-        return None
+        return OFFLOADING_REFUSAL.format(press=press_name) if getattr(cache, "offloading", False) else None
     return (
         f"adakv presses compress a transformers DynamicCache, but got a {type(cache).__name__}, which the press "
         f"would leave uncompressed. {WHAT_TO_PASS}"
@@ -101,14 +111,16 @@ def generate_refusal(model: nn.Module, press_name: str, kwargs: dict) -> str | N
             f"be compressed by {press_name} as context, and rejected drafts rolled back out of a compressed cache. "
             "Generate without an assistant or prompt lookup inside the block."
         )
+    if setting("cache_implementation") == "offloaded":
+        return OFFLOADING_REFUSAL.format(press=press_name)
     if setting("cache_implementation") not in (None, "dynamic"):
         return (
             f"cache_implementation={setting('cache_implementation')!r} makes generate() use a cache that "
             f"{press_name} would leave uncompressed. {WHAT_TO_PASS}"
         )
     for name in ("cache", "past_key_values"):
-        if kwargs.get(name) is not None and cache_refusal(kwargs[name]) is not None:
-            return cache_refusal(kwargs[name])
+        if kwargs.get(name) is not None and cache_refusal(kwargs[name], press_name) is not None:
+            return cache_refusal(kwargs[name], press_name)
     if setting("use_cache") is False:
         return no_cache_refusal(press_name)
     return None

@@ -43,6 +43,7 @@ from adakv.cache import (
     newest_keys_values,
     restore,
 )
+from adakv.arguments import check_model
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
     attention_modules,
@@ -54,7 +55,7 @@ from adakv.models import (
 from adakv.presses.base import BasePress, PrefillContext, WholePrefill
 
 from . import active
-from .acceleration import Acceleration, accelerate
+from .acceleration import Acceleration, accelerate, check_speed_switches
 from .attention import (
     CACHE_ATTRIBUTE,
     note_appended_padding,
@@ -284,7 +285,7 @@ class PressSession:
         cache = cache_argument(kwargs)
         if cache is None:
             raise ValueError(no_cache_refusal(type(self.press).__name__))
-        refusal = cache_refusal(cache)
+        refusal = cache_refusal(cache, type(self.press).__name__)
         layer = cache.layers[module.layer_idx] if module.layer_idx < len(cache.layers) else None
         if refusal is None and layer is not None:
             refusal = layer_refusal(layer, module)
@@ -369,9 +370,51 @@ class PressSession:
         return make_compressed_layer(self.backend, layer.keys, layer.values, keep, context.module.config)
 
 
+class PressBlock:
+    """What `press(model, **speed_switches)` returns: the arguments are checked at once (a model, known switches
+    with allowed values), the session opens when the block is entered (`with`). A block is entered once;
+    `press(model)` never entered compresses nothing, so dropping such an object warns (NotEnteredWarning)."""
+
+    def __init__(self, press: BasePress, model: nn.Module, speed_switches: dict):
+        owner = f"{type(press).__name__}(...)(model)"
+        check_model(model, owner)
+        check_speed_switches(speed_switches, owner)
+        self.press, self.model, self.speed_switches = press, model, speed_switches
+        self._block = None
+
+    def __enter__(self) -> PressSession:
+        if self._block is not None:
+            raise RuntimeError(
+                "This press block was entered already; a block opens once. Call press(model) again for a new one."
+            )
+        self._block = press_session(self.press, self.model, **self.speed_switches)
+        return self._block.__enter__()
+
+    def __exit__(self, *exception) -> bool | None:
+        return self._block.__exit__(*exception)
+
+    def __del__(self) -> None:
+        if getattr(self, "_block", True) is not None:  # entered, or never built
+            return
+        try:
+            warnings.warn(NOT_ENTERED_WARNING.format(press=type(self.press).__name__), NotEnteredWarning, stacklevel=2)
+        except (TypeError, AttributeError):  # at interpreter exit the module's names may already be None
+            pass
+
+
+class NotEnteredWarning(UserWarning):
+    """`press(model)` was called but its block never entered: nothing was compressed."""
+
+
+NOT_ENTERED_WARNING = (
+    "{press}(...)(model) was called but never entered, so nothing was compressed: the press acts only inside "
+    "`with press(model):`."
+)
+
+
 @contextmanager
 def press_session(press: BasePress, model: nn.Module, **speed_switches) -> Generator[PressSession, None, None]:
-    """`with press(model, **speed_switches):` (BasePress.__call__): a PressSession for the block, inside an
+    """The block of `with press(model, **speed_switches):` (PressBlock): a PressSession, inside an
     `adakv.accelerate(model, **speed_switches)` block when any switch is on."""
     session = PressSession(press, model)
     with ExitStack() as stack:
@@ -392,7 +435,8 @@ def remember_cache(module: nn.Module, args, kwargs) -> None:
     if hidden_states.shape[1] == 0:
         raise ValueError(
             "The model was given 0 tokens (an empty prompt or context?): at least one token is needed, "
-            "both to run the model and for a press to compress."
+            "both to run the model and for a press to compress. (generate() given a cache feeds only the input_ids "
+            "after the tokens the cache holds: pass the cached ids followed by the new ones.)"
         )
     setattr(module, CACHE_ATTRIBUTE, cache_argument(kwargs))
     note_appended_padding(module, hidden_states, kwargs.get("attention_mask"))
