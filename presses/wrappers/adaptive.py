@@ -57,6 +57,7 @@ class AdaptivePress(WrapperPress):
 
     alpha_safeguard: float = 0.2
     scope: str = "layer"
+    reads_hidden_states = False  # it ranks its inner press's scores (the inner press says what it reads)
     exchange: str = "all_gather"
 
     field_rules = {

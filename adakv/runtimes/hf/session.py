@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 from typing import Callable, Generator
 
 import torch
@@ -49,7 +50,6 @@ from adakv.models import (
     cache_argument,
     cache_argument_name,
     is_full_attention_layer,
-    queries,
 )
 from adakv.presses.base import BasePress, PrefillContext, WholePrefill
 
@@ -57,6 +57,8 @@ from . import active
 from .acceleration import Acceleration, accelerate
 from .attention import (
     CACHE_ATTRIBUTE,
+    REPLAY_ATTRIBUTE,
+    REPLAY_PREFIX,
     note_appended_padding,
     real_token_mask,
     register_attention_functions,
@@ -134,30 +136,58 @@ class CacheReplay:
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.decoder.get_input_embeddings()(token_ids)
 
-    def replay(self, stream: torch.Tensor, chunk_size: int, on_layer: Callable) -> None:
+    def replay(self, stream: torch.Tensor, chunk_size: int, attend: Callable) -> None:
+        """Feed `stream` (batch, n, hidden) through the decoder behind the context, `chunk_size` tokens per
+        forward, with `attend` as the attention of every recorded layer (ContextReplay's contract). After
+        the last recorded layer's attention the forward stops: nothing later reads its output."""
         cache, chunk_start = self.cache, [0]
+        last = max(context.layer_idx for context in self.contexts)
 
-        def after_attention(module, args, kwargs, output) -> None:
-            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            chunk_queries = queries(module, hidden_states, kwargs["position_embeddings"])
-            on_layer(module.layer_idx, chunk_queries, cache.layers[module.layer_idx].keys, chunk_start[0])
+        def layer_attention(layer_idx: int) -> Callable:
+            def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+                output = attend(layer_idx, query, key, value, chunk_start[0], layer_idx != last)
+                if layer_idx == last:
+                    raise _ReplayedLastLayer
+                return output
+
+            return attention
 
         saved = checkpoint(cache)
-        handles = [c.module.register_forward_hook(after_attention, with_kwargs=True) for c in self.contexts]
+        original = self.decoder.config._attn_implementation
+        register_attention_functions()
+        set_attention_implementation(self.decoder, REPLAY_PREFIX + replay_base(original))
+        for context in self.contexts:
+            setattr(context.module, REPLAY_ATTRIBUTE, layer_attention(context.layer_idx))
         session = active.session_of(self.decoder)
         try:
             with session.running_own_forwards() if session is not None else ExitStack():
                 for start in range(0, stream.shape[1], chunk_size):
                     chunk_start[0] = start
-                    self.decoder(inputs_embeds=stream[:, start : start + chunk_size], use_cache=True,
-                                 **{cache_argument_name(self.decoder): cache})  # fmt: skip
+                    try:
+                        self.decoder(inputs_embeds=stream[:, start : start + chunk_size], use_cache=True,
+                                     **{cache_argument_name(self.decoder): cache})  # fmt: skip
+                    except _ReplayedLastLayer:
+                        pass
         finally:
-            for handle in handles:
-                handle.remove()
+            for context in self.contexts:
+                delattr(context.module, REPLAY_ATTRIBUTE)
+            set_attention_implementation(self.decoder, original)
             restore(cache, saved)
             for context in self.contexts:  # drop the views into the longer replayed tensors
                 cache.layers[context.layer_idx].keys = context.keys
                 cache.layers[context.layer_idx].values = context.values
+
+
+class _ReplayedLastLayer(Exception):
+    """Raised by the replay's attention of the last recorded layer to end that forward early."""
+
+
+def replay_base(implementation: str) -> str:
+    """The model's own attention implementation ("sdpa" or "eager") under a press block's adakv twin."""
+    base = implementation.removeprefix(ADAKV_ATTENTION_PREFIX)
+    if base not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"A context replay runs over sdpa or eager attention, not {implementation!r}.")
+    return base
 
 
 def whole_prefill(contexts, cache: Cache, decoder: nn.Module, input_ids=None, inputs_embeds=None, memo=None) -> WholePrefill:
@@ -333,6 +363,8 @@ class PressSession:
         if self.decoding is not None:
             self.decoding.remember_context(cache, context, new_context=first_context)
         if self.press.compresses_after_prefill:
+            if not self.press.reads_layer_inputs:  # hold no layer's hidden states until the prefill ends
+                context = replace(context, hidden_states=None, position_embeddings=None)
             self._record_for_whole_prefill(context, cache, first_context)
             return
         if first_context:
