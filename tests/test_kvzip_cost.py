@@ -228,3 +228,33 @@ def test_refuses_softcapped_attention():
             reconstruction_scores(engine.whole_prefill(dense.contexts, dense.cache, dense.decoder, input_ids=ids), PROMPT, 8)
     finally:
         del model.config.attn_logit_softcapping
+
+
+@pytest.mark.parametrize("family, layer_by_layer", [("llama", True), ("mistral", True), ("qwen2", True), ("qwen3", True),
+                                                     ("phi3", True), ("gemma3", False)])  # fmt: skip
+def test_only_one_layer_holds_replayed_keys_at_a_time(family, layer_by_layer):
+    """Layer by layer (every decoder layer full attention): whenever a layer is scored, no other layer holds
+    replayed keys. Gemma3 (sliding-window layers) replays chunk by chunk, so every scored layer holds them."""
+    from adakv.runtimes.hf.replay import layer_by_layer_decoder
+
+    model, ids = tiny_model(family), random_ids(1, 30)
+    dense = engine.dense_prefill(model, ids)
+    assert layer_by_layer_decoder(dense.decoder, dense.contexts) == layer_by_layer
+    cache, length, longest = dense.cache, ids.shape[1], []
+    scored = {c.layer_idx for c in dense.contexts}
+    real_attend = kvzip_reference.attend_and_score
+
+    def spying_attend(*args, **kwargs):
+        longer = [i for i in scored if cache.layers[i].keys.shape[-2] > length]
+        longest.append(len(longer))
+        return real_attend(*args, **kwargs)
+
+    prefill = engine.whole_prefill(dense.contexts, cache, dense.decoder, input_ids=ids)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("adakv.presses.scorers.kvzip.attend_and_score", spying_attend)
+        reconstruction_scores(prefill, PROMPT, 8)
+    if layer_by_layer:
+        assert len(scored) > 1 and max(longest) == 1
+    else:  # by the last chunk every scored layer holds the replayed keys
+        assert longest[-1] == len(scored)
+    assert all(cache.layers[i].keys.shape[-2] == length for i in scored)  # and the replay left nothing behind

@@ -38,17 +38,14 @@ from adakv.cache import (
     DEFAULT_BACKEND,
     BackendFallbackWarning,
     CompressedLayer,
-    checkpoint,
     evict_refusal,
     make_compressed_layer,
     newest_keys_values,
-    restore,
 )
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
     attention_modules,
     cache_argument,
-    cache_argument_name,
     is_full_attention_layer,
 )
 from adakv.presses.base import BasePress, PrefillContext, WholePrefill
@@ -57,14 +54,13 @@ from . import active
 from .acceleration import Acceleration, accelerate
 from .attention import (
     CACHE_ATTRIBUTE,
-    REPLAY_ATTRIBUTE,
-    REPLAY_PREFIX,
     note_appended_padding,
     real_token_mask,
     register_attention_functions,
     set_attention_implementation,
 )
 from .decoding import DecodingRecompression, decoding_policy
+from .replay import CacheReplay
 from .graph_decode import graph_decoding_refusal
 from .refusals import (
     EVICT_ATTENTIONS_WARNING,
@@ -116,78 +112,6 @@ def compressed_layers_after_prefill(press: BasePress, prefill: WholePrefill, bac
         layer_backend = backend or block_backend(press, config)
         layers.append(make_compressed_layer(layer_backend, context.keys, context.values, keep, config))
     return layers
-
-
-class CacheReplay:
-    """`ContextReplay` over a transformers cache: runs the model's decoder again behind a prefilled context
-    (KVzip's reconstruction) and brings the cache back to the context afterwards."""
-
-    def __init__(self, decoder: nn.Module, cache: Cache, contexts: list[PrefillContext], input_ids=None, inputs_embeds=None):
-        self.decoder, self.cache, self.contexts = decoder, cache, contexts
-        self.input_ids, self.inputs_embeds = input_ids, inputs_embeds
-
-    def context_embeddings(self) -> torch.Tensor:
-        if self.inputs_embeds is not None:
-            return self.inputs_embeds
-        if self.input_ids is None:
-            raise ValueError("This prefill has neither input_ids nor inputs_embeds.")
-        return self.decoder.get_input_embeddings()(self.input_ids)
-
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.get_input_embeddings()(token_ids)
-
-    def replay(self, stream: torch.Tensor, chunk_size: int, attend: Callable) -> None:
-        """Feed `stream` (batch, n, hidden) through the decoder behind the context, `chunk_size` tokens per
-        forward, with `attend` as the attention of every recorded layer (ContextReplay's contract). After
-        the last recorded layer's attention the forward stops: nothing later reads its output."""
-        cache, chunk_start = self.cache, [0]
-        last = max(context.layer_idx for context in self.contexts)
-
-        def layer_attention(layer_idx: int) -> Callable:
-            def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-                output = attend(layer_idx, query, key, value, chunk_start[0], layer_idx != last)
-                if layer_idx == last:
-                    raise _ReplayedLastLayer
-                return output
-
-            return attention
-
-        saved = checkpoint(cache)
-        original = self.decoder.config._attn_implementation
-        register_attention_functions()
-        set_attention_implementation(self.decoder, REPLAY_PREFIX + replay_base(original))
-        for context in self.contexts:
-            setattr(context.module, REPLAY_ATTRIBUTE, layer_attention(context.layer_idx))
-        session = active.session_of(self.decoder)
-        try:
-            with session.running_own_forwards() if session is not None else ExitStack():
-                for start in range(0, stream.shape[1], chunk_size):
-                    chunk_start[0] = start
-                    try:
-                        self.decoder(inputs_embeds=stream[:, start : start + chunk_size], use_cache=True,
-                                     **{cache_argument_name(self.decoder): cache})  # fmt: skip
-                    except _ReplayedLastLayer:
-                        pass
-        finally:
-            for context in self.contexts:
-                delattr(context.module, REPLAY_ATTRIBUTE)
-            set_attention_implementation(self.decoder, original)
-            restore(cache, saved)
-            for context in self.contexts:  # drop the views into the longer replayed tensors
-                cache.layers[context.layer_idx].keys = context.keys
-                cache.layers[context.layer_idx].values = context.values
-
-
-class _ReplayedLastLayer(Exception):
-    """Raised by the replay's attention of the last recorded layer to end that forward early."""
-
-
-def replay_base(implementation: str) -> str:
-    """The model's own attention implementation ("sdpa" or "eager") under a press block's adakv twin."""
-    base = implementation.removeprefix(ADAKV_ATTENTION_PREFIX)
-    if base not in SUPPORTED_ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(f"A context replay runs over sdpa or eager attention, not {implementation!r}.")
-    return base
 
 
 def whole_prefill(contexts, cache: Cache, decoder: nn.Module, input_ids=None, inputs_embeds=None, memo=None) -> WholePrefill:
