@@ -258,3 +258,25 @@ def test_only_one_layer_holds_replayed_keys_at_a_time(family, layer_by_layer):
     else:  # by the last chunk every scored layer holds the replayed keys
         assert longest[-1] == len(scored)
     assert all(cache.layers[i].keys.shape[-2] == length for i in scored)  # and the replay left nothing behind
+
+
+def test_kvzip_cost_benchmark_smoke(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_kvzip_cost", root / "benchmarks" / "bench_kvzip_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--tiny", "--layers", "2", "--cases", "1x300", "--repeats", "1", "--warmup-context", "40",
+                "--chunk-size", "64", "--methods", "dense", "kvzip", "kvzip-chunk-order", "--out", str(tmp_path)])  # fmt: skip
+    (json_file,) = tmp_path.glob("kvzip_cost_*.json")
+    report = json.loads(json_file.read_text())
+    assert (tmp_path / (json_file.stem + ".md")).exists()
+    assert "adakv_commit" in report["meta"] and report["meta"]["torch"] == torch.__version__
+    dense, kvzip, chunk_order = report["rows"]
+    assert [r["method"] for r in report["rows"]] == ["dense", "kvzip", "kvzip-chunk-order"]
+    assert kvzip["kv_gib"] == chunk_order["kv_gib"] < 0.5 * dense["kv_gib"]  # the same pairs kept either way
+    assert kvzip["ttft_vs_dense"] > 1 and kvzip["peak_gib"] > 0
+    assert 1 < kvzip["model_flops_vs_dense"] < kvzip["model_flops_before_vs_dense"]

@@ -28,10 +28,13 @@ class KVzipPress(ScorerPress):
     the reconstruction so far). No question is involved, so the compressed cache serves any question.
 
     The reconstruction runs `chunk_size` tokens per forward, each chunk attending to the context and to
-    the earlier chunks, so chunking changes nothing but memory: each forward's attention probabilities
-    are (chunk x keys) and are reduced blockwise. The reconstruction's keys/values stay in the cache while
-    scoring (about as much again as the context) and are removed afterwards. The extra forwards, about
-    one more prefill of the context, are the cost (docs/RESULTS.md, "KVzip: compress once, for any question").
+    the earlier chunks, so chunking changes nothing but memory. The scoring happens inside the
+    reconstruction's attention (`attend_and_score`: one softmax gives the output and the scores; no query
+    is recomputed), the last scored layer's output is never computed, and where the decoder allows it the
+    reconstruction runs layer by layer, so only one layer's reconstruction keys/values exist at a time
+    (adakv/runtimes/hf/replay.py); the context's hidden states are not held (`reads_hidden_states`). The
+    extra forwards cost more than one prefill: each reconstruction query attends to the whole context and
+    the reconstruction so far (benchmarks/bench_kvzip_cost.py, docs/RESULTS.md "KVzip: compress once").
 
     KVzip needs the whole context in every layer, so it compresses after the whole prefill
     (`compresses_after_prefill`; chunked prefill is refused).

@@ -15,9 +15,10 @@ on its own (a PrefillContext of the chunk) and folded into the layer's compresse
 Presses whose `compresses_after_prefill` is True (AdaptivePress(scope="model"), KVzipPress) need every layer
 at once: the session records each compressed layer's PrefillContext (the dense keys/values stay in the
 cache), and a forward hook on the model's decoder, after the last layer, hands them all to the press as a
-`WholePrefill`, whose `replay` (ContextReplay) lets KVzip run the model again over the context. Every
-compressed layer is then replaced at once. The cost is peak memory: the dense cache of the whole context
-and each layer's input hidden states are held until the end of the prefill.
+`WholePrefill`, whose `replay` (ContextReplay, replay.py) lets KVzip run the model again over the context.
+Every compressed layer is then replaced at once. The cost is peak memory: the dense cache of the whole
+context is held until the end of the prefill, and each layer's input hidden states too unless no press of
+the tree reads them (`BasePress.reads_layer_inputs`: KVzip does not).
 
 All per-block state lives on the session, none on the press: one press object may serve several models.
 """
