@@ -123,3 +123,24 @@ def test_the_cuda_path_through_a_replay_keeps_todays_scores(monkeypatch):
     assert launches
     for index in expected:
         torch.testing.assert_close(actual[index], expected[index], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(TRITON_DEVICE == "cpu", reason="torch's CUDA flash attention (bf16)")
+def test_bf16_replay_on_cuda_flash_scores_like_pytorch(monkeypatch):
+    """The press's CUDA route in bf16 (flash attention + the given-normaliser pass) against its PyTorch route:
+    the same scores within bf16 rounding (the replayed hidden states round differently, so not bit for bit)."""
+    from conftest import random_ids, tiny_model
+    from test_kvzip_cost import press_scores
+
+    from adakv.kernels import kvzip_reference
+
+    model, ids = tiny_model("llama").to("cuda", torch.bfloat16), random_ids(1, 200, seed=3).cuda()
+    launches = []
+    kernels = kvzip_reference.flash_attend_and_score
+    monkeypatch.setattr(kvzip_reference, "flash_attend_and_score", lambda *args: launches.append(1) or kernels(*args))
+    fused = press_scores(model, ids, 64)
+    assert launches
+    monkeypatch.setattr(kvzip_reference, "fused_scoring", lambda queries, keys: False)
+    reference = press_scores(model, ids, 64)
+    for index in reference:
+        torch.testing.assert_close(fused[index], reference[index], rtol=5e-2, atol=1e-3)
