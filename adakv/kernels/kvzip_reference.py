@@ -78,17 +78,21 @@ def attend_and_score(
     Shapes as in `torch_max_attention`, values like keys. Returns the attention output (batch, chunk, heads,
     head_dim) in the queries' dtype (what a transformers attention function returns), or None when
     `output_needed` is False (the last scored layer: only its scores are read). running_max is updated as
-    `torch_max_attention` updates it. On CUDA (fp16/bf16, Triton) `flash_attend_and_score`: torch's flash
-    attention gives the output and each query's log-sum-exp, one Triton pass turns them into the scores;
-    elsewhere `torch_attend_and_score`."""
-    if not (fused_scoring(chunk_queries, keys) and flash_attention_takes(chunk_queries)):
-        return torch_attend_and_score(
-            running_max, chunk_queries, keys, values, scaling, context_length, chunk_start, first_counted, output_needed
-        )
-    if not output_needed:  # the scores alone: two Triton passes over the keys, no values read
+    `torch_max_attention` updates it. Where the Triton kernels take the tensors (CUDA): scores alone by both
+    kernels (`update_max_attention`); with the output, for fp16/bf16, `flash_attend_and_score` (torch's flash
+    attention gives the output and each query's log-sum-exp, one Triton pass turns them into the scores).
+    Elsewhere (CPU, fp32 on CUDA) `torch_attend_and_score`."""
+    fused = fused_scoring(chunk_queries, keys)
+    if fused and not output_needed:  # the scores alone: two Triton passes over the keys, no values read
         update_max_attention(running_max, chunk_queries, keys, scaling, context_length, chunk_start, first_counted)
         return None
-    return flash_attend_and_score(running_max, chunk_queries, keys, values, scaling, context_length, chunk_start, first_counted)
+    if fused and flash_attention_takes(chunk_queries):
+        return flash_attend_and_score(
+            running_max, chunk_queries, keys, values, scaling, context_length, chunk_start, first_counted
+        )
+    return torch_attend_and_score(
+        running_max, chunk_queries, keys, values, scaling, context_length, chunk_start, first_counted, output_needed
+    )
 
 
 def fused_scoring(chunk_queries: torch.Tensor, keys: torch.Tensor) -> bool:

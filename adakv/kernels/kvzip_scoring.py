@@ -10,7 +10,10 @@ as flash attention does:
 2. `max_probability_kernel`: per block of context keys, max over the group's query heads and the counted
    queries of exp2(score - logsumexp), merged into the running maximum.
 
-Every reconstruction query sees every context key, so the second pass has no causal mask. Scores are fp32
+Every reconstruction query sees every context key, so the second pass has no causal mask. The
+reconstruction itself (`kvzip_reference.flash_attend_and_score`) runs the second kernel alone
+(`triton_max_probability`) on the log-sum-exps its flash attention returns; both kernels run
+(`triton_max_attention`) where no attention output is needed (the last scored layer). Scores are fp32
 (tl.dot accumulates in fp32; fp32 inputs use IEEE fp32 products), so the results equal the PyTorch path up
 to summation order.
 """

@@ -151,7 +151,6 @@ def reconstruction_scores(prefill: WholePrefill, prompt_ids: tuple[int, ...], ch
     if any(getattr(c.module.config, "attn_logit_softcapping", None) for c in prefill.contexts):
         raise ValueError("KVzipPress's reconstruction attention does not apply attention-logit softcapping (this model's).")
     context_length = prefill.contexts[0].seq_len
-    stream = reconstruction_stream(prefill, prompt_ids)
     scores = {index: c.keys.new_zeros(c.keys.shape[:3], dtype=torch.float32) for index, c in contexts.items()}
 
     def attend(layer_idx, chunk_queries, keys, values, chunk_start: int, output_needed: bool) -> torch.Tensor | None:
@@ -161,7 +160,7 @@ def reconstruction_scores(prefill: WholePrefill, prompt_ids: tuple[int, ...], ch
             output_needed,
         )
 
-    prefill.replay.replay(stream, chunk_size, attend)
+    prefill.replay.replay(reconstruction_stream(prefill, prompt_ids), chunk_size, attend)  # no reference kept here
     return scores
 
 

@@ -7,7 +7,7 @@ unchanged; for a mask layer it folds the per-head keep mask into the attention m
 flat layer (backend "evict") it runs variable-length attention over the flat rows
 (adakv/cache/flat_attention.py) and ignores the dense key/value arguments.
 
-A press's replay of the context (KVzip's reconstruction, session.CacheReplay) runs under "adakv_replay_sdpa"
+A press's replay of the context (KVzip's reconstruction, replay.CacheReplay) runs under "adakv_replay_sdpa"
 / "adakv_replay_eager": a module that carries a replay attention (`REPLAY_ATTRIBUTE`) runs it instead of
 the model's attention function, every other module the original function.
 """

@@ -119,7 +119,8 @@ class CacheReplay:
         positions = [torch.arange(length + s, length + s + c.shape[1], device=c.device)[None] for s, c in zip(starts, chunks)]
         rotary = [decoder.rotary_emb(chunk, position_ids) for chunk, position_ids in zip(chunks, positions)]
         contexts = {context.layer_idx: context for context in self.contexts}
-        hidden = chunks
+        hidden = list(chunks)
+        chunks.clear()  # the stream's storage goes with the first layer's inputs
         for layer in decoder.layers[: decoder.config.num_hidden_layers]:
             outputs = []
             for start, states, position_ids, embeddings in zip(starts, hidden, positions, rotary):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import warnings
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
-from typing import Callable, Generator
+from typing import Generator
 
 import torch
 from torch import nn
@@ -61,7 +61,6 @@ from .attention import (
     set_attention_implementation,
 )
 from .decoding import DecodingRecompression, decoding_policy
-from .replay import CacheReplay
 from .graph_decode import graph_decoding_refusal
 from .refusals import (
     EVICT_ATTENTIONS_WARNING,
@@ -71,6 +70,7 @@ from .refusals import (
     no_cache_refusal,
     right_padding_refusal,
 )
+from .replay import CacheReplay
 
 
 def block_backend(press: BasePress, config) -> str:
