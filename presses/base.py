@@ -100,10 +100,13 @@ class ContextReplay(Protocol):
 
     context_embeddings(): (batch, seq, hidden) the context's input embeddings.
     embed(token_ids): (n,) ids -> (n, hidden) input embeddings.
-    replay(stream, chunk_size, on_layer): feed `stream` (batch, n, hidden) through the model behind the
-    context, `chunk_size` tokens per forward, calling on_layer(layer_idx, queries, keys, chunk_start) after
-    each compressed layer's attention: queries (batch, heads, chunk, head_dim) of the chunk, keys (batch,
-    kv_heads, context + stream so far, head_dim) of the layer. The cache is brought back to the context after.
+    replay(stream, chunk_size, attend): feed `stream` (batch, n, hidden) through the model behind the
+    context, `chunk_size` tokens per forward, with attend(layer_idx, queries, keys, values, chunk_start,
+    output_needed) as the attention of every compressed layer: queries (batch, heads, chunk, head_dim) of the
+    chunk (rotated), keys/values (batch, kv_heads, context + stream so far, head_dim) of the layer. attend
+    returns the attention output (batch, chunk, heads, head_dim), or None when output_needed is False: the
+    last compressed layer, after which nothing of that forward runs. The cache is brought back to the
+    context after.
     """
 
     def context_embeddings(self) -> torch.Tensor: ...
@@ -114,7 +117,7 @@ class ContextReplay(Protocol):
         self,
         stream: torch.Tensor,
         chunk_size: int,
-        on_layer: Callable[[int, torch.Tensor, torch.Tensor, int], None],
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, int, bool], torch.Tensor | None],
     ) -> None: ...
 
 
@@ -195,6 +198,10 @@ class BasePress:
     outermost_only: ClassVar[str | None] = None
     # what each field takes (presses/fields.py), checked on every assignment; a subclass's rules join its bases'
     field_rules: ClassVar[dict[str, FieldRule]] = {"backend": OneOf(BACKENDS, optional=True, note=" (not set: evict)")}
+    # whether compress/score read PrefillContext.hidden_states or position_embeddings; presses that compress
+    # after the whole prefill and say False (KVzip, AdaptivePress) let the runtime drop each layer's hidden
+    # states instead of holding them until the prefill ends (`reads_layer_inputs`)
+    reads_hidden_states: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -238,6 +245,11 @@ class BasePress:
     def inner_presses(self) -> tuple[BasePress, ...]:
         """The presses this one wraps directly (none for a plain press)."""
         return ()
+
+    @property
+    def reads_layer_inputs(self) -> bool:
+        """Whether any press of this tree reads a context's hidden states or position embeddings."""
+        return any(getattr(press, "reads_hidden_states", True) for press in self.press_tree())
 
     def press_tree(self) -> Iterator[BasePress]:
         """This press and every press it wraps, depth first."""

@@ -10,7 +10,10 @@ as flash attention does:
 2. `max_probability_kernel`: per block of context keys, max over the group's query heads and the counted
    queries of exp2(score - logsumexp), merged into the running maximum.
 
-Every reconstruction query sees every context key, so the second pass has no causal mask. Scores are fp32
+Every reconstruction query sees every context key, so the second pass has no causal mask. The
+reconstruction itself (`kvzip_reference.flash_attend_and_score`) runs the second kernel alone
+(`triton_max_probability`) on the log-sum-exps its flash attention returns; both kernels run
+(`triton_max_attention`) where no attention output is needed (the last scored layer). Scores are fp32
 (tl.dot accumulates in fp32; fp32 inputs use IEEE fp32 products), so the results equal the PyTorch path up
 to summation order.
 """
@@ -109,24 +112,54 @@ def triton_max_attention(
     context_length) fp32 with a unit last stride; chunk_queries (batch, heads, chunk, head_dim) and keys
     (batch, kv_heads, context_length + chunk_start + chunk, head_dim), unit last strides, one dtype."""
     batch, heads, chunk, head_dim = chunk_queries.shape
-    kv_heads = keys.shape[1]
     first_row = max(0, first_counted - chunk_start)
     if first_row >= chunk:
         return
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    block = 64 if block_d <= 128 else 32
-    precision = "ieee" if chunk_queries.dtype == torch.float32 else "tf32"
+    block_d, block, precision = tiles(chunk_queries)
     strides = (*chunk_queries.stride()[:3], *keys.stride()[:3])
     lse = torch.empty(batch * heads, chunk, device=keys.device, dtype=torch.float32)
-    scale_log2 = scaling * LOG2_E
     with on_device_of(keys):
         row_logsumexp_kernel[(batch * heads, triton.cdiv(chunk - first_row, block))](
-            chunk_queries, keys, lse, heads, heads // kv_heads, chunk, first_row, context_length + chunk_start,
-            scale_log2, *strides, HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
+            chunk_queries, keys, lse, heads, heads // keys.shape[1], chunk, first_row, context_length + chunk_start,
+            scaling * LOG2_E, *strides, HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d,
             DOT_PRECISION=precision,
         )  # fmt: skip
+    launch_max_probability(running_max, chunk_queries, keys, lse, scaling, context_length, first_row)
+
+
+def triton_max_probability(
+    running_max: torch.Tensor, chunk_queries: torch.Tensor, keys: torch.Tensor, logsumexp: torch.Tensor,
+    scaling: float, context_length: int, chunk_start: int, first_counted: int,
+) -> None:
+    """The second kernel alone, for a caller that has each row's normaliser already (the reconstruction's
+    flash attention): logsumexp (batch, heads, chunk) float32, natural log of the sum over the keys the row
+    sees of exp(scaling * q . k). Other arguments as `triton_max_attention`."""
+    chunk = chunk_queries.shape[2]
+    first_row = max(0, first_counted - chunk_start)
+    if first_row >= chunk:
+        return
+    lse_log2 = (logsumexp.float() * LOG2_E).reshape(-1, chunk).contiguous()  # (batch * heads, chunk), base 2
+    launch_max_probability(running_max, chunk_queries, keys, lse_log2, scaling, context_length, first_row)
+
+
+def tiles(chunk_queries: torch.Tensor) -> tuple[int, int, str]:
+    """(BLOCK_D, BLOCK_M = BLOCK_N, dot precision) of both kernels."""
+    block_d = max(16, triton.next_power_of_2(chunk_queries.shape[-1]))
+    return block_d, 64 if block_d <= 128 else 32, "ieee" if chunk_queries.dtype == torch.float32 else "tf32"
+
+
+def launch_max_probability(
+    running_max: torch.Tensor, chunk_queries: torch.Tensor, keys: torch.Tensor, lse_log2: torch.Tensor,
+    scaling: float, context_length: int, first_row: int,
+) -> None:
+    """max_probability_kernel over every context key; lse_log2 (batch * heads, chunk) base-2 normalisers."""
+    batch, heads, chunk, head_dim = chunk_queries.shape
+    kv_heads = keys.shape[1]
+    block_d, block, precision = tiles(chunk_queries)
+    strides = (*chunk_queries.stride()[:3], *keys.stride()[:3])
+    with on_device_of(keys):
         max_probability_kernel[(batch * kv_heads, triton.cdiv(context_length, block))](
-            chunk_queries, keys, lse, running_max, heads, kv_heads, heads // kv_heads, chunk, first_row,
-            context_length, scale_log2, *strides, running_max.stride(0), running_max.stride(1),
+            chunk_queries, keys, lse_log2, running_max, heads, kv_heads, heads // kv_heads, chunk, first_row,
+            context_length, scaling * LOG2_E, *strides, running_max.stride(0), running_max.stride(1),
             HEAD_DIM=head_dim, BLOCK_M=block, BLOCK_N=block, BLOCK_D=block_d, DOT_PRECISION=precision,
         )  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from adakv.kernels.kvzip_reference import update_max_attention
+from adakv.kernels.kvzip_reference import attend_and_score
 
 from ..base import BasePress, PrefillContext, WholePrefill
 from ..fields import Integer, OneOf, Text, Tokenizer, TokenIds
@@ -28,10 +28,13 @@ class KVzipPress(ScorerPress):
     the reconstruction so far). No question is involved, so the compressed cache serves any question.
 
     The reconstruction runs `chunk_size` tokens per forward, each chunk attending to the context and to
-    the earlier chunks, so chunking changes nothing but memory: each forward's attention probabilities
-    are (chunk x keys) and are reduced blockwise. The reconstruction's keys/values stay in the cache while
-    scoring (about as much again as the context) and are removed afterwards. The extra forwards, about
-    one more prefill of the context, are the cost (docs/RESULTS.md, "KVzip: compress once, for any question").
+    the earlier chunks, so chunking changes nothing but memory. The scoring happens inside the
+    reconstruction's attention (`attend_and_score`: one softmax gives the output and the scores; no query
+    is recomputed), the last scored layer's output is never computed, and where the decoder allows it the
+    reconstruction runs layer by layer, so only one layer's reconstruction keys/values exist at a time
+    (adakv/runtimes/hf/replay.py); the context's hidden states are not held (`reads_hidden_states`). The
+    extra forwards cost more than one prefill: each reconstruction query attends to the whole context and
+    the reconstruction so far (benchmarks/bench_kvzip_cost.py, docs/RESULTS.md "KVzip: compress once").
 
     KVzip needs the whole context in every layer, so it compresses after the whole prefill
     (`compresses_after_prefill`; chunked prefill is refused).
@@ -60,6 +63,7 @@ class KVzipPress(ScorerPress):
 
     BUDGET_SCOPES = ("model", "head")  # a class constant, not a field
     scores_are_probabilities = True  # attention probabilities
+    reads_hidden_states = False  # the reconstruction makes its own queries: the context's hidden states are not held
 
     field_rules = {
         "tokenizer": Tokenizer(),
@@ -135,7 +139,8 @@ def attach_tokenizer(press: BasePress | None, tokenizer) -> None:
 def reconstruction_scores(prefill: WholePrefill, prompt_ids: tuple[int, ...], chunk_size: int) -> dict[int, torch.Tensor]:
     """{layer_idx: (batch, kv_heads, seq) float32}: the largest attention each context key receives from the
     reconstruction queries (the repeat prompt, then the context again), replayed `chunk_size` tokens at a time
-    behind the context by the runtime (`prefill.replay`)."""
+    behind the context by the runtime (`prefill.replay`). Each compressed layer's attention in the replay is
+    `attend_and_score`: the chunk's attention output and its scores from one softmax."""
     if prefill.replay is None:
         raise ValueError("KVzipPress needs a runtime that can run the model again over the context (WholePrefill.replay).")
     if not all(bool(context.available.all()) for context in prefill.contexts):
@@ -144,17 +149,26 @@ def reconstruction_scores(prefill: WholePrefill, prompt_ids: tuple[int, ...], ch
             "compress contexts of equal length, or one at a time."
         )
     contexts = {context.layer_idx: context for context in prefill.contexts}
+    if any(getattr(c.module.config, "attn_logit_softcapping", None) for c in prefill.contexts):
+        raise ValueError("KVzipPress's reconstruction attention does not apply attention-logit softcapping (this model's).")
     context_length = prefill.contexts[0].seq_len
+    scores = {index: c.keys.new_zeros(c.keys.shape[:3], dtype=torch.float32) for index, c in contexts.items()}
+
+    def attend(layer_idx, chunk_queries, keys, values, chunk_start: int, output_needed: bool) -> torch.Tensor | None:
+        scaling = contexts[layer_idx].module.scaling
+        return attend_and_score(
+            scores[layer_idx], chunk_queries, keys, values, scaling, context_length, chunk_start, len(prompt_ids),
+            output_needed,
+        )
+
+    prefill.replay.replay(reconstruction_stream(prefill, prompt_ids), chunk_size, attend)  # no reference kept here
+    return scores
+
+
+def reconstruction_stream(prefill: WholePrefill, prompt_ids: tuple[int, ...]) -> torch.Tensor:
+    """(batch, prompt + seq, hidden): the repeat prompt's embeddings, then the context's."""
     context_embeds = prefill.replay.context_embeddings()
     batch = context_embeds.shape[0]
     prompt = torch.tensor(prompt_ids, dtype=torch.long, device=context_embeds.device)
     prompt_embeds = prefill.replay.embed(prompt)[None].expand(batch, -1, -1).to(context_embeds.dtype)
-    stream = torch.cat([prompt_embeds, context_embeds], dim=1)  # (batch, prompt + seq, hidden)
-    scores = {index: c.keys.new_zeros(c.keys.shape[:3], dtype=torch.float32) for index, c in contexts.items()}
-
-    def score_chunk(layer_idx: int, chunk_queries: torch.Tensor, keys: torch.Tensor, chunk_start: int) -> None:
-        scaling = contexts[layer_idx].module.scaling
-        update_max_attention(scores[layer_idx], chunk_queries, keys, scaling, context_length, chunk_start, len(prompt_ids))
-
-    prefill.replay.replay(stream, chunk_size, score_chunk)
-    return scores
+    return torch.cat([prompt_embeds, context_embeds], dim=1)

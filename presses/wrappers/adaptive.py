@@ -41,9 +41,10 @@ class AdaptivePress(WrapperPress):
     each other, so the inner press's scores must be attention probabilities (`scores_are_probabilities`:
     SnapKV, PyramidKV, TOVA, ObservedAttention, KVzip; not Knorm, KeyDiff, Random, StreamingLLM, CriticalKV
     or ExpectedAttention with its value norm). It needs every layer's scores, so it compresses after the
-    whole context prefill (BasePress.compresses_after_prefill): the dense cache of the whole context and
-    each layer's input hidden states are held until the prefill ends, then backend "evict" frees the
-    pruned rows of every layer at once. A chunked prefill is refused.
+    whole context prefill (BasePress.compresses_after_prefill): the dense cache of the whole context (and
+    each layer's input hidden states, when the inner press reads them: SnapKV does, KVzip does not) is
+    held until the prefill ends, then backend "evict" frees the pruned rows of every layer at once. A
+    chunked prefill is refused.
 
     Under tensor parallelism (transformers' `tp_plan`, each rank holding some KV heads) the ranks
     exchange what the layer-wide top-k needs and select exactly the single-process set: the selection is
@@ -57,6 +58,7 @@ class AdaptivePress(WrapperPress):
 
     alpha_safeguard: float = 0.2
     scope: str = "layer"
+    reads_hidden_states = False  # it ranks its inner press's scores (the inner press says what it reads)
     exchange: str = "all_gather"
 
     field_rules = {

@@ -6,6 +6,10 @@ the adakv twin. For layers that hold no compressed state the twin calls the orig
 unchanged; for a mask layer it folds the per-head keep mask into the attention mask first; for a
 flat layer (backend "evict") it runs variable-length attention over the flat rows
 (adakv/cache/flat_attention.py) and ignores the dense key/value arguments.
+
+A press's replay of the context (KVzip's reconstruction, replay.CacheReplay) runs under "adakv_replay_sdpa"
+/ "adakv_replay_eager": a module that carries a replay attention (`REPLAY_ATTRIBUTE`) runs it instead of
+the model's attention function, every other module the original function.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from adakv.cache import ADAKV_ATTENTION_PREFIX, CompressedLayer
 from adakv.cache.flat_attention import flat_attention
 
 CACHE_ATTRIBUTE = "adakv_cache"  # set on attention modules by the session's pre-forward hook
+REPLAY_ATTRIBUTE = "adakv_replay_attention"  # set on attention modules by CacheReplay while it runs
+REPLAY_PREFIX = ADAKV_ATTENTION_PREFIX + "replay_"
 
 
 def _eager_forward_of(module: nn.Module):
@@ -160,15 +166,25 @@ def evict_attention(module: nn.Module, query, layer: CompressedLayer, attention_
     return output, None
 
 
+def replay_attention(base: str, module: nn.Module, query, key, value, attention_mask, **kwargs):
+    """The module's replay attention (query, key, value) -> (output (batch, q_len, heads, head_dim), None)
+    where CacheReplay set one, else the model's own `base` function."""
+    attend = getattr(module, REPLAY_ATTRIBUTE, None)
+    if attend is not None:
+        return attend(query, key, value), None
+    base_forward = sdpa_attention_forward if base == "sdpa" else _eager_forward_of(module)
+    return base_forward(module, query, key, value, attention_mask, **kwargs)
+
+
 BASE_IMPLEMENTATIONS = {"sdpa": sdpa_mask, "eager": eager_mask}
 
 
 def register_attention_functions() -> None:
-    """Make "adakv_sdpa" and "adakv_eager" known to transformers (idempotent)."""
+    """Make "adakv_sdpa", "adakv_eager" and their replay twins known to transformers (idempotent)."""
     for base, mask_function in BASE_IMPLEMENTATIONS.items():
-        name = ADAKV_ATTENTION_PREFIX + base
-        AttentionInterface.register(name, partial(adakv_attention, base))
-        AttentionMaskInterface.register(name, mask_function)
+        for prefix, function in ((ADAKV_ATTENTION_PREFIX, adakv_attention), (REPLAY_PREFIX, replay_attention)):
+            AttentionInterface.register(prefix + base, partial(function, base))
+            AttentionMaskInterface.register(prefix + base, mask_function)
 
 
 def set_attention_implementation(model: nn.Module, implementation: str) -> None:

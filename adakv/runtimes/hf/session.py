@@ -15,9 +15,10 @@ on its own (a PrefillContext of the chunk) and folded into the layer's compresse
 Presses whose `compresses_after_prefill` is True (AdaptivePress(scope="model"), KVzipPress) need every layer
 at once: the session records each compressed layer's PrefillContext (the dense keys/values stay in the
 cache), and a forward hook on the model's decoder, after the last layer, hands them all to the press as a
-`WholePrefill`, whose `replay` (ContextReplay) lets KVzip run the model again over the context. Every
-compressed layer is then replaced at once. The cost is peak memory: the dense cache of the whole context
-and each layer's input hidden states are held until the end of the prefill.
+`WholePrefill`, whose `replay` (ContextReplay, replay.py) lets KVzip run the model again over the context.
+Every compressed layer is then replaced at once. The cost is peak memory: the dense cache of the whole
+context is held until the end of the prefill, and each layer's input hidden states too unless no press of
+the tree reads them (`BasePress.reads_layer_inputs`: KVzip does not).
 
 All per-block state lives on the session, none on the press: one press object may serve several models.
 """
@@ -26,7 +27,8 @@ from __future__ import annotations
 
 import warnings
 from contextlib import ExitStack, contextmanager
-from typing import Callable, Generator
+from dataclasses import replace
+from typing import Generator
 
 import torch
 from torch import nn
@@ -37,20 +39,16 @@ from adakv.cache import (
     DEFAULT_BACKEND,
     BackendFallbackWarning,
     CompressedLayer,
-    checkpoint,
     evict_refusal,
     make_compressed_layer,
     newest_keys_values,
-    restore,
 )
 from adakv.arguments import check_model
 from adakv.models import (
     SUPPORTED_ATTENTION_IMPLEMENTATIONS,
     attention_modules,
     cache_argument,
-    cache_argument_name,
     is_full_attention_layer,
-    queries,
 )
 from adakv.presses.base import BasePress, PrefillContext, WholePrefill
 
@@ -73,6 +71,7 @@ from .refusals import (
     no_cache_refusal,
     right_padding_refusal,
 )
+from .replay import CacheReplay
 
 
 def block_backend(press: BasePress, config) -> str:
@@ -115,50 +114,6 @@ def compressed_layers_after_prefill(press: BasePress, prefill: WholePrefill, bac
         layer_backend = backend or block_backend(press, config)
         layers.append(make_compressed_layer(layer_backend, context.keys, context.values, keep, config))
     return layers
-
-
-class CacheReplay:
-    """`ContextReplay` over a transformers cache: runs the model's decoder again behind a prefilled context
-    (KVzip's reconstruction) and brings the cache back to the context afterwards."""
-
-    def __init__(self, decoder: nn.Module, cache: Cache, contexts: list[PrefillContext], input_ids=None, inputs_embeds=None):
-        self.decoder, self.cache, self.contexts = decoder, cache, contexts
-        self.input_ids, self.inputs_embeds = input_ids, inputs_embeds
-
-    def context_embeddings(self) -> torch.Tensor:
-        if self.inputs_embeds is not None:
-            return self.inputs_embeds
-        if self.input_ids is None:
-            raise ValueError("This prefill has neither input_ids nor inputs_embeds.")
-        return self.decoder.get_input_embeddings()(self.input_ids)
-
-    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.decoder.get_input_embeddings()(token_ids)
-
-    def replay(self, stream: torch.Tensor, chunk_size: int, on_layer: Callable) -> None:
-        cache, chunk_start = self.cache, [0]
-
-        def after_attention(module, args, kwargs, output) -> None:
-            hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            chunk_queries = queries(module, hidden_states, kwargs["position_embeddings"])
-            on_layer(module.layer_idx, chunk_queries, cache.layers[module.layer_idx].keys, chunk_start[0])
-
-        saved = checkpoint(cache)
-        handles = [c.module.register_forward_hook(after_attention, with_kwargs=True) for c in self.contexts]
-        session = active.session_of(self.decoder)
-        try:
-            with session.running_own_forwards() if session is not None else ExitStack():
-                for start in range(0, stream.shape[1], chunk_size):
-                    chunk_start[0] = start
-                    self.decoder(inputs_embeds=stream[:, start : start + chunk_size], use_cache=True,
-                                 **{cache_argument_name(self.decoder): cache})  # fmt: skip
-        finally:
-            for handle in handles:
-                handle.remove()
-            restore(cache, saved)
-            for context in self.contexts:  # drop the views into the longer replayed tensors
-                cache.layers[context.layer_idx].keys = context.keys
-                cache.layers[context.layer_idx].values = context.values
 
 
 def whole_prefill(contexts, cache: Cache, decoder: nn.Module, input_ids=None, inputs_embeds=None, memo=None) -> WholePrefill:
@@ -334,6 +289,8 @@ class PressSession:
         if self.decoding is not None:
             self.decoding.remember_context(cache, context, new_context=first_context)
         if self.press.compresses_after_prefill:
+            if not self.press.reads_layer_inputs:  # hold no layer's hidden states until the prefill ends
+                context = replace(context, hidden_states=None, position_embeddings=None)
             self._record_for_whole_prefill(context, cache, first_context)
             return
         if first_context:
