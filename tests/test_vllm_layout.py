@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from adakv.runtimes.vllm.layout import PackedLayer, compressed_attention, gather_prompt, pack_layer
-from adakv.runtimes.vllm.requests import ServedRequests
+from adakv.runtimes.vllm.requests import ServedRequest, ServedRequests, decode_batch
 from adakv.runtimes.vllm.settings import ServingPress, check_engine, engine_setting, request_setting
 from adakv.selection.headwise import kept_count
 
@@ -177,3 +177,23 @@ def test_offset_tables_hold_each_requests_packing_and_reuse_finished_rows():
     served.update(scheduled(new=[("c", 20, 9)], finished=["a"]))
     assert served.by_id["c"].table_row == a.table_row  # a finished request's row is reused
     assert served.rows([7, 9, 11]) == [b, served.by_id["c"], None]
+
+
+def test_decode_batch_finds_the_rows_that_decode_from_packed_pages():
+    """Rows: a dense one (None), a compressed request still in its prefill, one decoding after a prompt
+    packed in both layers, one packed in a single layer (not yet decodable from pages), and another decoder."""
+    setting = ServingPress("adakv_snapkv", 0.75)
+    prefill = ServedRequest("a", setting, prompt_len=100, first_block=0, computed=40, scheduled=30)
+    decoding = ServedRequest("b", setting, prompt_len=100, first_block=7, computed=103, scheduled=1, table_row=4)
+    half = ServedRequest("c", setting, prompt_len=100, first_block=9, computed=100, scheduled=1)
+    other = ServedRequest("d", setting, prompt_len=64, first_block=12, computed=64, scheduled=1, table_row=2)
+    for request, layers in ((decoding, 2), (half, 1), (other, 2)):
+        request.packed = {layer: None for layer in range(layers)}
+    decoding.longest_head, other.longest_head = 60, 30
+    batch = decode_batch([None, prefill, decoding, half, other], num_layers=2, query_start=[0, 5, 35, 36, 37, 38])
+    assert batch.decoding == [False, False, True, False, True]
+    # (query token, block-table row, prompt_len, seq_len = computed + the new token, offset-table row)
+    assert batch.rows_info == [[35, 2, 100, 104, 4], [37, 4, 64, 65, 2]]
+    assert batch.mean_length == ((25 + 4) + (16 + 1)) // 2  # kept slots + tail tokens
+    assert batch.max_length == max(60 + 4, 30 + 1)
+    assert decode_batch([None, prefill], 2, [0, 5, 35]).rows_info == []

@@ -37,7 +37,7 @@ from adakv.kernels.paged_decode import DecodePlan, decode_plan, packed_decode_at
 from adakv.kernels.triton_decode import block_sizes
 
 from .compression import serve_layer
-from .requests import ServedRequest, served_requests
+from .requests import DecodeBatch, ServedRequest, decode_batch, served_requests
 
 # tests: every decode launch also runs the torch reference and records the largest difference (slow)
 CHECK_DECODE = os.environ.get("ADAKV_VLLM_CHECK_DECODE") == "1"
@@ -65,15 +65,6 @@ class CompressingFlashMetadata(FlashAttentionMetadata):
     decode_rows: DecodeRows | None = None
 
 
-def decode_rows_info(rows: list[ServedRequest | None], decoding: list[bool], query_start: list[int]) -> list[list[int]]:
-    """(query token, block-table row, prompt_len, seq_len, offset-table row) of every decode row."""
-    return [
-        [query_start[row], row, request.prompt_len, request.computed + 1, request.table_row]
-        for row, (request, decodes) in enumerate(zip(rows, decoding))
-        if decodes
-    ]
-
-
 class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
     _cudagraph_support = AttentionCGSupport.NEVER
 
@@ -92,18 +83,18 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
         rows = served.rows_of_batch(num_reqs)
         if not any(rows):
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
-        decoding = [request is not None and request.decodes_packed(self.num_layers) for request in rows]
         query_start = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist()
-        if any(decoding):
-            common_attn_metadata = self._one_key_for(common_attn_metadata, decoding)
+        batch = decode_batch(rows, self.num_layers, query_start)
+        if batch.rows_info:
+            common_attn_metadata = self._one_key_for(common_attn_metadata, batch.decoding)
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         values = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(FlashAttentionMetadata)}
-        others = [None if decodes else request for request, decodes in zip(rows, decoding)]
+        others = [None if decodes else request for request, decodes in zip(rows, batch.decoding)]
         return CompressingFlashMetadata(
             **values,
             served_rows=others if any(others) else None,
             query_start_host=query_start,
-            decode_rows=self._decode_rows(rows, decoding, query_start) if any(decoding) else None,
+            decode_rows=self._decode_rows(batch) if batch.rows_info else None,
         )
 
     def _one_key_for(self, common, decoding: list[bool]):
@@ -117,15 +108,11 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
             max_seq_len = max(dense, default=1)
         return dataclasses.replace(common, seq_lens=seq_lens, max_seq_len=max_seq_len)
 
-    def _decode_rows(self, rows, decoding: list[bool], query_start: list[int]) -> DecodeRows:
-        info = decode_rows_info(rows, decoding, query_start)
-        requests = [request for request, decodes in zip(rows, decoding) if decodes]
-        tails = [request.computed + 1 - request.prompt_len for request in requests]
-        mean_length = sum(r.kept_slots + t for r, t in zip(requests, tails)) // len(requests)
-        max_length = max(r.longest_head + t for r, t in zip(requests, tails))
-        plan = decode_plan(len(info), self.num_heads_kv, mean_length, max_length, self.num_sms, self.block_n)
-        rows_info = torch.tensor(info, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
-        return DecodeRows(rows_info=rows_info, plan=plan, only_decode=all(decoding))
+    def _decode_rows(self, batch: DecodeBatch) -> DecodeRows:
+        rows = len(batch.rows_info)
+        plan = decode_plan(rows, self.num_heads_kv, batch.mean_length, batch.max_length, self.num_sms, self.block_n)
+        rows_info = torch.tensor(batch.rows_info, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
+        return DecodeRows(rows_info=rows_info, plan=plan, only_decode=all(batch.decoding))
 
 
 class CompressingFlashImpl(FlashAttentionImpl):

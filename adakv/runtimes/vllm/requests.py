@@ -134,6 +134,39 @@ class ServedRequests:
         table[request.table_row] = packed.offset_row()
 
 
+@dataclass
+class DecodeBatch:
+    """The decode rows of one step's batch, for the packed-page decode kernel.
+
+    decoding: per batch row, whether it is one (one token after a prompt packed in every layer);
+    rows_info: per decode row (query token index, block-table row, prompt_len, seq_len, offset-table row);
+    mean_length, max_length: the mean and an upper bound of a decode row's (KV head) sequence length."""
+
+    decoding: list[bool]
+    rows_info: list[list[int]]
+    mean_length: int
+    max_length: int
+
+
+def decode_batch(rows: list[ServedRequest | None], num_layers: int, query_start: list[int]) -> DecodeBatch:
+    """Which batch rows decode from packed pages and what the kernel needs of them; query_start:
+    (rows + 1) token offsets of the batch."""
+    decoding = [request is not None and request.decodes_packed(num_layers) for request in rows]
+    requests = [(row, request) for row, (request, decodes) in enumerate(zip(rows, decoding)) if decodes]
+    rows_info = [
+        [query_start[row], row, request.prompt_len, request.computed + 1, request.table_row] for row, request in requests
+    ]
+    tails = [request.computed + 1 - request.prompt_len for _, request in requests]
+    lengths = [request.kept_slots + tail for (_, request), tail in zip(requests, tails)]
+    longest = [request.longest_head + tail for (_, request), tail in zip(requests, tails)]
+    return DecodeBatch(
+        decoding=decoding,
+        rows_info=rows_info,
+        mean_length=sum(lengths) // max(len(lengths), 1),
+        max_length=max(longest, default=0),
+    )
+
+
 _SERVED: ServedRequests | None = None
 
 
