@@ -1,4 +1,5 @@
-"""Command line: `python -m adakv.evaluation run ...` / `adakv-eval run ...`, `... report RUN_DIR`, and the
+"""Command line: `python -m adakv.evaluation run ...` / `adakv-eval run ...`, `... report RUN_DIR`,
+`... recommend RUN_A RUN_B` (evaluation/recommend.py), and the
 real instruct models: `build-model NAME`, `fetch-gguf NAME --out FILE`, `split-gguf FILE --out DIR`,
 `join-piece PIECE --manifest FILE --into FILE` (evaluation/models.py)."""
 
@@ -54,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true")
     report = commands.add_parser("report", help="rewrite tables and plots of a run folder")
     report.add_argument("run_dir")
+    recommend = commands.add_parser("recommend", help="choose a press and ratio on run A's samples, report it on run B's")
+    recommend.add_argument("run_a", help="run folder whose results choose (seed A)")
+    recommend.add_argument("run_b", help="run folder of the same sweep with another --seed: the reported figures")
+    recommend.add_argument("--max-drop", type=float, default=0.05,
+                           help="largest mean score loss against 'none' on A that a recommended ratio may have")
+    recommend.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the 95%% intervals")
+    recommend.add_argument("--out", default=None, help="folder for recommendation.md/.json (default: RUN_B)")
     add_model_commands(commands)
     return parser
 
@@ -110,6 +118,17 @@ def config_from_args(args) -> SweepConfig:
     )
 
 
+def run_recommend(args) -> int:
+    from .recommend import markdown, recommend, write_recommendation
+
+    if args.resamples < 100:
+        raise ValueError(f"--resamples must be >= 100, got {args.resamples}.")
+    rec = recommend(args.run_a, args.run_b, args.max_drop, args.resamples)
+    write_recommendation(rec, args.out or args.run_b)
+    print(markdown(rec))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Misuse (an unknown name, a bad value, an --out that is a file, a report folder that is not a run
     folder, a missing file) ends as `adakv-eval COMMAND: error: ...` on stderr and exit status 2, as
@@ -126,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(f"{args.run_dir}/summary.md") as handle:
                 print(handle.read())
             return 0
+        if args.command == "recommend":
+            return run_recommend(args)
         from .runner import run_sweep
 
         if args.threads is not None:

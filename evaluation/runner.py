@@ -189,7 +189,7 @@ def check_context_fits(model, context_lengths) -> None:
 def prepare_run_folder(out: str, config: SweepConfig, device=None) -> SweepConfig:
     """Create the folder and config.json, or check that an existing one was written by a config of the
     same identity (then config.json lists the union of both runs' samples, presses and ratios).
-    config.json's "provenance" lists every run into the folder, oldest first (`provenance(device)`, the
+    config.json's "provenance" lists every run into the folder, oldest first (`run_provenance`, on the
     config's device by default). Returns the folder's config (what config.json now says)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "config.json")
@@ -208,9 +208,19 @@ def prepare_run_folder(out: str, config: SweepConfig, device=None) -> SweepConfi
             raise ValueError(f"{out} holds a run with a different config ({details}). Use another --out folder, "
                              "or settings that differ only in samples, presses and ratios to resume or extend it.")
         folder_config = previous.extended_by(config)
+    entry = run_provenance(config, config.device if device is None else device)
     with open(path, "w") as handle:
-        json.dump(dict(asdict(folder_config), provenance=[*runs, provenance(config.device if device is None else device)]), handle, indent=2)
+        json.dump(dict(asdict(folder_config), provenance=[*runs, entry]), handle, indent=2)
     return folder_config
+
+
+def run_provenance(config: SweepConfig, device) -> dict:
+    """`provenance(device)` of one run into a folder, plus what that run was asked: the sample seed, the
+    samples, tasks, context lengths, presses and ratios, and the decode switches (a resumed or extended
+    folder then says which run wrote which rows)."""
+    asked = {key: getattr(config, key) for key in ("samples", "tasks", "context_lengths", "presses", "ratios",
+                                                    "cuda_graphs", "fused_decode", "dtype", "backend")}
+    return dict(provenance(device), seed=config.seed, asked=asked)
 
 
 def read_results(out: str) -> pd.DataFrame:
