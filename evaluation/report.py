@@ -54,6 +54,37 @@ def adaptive_vs_uniform(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "retrieval": ("niah_single", "niah_single_number", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                  "niah_distractor", "needle_grid"),
+    "multi-hop": ("variable_tracking",),
+    "aggregation": ("common_words", "frequent_words"),
+}
+MIB = 2**20
+
+
+def family_of(task: str) -> str:
+    return next((family for family, members in FAMILIES.items() if task in members), "other")
+
+
+def cost_table(results: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
+    """Per (context length, press, ratio): mean score (all tasks, 95% CI, n) joined to costs.csv's KV kept (MiB, and
+    as a fraction of the uncompressed cache), KV held (MiB: what the layers allocate, slack and masks included),
+    peak memory (MiB; empty off CUDA), prefill s and decode ms/token."""
+    scores = _aggregate(results, ["context_length", "press", "ratio"])
+    costs = costs.assign(ratio=costs.ratio.astype(float).round(6))
+    scores = scores.assign(ratio=scores.ratio.astype(float).round(6))
+    table = scores.merge(costs, on=["context_length", "press", "ratio"], how="inner")
+    dense = costs[costs.press == "none"].set_index("context_length").kv_kept_bytes
+    peak = pd.to_numeric(table.peak_memory_bytes, errors="coerce") / MIB
+    return pd.DataFrame({
+        "context_length": table.context_length, "press": table.press, "ratio": table.ratio, "score": table.score,
+        "ci95": table.ci95, "n": table.n, "kv_kept_mib": table.kv_kept_bytes / MIB, "kv_held_mib": table.kv_bytes / MIB,
+        "kv_vs_dense": [b / dense[c] if c in dense.index else float("nan") for b, c in zip(table.kv_kept_bytes, table.context_length)],
+        "peak_mib": peak, "prefill_s": table.prefill_s, "decode_ms_per_token": table.decode_ms_per_token,
+    }).sort_values(["context_length", "press", "ratio"]).reset_index(drop=True)
+
+
 def _markdown(table: pd.DataFrame, digits: int = 3) -> str:
     columns = list(table.columns)
     lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
@@ -95,7 +126,8 @@ def check_run_folder(out: str) -> None:
 
 
 def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> dict:
-    """Write summary.md, summary.csv, per_task.csv, adaptive_vs_uniform.csv, metrics.json and PNGs."""
+    """Write summary.md, summary.csv, per_task.csv, adaptive_vs_uniform.csv, metrics.json and PNGs; with a
+    costs.csv also costs_table.csv (`cost_table`) and accuracy_vs_kv.png."""
     check_run_folder(out)
     results = pd.read_csv(os.path.join(out, "results.csv"), keep_default_na=False)
     summary, per_task, paired = press_ratio_table(results), per_task_table(results), adaptive_vs_uniform(results)
@@ -123,6 +155,14 @@ def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> d
             "## Score per task", "", _markdown(per_task)]
     if not paired.empty:
         text += ["", "## Adaptive minus uniform (paired on identical samples)", "", _markdown(paired)]
+    costs_path = os.path.join(out, "costs.csv")
+    costs = pd.read_csv(costs_path) if os.path.exists(costs_path) else pd.DataFrame()
+    if not costs.empty:
+        table = cost_table(results, costs)
+        table.to_csv(os.path.join(out, "costs_table.csv"), index=False)
+        text += ["", "## Accuracy, KV held, peak memory and speed per press (costs.csv, same run)", "",
+                 f"Costs measured once per setting on sample 0 of {costs.task.iloc[0]} ({costs.device.iloc[0]}); "
+                 "peak memory includes the weights.", "", _markdown(table)]
     if metrics.get("fast_path_timing"):
         t = metrics["fast_path_timing"]
         text += ["", f"Fast path: speedup {t['speedup']:.2f}x over the naive loop for {t['settings_per_context']} "
@@ -132,6 +172,8 @@ def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> d
         handle.write("\n".join(text) + "\n")
     if plots:
         write_plots(out, results, summary)
+        if not costs.empty:
+            accuracy_vs_kv_plot(results, costs, out)
     return metrics
 
 
@@ -164,6 +206,31 @@ def write_plots(out: str, results: pd.DataFrame, summary: pd.DataFrame) -> list[
     if os.path.exists(budgets_path):
         written.append(_budgets_plot(pd.read_csv(budgets_path), out, plt))
     return written
+
+
+def accuracy_vs_kv_plot(results: pd.DataFrame, costs: pd.DataFrame, out: str) -> str:
+    """accuracy_vs_kv.png: per task family, mean score against the KV kept (fraction of the uncompressed cache)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = sorted({family_of(task) for task in results.task})
+    figure, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 4), squeeze=False)
+    for axis, family in zip(axes[0], families):
+        part = results[[family_of(task) == family for task in results.task]]
+        table = cost_table(part, costs)
+        for press, group in table.groupby("press"):
+            group = group.sort_values("kv_vs_dense")
+            style = dict(marker="*", markersize=12, color="black") if press == "none" else dict(marker="o")
+            axis.plot(group.kv_vs_dense, group.score, label=press, linestyle="-" if press.startswith("adakv") else ":", **style)
+        axis.set_title(family)
+        axis.set_xlabel("KV kept (fraction of the uncompressed cache)")
+        axis.set_ylabel("score")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    return _save(figure, out, "accuracy_vs_kv.png")
 
 
 def _needle_grid_plot(grid: pd.DataFrame, out: str, plt) -> str:

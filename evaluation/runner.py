@@ -1,7 +1,8 @@
 """The sweep runner: every (task, sample, press, ratio) of a config, one row each in a run folder.
 
-A run folder holds config.json (what the rows mean), results.csv (one row per setting, appended
-after each sample, so an interrupted run resumes where it stopped), metrics.json and the reports.
+A run folder holds config.json (what the rows mean, and every run's provenance), results.csv (one row per
+setting, appended after each sample, so an interrupted run resumes where it stopped), costs.csv (KV bytes,
+peak memory and speed per context length, press and ratio: evaluation/costs.py), metrics.json and the reports.
 Resuming into a folder written by a different config is refused.
 """
 
@@ -51,8 +52,10 @@ class SweepConfig:
     cuda_graphs: bool | str = False
     # join q/k/v and gate/up and fuse norms, rotary and SiLU gates in every answer's forwards (CUDA only)
     fused_decode: bool = False
+    # measure each (context length, press, ratio)'s KV bytes, peak memory, prefill and decode time (costs.csv)
+    costs: bool = True
 
-    EXECUTION_FIELDS = ("device", "fast_path", "check_naive")
+    EXECUTION_FIELDS = ("device", "fast_path", "check_naive", "costs")
     EXTENDABLE_FIELDS = ("samples", "presses", "ratios")
 
     def validate(self) -> None:
@@ -362,6 +365,10 @@ def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progres
             bar.update(len(rows))
     timing_summary = timing.summary(len(settings))
     _report_timing(timing_summary, progress)
+    if config.costs:  # this run's settings, as a user runs them (evaluation/costs.py)
+        from .costs import record_costs
+
+        record_costs(model, tokenizer, config, haystack, out, device)
     _record_budgets(model, tokenizer, folder_config, haystack, out, device)  # the folder's first adaptive press
     from .report import write_reports
 
