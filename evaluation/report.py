@@ -155,6 +155,13 @@ def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> d
             "## Score per task", "", _markdown(per_task)]
     if not paired.empty:
         text += ["", "## Adaptive minus uniform (paired on identical samples)", "", _markdown(paired)]
+    if "none" in set(results.press):
+        from .suite import task_verdicts, verdict_table
+
+        verdicts = verdict_table(task_verdicts(results))
+        verdicts.to_csv(os.path.join(out, "tasks_above_chance.csv"), index=False)
+        text += ["", "## Tasks the uncompressed model solves above chance (`adakv-eval tasks`)", "",
+                 _markdown(verdicts[["task", "context_length", "kept", "reason"]])]
     costs_path = os.path.join(out, "costs.csv")
     costs = pd.read_csv(costs_path) if os.path.exists(costs_path) else pd.DataFrame()
     if not costs.empty:

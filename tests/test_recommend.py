@@ -145,3 +145,21 @@ def test_write_recommendation_defaults_beside_b(tmp_path):
     run_b = write_run(tmp_path / "b", 1, fixture_b())
     md, js = write_recommendation(recommend(run_a, run_b), run_b)
     assert md.endswith("b/recommendation.md") and json.loads(open(js).read())["chosen"]["press"] == "adakv_snapkv"
+
+
+def test_task_filter_command_and_report_section(tmp_path, capsys):
+    from adakv.evaluation.report import write_reports
+
+    run_a = write_run(tmp_path / "a", 0, fixture_a())
+    assert main(["tasks", run_a, "--kept"]) == 0
+    assert capsys.readouterr().out.strip() == "niah_single"
+    assert main(["tasks", run_a]) == 0
+    table = capsys.readouterr().out
+    assert "common_words" in table and "does not clear chance" in table
+    write_reports(run_a, plots=False)
+    written = pd.read_csv(tmp_path / "a" / "tasks_above_chance.csv")
+    assert dict(zip(written.task, written.kept)) == {"common_words": False, "niah_single": True}
+    no_dense = write_run(tmp_path / "d", 1, {k: v for k, v in fixture_a().items() if k[1] != "none"})
+    assert main(["tasks", no_dense]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "press 'none'" in error
