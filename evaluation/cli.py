@@ -1,5 +1,5 @@
 """Command line: `python -m adakv.evaluation run ...` / `adakv-eval run ...`, `... report RUN_DIR`,
-`... tasks RUN_DIR` (the task filter, evaluation/suite.py), `... recommend RUN_A RUN_B` (evaluation/recommend.py), and the
+`... check RUN_DIR...` (committed tables against the raw results), `... tasks RUN_DIR` (the task filter, evaluation/suite.py), `... recommend RUN_A RUN_B` (evaluation/recommend.py), and the
 real instruct models: `build-model NAME`, `fetch-gguf NAME --out FILE`, `split-gguf FILE --out DIR`,
 `join-piece PIECE --manifest FILE --into FILE` (evaluation/models.py)."""
 
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true")
     report = commands.add_parser("report", help="rewrite tables and plots of a run folder")
     report.add_argument("run_dir")
+    check = commands.add_parser("check", help="whether committed tables equal what the report regenerates from raw results")
+    check.add_argument("run_dirs", nargs="+")
     filter_ = commands.add_parser("tasks", help="which tasks of a run the uncompressed model solves above chance")
     filter_.add_argument("run_dir")
     filter_.add_argument("--kept", action="store_true", help="print only the kept task names, space-separated")
@@ -130,6 +132,18 @@ def config_from_args(args) -> SweepConfig:
     )
 
 
+def run_check(args) -> int:
+    """0 when every folder's committed tables are what the report regenerates, else 1 with the differences."""
+    from .report import regenerated_differences
+
+    failed = 0
+    for folder in args.run_dirs:
+        differences = regenerated_differences(folder)
+        print(f"{folder}: " + ("ok" if not differences else "; ".join(differences)))
+        failed += bool(differences)
+    return 1 if failed else 0
+
+
 def run_task_filter(args) -> int:
     import pandas as pd
 
@@ -172,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             with open(f"{args.run_dir}/summary.md") as handle:
                 print(handle.read())
             return 0
+        if args.command == "check":
+            return run_check(args)
         if args.command == "tasks":
             return run_task_filter(args)
         if args.command == "recommend":

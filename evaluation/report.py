@@ -282,3 +282,51 @@ def _save(figure, out: str, name: str) -> str:
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+REPORT_TABLES = ("summary.csv", "per_task.csv", "adaptive_vs_uniform.csv", "costs_table.csv", "tasks_above_chance.csv")
+REPORT_INPUTS = ("results.csv", "config.json", "costs.csv", "budgets.csv", "metrics.json")
+
+
+def _table_difference(name: str, committed: str, regenerated: str) -> str | None:
+    if not os.path.exists(regenerated):
+        return f"{name}: committed, but the report does not write it from the raw results"
+    try:
+        a, b = pd.read_csv(committed, keep_default_na=False), pd.read_csv(regenerated, keep_default_na=False)
+        pd.testing.assert_frame_equal(a, b, check_dtype=False, rtol=1e-9, atol=1e-12)
+    except (AssertionError, pd.errors.EmptyDataError) as error:
+        return f"{name}: differs from the regenerated table ({str(error).splitlines()[0]})"
+    return None
+
+
+def regenerated_differences(out: str) -> list[str]:
+    """How the committed tables of run folder `out` (REPORT_TABLES and summary.md) differ from what
+    `write_reports` writes again from its raw results (REPORT_INPUTS), in a scratch copy; [] when they agree."""
+    import shutil
+    import tempfile
+
+    check_run_folder(out)
+    differences = []
+    with tempfile.TemporaryDirectory() as parent:
+        scratch = os.path.join(parent, os.path.basename(os.path.abspath(out)))  # summary.md names the folder
+        os.makedirs(scratch)
+        for name in REPORT_INPUTS:
+            if os.path.exists(os.path.join(out, name)):
+                shutil.copy(os.path.join(out, name), scratch)
+        write_reports(scratch, plots=False)
+        for name in REPORT_TABLES:
+            if os.path.exists(os.path.join(out, name)):
+                difference = _table_difference(name, os.path.join(out, name), os.path.join(scratch, name))
+                differences += [difference] if difference else []
+            elif os.path.exists(os.path.join(scratch, name)):
+                differences.append(f"{name}: the report writes it, but it is not committed")
+        if _read(os.path.join(out, "summary.md")) != _read(os.path.join(scratch, "summary.md")):
+            differences.append("summary.md: differs from the regenerated text (run `adakv-eval report` and commit)")
+    return differences
+
+
+def _read(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return handle.read()
