@@ -169,7 +169,7 @@ def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> d
         table.to_csv(os.path.join(out, "costs_table.csv"), index=False)
         text += ["", "## Accuracy, KV held, peak memory and speed per press (costs.csv, same run)", "",
                  f"Costs measured once per setting on sample 0 of {costs.task.iloc[0]} ({costs.device.iloc[0]}); "
-                 "peak memory includes the weights.", "", _markdown(table)]
+                 "peak memory: CUDA only, weights included.", "", _markdown(table)]
     if metrics.get("fast_path_timing"):
         t = metrics["fast_path_timing"]
         text += ["", f"Fast path: speedup {t['speedup']:.2f}x over the naive loop for {t['settings_per_context']} "
