@@ -3,8 +3,9 @@ decode ms/token, one row per (context length, press, ratio) in the run folder's 
 
 Measured as a user would run the press, not through the sweep's shared dense prefill: the context (sample 0
 of the run's first task at that length) is prefilled with the press active and the run's decode switches
-(`cuda_graphs`, `fused_decode`), then the question and `DECODE_TOKENS` greedy tokens are decoded (no stop
-at end of sequence, so every press decodes the same number of steps). On CUDA every setting is measured
+(`cuda_graphs`, `fused_decode`), then the question, `WARMUP_STEPS` untimed and `DECODE_TOKENS` timed greedy tokens are decoded (no
+stop at end of sequence, so every press decodes the same number of steps; the untimed ones take the CUDA graph
+capture that every new cache needs). On CUDA every setting is measured
 twice and the second measurement is kept (the first one compiles kernels and captures graphs), and the
 peak is `torch.cuda.max_memory_allocated` since a reset just before the prefill (model weights included);
 on a CPU peak memory is not measured (None) and the times are indicative only.
@@ -25,6 +26,7 @@ from adakv.models import cache_argument_name
 from . import engine, registry, tasks
 
 DECODE_TOKENS = 32
+WARMUP_STEPS = 4  # untimed decode steps before the timed ones (graph capture, first-use kernels)
 COST_KEYS = ["context_length", "press", "ratio"]
 
 
@@ -41,7 +43,7 @@ class Cost:
     kv_kept_bytes: int  # the keys and values the heads attend to (`kept_kv_bytes`)
     peak_memory_bytes: int | None  # CUDA only
     prefill_s: float  # context prefill with the press active (compression included)
-    decode_ms_per_token: float  # over DECODE_TOKENS single-token steps after the question
+    decode_ms_per_token: float  # over DECODE_TOKENS single-token steps after the question and WARMUP_STEPS
     decode_tokens: int
     device: str
     cuda_graphs: bool | str
@@ -84,26 +86,29 @@ def _sync(device) -> None:
 
 
 @torch.no_grad()
-def decode_steps(model, cache, question_ids: torch.Tensor, steps: int) -> tuple[float, float]:
-    """(question seconds, seconds of `steps` greedy single-token forwards) from `cache`, rolled back after."""
+def decode_steps(model, cache, question_ids: torch.Tensor, steps: int, warmup: int = WARMUP_STEPS) -> float:
+    """Seconds of `steps` greedy single-token forwards from `cache` after the question and `warmup` untimed
+    steps (a new cache's first graphable step captures its CUDA graph); the cache is rolled back after."""
     saved = checkpoint(cache)
     kwarg = {cache_argument_name(model): cache}
     position, device = saved.seq_len, question_ids.device
+
+    def forward(ids):
+        positions = torch.arange(position, position + ids.shape[1], device=device)[None]
+        return model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwarg).logits
+
     try:
-        _sync(device)
-        start = time.perf_counter()
-        positions = torch.arange(position, position + question_ids.shape[1], device=device)[None]
-        logits = model(input_ids=question_ids, position_ids=positions, use_cache=True, logits_to_keep=1, **kwarg).logits
+        logits = forward(question_ids)
         position += question_ids.shape[1]
-        _sync(device)
-        asked = time.perf_counter()
-        for _ in range(steps):
-            token = logits[:, -1:].argmax(-1)
-            logits = model(input_ids=token, position_ids=torch.tensor([[position]], device=device), use_cache=True,
-                           logits_to_keep=1, **kwarg).logits
+        start = None
+        for step in range(warmup + steps):
+            if step == warmup:
+                _sync(device)
+                start = time.perf_counter()
+            logits = forward(logits[:, -1:].argmax(-1))
             position += 1
         _sync(device)
-        return asked - start, time.perf_counter() - asked
+        return time.perf_counter() - start
     finally:
         restore(cache, saved)
 
@@ -125,7 +130,7 @@ def measure(model, tokenizer, config, sample, press_name: str, ratio: float, dev
             _sync(device)
             prefill_s = time.perf_counter() - start
             kv_bytes, kept_bytes = held_kv_bytes(cache), kept_kv_bytes(cache)
-            _, decode_s = decode_steps(model, cache, question_ids, DECODE_TOKENS)
+            decode_s = decode_steps(model, cache, question_ids, DECODE_TOKENS)
         peak = int(torch.cuda.max_memory_allocated(device)) if cuda else None
         del cache
     return Cost(int(sample.metadata["context_length"]), press_name, float(ratio), sample.task, int(context_ids.shape[1]),

@@ -52,6 +52,11 @@ def test_held_bytes_of_a_dense_cache_are_its_keys_and_values(model, tokenizer):
     tokens = context_ids.shape[1]
     assert costs.held_kv_bytes(cache) == LAYERS * 2 * KV_HEADS * tokens * HEAD_DIM * 4  # float32
     assert costs.held_kv_bytes(DynamicCache()) == 0
+    _, question_ids = engine.encode_prompt(tokenizer, sample, "cpu")
+    before = [layer.keys.clone() for layer in cache.layers]
+    assert costs.decode_steps(model, cache, question_ids, 5, warmup=2) > 0
+    assert cache.get_seq_length() == tokens  # rolled back to the context
+    assert all(torch.equal(layer.keys, keys) for layer, keys in zip(cache.layers, before))
 
 
 def test_runner_records_one_cost_row_per_setting_and_resumes(model, tokenizer, tmp_path):
