@@ -21,21 +21,12 @@ import numpy as np
 import pandas as pd
 
 from . import suite
+from .metrics import Interval, bootstrap_interval
 from .registry import NO_PRESS
 from .report import _markdown, check_run_folder
 
 PAIR_KEYS = ["task", "context_length", "sample"]
 SAME_SWEEP = ("model", "context_lengths", "query_aware", "backend", "dtype")
-
-
-@dataclass(frozen=True)
-class Interval:
-    """Mean of paired differences (press - none) with a 95% bootstrap interval over n pairs."""
-
-    mean: float
-    low: float
-    high: float
-    n: int
 
 
 @dataclass(frozen=True)
@@ -65,19 +56,6 @@ class Recommendation:
     picks_b: list[Point]
     per_task_b: list[dict]
     tasks_left_out: list[dict]
-
-
-def bootstrap_interval(differences, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> Interval:
-    """Percentile bootstrap of the mean of `differences` (a fixed generator seed: the same input gives the
-    same interval). ValueError for no differences."""
-    values = np.asarray(list(differences), dtype=float)
-    if values.size == 0:
-        raise ValueError("No paired samples to build an interval from.")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    tail = (1 - level) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return Interval(float(values.mean()), float(low), float(high), int(values.size))
 
 
 def paired(results: pd.DataFrame, press: str, ratio: float) -> pd.DataFrame:

@@ -7,7 +7,7 @@ import os
 
 import pandas as pd
 
-from .metrics import mean_and_ci
+from .metrics import bootstrap_interval, mean_and_ci
 from .registry import PRESSES
 
 
@@ -85,6 +85,22 @@ def cost_table(results: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
     }).sort_values(["context_length", "press", "ratio"]).reset_index(drop=True)
 
 
+def vs_none_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Paired difference press - none on the same (task, context length, sample), per (context length, press,
+    ratio) over all tasks ("all") and per task: mean, 95% percentile bootstrap interval (low, high), n."""
+    keys = ["task", "context_length", "sample"]
+    dense = results[results.press == "none"][[*keys, "score"]].rename(columns={"score": "none"})
+    paired = results[results.press != "none"].merge(dense, on=keys)
+    rows = []
+    for (length, press, ratio), group in paired.groupby(["context_length", "press", "ratio"], sort=True):
+        for task, part in [("all", group), *group.groupby("task", sort=True)]:
+            interval = bootstrap_interval(part.score - part.none)
+            rows.append({"context_length": length, "press": press, "ratio": ratio, "task": task,
+                         "score": part.score.mean(), "none": part.none.mean(), "difference": interval.mean,
+                         "low": interval.low, "high": interval.high, "n": interval.n})
+    return pd.DataFrame(rows)
+
+
 def _markdown(table: pd.DataFrame, digits: int = 3) -> str:
     columns = list(table.columns)
     lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
@@ -126,7 +142,7 @@ def check_run_folder(out: str) -> None:
 
 
 def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> dict:
-    """Write summary.md, summary.csv, per_task.csv, adaptive_vs_uniform.csv, metrics.json and PNGs; with a
+    """Write summary.md, summary.csv, per_task.csv, adaptive_vs_uniform.csv, vs_none.csv, metrics.json and PNGs; with a
     costs.csv also costs_table.csv (`cost_table`) and accuracy_vs_kv.png."""
     check_run_folder(out)
     results = pd.read_csv(os.path.join(out, "results.csv"), keep_default_na=False)
@@ -153,6 +169,12 @@ def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> d
             "score = fraction of expected answers found in the output; ± is a 95% normal-approximation CI.", "",
             "## Score by press and compression ratio (all tasks)", "", _markdown(score_grid(summary)), "",
             "## Score per task", "", _markdown(per_task)]
+    versus = vs_none_table(results)
+    versus.to_csv(os.path.join(out, "vs_none.csv"), index=False)
+    if not versus.empty:
+        overall = versus[versus.task == "all"].drop(columns="task")
+        text += ["", "## Paired difference against the uncompressed model (95% bootstrap interval; per task: vs_none.csv)",
+                 "", _markdown(overall)]
     if not paired.empty:
         text += ["", "## Adaptive minus uniform (paired on identical samples)", "", _markdown(paired)]
     if "none" in set(results.press):
@@ -284,7 +306,8 @@ def _save(figure, out: str, name: str) -> str:
     return path
 
 
-REPORT_TABLES = ("summary.csv", "per_task.csv", "adaptive_vs_uniform.csv", "costs_table.csv", "tasks_above_chance.csv")
+REPORT_TABLES = ("summary.csv", "per_task.csv", "adaptive_vs_uniform.csv", "vs_none.csv", "costs_table.csv",
+                 "tasks_above_chance.csv")
 REPORT_INPUTS = ("results.csv", "config.json", "costs.csv", "budgets.csv", "metrics.json")
 
 

@@ -72,3 +72,16 @@ def test_check_refuses_what_is_not_a_run_folder(tmp_path, capsys):
 @pytest.mark.parametrize("folder", SWEEPS, ids=[p.name for p in SWEEPS])
 def test_committed_sweep_tables_equal_the_regenerated_ones(folder):
     assert regenerated_differences(str(folder)) == []
+
+
+def test_vs_none_pairs_each_press_with_the_dense_answers_of_the_same_samples(tmp_path):
+    folder = fixture_folder(tmp_path)
+    results = pd.read_csv(folder / "results.csv", keep_default_na=False)
+    versus = pd.read_csv(folder / "vs_none.csv")
+    assert set(versus.task) == {"all", "niah_single", "variable_tracking"} and set(versus.press) == {"snapkv", "adakv_snapkv"}
+    for row in versus.itertuples():
+        part = results if row.task == "all" else results[results.task == row.task]
+        mine = part[part.press == row.press].sort_values(["task", "sample"]).score.to_numpy()
+        dense = part[part.press == "none"].sort_values(["task", "sample"]).score.to_numpy()
+        assert row.difference == pytest.approx((mine - dense).mean()) and row.n == len(mine)
+        assert row.low <= row.difference <= row.high
