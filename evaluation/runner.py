@@ -180,13 +180,26 @@ def load_model(name: str, device: str, dtype: str = "auto"):
     return model.to(device).eval(), tokenizer
 
 
+def position_margin(length: int) -> int:
+    """Positions a sample needs beyond its nominal context length: the generators overshoot by up to about 1%,
+    and the question and the answer (at most 50 new tokens) come after the context."""
+    return 256 + length // 100
+
+
 def check_context_fits(model, context_lengths) -> None:
-    """Refuse, before any work, a context length beyond the model's position window."""
+    """Refuse, before any work, a context length whose samples cannot fit the model's position window."""
     window = getattr(model.config, "max_position_embeddings", None)
-    too_long = [length for length in context_lengths if window is not None and length > window]
+    if window is None:
+        return
+    too_long = [length for length in context_lengths if length > window]
     if too_long:
         raise ValueError(f"Context length(s) {too_long} exceed the model's window of {window} tokens "
                          f"(max_position_embeddings).")
+    tight = [length for length in context_lengths if length + position_margin(length) > window]
+    if tight:
+        raise ValueError(f"Context length(s) {tight} leave no room in the model's window of {window} tokens for the "
+                         f"question and the answer (and the generators' overshoot of about 1%); use at most "
+                         f"{max(n for n in range(window) if n + position_margin(n) <= window)} tokens.")
 
 
 def prepare_run_folder(out: str, config: SweepConfig, device=None) -> SweepConfig:

@@ -42,3 +42,16 @@ def test_suite_alias_and_chance_levels():
     assert chance_level("niah_multivalue") == 4 / len(tasks.NEEDLE_VALUES)
     with pytest.raises(ValueError, match="Unknown task"):
         chance_level("niah_nothing")
+
+
+def test_a_context_that_leaves_no_room_for_the_answer_is_refused_before_any_work():
+    from types import SimpleNamespace
+
+    from adakv.evaluation.runner import check_context_fits
+
+    qwen = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=32768))
+    check_context_fits(qwen, [16384, 31744])  # the sweep's 16k and 32k
+    with pytest.raises(ValueError, match="no room.*use at most 32191 tokens"):
+        check_context_fits(qwen, [32768])
+    with pytest.raises(ValueError, match="exceed the model's window"):
+        check_context_fits(qwen, [40000])
