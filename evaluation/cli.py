@@ -1,4 +1,5 @@
-"""Command line: `python -m adakv.evaluation run ...` / `adakv-eval run ...`, `... report RUN_DIR`, and the
+"""Command line: `python -m adakv.evaluation run ...` / `adakv-eval run ...`, `... report RUN_DIR`,
+`... check RUN_DIR...` (committed tables against the raw results), `... tasks RUN_DIR` (the task filter, evaluation/suite.py), `... recommend RUN_A RUN_B` (evaluation/recommend.py), and the
 real instruct models: `build-model NAME`, `fetch-gguf NAME --out FILE`, `split-gguf FILE --out DIR`,
 `join-piece PIECE --manifest FILE --into FILE` (evaluation/models.py)."""
 
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=DEFAULT_MODEL,
                      help=f"'smollm2' (embedded), a built model ({', '.join(SPLIT_MODELS)}), a local Hugging Face "
                      "model folder, or a model id already in the local Hugging Face cache (nothing is downloaded)")
-    run.add_argument("--tasks", nargs="+", default=list(tasks.DEFAULT_TASKS), help=f"known: {', '.join(tasks.TASKS)}")
+    run.add_argument("--tasks", nargs="+", default=list(tasks.DEFAULT_TASKS),
+                     help=f"known: {', '.join(tasks.TASKS)}; 'suite': {' '.join(tasks.SUITE_TASKS)}")
     run.add_argument("--context-length", nargs="+", default=["1024"], help="tokens; several for the needle grid")
     run.add_argument("--samples", type=int, default=5,
                      help="samples per task and context length (needle_grid: sample i at depth (i mod 5) / 4)")
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fused-decode", action="store_true",
                      help="join q/k/v and gate/up and fuse norms, rotary and SiLU gates in the answers' forwards "
                      "(CUDA devices; with --cuda-graphs the fastest decode; answers may differ by rounding)")
+    run.add_argument("--no-costs", action="store_true",
+                     help="skip costs.csv (KV bytes held, peak memory, prefill s, decode ms/token per press and ratio)")
     run.add_argument("--no-fast-path", action="store_true", help="prefill once per setting (naive loop)")
     run.add_argument("--check-naive", type=int, default=3,
                      help="settings also run with the naive loop, to time it and compare answers")
@@ -54,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true")
     report = commands.add_parser("report", help="rewrite tables and plots of a run folder")
     report.add_argument("run_dir")
+    check = commands.add_parser("check", help="whether committed tables equal what the report regenerates from raw results")
+    check.add_argument("run_dirs", nargs="+")
+    filter_ = commands.add_parser("tasks", help="which tasks of a run the uncompressed model solves above chance")
+    filter_.add_argument("run_dir")
+    filter_.add_argument("--kept", action="store_true", help="print only the kept task names, space-separated")
+    recommend = commands.add_parser("recommend", help="choose a press and ratio on run A's samples, report it on run B's")
+    recommend.add_argument("run_a", help="run folder whose results choose (seed A)")
+    recommend.add_argument("run_b", help="run folder of the same sweep with another --seed: the reported figures")
+    recommend.add_argument("--max-drop", type=float, default=0.05,
+                           help="largest mean score loss against 'none' on A that a recommended ratio may have")
+    recommend.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the 95%% intervals")
+    recommend.add_argument("--out", default=None, help="folder for recommendation.md/.json (default: RUN_B)")
     add_model_commands(commands)
     return parser
 
@@ -99,15 +115,59 @@ def _numbers(values: list[str], kind, option: str) -> list:
         raise ValueError(f"{option} takes {what}, got {' '.join(values)!r}.") from None
 
 
+def _tasks(values: list[str]) -> list[str]:
+    """--tasks names, with 'suite' standing for every task of `tasks.SUITE_TASKS`."""
+    names = [task for name in _names(values) for task in (tasks.SUITE_TASKS if name == "suite" else [name])]
+    return list(dict.fromkeys(names)) if "suite" in _names(values) else names
+
+
 def config_from_args(args) -> SweepConfig:
     return SweepConfig(
-        model=args.model, tasks=_names(args.tasks),
+        model=args.model, tasks=_tasks(args.tasks),
         context_lengths=_numbers(args.context_length, int, "--context-length"),
         samples=args.samples, presses=_names(args.presses), ratios=_numbers(args.ratios, float, "--ratios"),
         backend=args.backend, seed=args.seed, query_aware=args.query_aware, dtype=args.dtype, device=args.device,
         fast_path=not args.no_fast_path, check_naive=args.check_naive, cuda_graphs=args.cuda_graphs,
-        fused_decode=args.fused_decode,
+        fused_decode=args.fused_decode, costs=not args.no_costs,
     )
+
+
+def run_check(args) -> int:
+    """0 when every folder's committed tables are what the report regenerates, else 1 with the differences."""
+    from .report import regenerated_differences
+
+    failed = 0
+    for folder in args.run_dirs:
+        differences = regenerated_differences(folder)
+        print(f"{folder}: " + ("ok" if not differences else "; ".join(differences)))
+        failed += bool(differences)
+    return 1 if failed else 0
+
+
+def run_task_filter(args) -> int:
+    import pandas as pd
+
+    from .report import _markdown, check_run_folder
+    from .suite import task_verdicts, verdict_table
+
+    check_run_folder(args.run_dir)
+    verdicts = task_verdicts(pd.read_csv(f"{args.run_dir}/results.csv", keep_default_na=False))
+    if args.kept:
+        print(" ".join(dict.fromkeys(v.task for v in verdicts if v.kept)))
+    else:
+        print(_markdown(verdict_table(verdicts)[["task", "context_length", "kept", "reason"]]))
+    return 0
+
+
+def run_recommend(args) -> int:
+    from .recommend import markdown, recommend, write_recommendation
+
+    if args.resamples < 100:
+        raise ValueError(f"--resamples must be >= 100, got {args.resamples}.")
+    rec = recommend(args.run_a, args.run_b, args.max_drop, args.resamples)
+    write_recommendation(rec, args.out or args.run_b)
+    print(markdown(rec))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             with open(f"{args.run_dir}/summary.md") as handle:
                 print(handle.read())
             return 0
+        if args.command == "check":
+            return run_check(args)
+        if args.command == "tasks":
+            return run_task_filter(args)
+        if args.command == "recommend":
+            return run_recommend(args)
         from .runner import run_sweep
 
         if args.threads is not None:

@@ -7,7 +7,7 @@ import os
 
 import pandas as pd
 
-from .metrics import mean_and_ci
+from .metrics import bootstrap_interval, mean_and_ci
 from .registry import PRESSES
 
 
@@ -54,6 +54,53 @@ def adaptive_vs_uniform(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "retrieval": ("niah_single", "niah_single_number", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                  "niah_distractor", "needle_grid"),
+    "multi-hop": ("variable_tracking",),
+    "aggregation": ("common_words", "frequent_words"),
+}
+MIB = 2**20
+
+
+def family_of(task: str) -> str:
+    return next((family for family, members in FAMILIES.items() if task in members), "other")
+
+
+def cost_table(results: pd.DataFrame, costs: pd.DataFrame) -> pd.DataFrame:
+    """Per (context length, press, ratio): mean score (all tasks, 95% CI, n) joined to costs.csv's KV kept (MiB, and
+    as a fraction of the uncompressed cache), KV held (MiB: what the layers allocate, slack and masks included),
+    peak memory (MiB; empty off CUDA), prefill s and decode ms/token."""
+    scores = _aggregate(results, ["context_length", "press", "ratio"])
+    costs = costs.assign(ratio=costs.ratio.astype(float).round(6))
+    scores = scores.assign(ratio=scores.ratio.astype(float).round(6))
+    table = scores.merge(costs, on=["context_length", "press", "ratio"], how="inner")
+    dense = costs[costs.press == "none"].set_index("context_length").kv_kept_bytes
+    peak = pd.to_numeric(table.peak_memory_bytes, errors="coerce") / MIB
+    return pd.DataFrame({
+        "context_length": table.context_length, "press": table.press, "ratio": table.ratio, "score": table.score,
+        "ci95": table.ci95, "n": table.n, "kv_kept_mib": table.kv_kept_bytes / MIB, "kv_held_mib": table.kv_bytes / MIB,
+        "kv_vs_dense": [b / dense[c] if c in dense.index else float("nan") for b, c in zip(table.kv_kept_bytes, table.context_length)],
+        "peak_mib": peak, "prefill_s": table.prefill_s, "decode_ms_per_token": table.decode_ms_per_token,
+    }).sort_values(["context_length", "press", "ratio"]).reset_index(drop=True)
+
+
+def vs_none_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Paired difference press - none on the same (task, context length, sample), per (context length, press,
+    ratio) over all tasks ("all") and per task: mean, 95% percentile bootstrap interval (low, high), n."""
+    keys = ["task", "context_length", "sample"]
+    dense = results[results.press == "none"][[*keys, "score"]].rename(columns={"score": "none"})
+    paired = results[results.press != "none"].merge(dense, on=keys)
+    rows = []
+    for (length, press, ratio), group in paired.groupby(["context_length", "press", "ratio"], sort=True):
+        for task, part in [("all", group), *group.groupby("task", sort=True)]:
+            interval = bootstrap_interval(part.score - part.none)
+            rows.append({"context_length": length, "press": press, "ratio": ratio, "task": task,
+                         "score": part.score.mean(), "none": part.none.mean(), "difference": interval.mean,
+                         "low": interval.low, "high": interval.high, "n": interval.n})
+    return pd.DataFrame(rows)
+
+
 def _markdown(table: pd.DataFrame, digits: int = 3) -> str:
     columns = list(table.columns)
     lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
@@ -95,7 +142,8 @@ def check_run_folder(out: str) -> None:
 
 
 def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> dict:
-    """Write summary.md, summary.csv, per_task.csv, adaptive_vs_uniform.csv, metrics.json and PNGs."""
+    """Write summary.md, summary.csv, per_task.csv, adaptive_vs_uniform.csv, vs_none.csv, metrics.json and PNGs; with a
+    costs.csv also costs_table.csv (`cost_table`) and accuracy_vs_kv.png."""
     check_run_folder(out)
     results = pd.read_csv(os.path.join(out, "results.csv"), keep_default_na=False)
     summary, per_task, paired = press_ratio_table(results), per_task_table(results), adaptive_vs_uniform(results)
@@ -121,8 +169,29 @@ def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> d
             "score = fraction of expected answers found in the output; ± is a 95% normal-approximation CI.", "",
             "## Score by press and compression ratio (all tasks)", "", _markdown(score_grid(summary)), "",
             "## Score per task", "", _markdown(per_task)]
+    versus = vs_none_table(results)
+    versus.to_csv(os.path.join(out, "vs_none.csv"), index=False)
+    if not versus.empty:
+        overall = versus[versus.task == "all"].drop(columns="task")
+        text += ["", "## Paired difference against the uncompressed model (95% bootstrap interval; per task: vs_none.csv)",
+                 "", _markdown(overall)]
     if not paired.empty:
         text += ["", "## Adaptive minus uniform (paired on identical samples)", "", _markdown(paired)]
+    if "none" in set(results.press):
+        from .suite import task_verdicts, verdict_table
+
+        verdicts = verdict_table(task_verdicts(results))
+        verdicts.to_csv(os.path.join(out, "tasks_above_chance.csv"), index=False)
+        text += ["", "## Tasks the uncompressed model solves above chance (`adakv-eval tasks`)", "",
+                 _markdown(verdicts[["task", "context_length", "kept", "reason"]])]
+    costs_path = os.path.join(out, "costs.csv")
+    costs = pd.read_csv(costs_path) if os.path.exists(costs_path) else pd.DataFrame()
+    if not costs.empty:
+        table = cost_table(results, costs)
+        table.to_csv(os.path.join(out, "costs_table.csv"), index=False)
+        text += ["", "## Accuracy, KV held, peak memory and speed per press (costs.csv, same run)", "",
+                 f"Costs measured once per setting on sample 0 of {costs.task.iloc[0]} ({costs.device.iloc[0]}); "
+                 "peak memory: CUDA only, weights included.", "", _markdown(table)]
     if metrics.get("fast_path_timing"):
         t = metrics["fast_path_timing"]
         text += ["", f"Fast path: speedup {t['speedup']:.2f}x over the naive loop for {t['settings_per_context']} "
@@ -132,6 +201,8 @@ def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> d
         handle.write("\n".join(text) + "\n")
     if plots:
         write_plots(out, results, summary)
+        if not costs.empty:
+            accuracy_vs_kv_plot(results, costs, out)
     return metrics
 
 
@@ -164,6 +235,31 @@ def write_plots(out: str, results: pd.DataFrame, summary: pd.DataFrame) -> list[
     if os.path.exists(budgets_path):
         written.append(_budgets_plot(pd.read_csv(budgets_path), out, plt))
     return written
+
+
+def accuracy_vs_kv_plot(results: pd.DataFrame, costs: pd.DataFrame, out: str) -> str:
+    """accuracy_vs_kv.png: per task family, mean score against the KV kept (fraction of the uncompressed cache)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = sorted({family_of(task) for task in results.task})
+    figure, axes = plt.subplots(1, len(families), figsize=(4.5 * len(families), 4), squeeze=False)
+    for axis, family in zip(axes[0], families):
+        part = results[[family_of(task) == family for task in results.task]]
+        table = cost_table(part, costs)
+        for press, group in table.groupby("press"):
+            group = group.sort_values("kv_vs_dense")
+            style = dict(marker="*", markersize=12, color="black") if press == "none" else dict(marker="o")
+            axis.plot(group.kv_vs_dense, group.score, label=press, linestyle="-" if press.startswith("adakv") else ":", **style)
+        axis.set_title(family)
+        axis.set_xlabel("KV kept (fraction of the uncompressed cache)")
+        axis.set_ylabel("score")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    return _save(figure, out, "accuracy_vs_kv.png")
 
 
 def _needle_grid_plot(grid: pd.DataFrame, out: str, plt) -> str:
@@ -208,3 +304,52 @@ def _save(figure, out: str, name: str) -> str:
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+REPORT_TABLES = ("summary.csv", "per_task.csv", "adaptive_vs_uniform.csv", "vs_none.csv", "costs_table.csv",
+                 "tasks_above_chance.csv")
+REPORT_INPUTS = ("results.csv", "config.json", "costs.csv", "budgets.csv", "metrics.json")
+
+
+def _table_difference(name: str, committed: str, regenerated: str) -> str | None:
+    if not os.path.exists(regenerated):
+        return f"{name}: committed, but the report does not write it from the raw results"
+    try:
+        a, b = pd.read_csv(committed, keep_default_na=False), pd.read_csv(regenerated, keep_default_na=False)
+        pd.testing.assert_frame_equal(a, b, check_dtype=False, rtol=1e-9, atol=1e-12)
+    except (AssertionError, pd.errors.EmptyDataError) as error:
+        return f"{name}: differs from the regenerated table ({str(error).splitlines()[0]})"
+    return None
+
+
+def regenerated_differences(out: str) -> list[str]:
+    """How the committed tables of run folder `out` (REPORT_TABLES and summary.md) differ from what
+    `write_reports` writes again from its raw results (REPORT_INPUTS), in a scratch copy; [] when they agree."""
+    import shutil
+    import tempfile
+
+    check_run_folder(out)
+    differences = []
+    with tempfile.TemporaryDirectory() as parent:
+        scratch = os.path.join(parent, os.path.basename(os.path.abspath(out)))  # summary.md names the folder
+        os.makedirs(scratch)
+        for name in REPORT_INPUTS:
+            if os.path.exists(os.path.join(out, name)):
+                shutil.copy(os.path.join(out, name), scratch)
+        write_reports(scratch, plots=False)
+        for name in REPORT_TABLES:
+            if os.path.exists(os.path.join(out, name)):
+                difference = _table_difference(name, os.path.join(out, name), os.path.join(scratch, name))
+                differences += [difference] if difference else []
+            elif os.path.exists(os.path.join(scratch, name)):
+                differences.append(f"{name}: the report writes it, but it is not committed")
+        if _read(os.path.join(out, "summary.md")) != _read(os.path.join(scratch, "summary.md")):
+            differences.append("summary.md: differs from the regenerated text (run `adakv-eval report` and commit)")
+    return differences
+
+
+def _read(path: str) -> str | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as handle:
+        return handle.read()

@@ -1,7 +1,8 @@
 """The sweep runner: every (task, sample, press, ratio) of a config, one row each in a run folder.
 
-A run folder holds config.json (what the rows mean), results.csv (one row per setting, appended
-after each sample, so an interrupted run resumes where it stopped), metrics.json and the reports.
+A run folder holds config.json (what the rows mean, and every run's provenance), results.csv (one row per
+setting, appended after each sample, so an interrupted run resumes where it stopped), costs.csv (KV bytes,
+peak memory and speed per context length, press and ratio: evaluation/costs.py), metrics.json and the reports.
 Resuming into a folder written by a different config is refused.
 """
 
@@ -51,8 +52,10 @@ class SweepConfig:
     cuda_graphs: bool | str = False
     # join q/k/v and gate/up and fuse norms, rotary and SiLU gates in every answer's forwards (CUDA only)
     fused_decode: bool = False
+    # measure each (context length, press, ratio)'s KV bytes, peak memory, prefill and decode time (costs.csv)
+    costs: bool = True
 
-    EXECUTION_FIELDS = ("device", "fast_path", "check_naive")
+    EXECUTION_FIELDS = ("device", "fast_path", "check_naive", "costs")
     EXTENDABLE_FIELDS = ("samples", "presses", "ratios")
 
     def validate(self) -> None:
@@ -177,19 +180,32 @@ def load_model(name: str, device: str, dtype: str = "auto"):
     return model.to(device).eval(), tokenizer
 
 
+def position_margin(length: int) -> int:
+    """Positions a sample needs beyond its nominal context length: the generators overshoot by up to about 1%,
+    and the question and the answer (at most 50 new tokens) come after the context."""
+    return 256 + length // 100
+
+
 def check_context_fits(model, context_lengths) -> None:
-    """Refuse, before any work, a context length beyond the model's position window."""
+    """Refuse, before any work, a context length whose samples cannot fit the model's position window."""
     window = getattr(model.config, "max_position_embeddings", None)
-    too_long = [length for length in context_lengths if window is not None and length > window]
+    if window is None:
+        return
+    too_long = [length for length in context_lengths if length > window]
     if too_long:
         raise ValueError(f"Context length(s) {too_long} exceed the model's window of {window} tokens "
                          f"(max_position_embeddings).")
+    tight = [length for length in context_lengths if length + position_margin(length) > window]
+    if tight:
+        raise ValueError(f"Context length(s) {tight} leave no room in the model's window of {window} tokens for the "
+                         f"question and the answer (and the generators' overshoot of about 1%); use at most "
+                         f"{max(n for n in range(window) if n + position_margin(n) <= window)} tokens.")
 
 
 def prepare_run_folder(out: str, config: SweepConfig, device=None) -> SweepConfig:
     """Create the folder and config.json, or check that an existing one was written by a config of the
     same identity (then config.json lists the union of both runs' samples, presses and ratios).
-    config.json's "provenance" lists every run into the folder, oldest first (`provenance(device)`, the
+    config.json's "provenance" lists every run into the folder, oldest first (`run_provenance`, on the
     config's device by default). Returns the folder's config (what config.json now says)."""
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "config.json")
@@ -208,9 +224,19 @@ def prepare_run_folder(out: str, config: SweepConfig, device=None) -> SweepConfi
             raise ValueError(f"{out} holds a run with a different config ({details}). Use another --out folder, "
                              "or settings that differ only in samples, presses and ratios to resume or extend it.")
         folder_config = previous.extended_by(config)
+    entry = run_provenance(config, config.device if device is None else device)
     with open(path, "w") as handle:
-        json.dump(dict(asdict(folder_config), provenance=[*runs, provenance(config.device if device is None else device)]), handle, indent=2)
+        json.dump(dict(asdict(folder_config), provenance=[*runs, entry]), handle, indent=2)
     return folder_config
+
+
+def run_provenance(config: SweepConfig, device) -> dict:
+    """`provenance(device)` of one run into a folder, plus what that run was asked: the sample seed, the
+    samples, tasks, context lengths, presses and ratios, and the decode switches (a resumed or extended
+    folder then says which run wrote which rows)."""
+    asked = {key: getattr(config, key) for key in ("samples", "tasks", "context_lengths", "presses", "ratios",
+                                                    "cuda_graphs", "fused_decode", "dtype", "backend")}
+    return dict(provenance(device), seed=config.seed, asked=asked)
 
 
 def read_results(out: str) -> pd.DataFrame:
@@ -352,6 +378,10 @@ def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progres
             bar.update(len(rows))
     timing_summary = timing.summary(len(settings))
     _report_timing(timing_summary, progress)
+    if config.costs:  # this run's settings, as a user runs them (evaluation/costs.py)
+        from .costs import record_costs
+
+        record_costs(model, tokenizer, config, haystack, out, device)
     _record_budgets(model, tokenizer, folder_config, haystack, out, device)  # the folder's first adaptive press
     from .report import write_reports
 

@@ -311,6 +311,14 @@ DEFAULT_TASKS = (
 )
 
 
+# every task family the generator has, for the long-context suite (`--tasks suite`); the uncompressed model's
+# results then decide which of them a comparison may stand on (evaluation/suite.py)
+SUITE_TASKS = (
+    "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "niah_distractor", "variable_tracking",
+    "common_words", "frequent_words",
+)
+
+
 def check_task_names(names) -> None:
     unknown = [name for name in names if name not in TASKS]
     if unknown:

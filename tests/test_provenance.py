@@ -25,6 +25,7 @@ from adakv.evaluation.runner import SweepConfig, prepare_run_folder
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"gpu", "device", "torch", "transformers", "triton", "vllm", "python", "platform", "adakv_commit",
         "adakv_dirty", "date", "command"}  # fmt: skip
+RUN_KEYS = KEYS | {"seed", "asked"}  # a run folder's entry: the provenance and what the run was asked
 needs_git = pytest.mark.skipif(
     shutil.which("git") is None or subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True).returncode,
     reason="needs git and this repository's checkout",
@@ -114,12 +115,29 @@ def test_run_folder_records_every_run(tmp_path):
     out = str(tmp_path / "run")
     prepare_run_folder(out, SweepConfig(samples=1))
     first = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert first["samples"] == 1 and len(first["provenance"]) == 1 and set(first["provenance"][0]) == KEYS
+    assert first["samples"] == 1 and len(first["provenance"]) == 1 and set(first["provenance"][0]) == RUN_KEYS
     assert first["provenance"][0]["device"] == "cpu"
     prepare_run_folder(out, SweepConfig(samples=2), device=torch.device("cpu"))  # a resumed run: one more entry
     second = json.loads((tmp_path / "run" / "config.json").read_text())
     assert second["samples"] == 2 and second["provenance"][0] == first["provenance"][0]
-    assert len(second["provenance"]) == 2 and set(second["provenance"][1]) == KEYS
+    assert len(second["provenance"]) == 2 and set(second["provenance"][1]) == RUN_KEYS
+    assert [run["asked"]["samples"] for run in second["provenance"]] == [1, 2]
+
+
+def test_each_run_entry_says_its_seed_and_what_it_asked(tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    monkeypatch.setattr(sys, "argv", ["adakv-eval", "run", "--seed", "5", "--out", out])
+    prepare_run_folder(out, SweepConfig(samples=3, seed=5, presses=["none", "snapkv"], ratios=[0.5]))
+    prepare_run_folder(out, SweepConfig(samples=3, seed=5, presses=["none", "pyramidkv"], ratios=[0.75]))
+    written = json.loads((tmp_path / "run" / "config.json").read_text())
+    first, second = written["provenance"]
+    assert first["seed"] == second["seed"] == 5 and written["seed"] == 5
+    assert first["asked"]["presses"] == ["none", "snapkv"] and first["asked"]["ratios"] == [0.5]
+    assert second["asked"]["presses"] == ["none", "pyramidkv"] and second["asked"]["ratios"] == [0.75]
+    assert written["presses"] == ["none", "snapkv", "pyramidkv"] and written["ratios"] == [0.5, 0.75]
+    assert first["command"] == f"python adakv-eval run --seed 5 --out {out}"
+    assert first["torch"] == torch.__version__ and first["transformers"] == transformers.__version__
+    assert first["asked"]["cuda_graphs"] is False and first["asked"]["fused_decode"] is False
 
 
 def test_run_folder_written_before_provenance_resumes(tmp_path):
