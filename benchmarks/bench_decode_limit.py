@@ -39,25 +39,26 @@ import transformers
 from transformers import DynamicCache, StaticCache
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_evict import GiB, build_model, kv_bytes, synchronize  # noqa: E402
+from bench_evict import GiB, build_model, cuda_time_ms, kv_bytes, synchronize  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
 from adakv.apps.provenance import provenance  # noqa: E402
 from adakv.cache.flat import FlatHeadwiseLayer  # noqa: E402
 
 
-def copy_bandwidth(gib: float = 4.0) -> float:
-    """Bytes per second of a device-to-device copy (read + write), median of 10 after a warm-up."""
-    source = torch.empty(int(gib * GiB), dtype=torch.uint8, device="cuda")
+def copy_bandwidth(gib: float = 4.0, device="cuda") -> float:
+    """Bytes per second of a device-to-device copy (read + write), median of 10 after a warm-up (on a CPU
+    device, timed by the host clock: a smoke test's stand-in)."""
+    source = torch.empty(int(gib * GiB), dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     times = []
     for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        target.copy_(source)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
+        if source.device.type == "cuda":
+            times.append(cuda_time_ms(lambda: target.copy_(source)) / 1000)
+        else:
+            started = time.perf_counter()
+            target.copy_(source)
+            times.append(time.perf_counter() - started)
     del source, target
     return 2 * gib * GiB / statistics.median(times[2:])
 
@@ -118,12 +119,12 @@ def row(batch, context, method, ratio, passes, limit_s, kv, peak, **extra) -> di
 
 
 def kv_read_bytes(cache) -> int:
-    """K and V bytes a decode step reads now: the rows in use of flat layers (not their slack), the whole
-    tensors of dense ones."""
+    """K and V bytes a decode step reads now: the rows in use of flat layers (not their slack) at the layer's
+    bytes per row (`row_bytes`: whatever a cached row holds), the whole tensors of dense ones."""
     total = 0
     for layer in cache.layers:
         if isinstance(layer, FlatHeadwiseLayer):
-            total += 2 * layer.used_rows * layer.head_dim * layer.keys.element_size()
+            total += layer.used_rows * layer.row_bytes
         elif getattr(layer, "keys", None) is not None:
             total += (layer.keys.numel() + layer.values.numel()) * layer.keys.element_size()
     return total
