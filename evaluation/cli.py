@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--fused-decode", action="store_true",
                      help="join q/k/v and gate/up and fuse norms, rotary and SiLU gates in the answers' forwards "
                      "(CUDA devices; with --cuda-graphs the fastest decode; answers may differ by rounding)")
+    run.add_argument("--batch-answers", action="store_true",
+                     help="answer all settings of a sample whose press evicts in one batched decode (each row its own "
+                     "compressed cache; the answers are each setting's own, but may differ by low-precision rounding)")
     run.add_argument("--no-costs", action="store_true",
                      help="skip costs.csv (KV bytes held, peak memory, prefill s, decode ms/token per press and ratio)")
     run.add_argument("--no-fast-path", action="store_true", help="prefill once per setting (naive loop)")
@@ -128,7 +131,7 @@ def config_from_args(args) -> SweepConfig:
         samples=args.samples, presses=_names(args.presses), ratios=_numbers(args.ratios, float, "--ratios"),
         backend=args.backend, seed=args.seed, query_aware=args.query_aware, dtype=args.dtype, device=args.device,
         fast_path=not args.no_fast_path, check_naive=args.check_naive, cuda_graphs=args.cuda_graphs,
-        fused_decode=args.fused_decode, costs=not args.no_costs,
+        fused_decode=args.fused_decode, costs=not args.no_costs, batch_answers=args.batch_answers,
     )
 
 

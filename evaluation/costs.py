@@ -143,18 +143,23 @@ def read_costs(out: str) -> pd.DataFrame:
     return pd.read_csv(path) if os.path.exists(path) else pd.DataFrame()
 
 
-def record_costs(model, tokenizer, config, haystack, out: str, device) -> int:
+def record_costs(model, tokenizer, config, haystack, out: str, device, deadline: float | None = None) -> int:
     """Measure every (context length, press, ratio) of `config` not yet in out/costs.csv, appending each row as
-    measured (a resumed run measures only what is missing). Returns the number of rows added."""
+    measured (a resumed run measures only what is missing). deadline: a `time.monotonic()` time; no setting is
+    started once the longest so far would end past it (the rest wait for a later run). Returns the rows added."""
     done = read_costs(out)
     seen = set() if done.empty else {(int(c), p, round(float(r), 6)) for c, p, r in done[COST_KEYS].itertuples(index=False)}
-    path, added = os.path.join(out, "costs.csv"), 0
+    path, added, longest = os.path.join(out, "costs.csv"), 0, 0.0
     for length in config.context_lengths:
         sample = tasks.generate(config.tasks[0], 0, haystack, length, config.seed, config.query_aware)
         for press_name, ratio in config.settings():
             if (int(length), press_name, round(float(ratio), 6)) in seen:
                 continue
+            if deadline is not None and time.monotonic() + longest > deadline:
+                return added
+            started = time.monotonic()
             cost = measure(model, tokenizer, config, sample, press_name, ratio, device)
+            longest = max(longest, time.monotonic() - started)
             pd.DataFrame([asdict(cost)]).to_csv(path, mode="a", header=not os.path.exists(path), index=False)
             added += 1
     return added

@@ -3,12 +3,14 @@
 `recommend(run_a, run_b)` reads two run folders of the same sweep (same model, context lengths, tasks
 and query mode) whose samples were drawn with different seeds. On run A only it
 1. keeps the tasks the uncompressed model solves above chance (`suite.task_verdicts`),
-2. picks, at every ratio, the press with the highest mean score (ties: the smaller mean drop, then the name),
+2. picks, at every ratio, the press with the highest mean score over every (press, ratio) A holds (ties: the
+   smaller mean drop, then the name),
 3. recommends the highest ratio whose pick loses at most `max_drop` against "none" on A (mean paired
    difference), or the pick at the lowest ratio when none qualifies (flagged).
 Run B then gives the reported figures: for every pick, the paired difference against "none" on B's
 samples (same task, context length and sample index) with a 95% percentile bootstrap interval, over all
-kept tasks and per task. Run B's results never influence the choice.
+kept tasks and per task. Run B's results never influence the choice, so B needs only "none" and A's picks
+(`picks_on_a`: what scripts/gpu_eval_sweep.py runs on seed B); a pick B lacks is refused by name.
 """
 
 from __future__ import annotations
@@ -126,21 +128,37 @@ def per_task(results: pd.DataFrame, press: str, ratio: float, resamples: int) ->
     return rows
 
 
+def _kept_on_a(run_a: str, results_a: pd.DataFrame) -> tuple[list, pd.DataFrame]:
+    verdicts = suite.task_verdicts(results_a)
+    kept_a = suite.kept_rows(results_a, verdicts)
+    if kept_a.empty:
+        raise ValueError(f"No task of {run_a} is solved above chance by the uncompressed model: nothing to compare.")
+    if not candidates(kept_a):
+        raise ValueError(f"{run_a} holds no (press, ratio) besides 'none' on the kept tasks: nothing to choose from.")
+    return verdicts, kept_a
+
+
+def picks_on_a(run_a: str, resamples: int = 2000) -> list[Point]:
+    """The best (press, ratio) at every ratio of run A, on A's kept tasks (steps 1-2 of the module docstring):
+    what run B must hold besides "none" for `recommend` to report the choice."""
+    _, results_a = _load(run_a)
+    _, kept_a = _kept_on_a(run_a, results_a)
+    return picks_per_ratio(kept_a, candidates(kept_a), resamples)
+
+
 def recommend(run_a: str, run_b: str, max_drop: float = 0.05, resamples: int = 2000) -> Recommendation:
     """See the module docstring. ValueError for folders that cannot be compared."""
     if not 0 <= max_drop <= 1:
         raise ValueError(f"max_drop must be in [0, 1], got {max_drop}.")
     (config_a, results_a), (config_b, results_b) = _load(run_a), _load(run_b)
     check_pair(config_a, config_b)
-    verdicts = suite.task_verdicts(results_a)
-    kept_a = suite.kept_rows(results_a, verdicts)
-    if kept_a.empty:
-        raise ValueError(f"No task of {run_a} is solved above chance by the uncompressed model: nothing to compare.")
+    verdicts, kept_a = _kept_on_a(run_a, results_a)
     kept_b = suite.kept_rows(results_b, verdicts)
-    settings = [s for s in candidates(kept_a) if s in set(candidates(kept_b))]
-    if not settings:
-        raise ValueError("The two runs share no (press, ratio) besides 'none' on the kept tasks.")
-    picks_a = picks_per_ratio(kept_a, settings, resamples)
+    picks_a = picks_per_ratio(kept_a, candidates(kept_a), resamples)
+    missing = [(p.press, p.ratio) for p in picks_a if (p.press, p.ratio) not in set(candidates(kept_b))]
+    if missing:
+        names = ", ".join(f"{press} at {ratio:g}" for press, ratio in missing)
+        raise ValueError(f"{run_b} lacks A's pick(s) {names} on the kept tasks: run them on B's samples to report them.")
     chosen, within = choose(picks_a, max_drop)
     picks_b = [point(kept_b, p.press, p.ratio, resamples) for p in picks_a]
     confirmed = next(p for p in picks_b if (p.press, p.ratio) == (chosen.press, chosen.ratio))

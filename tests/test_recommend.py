@@ -11,7 +11,7 @@ import pytest
 
 from adakv.evaluation import suite
 from adakv.evaluation.cli import main
-from adakv.evaluation.recommend import bootstrap_interval, recommend, write_recommendation
+from adakv.evaluation.recommend import bootstrap_interval, picks_on_a, recommend, write_recommendation
 
 N = 40  # samples per task
 
@@ -100,6 +100,20 @@ def test_b_never_changes_the_choice(tmp_path):
     rec = recommend(run_a, run_b)
     assert (rec.chosen.press, rec.chosen.ratio) == ("adakv_snapkv", 0.5)
     assert rec.confirmed.score == pytest.approx(5 / 40) and rec.confirmed.difference.high < 0
+
+
+def test_b_needs_only_none_and_the_picks_of_a(tmp_path):
+    run_a = write_run(tmp_path / "a", 0, fixture_a())
+    full = recommend(run_a, write_run(tmp_path / "b", 1, fixture_b()))
+    picks = [(p.press, p.ratio) for p in picks_on_a(run_a)]
+    assert picks == [("adakv_snapkv", 0.5), ("snapkv", 0.875)]
+    only_picks = {k: v for k, v in fixture_b().items() if k[1] == "none" or (k[1], k[2]) in picks}
+    trimmed = recommend(run_a, write_run(tmp_path / "c", 1, only_picks))
+    assert (trimmed.chosen, trimmed.confirmed, trimmed.picks_b) == (full.chosen, full.confirmed, full.picks_b)
+    # A's choice is made over everything A holds: a B that lacks a pick is refused, not chosen around
+    lacking = {k: v for k, v in only_picks.items() if k[1:] != ("snapkv", 0.875)}
+    with pytest.raises(ValueError, match="lacks A's pick.*snapkv at 0.875"):
+        recommend(run_a, write_run(tmp_path / "d", 1, lacking))
 
 
 def test_a_strict_max_drop_falls_back_to_the_lowest_ratio(tmp_path):

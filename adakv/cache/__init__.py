@@ -22,6 +22,8 @@ from .operations import (
     newest_keys_values,
     restore,
     rollback,
+    stacked_cache,
+    stacking_refusal,
 )
 
 __all__ = [
@@ -42,4 +44,6 @@ __all__ = [
     "newest_keys_values",
     "restore",
     "rollback",
+    "stacked_cache",
+    "stacking_refusal",
 ]

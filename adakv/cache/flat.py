@@ -25,6 +25,10 @@ A chunked context prefill (adakv/runtimes/hf/chunked_prefill.py) appends each co
 (so the chunk attends to the compressed earlier context), then `fold_appended_into_context` moves the
 chunk's kept rows behind each head's context rows in fresh buffers with `min_slack` free rows: the
 context grows by the chunk, `appended` is back to 0 and the chunk's pruned rows are freed.
+
+`FlatHeadwiseLayer.stacked(layers)` puts the batch rows of several layers holding compressions of one
+context (different presses or ratios) into one layer, each row with its own per-head lengths, so that they
+are answered in one batched decode (the evaluation's batched answers; `adakv.cache.stacked_cache`).
 """
 
 from __future__ import annotations
@@ -119,6 +123,65 @@ class FlatHeadwiseLayer(CompressedLayer):
             src_index,
             dst_index,
         )
+
+    @classmethod
+    def stacked(cls, layers: list[FlatHeadwiseLayer]) -> FlatHeadwiseLayer:
+        """One layer holding the batch rows of `layers`, in order: batch row b of the result is a row of one of
+        them, with that row's own kept context per head (the heads of one batch may keep different counts).
+        Attention reads every sequence's rows on their own, so a row of the stacked layer is attended exactly as
+        it was in its own layer. Used to answer many compressions of one context in one batched decode.
+
+        The layers must hold the same dense context (context_length), heads, head_dim, dtype, device and
+        config, with nothing appended yet; their rows are copied once (the layers themselves are unchanged)."""
+        if not layers or any(not isinstance(layer, FlatHeadwiseLayer) for layer in layers):
+            raise TypeError("stacked takes a non-empty list of FlatHeadwiseLayer.")
+        first = layers[0]
+        for layer in layers:
+            same = (layer.context_length, layer.num_heads, layer.head_dim, layer.dtype, layer.device) == (
+                first.context_length, first.num_heads, first.head_dim, first.dtype, first.device)
+            if not same or layer.config is not first.config:
+                raise ValueError(
+                    "Only layers of one model's compressions of one context can be stacked: context length, KV heads, "
+                    "head_dim, dtype, device and config must agree."
+                )
+            if layer.appended or layer.padded_appends or layer.pending_padding is not None:
+                raise ValueError("Only freshly compressed layers (nothing appended after the context) can be stacked.")
+        stack = cls.__new__(cls)
+        CompressedLayer.__init__(stack)
+        stack.config = first.config
+        stack.batch_size = sum(layer.batch_size for layer in layers)
+        stack.num_heads, stack.context_length, stack.head_dim = first.num_heads, first.context_length, first.head_dim
+        stack.device, stack.dtype = first.device, first.dtype
+        stack.is_initialized = True
+        stack.min_slack, stack.slack_fraction, stack.growth = first.min_slack, first.slack_fraction, first.growth
+        stack.appended = 0
+        stack.padded_appends = False
+        stack.pending_padding = None
+        stack.last_append_padding = None
+        stack.split_workspace = SplitWorkspace()
+        stack._set_context_kept(torch.cat([layer.context_kept for layer in layers]))
+        slack = max(layer.slack for layer in layers)
+        if all(layer.slack == slack for layer in layers):
+            # each region is (context_kept + slack) rows, so the concatenated buffers are the stacked layout itself
+            stack.slack = slack
+            stack.capacity = stack.context_kept + slack
+            stack.offsets = exclusive_cumsum(stack.capacity)
+            stack.keys = torch.cat([layer.keys for layer in layers])
+            stack.values = torch.cat([layer.values for layer in layers])
+            stack.seq_lengths = stack.context_kept.clone()
+            stack.layout_id = next(_LAYOUT_IDS)
+            stack._kernel_inputs_checked = False
+            return stack
+        stack._allocate(slack)
+        first_sequence = 0
+        for layer in layers:
+            count = layer.num_sequences
+            src_index = segment_rows(layer.offsets, layer.context_kept, layer.total_context_kept)
+            dst_index = segment_rows(stack.offsets[first_sequence:first_sequence + count], layer.context_kept,
+                                     layer.total_context_kept)
+            cuda_flat.copy_rows(layer.keys, layer.values, stack.keys, stack.values, src_index, dst_index)
+            first_sequence += count
+        return stack
 
     # ----- layout -------------------------------------------------------------------------
     @property

@@ -1,7 +1,8 @@
-"""Reading and rolling back a model's cache: kept counts, rollback, checkpoints."""
+"""Reading, rolling back and stacking a model's caches: kept counts, rollback, checkpoints, stacked caches."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -90,3 +91,34 @@ def restore(cache: Cache, saved: Checkpoint) -> None:
         layer = cache.layers[index]
         layer.keys, layer.values, layer.cumulative_length = keys, values, cumulative_length
     rollback(cache, saved.seq_len)
+
+
+def stacking_refusal(cache: Cache) -> str | None:
+    """Why `cache` cannot be one part of `stacked_cache` (None when it can): every layer must be a compressed layer
+    that stacks (FlatHeadwiseLayer, backend "evict") with nothing appended after its context."""
+    check_cache(cache, "stacking_refusal")
+    for index, layer in enumerate(cache.layers):
+        if not (isinstance(layer, CompressedLayer) and hasattr(type(layer), "stacked")):
+            return f"layer {index} is a {type(layer).__name__}, not a compressed layer that stacks (backend 'evict')"
+        if layer.get_seq_length() != layer.context_length:
+            return f"layer {index} holds tokens appended after its context"
+    return None
+
+
+def stacked_cache(caches: list[Cache]) -> Cache:
+    """One cache whose batch rows are the rows of `caches`, in order, layer by layer (`FlatHeadwiseLayer.stacked`):
+    compressions of one context by different presses or ratios, answered in one batched decode. Each row keeps
+    its own per-head lengths; the caches themselves are left unchanged. ValueError when a cache cannot be stacked
+    (`stacking_refusal`) or the caches differ in their layers."""
+    if not caches:
+        raise ValueError("stacked_cache needs at least one cache.")
+    for position, cache in enumerate(caches):
+        refusal = stacking_refusal(cache)
+        if refusal is not None:
+            raise ValueError(f"Cache {position} cannot be stacked: {refusal}.")
+    kinds = {tuple(type(layer) for layer in cache.layers) for cache in caches}
+    if len(kinds) != 1:
+        raise ValueError("The caches to stack must have the same layers (count and kind).")
+    stack = copy.copy(caches[0])
+    stack.layers = [type(parts[0]).stacked(list(parts)) for parts in zip(*(cache.layers for cache in caches))]
+    return stack

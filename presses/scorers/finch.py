@@ -45,6 +45,8 @@ class FinchPress(ScorerPress):
 
     window_size: int = 64
     chunk_length: int = 512
+    scores_memoizable = False  # the order depends on the budget, hence on the ratio
+
 
     field_rules = {"window_size": Integer(1), "chunk_length": Integer(1)}
 

@@ -63,6 +63,7 @@ class KVzipPress(ScorerPress):
 
     BUDGET_SCOPES = ("model", "head")  # a class constant, not a field
     scores_are_probabilities = True  # attention probabilities
+    scores_memoizable = False  # `score` already reads the prefill's memo (`prepare_prefill` fills it once)
     reads_hidden_states = False  # the reconstruction makes its own queries: the context's hidden states are not held
 
     field_rules = {

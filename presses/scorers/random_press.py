@@ -26,6 +26,11 @@ class RandomPress(ScorerPress):
 
     field_rules = {"seed": Integer(0, optional=True)}
 
+    @property
+    def scores_memoizable(self) -> bool:
+        """Without a seed every call draws new numbers, so no memo may stand in for a call."""
+        return self.seed is not None
+
     def score(self, context: PrefillContext) -> torch.Tensor:
         generator = torch.Generator(device=context.keys.device)
         if self.seed is None:

@@ -11,6 +11,7 @@ from adakv.selection import EXCHANGES, Reduction, adaptive_keep_mask, model_keep
 
 from ..base import PrefillContext, WholePrefill, WrapperPress, check_is_press
 from ..fields import FRACTION, Check, OneOf
+from ..scorer import memoized_score
 
 SCOPES = ("layer", "model")
 
@@ -96,7 +97,7 @@ class AdaptivePress(WrapperPress):
         ratio = self.press.layer_compression_ratio(context)
         if ratio == 0:
             return None
-        scores = self.press.score(context)
+        scores = memoized_score(self.press, context)
         return adaptive_keep_mask(scores, context.available, ratio, self.alpha_safeguard, self.reduction(context))
 
     def compress_prefill(self, prefill: WholePrefill) -> list[torch.Tensor | None]:
@@ -112,7 +113,7 @@ class AdaptivePress(WrapperPress):
             return keeps
         # every (layer, KV head) of the model is one row of the allocation
         masks = model_keep_masks(
-            [self.press.score(context) for _, context, _ in pooled], [context.available for _, context, _ in pooled],
+            [memoized_score(self.press, context) for _, context, _ in pooled], [context.available for _, context, _ in pooled],
             [ratio for _, _, ratio in pooled], self.alpha_safeguard, self.reduction(pooled[0][1]),
         )  # fmt: skip
         for (index, _, _), keep in zip(pooled, masks):
