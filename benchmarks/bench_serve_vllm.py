@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-ROWS_KEY = ("method", "batch", "context", "ratio")
+ROWS_KEY = ("method", "batch", "context", "ratio", "cudagraph_mode")
 
 
 def make_checkpoint(path: Path, layers: int) -> None:
@@ -154,15 +154,16 @@ def render(data: dict) -> str:
             f"- {method}: {meta.get('gpu')}, vllm {meta.get('vllm')}, torch {meta.get('torch')}, adakv "
             f"{meta.get('adakv_commit')}, {meta.get('date')}; engine {json.dumps(meta.get('engine'))}"
         )
-    lines += ["", "| method | batch | context | ratio | tokens/s | max running | ms/token | TTFT p50 s | TTFT p95 s | vs dense tokens/s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines += ["", "| method | batch | context | ratio | tokens/s | max running | ms/token | TTFT p50 s | TTFT p95 s | vs dense tokens/s | CUDA graphs | adakv |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
     dense = {(r["batch"], r["context"]): r for r in data["rows"] if r["method"] == "vllm-dense"}
     for row in sorted(data["rows"], key=lambda r: (-r["batch"], r["context"], r["method"], r["ratio"])):
         base = dense.get((row["batch"], row["context"]))
         versus = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "—"
         lines.append(
             f"| {row['method']} | {row['batch']} | {row['context']} | {row['ratio']} | {row['tokens_per_s']:.0f} | "
-            f"{row['max_running']} | {row['decode_ms']:.2f} | {row['ttft_p50_s']:.2f} | {row['ttft_p95_s']:.2f} | {versus} |"
+            f"{row['max_running']} | {row['decode_ms']:.2f} | {row['ttft_p50_s']:.2f} | {row['ttft_p95_s']:.2f} | {versus} | "
+            f"{row['cudagraph_mode']} | {(row.get('adakv_commit') or '')[:7]} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -197,6 +198,8 @@ def main() -> None:
     started = time.perf_counter()
     llm = build_engine(args)
     meta = dict(provenance("cuda"), engine=engine_facts(llm), engine_start_s=time.perf_counter() - started)
+    if args.method == "adakv":  # the mode its worker runs (the front end's config keeps the one asked for)
+        meta["engine"]["cudagraph_mode"] = llm.collective_rpc("adakv_stats")[0]["cudagraph_mode"]
     method_names = {"dense": "vllm-dense", "adakv": f"adakv-vllm-{args.press}"}
     ratios = [None] if args.method == "dense" else args.ratios
     warm_up = min(2048, args.max_model_len // 2)
@@ -210,6 +213,7 @@ def main() -> None:
             row = saturation(llm, method_names[args.method], ratio, args.requests, args.context, args.new_tokens)
         else:
             row = batch_one(llm, method_names[args.method], ratio, context, args.new_tokens)
+        row.update(cudagraph_mode=meta["engine"]["cudagraph_mode"], adakv_commit=meta.get("adakv_commit"))
         print(json.dumps(row), flush=True)
         data = merge(path, [row], meta, args.method)
         path.with_suffix(".md").write_text(render(data))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adakv.kernels.paged_decode import DecodePlan, decode_plan, packed_decode_reference
+from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_reference, split_chunk
 from adakv.runtimes.vllm.layout import compressed_attention, pack_layer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +32,11 @@ def test_reference_equals_the_layouts_attention_for_every_row():
         packed = pack_layer(key_cache, value_cache, table[row], keep, -(-int(keep.sum()) // kv_heads))
         packings.append(packed)
         offsets.append(packed.offset_row())
-        infos.append([1 - row, row, prompt_len, seq_len, row])  # query tokens in the other order
+        infos.append([1 - row, row, prompt_len, row, 64])  # query tokens in the other order
     query = torch.randn(2, kv_heads * group, head_dim)
     out = torch.zeros_like(query)
-    rows_info = torch.tensor(infos, dtype=torch.int32)
-    packed_decode_reference(query, key_cache, value_cache, table, rows_info, torch.stack(offsets), 0.5, out)
+    rows_info, seq_lens = torch.tensor(infos, dtype=torch.int32), torch.tensor([33, 22], dtype=torch.int32)
+    packed_decode_reference(query, key_cache, value_cache, table, seq_lens, rows_info, torch.stack(offsets), 0.5, out)
     for row, (prompt_len, seq_len) in enumerate(lengths):
         token = 1 - row
         expected = compressed_attention(
@@ -46,13 +46,39 @@ def test_reference_equals_the_layouts_attention_for_every_row():
         torch.testing.assert_close(out[token], expected[0])
 
 
-def test_plan_covers_the_longest_sequence_in_whole_key_steps():
-    plan = decode_plan(rows=1, kv_heads=8, mean_length=8192, max_length=65536 + 300, num_sms=132, block_n=64)
-    assert plan.chunk % 64 == 0 and plan.chunk >= 256
-    assert plan.chunk * plan.num_splits >= 65536 + 300
-    wide = decode_plan(rows=96, kv_heads=8, mean_length=8192, max_length=65536, num_sms=132, block_n=64)
-    assert wide.chunk > plan.chunk  # many rows: fewer, longer chunks
-    assert DecodePlan(64, 3) == DecodePlan(64, 3)
+def test_dense_and_empty_rows_of_the_reference():
+    """A dense row (prompt_len 0, the zero offset row) attends every token of its pages; an empty row
+    (a CUDA graph's padding) writes zeros."""
+    torch.manual_seed(1)
+    kv_heads, group, head_dim, block_size = 2, 2, 8, 4
+    cache = torch.randn(16, block_size, kv_heads, 2 * head_dim)
+    key_cache, value_cache = cache.transpose(1, 2).split(head_dim, dim=-1)
+    table = torch.randperm(16)[:10].int().view(2, 5)
+    query = torch.randn(2, kv_heads * group, head_dim)
+    out = torch.full_like(query, float("nan"))
+    rows_info = torch.tensor([[0, 0, 0, 0, 64], [1, 1, EMPTY_ROW, 0, 64]], dtype=torch.int32)
+    packed_decode_reference(
+        query, key_cache, value_cache, table, torch.tensor([19, 7], dtype=torch.int32), rows_info,
+        torch.zeros(1, kv_heads + 1, dtype=torch.int32), 0.5, out,
+    )  # fmt: skip
+    slots = torch.arange(19)
+    blocks, within = table[0].long()[slots // block_size], slots % block_size
+    for head in range(kv_heads):
+        keys, values = key_cache[blocks, head, within], value_cache[blocks, head, within]
+        q = query[0, head * group : (head + 1) * group]
+        torch.testing.assert_close(out[0, head * group : (head + 1) * group], (q @ keys.T * 0.5).softmax(-1) @ values)
+    assert out[1].eq(0).all()
+
+
+def test_plan_depends_on_the_batch_shape_and_chunks_cover_each_row():
+    one = decode_plan(rows=1, kv_heads=8, num_sms=132)
+    assert one.num_splits == 33  # 264 programs over 8 sequences
+    assert decode_plan(rows=96, kv_heads=8, num_sms=132).num_splits == 1  # 768 sequences already fill the GPU
+    for longest in (1, 255, 8192, 65536 + 300):
+        chunk = split_chunk(longest, one, block_n=64)
+        assert chunk % 64 == 0 and chunk >= 256 and chunk * one.num_splits >= longest
+    assert split_chunk(8192, one, 64) == 256 and split_chunk(32768, one, 64) == 1024
+    assert DecodePlan(3) == DecodePlan(3)
 
 
 def test_triton_kernel_matches_the_reference_in_the_interpreter():
@@ -66,6 +92,6 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 3
+    assert len(results) == 4
     for result in results:
         assert result["max_difference"] < 1e-5, result

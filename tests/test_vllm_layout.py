@@ -6,8 +6,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from adakv.kernels.paged_decode import EMPTY_ROW
 from adakv.runtimes.vllm.layout import PackedLayer, compressed_attention, gather_prompt, pack_layer
-from adakv.runtimes.vllm.requests import ServedRequest, ServedRequests, decode_batch
+from adakv.runtimes.vllm.requests import (
+    DENSE_TABLE_ROW,
+    ServedRequest,
+    ServedRequests,
+    decode_batch,
+    uniform_decode_batch,
+)
 from adakv.runtimes.vllm.settings import ServingPress, check_engine, engine_setting, request_setting
 from adakv.selection.headwise import kept_count
 
@@ -165,18 +172,55 @@ def scheduled(new=(), finished=()):
 
 def test_offset_tables_hold_each_requests_packing_and_reuse_finished_rows():
     served = ServedRequests(ServingPress("snapkv", 0.5))
+    served.allocate_offset_tables(num_layers=2, kv_heads=3, capacity=2, device="cpu")
+    tables = served.offset_tables
     served.update(scheduled(new=[("a", 40, 3), ("b", 30, 7)]))
     a, b = served.by_id["a"], served.by_id["b"]
-    assert a.table_row != b.table_row
+    assert DENSE_TABLE_ROW not in (a.table_row, b.table_row) and a.table_row != b.table_row
     packed = PackedLayer(
         lengths=torch.tensor([5, 0, 3]), offsets=torch.tensor([0, 5, 5]), kept_positions=torch.arange(8)
     )
     served.record_offsets(b, layer=1, packed=packed)
     assert served.offset_tables[1][b.table_row].tolist() == [0, 5, 5, 8]
-    assert served.offset_tables[1].dtype == torch.int32
+    assert served.offset_tables.dtype == torch.int32 and served.offset_tables[:, DENSE_TABLE_ROW].eq(0).all()
+    with pytest.raises(RuntimeError, match="offset tables are full"):
+        served.update(scheduled(new=[("x", 20, 11)]))
+    served.by_id.pop("x", None)
+    a_row = a.table_row
     served.update(scheduled(new=[("c", 20, 9)], finished=["a"]))
-    assert served.by_id["c"].table_row == a.table_row  # a finished request's row is reused
+    assert served.by_id["c"].table_row == a_row  # a finished request's row is reused
     assert served.rows([7, 9, 11]) == [b, served.by_id["c"], None]
+    assert served.offset_tables is tables  # never reallocated: a CUDA graph reads it where it was captured
+
+
+def test_preempted_requests_give_back_their_row_and_take_one_when_they_resume():
+    served = ServedRequests(ServingPress("snapkv", 0.5))
+    served.allocate_offset_tables(num_layers=1, kv_heads=2, capacity=1, device="cpu")
+    served.update(scheduled(new=[("a", 40, 3)]))
+    a = served.by_id["a"]
+    assert a.table_row == 1
+    step = scheduled(new=[])
+    step.preempted_req_ids = {"a"}
+    served.update(step)
+    assert a.table_row == -1
+    served.update(scheduled(new=[("b", 30, 7)]))  # the only row, free again
+    served.update(scheduled(new=[], finished=["b"]))
+    resumed = scheduled(new=[])
+    resumed.scheduled_cached_reqs = SimpleNamespace(
+        req_ids=["a"], num_computed_tokens=[0], resumed_req_ids={"a"}, new_block_ids=[([5],)]
+    )
+    served.update(resumed)
+    assert a.table_row == 1 and a.first_block == 5
+
+
+def test_without_offset_tables_requests_take_no_row_and_recording_offsets_is_refused():
+    """The CPU backend reads no offset tables: none are allocated there."""
+    served = ServedRequests(ServingPress("snapkv", 0.5))
+    served.update(scheduled(new=[("a", 40, 3)]))
+    assert served.by_id["a"].table_row == -1
+    packed = PackedLayer(lengths=torch.tensor([1]), offsets=torch.tensor([0]), kept_positions=torch.arange(1))
+    with pytest.raises(RuntimeError, match="no row in the offset tables"):
+        served.record_offsets(served.by_id["a"], 0, packed)
 
 
 def test_decode_batch_finds_the_rows_that_decode_from_packed_pages():
@@ -192,8 +236,29 @@ def test_decode_batch_finds_the_rows_that_decode_from_packed_pages():
     decoding.longest_head, other.longest_head = 60, 30
     batch = decode_batch([None, prefill, decoding, half, other], num_layers=2, query_start=[0, 5, 35, 36, 37, 38])
     assert batch.decoding == [False, False, True, False, True]
-    # (query token, block-table row, prompt_len, seq_len = computed + the new token, offset-table row)
-    assert batch.rows_info == [[35, 2, 100, 104, 4], [37, 4, 64, 65, 2]]
-    assert batch.mean_length == ((25 + 4) + (16 + 1)) // 2  # kept slots + tail tokens
-    assert batch.max_length == max(60 + 4, 30 + 1)
+    # (query token, batch row, prompt_len, offset-table row, longest head + tail tokens)
+    assert batch.rows_info == [[35, 2, 100, 4, 60 + 4], [37, 4, 64, 2, 30 + 1]]
     assert decode_batch([None, prefill], 2, [0, 5, 35]).rows_info == []
+    assert prefill.in_prompt and not decoding.in_prompt
+
+
+def test_uniform_decode_batch_takes_every_row_dense_ones_as_tail_and_padding_empty():
+    setting = ServingPress("adakv_snapkv", 0.75)
+    decoding = ServedRequest("b", setting, prompt_len=100, first_block=7, computed=103, scheduled=1, table_row=4)
+    decoding.longest_head = 60
+    batch = uniform_decode_batch([None, decoding, None, None], num_reqs=3, seq_lens_bound=[50, 104, 9, 0])
+    assert batch.decoding == [True] * 4
+    assert batch.rows_info == [
+        [0, 0, 0, DENSE_TABLE_ROW, 50],
+        [1, 1, 100, 4, 64],
+        [2, 2, 0, DENSE_TABLE_ROW, 9],
+        [3, 3, EMPTY_ROW, DENSE_TABLE_ROW, 0],
+    ]
+
+
+def test_compresses_this_step_while_a_compressed_prompt_runs():
+    served = ServedRequests(ServingPress("snapkv", 0.5))
+    served.update(scheduled(new=[("a", 40, 3)]))
+    assert served.compresses_this_step()
+    served.by_id["a"].computed, served.by_id["a"].scheduled = 40, 1
+    assert not served.compresses_this_step()

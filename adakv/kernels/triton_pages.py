@@ -8,12 +8,16 @@ i // kv_heads, lane i % kv_heads), then its tail tokens [prompt_len, seq_len) (s
 lane = h). A slot s is row s % block_size of page block_table[s // block_size]. Caches are
 (num_blocks, kv_heads, block_size, head_dim) views with any strides and a unit last stride.
 
-`partial_attention` (grid: rows x kv_heads x splits) attends one `chunk` of that sequence for the
-head's GQA group with an online softmax in fp32 and writes the chunk's normalised output and
-log2-sum-exp; programs past the sequence's end return at once. `combine_splits` (grid: rows x kv_heads)
-merges the chunks the sequence has and writes the output in the query's dtype.
+`partial_attention` (grid: rows x kv_heads x splits) attends one chunk of that sequence (the row's
+`chunk` keys) for the head's GQA group with an online softmax in fp32 and writes the chunk's normalised
+output and log2-sum-exp; programs past the sequence's end return at once. `combine_splits` (grid:
+rows x kv_heads) merges the chunks the sequence has and writes the output in the query's dtype.
 
-rows_info: (rows, 5) int32: query token index, block-table row, prompt_len, seq_len, offset-table row.
+rows_info: (rows, 5) int32: query token index, batch row (its block-table row and its entry of
+seq_lens), prompt_len (-1: an empty row, e.g. a CUDA graph's padding; 0: a dense row, all tail),
+offset-table row, chunk (keys per split, a multiple of BLOCK_N). seq_lens: (batch rows,) int32 on the
+device, each row's tokens in the cache including the one decoded; read there, so a captured CUDA graph
+replays with the step's lengths.
 """
 
 from __future__ import annotations
@@ -23,31 +27,32 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_info(rows_info, row, kv_head, offset_table, num_kv_heads):
+def _row_info(rows_info, seq_lens, row, kv_head, offset_table, num_kv_heads):
     info = rows_info + row * 5
     token = tl.load(info).to(tl.int64)
-    table_row = tl.load(info + 1).to(tl.int64)
+    batch_row = tl.load(info + 1).to(tl.int64)
     prompt_len = tl.load(info + 2)
-    seq_len = tl.load(info + 3)
-    offsets = offset_table + tl.load(info + 4).to(tl.int64) * (num_kv_heads + 1)
+    offsets = offset_table + tl.load(info + 3).to(tl.int64) * (num_kv_heads + 1)
+    chunk = tl.load(info + 4)
     first_pair = tl.load(offsets + kv_head)
     packed = tl.load(offsets + kv_head + 1) - first_pair
-    return token, table_row, prompt_len, first_pair, packed, packed + seq_len - prompt_len
+    length = tl.where(prompt_len < 0, 0, packed + tl.load(seq_lens + batch_row) - prompt_len)
+    return token, batch_row, prompt_len, first_pair, packed, length, chunk
 
 
 @triton.jit
 def partial_attention(
-    Q, K, V, block_table, rows_info, offset_table, partial_out, partial_lse,
+    Q, K, V, block_table, seq_lens, rows_info, offset_table, partial_out, partial_lse,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bt,
-    qk_scale_log2, num_kv_heads, block_size, chunk, num_splits,
+    qk_scale_log2, num_kv_heads, block_size, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    token, table_row, prompt_len, first_pair, packed, length = _row_info(
-        rows_info, row, kv_head, offset_table, num_kv_heads
+    token, table_row, prompt_len, first_pair, packed, length, chunk = _row_info(
+        rows_info, seq_lens, row, kv_head, offset_table, num_kv_heads
     )
     key_start = split * chunk
     if key_start >= length:
@@ -104,13 +109,13 @@ def partial_attention(
 
 @triton.jit
 def combine_splits(
-    rows_info, offset_table, partial_out, partial_lse, Out, stride_ot, stride_oh,
-    num_kv_heads, chunk, num_splits,
+    seq_lens, rows_info, offset_table, partial_out, partial_lse, Out, stride_ot, stride_oh,
+    num_kv_heads, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
-    token, _, _, _, _, length = _row_info(rows_info, row, kv_head, offset_table, num_kv_heads)
+    token, _, _, _, _, length, chunk = _row_info(rows_info, seq_lens, row, kv_head, offset_table, num_kv_heads)
     used = tl.cdiv(length, chunk)
     group_rows = tl.arange(0, BLOCK_M)
     row_valid = group_rows < GROUP

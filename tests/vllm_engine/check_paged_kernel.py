@@ -9,40 +9,51 @@ import sys
 
 import torch
 
-from adakv.kernels.paged_decode import DecodePlan, decode_plan, packed_decode_attention, packed_decode_reference
+from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_attention, packed_decode_reference, split_chunk
 from adakv.runtimes.vllm.layout import pack_layer
 
 
-def case(kv_heads: int, group: int, head_dim: int, block_size: int, lengths, plan, seed: int) -> dict:
+def case(kv_heads, group, head_dim, block_size, lengths, plan, seed, extra_rows=(), chunk=None) -> dict:
+    """lengths: (prompt_len, seq_len) of compressed rows; extra_rows: "dense" (all tail, seq_len 50) or
+    "empty" (a CUDA graph's padding) rows after them; chunk: keys per split (default: split_chunk's, at
+    least 256, so these short rows use one or two splits)."""
     torch.manual_seed(seed)
-    num_blocks = 4 * sum(-(-seq // block_size) for _, seq in lengths)
+    num_blocks = 4 * sum(-(-seq // block_size) for _, seq in lengths) + 16
     cache = torch.randn(num_blocks, block_size, kv_heads, 2 * head_dim)  # vLLM's NHD pages, keys | values
     key_cache, value_cache = cache.transpose(1, 2).split(head_dim, dim=-1)
     width = max(-(-seq // block_size) for _, seq in lengths)
-    table = torch.stack([torch.randperm(num_blocks)[:width] for _ in lengths]).int()
-    infos, offsets = [], []
+    rows = len(lengths) + len(extra_rows)
+    table = torch.stack([torch.randperm(num_blocks)[:width] for _ in range(rows)]).int()
+    infos, offsets, seq_lens = [], [torch.zeros(kv_heads + 1, dtype=torch.int32)], []
     for row, (prompt_len, seq_len) in enumerate(lengths):
         keep = torch.rand(kv_heads, prompt_len) < torch.rand(kv_heads, 1)  # heads keep different shares
         keep[:, -1] = True
         packed = pack_layer(key_cache, value_cache, table[row], keep, -(-int(keep.sum()) // kv_heads))
         offsets.append(packed.offset_row())
-        infos.append([row, row, prompt_len, seq_len, row])
-    query = torch.randn(len(lengths), kv_heads * group, head_dim)
+        longest = int(packed.lengths.max()) + seq_len - prompt_len
+        infos.append([row, row, prompt_len, row + 1, chunk or split_chunk(longest, plan, 64)])
+        seq_lens.append(seq_len)
+    for row, kind in enumerate(extra_rows, start=len(lengths)):
+        prompt_len = 0 if kind == "dense" else EMPTY_ROW
+        infos.append([row, row, prompt_len, 0, chunk or split_chunk(50, plan, 64)])
+        seq_lens.append(50)
+    query = torch.randn(rows, kv_heads * group, head_dim)
     rows_info, offset_table = torch.tensor(infos, dtype=torch.int32), torch.stack(offsets)
+    seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
     expected, out = torch.zeros_like(query), torch.full_like(query, float("nan"))
-    packed_decode_reference(query, key_cache, value_cache, table, rows_info, offset_table, 0.2, expected)
-    packed_decode_attention(query, key_cache, value_cache, table, rows_info, offset_table, 0.2, out, plan)
+    packed_decode_reference(query, key_cache, value_cache, table, seq_lens, rows_info, offset_table, 0.2, expected)
+    packed_decode_attention(query, key_cache, value_cache, table, seq_lens, rows_info, offset_table, 0.2, out, plan)
     settings = dict(kv_heads=kv_heads, group=group, head_dim=head_dim, block_size=block_size, plan=plan.__dict__)
-    return {**settings, "max_difference": float((out - expected).abs().max())}
+    return {**settings, "extra_rows": list(extra_rows), "max_difference": float((out - expected).abs().max())}
 
 
 def main() -> None:
     lengths = [(300, 305), (90, 91), (17, 40)]
-    longest = max(prompt + seq for prompt, seq in lengths)
     cases = [
-        case(2, 3, 16, 16, lengths, DecodePlan(chunk=64, num_splits=-(-longest // 64)), 0),
-        case(4, 1, 32, 16, lengths, decode_plan(3, 4, 100, longest, 1, 64), 1),
-        case(1, 4, 8, 32, lengths[:1], DecodePlan(chunk=128, num_splits=-(-longest // 128)), 2),
+        case(2, 3, 16, 16, lengths, DecodePlan(num_splits=5), 0, chunk=64),  # up to 5 splits of 64 keys
+        case(4, 1, 32, 16, lengths, decode_plan(3, 4, 1), 1),
+        case(1, 4, 8, 32, lengths[:1], DecodePlan(num_splits=3), 2, chunk=128),
+        case(2, 2, 16, 16, lengths[1:], DecodePlan(num_splits=2), 3, extra_rows=("dense", "empty")),
     ]
     for result in cases:
         print(json.dumps(result))

@@ -1,18 +1,18 @@
 """adakv's attention backend for vLLM on CUDA: FlashAttention, plus compression and packed-page decode.
 
 Registered as vLLM's CUSTOM backend (the plugin) and picked by `engine_args` (`attention_backend`), so
-engines without adakv keep vLLM's own. Per step, the metadata builder splits the batch rows of
-compressed requests in two:
+engines without adakv keep vLLM's own. Per step, the metadata builder takes one of two paths:
 
-- *decode rows* (one token after a prompt packed in every layer): FlashAttention sees a sequence of one
-  key for them (its output is overwritten), and `packed_decode_attention` (Triton) attends their query
-  over the packed pairs and tail tokens, from `rows_info` built on the host (no device round trip);
-- the others (prefill chunks, the compression step, a recomputation after preemption) go through
-  `serve_layer` in torch, after FlashAttention ran over their dense pages.
-
-A step whose every row is a decode row skips FlashAttention. The builder declares no full CUDA graph
-support (its metadata is rebuilt per step), so vLLM runs piecewise graphs: everything but attention is
-replayed from graphs.
+- *one new token per row* (a decode step, the only kind vLLM replays from full CUDA graphs): every row,
+  compressed or dense, goes through `packed_decode_attention` (Triton), whose inputs live in persistent
+  buffers (rows, offset tables, vLLM's seq_lens and block table) and whose grid depends on the batch size
+  only; FlashAttention is skipped. The worker keeps vLLM from replaying a full graph in a step where a
+  compressed request runs part of its prompt (`cuda_worker.py`).
+- *other steps* (prefill chunks, the compression step, a recomputation after preemption): the rows of
+  compressed requests that decode after a packed prompt go through the kernel, FlashAttention seeing a
+  sequence of one key for them (its output is overwritten); the others go through `serve_layer` in torch,
+  after FlashAttention ran over their dense pages. These steps run piecewise CUDA graphs (everything but
+  attention replayed).
 """
 
 from __future__ import annotations
@@ -33,11 +33,18 @@ from vllm.v1.attention.backends.flash_attn import (
 )
 
 from adakv.kernels.device import multiprocessor_count
-from adakv.kernels.paged_decode import DecodePlan, decode_plan, packed_decode_attention, packed_decode_reference
+from adakv.kernels.paged_decode import (
+    ROW_FIELDS,
+    DecodePlan,
+    decode_plan,
+    packed_decode_attention,
+    packed_decode_reference,
+    split_chunk,
+)
 from adakv.kernels.triton_decode import block_sizes
 
 from .compression import serve_layer
-from .requests import DecodeBatch, ServedRequest, decode_batch, served_requests
+from .requests import DecodeBatch, ServedRequest, decode_batch, served_requests, uniform_decode_batch
 
 # tests: every decode launch also runs the torch reference and records the largest difference (slow)
 CHECK_DECODE = os.environ.get("ADAKV_VLLM_CHECK_DECODE") == "1"
@@ -45,14 +52,17 @@ CHECK_DECODE = os.environ.get("ADAKV_VLLM_CHECK_DECODE") == "1"
 
 @dataclass
 class DecodeRows:
-    """The step's decode rows of compressed requests, for the packed-page kernel.
+    """The step's rows for the packed-page kernel.
 
-    rows_info: (rows, 5) int32 on the device (query token, block-table row, prompt_len, seq_len,
-    offset-table row); plan: its split of the keys; only_decode: no other row in the batch."""
+    rows_info: (rows, 5) int32 on the device (adakv.kernels.paged_decode's columns); seq_lens: vLLM's
+    (batch rows,) int32 lengths on the device; plan: its splits; only_decode: no other row in the batch
+    (FlashAttention is skipped); compressed: some row reads packed pairs."""
 
     rows_info: torch.Tensor
+    seq_lens: torch.Tensor
     plan: DecodePlan
     only_decode: bool
+    compressed: bool
 
 
 @dataclass
@@ -66,7 +76,7 @@ class CompressingFlashMetadata(FlashAttentionMetadata):
 
 
 class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
-    _cudagraph_support = AttentionCGSupport.NEVER
+    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -74,28 +84,60 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
         group = self.num_heads_q // self.num_heads_kv
         self.block_n = block_sizes(group, self.headdim, vllm_config.model_config.dtype)["BLOCK_N"]
         self.num_sms = multiprocessor_count(torch.device(device).index or 0)
+        max_num_seqs = vllm_config.scheduler_config.max_num_seqs
+        # a full graph reads its rows where they were at capture: one buffer for every batch size
+        self.rows_buffer = torch.zeros(
+            max(max_num_seqs, self.max_cudagraph_size or 0), ROW_FIELDS, dtype=torch.int32, device=device
+        )
+        served = served_requests()
+        if served is None:
+            raise RuntimeError("adakv's CUDA attention backend runs with adakv's worker (engine_args sets both)")
+        # finished requests reach the worker one step late: room for two engines' worth of running requests
+        served.allocate_offset_tables(self.num_layers, self.num_heads_kv, 2 * max_num_seqs, device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         served = served_requests()
-        if served is None or not served.by_id:
-            return super().build(common_prefix_len, common_attn_metadata, fast_build)
         num_reqs = common_attn_metadata.num_reqs
         rows = served.rows_of_batch(num_reqs)
+        if common_attn_metadata.max_query_len == 1 and not any(row is not None and row.in_prompt for row in rows):
+            return self._build_uniform_decode(common_prefix_len, common_attn_metadata, fast_build, rows)
         if not any(rows):
             return super().build(common_prefix_len, common_attn_metadata, fast_build)
         query_start = common_attn_metadata.query_start_loc_cpu[: num_reqs + 1].tolist()
         batch = decode_batch(rows, self.num_layers, query_start)
+        seq_lens = common_attn_metadata.seq_lens
         if batch.rows_info:
             common_attn_metadata = self._one_key_for(common_attn_metadata, batch.decoding)
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        values = {f.name: getattr(metadata, f.name) for f in dataclasses.fields(FlashAttentionMetadata)}
         others = [None if decodes else request for request, decodes in zip(rows, batch.decoding)]
         return CompressingFlashMetadata(
-            **values,
+            **self._fields_of(metadata),
             served_rows=others if any(others) else None,
             query_start_host=query_start,
-            decode_rows=self._decode_rows(batch) if batch.rows_info else None,
+            decode_rows=self._decode_rows(batch, seq_lens, only_decode=False) if batch.rows_info else None,
         )
+
+    def _build_uniform_decode(self, common_prefix_len, common, fast_build, rows):
+        """One new token per row: every row through the kernel (padding rows empty), from the persistent
+        rows buffer."""
+        num_reqs = common.num_reqs
+        rows = rows + [None] * (num_reqs - len(rows))
+        # the step's requests (recorded by the worker); at a graph's capture, whatever was last: nothing
+        # captured depends on the rows' values
+        real_rows = min(len(served_requests().batch_req_ids), num_reqs)
+        bound = common.seq_lens_cpu_upper_bound
+        bounds = bound[:num_reqs].tolist() if bound is not None else []
+        bounds += [common.max_seq_len] * (num_reqs - len(bounds))
+        batch = uniform_decode_batch(rows, real_rows, bounds)
+        metadata = super().build(common_prefix_len, common, fast_build)
+        return CompressingFlashMetadata(
+            **self._fields_of(metadata),
+            decode_rows=self._decode_rows(batch, common.seq_lens, only_decode=True, buffer=self.rows_buffer),
+        )
+
+    @staticmethod
+    def _fields_of(metadata: FlashAttentionMetadata) -> dict:
+        return {f.name: getattr(metadata, f.name) for f in dataclasses.fields(FlashAttentionMetadata)}
 
     def _one_key_for(self, common, decoding: list[bool]):
         """The batch with a sequence of one key for each decode row: FlashAttention reads its first
@@ -108,11 +150,19 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
             max_seq_len = max(dense, default=1)
         return dataclasses.replace(common, seq_lens=seq_lens, max_seq_len=max_seq_len)
 
-    def _decode_rows(self, batch: DecodeBatch) -> DecodeRows:
-        rows = len(batch.rows_info)
-        plan = decode_plan(rows, self.num_heads_kv, batch.mean_length, batch.max_length, self.num_sms, self.block_n)
-        rows_info = torch.tensor(batch.rows_info, dtype=torch.int32).pin_memory().to(self.device, non_blocking=True)
-        return DecodeRows(rows_info=rows_info, plan=plan, only_decode=all(batch.decoding))
+    def _decode_rows(self, batch: DecodeBatch, seq_lens, only_decode: bool, buffer=None) -> DecodeRows:
+        """The rows on the device, each with its chunk (the last column: its longest sequence on the host)
+        for a plan that depends on the number of rows only."""
+        plan = decode_plan(len(batch.rows_info), self.num_heads_kv, self.num_sms)
+        host_rows = [info[:-1] + [split_chunk(info[-1], plan, self.block_n)] for info in batch.rows_info]
+        host = torch.tensor(host_rows, dtype=torch.int32).pin_memory()
+        if buffer is None:
+            rows_info = host.to(self.device, non_blocking=True)
+        else:
+            rows_info = buffer[: len(host_rows)]
+            rows_info.copy_(host, non_blocking=True)
+        compressed = any(info[2] > 0 for info in batch.rows_info)
+        return DecodeRows(rows_info=rows_info, seq_lens=seq_lens, plan=plan, only_decode=only_decode, compressed=compressed)
 
 
 class CompressingFlashImpl(FlashAttentionImpl):
@@ -139,18 +189,21 @@ class CompressingFlashImpl(FlashAttentionImpl):
         if decode is not None:
             offsets = served.offset_tables[layer_index]
             packed_decode_attention(
-                query, key_cache, value_cache, attn_metadata.block_table, decode.rows_info, offsets, self.scale,
-                heads_out, decode.plan,
+                query, key_cache, value_cache, attn_metadata.block_table, decode.seq_lens, decode.rows_info, offsets,
+                self.scale, heads_out, decode.plan,
             )  # fmt: skip
-            served.decode_launches += 1
-            if CHECK_DECODE:
-                self._check_decode(query, key_cache, value_cache, attn_metadata.block_table, decode, offsets, heads_out)
+            if decode.compressed and not torch.cuda.is_current_stream_capturing():  # graph replays count nothing
+                served.decode_launches += 1
+                if CHECK_DECODE:
+                    self._check_decode(query, key_cache, value_cache, attn_metadata.block_table, decode, offsets, heads_out)
         return output
 
     def _check_decode(self, query, key_cache, value_cache, block_table, decode, offsets, heads_out) -> None:
         reference = torch.zeros_like(heads_out)
-        packed_decode_reference(query, key_cache, value_cache, block_table, decode.rows_info, offsets, self.scale, reference)
-        tokens = decode.rows_info[:, 0].long()
+        packed_decode_reference(
+            query, key_cache, value_cache, block_table, decode.seq_lens, decode.rows_info, offsets, self.scale, reference
+        )
+        tokens = decode.rows_info[decode.rows_info[:, 2] > 0, 0].long()  # the compressed rows
         ours, theirs = heads_out[tokens].float(), reference[tokens].float()
         # relative to the launch's largest output: bf16 rounds each output to 2^-8 of itself
         difference = (ours - theirs).abs().max() / theirs.abs().max().clamp(min=1e-6)

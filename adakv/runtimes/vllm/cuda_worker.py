@@ -2,7 +2,9 @@
 
 Besides the compression steps it records each step's batch order (request ids by batch row) from vLLM's
 V2 model runner, so that the attention backend finds every row's request without reading the block
-table back from the GPU.
+table back from the GPU, and it keeps vLLM from replaying a full CUDA graph in a step where a compressed
+request runs part of its prompt (its compression runs in torch, which a graph cannot hold; such a step
+runs eagerly).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class CompressingCUDAWorker(CompressionSteps, Worker):
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
+        self._adakv_registry()  # before the attention backend's builders, which allocate its offset tables
         from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
         runner = self.model_runner
@@ -36,3 +39,27 @@ class CompressingCUDAWorker(CompressionSteps, Worker):
             return input_batch
 
         runner.prepare_inputs = recording_batch_order
+
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        manager = getattr(self.model_runner, "cudagraph_manager", None)
+        if manager is not None:
+            manager.dispatch = eager_while_compressing(manager.dispatch)
+        return super().compile_or_warm_up_model(*args, **kwargs)
+
+
+def eager_while_compressing(dispatch):
+    """vLLM's CUDA graph dispatch, but no full graph for a step in which a compressed request runs part of
+    its prompt: that step runs eagerly."""
+    from vllm.config import CUDAGraphMode
+    from vllm.v1.worker.gpu.cudagraph_utils import BatchExecutionDescriptor
+
+    def dispatching(num_reqs, num_tokens, uniform_token_count, num_active_loras=0):
+        desc = dispatch(num_reqs, num_tokens, uniform_token_count, num_active_loras=num_active_loras)
+        served = served_requests()
+        if desc.cg_mode == CUDAGraphMode.FULL and served is not None and served.compresses_this_step():
+            return BatchExecutionDescriptor(
+                cg_mode=CUDAGraphMode.NONE, num_tokens=num_tokens, num_reqs=num_reqs, num_active_loras=desc.num_active_loras
+            )
+        return desc
+
+    return dispatching

@@ -13,8 +13,12 @@ from typing import Any
 
 import torch
 
+from adakv.kernels.paged_decode import EMPTY_ROW
+
 from .layout import PackedLayer
 from .settings import ServingPress, request_setting
+
+DENSE_TABLE_ROW = 0  # the offset tables' row of zeros: what a dense row (no packed pairs) reads
 
 
 @dataclass
@@ -34,7 +38,7 @@ class ServedRequest:
     scheduled: int = 0
     packed: dict[int, PackedLayer] = field(default_factory=dict)
     recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)
-    table_row: int = -1  # its row in the registry's per-layer offset tables (decode kernels read them)
+    table_row: int = -1  # its row in the registry's offset tables (the decode kernel reads them); -1: none
     longest_head: int = 0  # the most pairs any (layer, KV head) packed (bounds the decode kernel's splits)
     press: Any = field(init=False, repr=False)  # the adakv press of `setting`, built once
 
@@ -44,6 +48,11 @@ class ServedRequest:
     @property
     def kept_slots(self) -> int:
         return self.setting.kept_per_head(self.prompt_len)
+
+    @property
+    def in_prompt(self) -> bool:
+        """This step runs some of its prompt (a chunk, the compression, or a recomputation)."""
+        return self.scheduled > 0 and self.computed < self.prompt_len
 
     def decodes_packed(self, num_layers: int) -> bool:
         """This step is one token after a prompt packed in every layer (the decode kernel's case)."""
@@ -67,16 +76,28 @@ class ServedRequests:
         self.finished: dict[str, ServedRequest] = {}  # the last few, for inspection (collective_rpc)
         self.keep_finished = 0
         self.batch_req_ids: list[str] = []  # the current step's batch order (the CUDA worker records it)
-        self.offset_tables: dict[int, torch.Tensor] = {}  # layer -> (rows, kv_heads + 1) int32
-        self.decode_launches = 0  # packed-page decode kernel calls (one per layer and step)
+        self.offset_tables: torch.Tensor | None = None  # (layers, table rows, kv_heads + 1) int32 (CUDA)
+        self.decode_launches = 0  # eager packed-page decode launches that served compressed rows
         self.decode_differences: list[float] = []  # kernel vs torch reference (relative), when checked
         self._free_table_rows: list[int] = []
-        self._table_rows_used = 0
+
+    def allocate_offset_tables(self, num_layers: int, kv_heads: int, capacity: int, device) -> None:
+        """The offset tables the decode kernel reads, allocated once (a CUDA graph reads them where they
+        were at capture): row DENSE_TABLE_ROW stays zeros, rows 1..capacity are compressed requests'."""
+        if self.offset_tables is not None:
+            if self.offset_tables.shape != (num_layers, capacity + 1, kv_heads + 1):
+                raise ValueError(f"offset tables already allocated as {tuple(self.offset_tables.shape)}")
+            return
+        self.offset_tables = torch.zeros(num_layers, capacity + 1, kv_heads + 1, dtype=torch.int32, device=device)
+        self._free_table_rows = list(range(capacity, DENSE_TABLE_ROW, -1))
 
     def update(self, scheduler_output) -> None:
         """Take one step's scheduling: new, resumed, continuing and finished requests."""
         for req_id in scheduler_output.finished_req_ids:
             self._finish(req_id)
+        for req_id in getattr(scheduler_output, "preempted_req_ids", None) or ():
+            if req_id in self.by_id:  # its row is taken again when it resumes
+                self._give_back_table_row(self.by_id[req_id])
         for new in scheduler_output.scheduled_new_reqs:
             setting = request_setting(self.engine, new.sampling_params)
             if setting.compresses:
@@ -92,6 +113,8 @@ class ServedRequests:
             request.computed = cached.num_computed_tokens[index]
             if req_id in cached.resumed_req_ids:
                 request.restart(cached.new_block_ids[index][0][0], request.computed)
+                self._give_back_table_row(request)
+                request.table_row = self._take_table_row()
         for req_id, request in self.by_id.items():
             request.scheduled = scheduler_output.num_scheduled_tokens.get(req_id, 0)
         self.by_first_block = {request.first_block: request for request in self.by_id.values()}
@@ -100,7 +123,7 @@ class ServedRequests:
         request = self.by_id.pop(req_id, None)
         if request is None:
             return
-        self._free_table_rows.append(request.table_row)
+        self._give_back_table_row(request)
         if self.keep_finished:
             self.finished[req_id] = request
             while len(self.finished) > self.keep_finished:
@@ -114,57 +137,74 @@ class ServedRequests:
         """The compressed request of each row of the current step's batch, by the recorded order."""
         return [self.by_id.get(req_id) for req_id in self.batch_req_ids[:num_reqs]]
 
+    def compresses_this_step(self) -> bool:
+        """Some compressed request runs part of its prompt in this step: the step needs the attention
+        backend's eager path (the compression is not captured in a CUDA graph)."""
+        return any(request.in_prompt for request in self.by_id.values())
+
     def _take_table_row(self) -> int:
-        if self._free_table_rows:
-            return self._free_table_rows.pop()
-        self._table_rows_used += 1
-        return self._table_rows_used - 1
+        """A free row of the offset tables (-1 where none are allocated: the CPU backend reads none)."""
+        if self.offset_tables is None:
+            return -1
+        if not self._free_table_rows:
+            raise RuntimeError(
+                f"adakv's offset tables are full ({self.offset_tables.shape[1] - 1} compressed requests at "
+                "once, twice max_num_seqs): more requests than the engine can run are registered"
+            )
+        return self._free_table_rows.pop()
+
+    def _give_back_table_row(self, request: ServedRequest) -> None:
+        if request.table_row > DENSE_TABLE_ROW:
+            self._free_table_rows.append(request.table_row)
+        request.table_row = -1
 
     def record_offsets(self, request: ServedRequest, layer: int, packed: PackedLayer) -> None:
-        """Write a request's packed-pair offsets of one layer into that layer's offset table (grown as
-        needed): row request.table_row = (offsets[0], ..., offsets[kv_heads - 1], pairs)."""
-        kv_heads = packed.lengths.shape[0]
-        table = self.offset_tables.get(layer)
-        if table is None or table.shape[0] <= request.table_row:
-            rows = max(64, 2 * (request.table_row + 1))
-            grown = torch.zeros(rows, kv_heads + 1, dtype=torch.int32, device=packed.lengths.device)
-            if table is not None:
-                grown[: table.shape[0]] = table
-            table = self.offset_tables[layer] = grown
-        table[request.table_row] = packed.offset_row()
+        """Write a request's packed-pair offsets of one layer into that layer's offset table: row
+        request.table_row = (offsets[0], ..., offsets[kv_heads - 1], pairs)."""
+        if self.offset_tables is None or request.table_row <= DENSE_TABLE_ROW:
+            raise RuntimeError(f"request {request.req_id} has no row in the offset tables (none are allocated)")
+        self.offset_tables[layer, request.table_row] = packed.offset_row().to(self.offset_tables.device)
 
 
 @dataclass
 class DecodeBatch:
-    """The decode rows of one step's batch, for the packed-page decode kernel.
+    """The rows of one step's batch that the packed-page decode kernel attends.
 
-    decoding: per batch row, whether it is one (one token after a prompt packed in every layer);
-    rows_info: per decode row (query token index, block-table row, prompt_len, seq_len, offset-table row);
-    mean_length, max_length: the mean and an upper bound of a decode row's (KV head) sequence length."""
+    decoding: per batch row, whether the kernel attends it; rows_info: per such row (query token index,
+    batch row, prompt_len, offset-table row, longest (KV head) sequence): adakv.kernels.paged_decode's
+    columns but the last, which the backend turns into the row's chunk."""
 
     decoding: list[bool]
     rows_info: list[list[int]]
-    mean_length: int
-    max_length: int
+
+
+def _packed_row(token: int, row: int, request: ServedRequest) -> list[int]:
+    tail = request.computed + 1 - request.prompt_len
+    return [token, row, request.prompt_len, request.table_row, request.longest_head + tail]
 
 
 def decode_batch(rows: list[ServedRequest | None], num_layers: int, query_start: list[int]) -> DecodeBatch:
-    """Which batch rows decode from packed pages and what the kernel needs of them; query_start:
-    (rows + 1) token offsets of the batch."""
+    """A batch with prefill rows: the rows that decode one token after a prompt packed in every layer
+    (the others go through FlashAttention and `serve_layer`); query_start: (rows + 1) token offsets."""
     decoding = [request is not None and request.decodes_packed(num_layers) for request in rows]
-    requests = [(row, request) for row, (request, decodes) in enumerate(zip(rows, decoding)) if decodes]
-    rows_info = [
-        [query_start[row], row, request.prompt_len, request.computed + 1, request.table_row] for row, request in requests
-    ]
-    tails = [request.computed + 1 - request.prompt_len for _, request in requests]
-    lengths = [request.kept_slots + tail for (_, request), tail in zip(requests, tails)]
-    longest = [request.longest_head + tail for (_, request), tail in zip(requests, tails)]
-    return DecodeBatch(
-        decoding=decoding,
-        rows_info=rows_info,
-        mean_length=sum(lengths) // max(len(lengths), 1),
-        max_length=max(longest, default=0),
-    )
+    rows_info = [_packed_row(query_start[row], row, request) for row, request in enumerate(rows) if decoding[row]]
+    return DecodeBatch(decoding=decoding, rows_info=rows_info)
+
+
+def uniform_decode_batch(rows: list[ServedRequest | None], num_reqs: int, seq_lens_bound: list[int]) -> DecodeBatch:
+    """A batch of one new token per row (what vLLM replays from full CUDA graphs): every row through the
+    kernel, compressed ones from their packed pairs, dense ones as all tail, and the rows past `num_reqs`
+    (a graph's padding) empty. rows: the compressed request of each batch row, padding included (None);
+    seq_lens_bound: an upper bound of each row's tokens (it sizes the splits only)."""
+    rows_info = []
+    for row, request in enumerate(rows):
+        if request is not None:
+            rows_info.append(_packed_row(row, row, request))
+        elif row < num_reqs:
+            rows_info.append([row, row, 0, DENSE_TABLE_ROW, seq_lens_bound[row]])
+        else:
+            rows_info.append([row, row, EMPTY_ROW, DENSE_TABLE_ROW, 0])
+    return DecodeBatch(decoding=[True] * len(rows), rows_info=rows_info)
 
 
 _SERVED: ServedRequests | None = None

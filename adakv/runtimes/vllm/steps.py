@@ -51,7 +51,13 @@ class CompressionSteps:
         return packings
 
     def adakv_stats(self) -> dict:
-        """Counters of this worker's attention backend: packed-page decode launches and, when
-        ADAKV_VLLM_CHECK_DECODE=1, the kernel's largest difference from the torch reference per launch."""
+        """Counters of this worker's attention backend: eager packed-page decode launches that served
+        compressed rows (full CUDA graph replays count none), when ADAKV_VLLM_CHECK_DECODE=1 the kernel's
+        largest difference from the torch reference per launch, and the CUDA graph mode the worker runs
+        (the engine lowers the one asked for where a backend cannot do it)."""
         served = self._adakv_registry()
-        return {"decode_launches": served.decode_launches, "decode_differences": served.decode_differences}
+        return {
+            "decode_launches": served.decode_launches,
+            "decode_differences": served.decode_differences,
+            "cudagraph_mode": self.vllm_config.compilation_config.cudagraph_mode.name,
+        }
