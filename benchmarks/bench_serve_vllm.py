@@ -3,7 +3,8 @@
 The Llama-3.1-8B shape with random bf16 weights (`--make-checkpoint DIR` saves its config; vLLM draws the
 weights, `load_format="dummy"`), prompts as token ids. One engine per run (`--method dense`: vLLM unchanged, its default backend and full CUDA
 graphs; `--method adakv`: `engine_args(press, ratio)`, every ratio of `--ratios` per request through
-`SamplingParams.extra_args`), both with prefix caching off and the same `--gpu-memory-utilization`.
+`SamplingParams.extra_args`; `--full-decode-graphs` for decode steps replayed from full CUDA graphs), both
+with prefix caching off and the same `--gpu-memory-utilization`.
 
 - saturation: `--requests` prompts of `--context` tokens + `--new-tokens` outputs submitted at once:
   output tokens/s over the whole call (prefill included), the most requests running at once (from the
@@ -12,13 +13,14 @@ graphs; `--method adakv`: `engine_args(press, ratio)`, every ratio of `--ratios`
 - batch 1: per `--batch1` context, (T(65 + 256 tokens) - T(65 tokens)) / 256 through generate, and the
   TTFT of one request alone.
 
-Each run merges its rows into serve_vllm_<GPU>.json (rows keyed by method, context, ratio, batch) and
-rewrites the .md beside it, so the two methods can run in separate processes of one lease.
+Each run merges its rows into serve_vllm_<GPU>.json (rows keyed by method, batch, context, ratio and the CUDA
+graph mode the worker ran, each with the commit measured) and rewrites the .md beside it, so the methods
+can run in separate processes of one lease.
 
     python benchmarks/bench_serve_vllm.py --make-checkpoint /tmp/llama8b
     python benchmarks/bench_serve_vllm.py --checkpoint /tmp/llama8b --method dense
-    python benchmarks/bench_serve_vllm.py --checkpoint /tmp/llama8b --method adakv --ratios 0.75 --batch1
-    python benchmarks/bench_serve_vllm.py --checkpoint /tmp/llama8b --method adakv --ratios 0.875 --batch1
+    python benchmarks/bench_serve_vllm.py --checkpoint /tmp/llama8b --method adakv --ratios 0.75 0.875
+    python benchmarks/bench_serve_vllm.py --checkpoint /tmp/llama8b --method adakv --requests 0 --full-decode-graphs
 """
 
 from __future__ import annotations
@@ -118,7 +120,9 @@ def build_engine(args):
     )  # fmt: skip
     if args.method == "dense":
         return LLM(**common)
-    adakv = engine_args(args.press, args.ratios[0], window_size=args.window_size)
+    adakv = engine_args(
+        args.press, args.ratios[0], window_size=args.window_size, full_decode_graphs=args.full_decode_graphs
+    )
     adakv.pop("enable_prefix_caching")
     return LLM(**common, **adakv)
 
@@ -165,6 +169,11 @@ def render(data: dict) -> str:
             f"{row['max_running']} | {row['decode_ms']:.2f} | {row['ttft_p50_s']:.2f} | {row['ttft_p95_s']:.2f} | {versus} | "
             f"{row['cudagraph_mode']} | {(row.get('adakv_commit') or '')[:7]} |"
         )
+    notes = [row for row in data["rows"] if row.get("note")]
+    if notes:
+        lines += ["", "Notes:"]
+    for row in notes:
+        lines.append(f"- {row['method']}, {row['batch']} x {row['context']}, {row['cudagraph_mode']}: {row['note']}")
     return "\n".join(lines) + "\n"
 
 
@@ -176,6 +185,9 @@ def main() -> None:
     parser.add_argument("--method", choices=("dense", "adakv"))
     parser.add_argument("--press", default="adakv_snapkv")
     parser.add_argument("--window-size", type=int, default=64)
+    parser.add_argument(
+        "--full-decode-graphs", action="store_true", help="adakv: decode steps from full CUDA graphs (engine_args)"
+    )
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.875])
     parser.add_argument("--requests", type=int, default=96, help="0: batch-1 rows only")
     parser.add_argument("--context", type=int, default=32768)

@@ -63,7 +63,8 @@ def test_command_is_this_process_argv(monkeypatch):
 
 
 @needs_git
-def test_commit_of_this_checkout():
+def test_commit_of_this_checkout(monkeypatch):
+    monkeypatch.delenv("ADAKV_COMMIT", raising=False)
     record = provenance("cpu")
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert re.fullmatch(r"[0-9a-f]{40}", record["adakv_commit"]) and record["adakv_commit"] == head
@@ -157,3 +158,11 @@ def test_a_copy_without_git_takes_the_declared_commit(tmp_path, monkeypatch):
     monkeypatch.setenv("ADAKV_COMMIT", "0123456789abcdef0123456789abcdef01234567")
     record = provenance("cpu")
     assert record["adakv_commit"] == "0123456789abcdef0123456789abcdef01234567" and record["adakv_dirty"] is None
+
+
+@needs_git
+def test_the_declared_commit_wins_over_the_checkouts(monkeypatch):
+    """A GPU machine's copy of the tree may hold an older commit's .git with the sent tree as changes."""
+    monkeypatch.setenv("ADAKV_COMMIT", "fedcba9876543210fedcba9876543210fedcba98")
+    record = provenance("cpu")
+    assert record["adakv_commit"] == "fedcba9876543210fedcba9876543210fedcba98" and record["adakv_dirty"] is None

@@ -15,7 +15,13 @@ from adakv.runtimes.vllm.requests import (
     decode_batch,
     uniform_decode_batch,
 )
-from adakv.runtimes.vllm.settings import ServingPress, check_engine, engine_setting, request_setting
+from adakv.runtimes.vllm.settings import (
+    ServingPress,
+    check_engine,
+    engine_setting,
+    full_decode_graphs,
+    request_setting,
+)
 from adakv.selection.headwise import kept_count
 
 KV_HEADS, BLOCK_SIZE, HEAD_DIM, NUM_HEADS = 2, 4, 8, 4
@@ -262,3 +268,12 @@ def test_compresses_this_step_while_a_compressed_prompt_runs():
     assert served.compresses_this_step()
     served.by_id["a"].computed, served.by_id["a"].scheduled = 40, 1
     assert not served.compresses_this_step()
+
+
+def test_full_decode_graphs_is_an_engine_switch_off_by_default():
+    setting = {"press": "adakv_snapkv", "compression_ratio": 0.75}
+    assert not full_decode_graphs({"adakv": setting}) and not full_decode_graphs(None)
+    assert full_decode_graphs({"adakv": {**setting, "full_decode_graphs": True}})
+    assert engine_setting({"adakv": {**setting, "full_decode_graphs": True}}).compression_ratio == 0.75
+    with pytest.raises(ValueError, match="full_decode_graphs.*true or false"):
+        full_decode_graphs({"adakv": {**setting, "full_decode_graphs": "yes"}})

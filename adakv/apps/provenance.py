@@ -44,14 +44,16 @@ def _git(*args: str) -> str | None:
 
 
 def _commit() -> tuple[str | None, bool | None]:
-    """(HEAD commit, whether the checkout has changes) of the repository holding the adakv package;
-    (None, None) when there is none: an installed wheel (even one inside another checkout, such as a
-    virtual environment in this repository, whose files git does not track), no git, any error; there,
-    ADAKV_COMMIT (set by whoever copied the tree, e.g. a GPU run) is taken as the commit."""
+    """(commit, whether the checkout has changes) of the adakv package. ADAKV_COMMIT, when set, is the
+    commit (declared by whoever copied the tree: a GPU machine's copy may carry an older commit's .git with
+    the sent tree as changes, or no .git); else the HEAD of the repository holding the package; (None,
+    None) when there is none: an installed wheel (even one inside another checkout, such as a virtual
+    environment in this repository, whose files git does not track), no git, any error."""
+    declared = os.environ.get("ADAKV_COMMIT", "").strip()
+    if declared:
+        return declared, None
     if _git("ls-files", "--error-unmatch", "__init__.py") is None:
-        # a copy without git (a GPU machine's working tree): the commit its sender declared, if any
-        declared = os.environ.get("ADAKV_COMMIT", "").strip()
-        return (declared or None), None
+        return None, None
     commit = (_git("rev-parse", "HEAD") or "").strip() or None
     status = _git("status", "--porcelain") if commit else None
     return commit, (None if status is None else bool(status.strip()))

@@ -28,12 +28,15 @@ def engine_args(
     *,
     async_scheduling: bool | None = None,
     keep_finished: int = 0,
+    full_decode_graphs: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """vLLM engine arguments that serve every request compressed with `press` at `compression_ratio`
     (a request's `SamplingParams.extra_args["adakv"]` overrides either). options: the press's fields
     (SnapKV: window_size, kernel_size; StreamingLLM: n_sink; adakv_*: alpha_safeguard).
-    async_scheduling: vLLM's asynchronous scheduler (default: on CUDA, off on CPU)."""
+    async_scheduling: vLLM's asynchronous scheduler (default: on CUDA, off on CPU).
+    full_decode_graphs: on CUDA, decode steps replayed from full CUDA graphs (every row through adakv's
+    kernel); off: piecewise graphs, attention eager (docs/SERVING.md says what each measured)."""
     ServingPress(press, compression_ratio, options)  # refuses a bad setting here, not in the engine process
     from vllm.platforms import current_platform
 
@@ -44,11 +47,15 @@ def engine_args(
         )
     if async_scheduling is None:
         async_scheduling = not on_cpu
+    if full_decode_graphs and on_cpu:
+        raise ValueError("full_decode_graphs is for the CUDA backend: vLLM's CPU build runs no CUDA graphs")
     backend = {} if on_cpu else {"attention_backend": CUDA_BACKEND}
     scheduler = "CompressingAsyncScheduler" if async_scheduling else "CompressingScheduler"
     setting = {"press": press, "compression_ratio": compression_ratio, **options}
     if keep_finished:
         setting["keep_finished"] = keep_finished
+    if full_decode_graphs:
+        setting["full_decode_graphs"] = True
     return {
         "additional_config": {CONFIG_KEY: setting},
         "scheduler_cls": f"{RUNTIME}.scheduler.{scheduler}",

@@ -3,16 +3,17 @@
 Registered as vLLM's CUSTOM backend (the plugin) and picked by `engine_args` (`attention_backend`), so
 engines without adakv keep vLLM's own. Per step, the metadata builder takes one of two paths:
 
-- *one new token per row* (a decode step, the only kind vLLM replays from full CUDA graphs): every row,
-  compressed or dense, goes through `packed_decode_attention` (Triton), whose inputs live in persistent
-  buffers (rows, offset tables, vLLM's seq_lens and block table) and whose grid depends on the batch size
-  only; FlashAttention is skipped. The worker keeps vLLM from replaying a full graph in a step where a
-  compressed request runs part of its prompt (`cuda_worker.py`).
+- with `full_decode_graphs` (an engine setting, off by default), *one new token per row* (a decode step,
+  the only kind vLLM then replays from full CUDA graphs): every row, compressed or dense, goes through
+  `packed_decode_attention` (Triton), whose inputs live in persistent buffers (rows, offset tables, vLLM's
+  seq_lens and block table) and whose grid depends on the batch size only; FlashAttention is skipped.
+  The worker keeps vLLM from replaying a full graph in a step where a compressed request runs part of
+  its prompt (`cuda_worker.py`).
 - *other steps* (prefill chunks, the compression step, a recomputation after preemption): the rows of
   compressed requests that decode after a packed prompt go through the kernel, FlashAttention seeing a
   sequence of one key for them (its output is overwritten); the others go through `serve_layer` in torch,
-  after FlashAttention ran over their dense pages. These steps run piecewise CUDA graphs (everything but
-  attention replayed).
+  after FlashAttention ran over their dense pages; a step whose every row decodes after a packed prompt
+  skips FlashAttention. These steps run piecewise CUDA graphs (everything but attention replayed).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from adakv.kernels.triton_decode import block_sizes
 
 from .compression import serve_layer
 from .requests import DecodeBatch, ServedRequest, decode_batch, served_requests, uniform_decode_batch
+from .settings import full_decode_graphs
 
 # tests: every decode launch also runs the torch reference and records the largest difference (slow)
 CHECK_DECODE = os.environ.get("ADAKV_VLLM_CHECK_DECODE") == "1"
@@ -76,10 +78,15 @@ class CompressingFlashMetadata(FlashAttentionMetadata):
 
 
 class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
-    _cudagraph_support = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        if full_decode_graphs(vllm_config.additional_config):
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.full_decode_graphs = full_decode_graphs(vllm_config.additional_config)
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         group = self.num_heads_q // self.num_heads_kv
         self.block_n = block_sizes(group, self.headdim, vllm_config.model_config.dtype)["BLOCK_N"]
@@ -99,7 +106,8 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
         served = served_requests()
         num_reqs = common_attn_metadata.num_reqs
         rows = served.rows_of_batch(num_reqs)
-        if common_attn_metadata.max_query_len == 1 and not any(row is not None and row.in_prompt for row in rows):
+        uniform_decode = common_attn_metadata.max_query_len == 1 and not any(row and row.in_prompt for row in rows)
+        if self.full_decode_graphs and uniform_decode:
             return self._build_uniform_decode(common_prefix_len, common_attn_metadata, fast_build, rows)
         if not any(rows):
             return super().build(common_prefix_len, common_attn_metadata, fast_build)

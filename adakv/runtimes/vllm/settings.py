@@ -19,8 +19,9 @@ WORKERS = {"cpu": f"{RUNTIME}.worker.CompressingCPUWorker", "cuda": f"{RUNTIME}.
 # the attention backend adakv's CUDA worker needs (the plugin registers it under vLLM's CUSTOM name)
 CUDA_BACKEND = "CUSTOM"
 # engine-level keys that are not the press's: how many finished requests' packings a worker keeps for
-# inspection through `LLM.collective_rpc("adakv_packings")` (tests, checks against the HF runtime)
-ENGINE_KEYS = ("keep_finished",)
+# inspection through `LLM.collective_rpc("adakv_packings")` (tests, checks against the HF runtime), and
+# whether the CUDA backend lets vLLM replay decode steps from full CUDA graphs (`full_decode_graphs`)
+ENGINE_KEYS = ("keep_finished", "full_decode_graphs")
 
 # press name -> (scorer class in adakv.presses, wrapped in AdaptivePress (layer scope, Ada-KV's allocation))
 SERVING_PRESSES: dict[str, tuple[str, bool]] = {
@@ -129,6 +130,16 @@ def engine_setting(additional_config: Any) -> ServingPress | None:
     if not isinstance(values, Mapping):
         raise ValueError(f'additional_config["{CONFIG_KEY}"] must be a dict, got {type(values).__name__}.')
     return ServingPress.from_mapping({k: v for k, v in values.items() if k not in ENGINE_KEYS})
+
+
+def full_decode_graphs(additional_config: Any) -> bool:
+    """Whether the engine asked for full CUDA graphs of decode steps (`engine_args(full_decode_graphs=True)`;
+    off by default: their agreement with piecewise steps is still to be shown on a GPU, docs/SERVING.md)."""
+    values = additional_config.get(CONFIG_KEY) if isinstance(additional_config, Mapping) else None
+    flag = values.get("full_decode_graphs", False) if isinstance(values, Mapping) else False
+    if not isinstance(flag, bool):
+        raise ValueError(f'additional_config["{CONFIG_KEY}"]["full_decode_graphs"] must be true or false, got {flag!r}.')
+    return flag
 
 
 def request_setting(engine: ServingPress, sampling_params) -> ServingPress:
