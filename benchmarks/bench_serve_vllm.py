@@ -32,9 +32,10 @@ import random
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-ROWS_KEY = ("method", "batch", "context", "ratio", "cudagraph_mode")
+ROWS_KEY = ("measure", "method", "batch", "context", "ratio", "cudagraph_mode")
 
 
 def make_checkpoint(path: Path, layers: int) -> None:
@@ -87,9 +88,33 @@ def saturation(llm, method: str, ratio: float | None, requests: int, context: in
     per_token = [(m.last_token_ts - m.first_token_ts) / max(m.num_generation_tokens - 1, 1) for m in metrics]
     ttft = [m.first_token_latency for m in metrics]
     return dict(
-        method=method, batch=requests, context=context, ratio=ratio or 0.0, new_tokens=new_tokens,
+        measure="saturation", method=method, batch=requests, context=context, ratio=ratio or 0.0, new_tokens=new_tokens,
         tokens_per_s=produced / wall, wall_s=wall, max_running=most_at_once([(m.scheduled_ts, m.last_token_ts) for m in metrics]),
         decode_ms=1000 * statistics.mean(per_token), ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
+    )  # fmt: skip
+
+
+def decode_at_concurrency(
+    llm, method: str, ratio: float | None, concurrency: int, context: int, new_tokens: int, short: int = 65
+) -> dict:
+    """Decode alone at `concurrency` requests running together: `concurrency` prompts submitted at once
+    with `short` and with `short + new_tokens` outputs; the extra `new_tokens` steps run after every prompt
+    is in, so (T(long) - T(short)) / new_tokens is one decode step over all of them (the issue's basis:
+    dense's 708 tokens/s at 24 x 32k)."""
+    prompts = [prompt_ids(context, 2000 + i) for i in range(concurrency)]
+    walls, outputs = {}, None
+    for count in (short, short + new_tokens):
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, [params(count, ratio)] * concurrency, use_tqdm=False)
+        walls[count] = time.perf_counter() - start
+    step_s = (walls[short + new_tokens] - walls[short]) / new_tokens
+    metrics = [output.metrics for output in outputs]
+    ttft = [m.first_token_latency for m in metrics]
+    return dict(
+        measure="decode", method=method, batch=concurrency, context=context, ratio=ratio or 0.0, new_tokens=new_tokens,
+        tokens_per_s=concurrency / step_s, wall_s=walls[short + new_tokens],
+        max_running=most_at_once([(m.scheduled_ts, m.last_token_ts) for m in metrics]), decode_ms=1000 * step_s,
+        ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
     )  # fmt: skip
 
 
@@ -102,7 +127,7 @@ def batch_one(llm, method: str, ratio: float | None, context: int, new_tokens: i
         timings[count] = (time.perf_counter() - start, output.metrics.first_token_latency)
     decode_ms = 1000 * (timings[short + new_tokens][0] - timings[short][0]) / new_tokens
     return dict(
-        method=method, batch=1, context=context, ratio=ratio or 0.0, new_tokens=new_tokens,
+        measure="batch1", method=method, batch=1, context=context, ratio=ratio or 0.0, new_tokens=new_tokens,
         tokens_per_s=1000 / decode_ms, wall_s=timings[short + new_tokens][0], max_running=1, decode_ms=decode_ms,
         ttft_p50_s=timings[short][1], ttft_p95_s=timings[short][1],
     )  # fmt: skip
@@ -158,14 +183,16 @@ def render(data: dict) -> str:
             f"- {method}: {meta.get('gpu')}, vllm {meta.get('vllm')}, torch {meta.get('torch')}, adakv "
             f"{meta.get('adakv_commit')}, {meta.get('date')}; engine {json.dumps(meta.get('engine'))}"
         )
-    lines += ["", "| method | batch | context | ratio | tokens/s | max running | ms/token | TTFT p50 s | TTFT p95 s | vs dense tokens/s | CUDA graphs | adakv |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
-    dense = {(r["batch"], r["context"]): r for r in data["rows"] if r["method"] == "vllm-dense"}
-    for row in sorted(data["rows"], key=lambda r: (-r["batch"], r["context"], r["method"], r["ratio"])):
-        base = dense.get((row["batch"], row["context"]))
+    lines += ["", "measure: saturation = all requests at once, over the whole call (prefill included); decode = one "
+              "step over that many running requests, (T(65 + 256) - T(65)) / 256; batch1 = the same for one request.",
+              "", "| measure | method | batch | context | ratio | tokens/s | max running | ms/token | TTFT p50 s | TTFT p95 s | vs dense tokens/s | CUDA graphs | adakv |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    dense = {(r["measure"], r["context"]): r for r in data["rows"] if r["method"] == "vllm-dense"}
+    for row in sorted(data["rows"], key=lambda r: (r["measure"], -r["batch"], r["context"], r["method"], r["ratio"])):
+        base = dense.get((row["measure"], row["context"]))
         versus = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "—"
         lines.append(
-            f"| {row['method']} | {row['batch']} | {row['context']} | {row['ratio']} | {row['tokens_per_s']:.0f} | "
+            f"| {row['measure']} | {row['method']} | {row['batch']} | {row['context']} | {row['ratio']} | {row['tokens_per_s']:.0f} | "
             f"{row['max_running']} | {row['decode_ms']:.2f} | {row['ttft_p50_s']:.2f} | {row['ttft_p95_s']:.2f} | {versus} | "
             f"{row['cudagraph_mode']} | {(row.get('adakv_commit') or '')[:7]} |"
         )
@@ -193,6 +220,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch1", type=int, nargs="*", default=[32768, 131072])
+    parser.add_argument(
+        "--decode-concurrency", type=int, nargs="*", default=[],
+        help="decode alone at these numbers of --context requests (dense's pool holds ~24 at 32k)",
+    )  # fmt: skip
     parser.add_argument("--max-model-len", type=int, default=131072 + 1024)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--max-num-seqs", type=int, default=128, help="both engines; dense runs at most ~24 at 32k")
@@ -219,12 +250,17 @@ def main() -> None:
     gpu = (meta.get("gpu") or "gpu").replace(" ", "_")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serve_vllm_{gpu}{args.tag}.json"
-    runs = [(ratio, None) for ratio in (ratios if args.requests else [])] + [(ratios[0], c) for c in args.batch1]
-    for ratio, context in runs:  # each row saved as soon as it is measured: a run cut short keeps its rows
-        if context is None:
-            row = saturation(llm, method_names[args.method], ratio, args.requests, args.context, args.new_tokens)
-        else:
-            row = batch_one(llm, method_names[args.method], ratio, context, args.new_tokens)
+    name = method_names[args.method]
+    runs = [partial(saturation, llm, name, ratio, args.requests, args.context, args.new_tokens) for ratio in ratios]
+    runs = runs if args.requests else []
+    runs += [partial(batch_one, llm, name, ratios[0], context, args.new_tokens) for context in args.batch1]
+    runs += [
+        partial(decode_at_concurrency, llm, name, ratio, running, args.context, args.new_tokens)
+        for running in args.decode_concurrency
+        for ratio in ratios
+    ]
+    for run in runs:  # each row saved as soon as it is measured: a run cut short keeps its rows
+        row = run()
         row.update(cudagraph_mode=meta["engine"]["cudagraph_mode"], adakv_commit=meta.get("adakv_commit"))
         print(json.dumps(row), flush=True)
         data = merge(path, [row], meta, args.method)

@@ -5,6 +5,8 @@
 #   PART=checkpoint bash scripts/gpu_vllm.sh   # saves the 8B shape's config to $CHECKPOINT (vLLM draws the weights)
 #   PART=dense bash scripts/gpu_vllm.sh        # benchmarks/bench_serve_vllm.py --method dense
 #   PART=adakv BENCH_ARGS="--ratios 0.75" bash scripts/gpu_vllm.sh   # the same with adakv's plugin
+#   PART=adakv BENCH_ARGS="--requests 0 --full-decode-graphs" ...      # batch-1 rows with full decode graphs
+#   PART=dense BENCH_ARGS="--requests 0 --batch1 --decode-concurrency 24" ...  # decode alone at 24 x 32k
 # Each benchmark row is saved as it is measured (a run cut short by a time limit keeps its rows); an
 # engine start takes ~2-3 min on the 8B shape, each 96 x 32k saturation run several more.
 # Environment: PYTHON (default python3), PYTEST_K (a pytest -k expression), CHECKPOINT (default /tmp/llama8b), BENCH_ARGS (extra arguments

@@ -1,0 +1,43 @@
+"""benchmarks/bench_serve_vllm.py without vLLM: how rows merge across calls and what the table shows."""
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_serve_vllm as bench  # noqa: E402
+
+
+def row(measure, method, batch, ratio, mode, ms, **extra):
+    return dict(
+        measure=measure, method=method, batch=batch, context=32768, ratio=ratio, cudagraph_mode=mode,
+        tokens_per_s=batch * 1000 / ms, max_running=batch, decode_ms=ms, ttft_p50_s=1.0, ttft_p95_s=2.0,
+        adakv_commit="0123456789", **extra,
+    )  # fmt: skip
+
+
+def test_rows_of_another_graph_mode_or_measure_are_kept_and_the_same_row_is_replaced(tmp_path):
+    path = tmp_path / "serve.json"
+    bench.merge(path, [row("batch1", "vllm-dense", 1, 0.0, "FULL_AND_PIECEWISE", 6.0)], {"gpu": "X"}, "dense")
+    bench.merge(path, [row("batch1", "adakv-vllm-adakv_snapkv", 1, 0.75, "PIECEWISE", 13.0)], {}, "adakv")
+    bench.merge(path, [row("decode", "adakv-vllm-adakv_snapkv", 1, 0.75, "PIECEWISE", 5.0)], {}, "adakv")
+    data = bench.merge(path, [row("batch1", "adakv-vllm-adakv_snapkv", 1, 0.75, "PIECEWISE", 12.0)], {}, "adakv")
+    data = bench.merge(
+        path, [row("batch1", "adakv-vllm-adakv_snapkv", 1, 0.75, "FULL_AND_PIECEWISE", 7.0, note="a timing")], {}, "adakv"
+    )
+    assert sorted((r["measure"], r["cudagraph_mode"], r["decode_ms"]) for r in data["rows"]) == [
+        ("batch1", "FULL_AND_PIECEWISE", 6.0), ("batch1", "FULL_AND_PIECEWISE", 7.0), ("batch1", "PIECEWISE", 12.0),
+        ("decode", "PIECEWISE", 5.0),
+    ]  # fmt: skip
+    assert json.loads(path.read_text()) == data
+    table = bench.render(data)
+    assert "| batch1 | adakv-vllm-adakv_snapkv | 1 | 32768 | 0.75 | 83 | 1 | 12.00 |" in table
+    assert "| 0.50x | PIECEWISE | 0123456 |" in table  # against dense's batch-1 row of the same context
+    assert "| decode | adakv-vllm-adakv_snapkv | 1 | 32768 | 0.75 | 200 | 1 | 5.00 | 1.00 | 2.00 | — |" in table
+    assert "FULL_AND_PIECEWISE: a timing" in table
+
+
+def test_most_at_once_counts_overlapping_intervals():
+    assert bench.most_at_once([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == 2
+    assert bench.most_at_once([(0, 10), (1, 2), (3, 4), (1.5, 3.5)]) == 3
