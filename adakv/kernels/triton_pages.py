@@ -9,7 +9,7 @@ lane = h). A slot s is row s % block_size of page block_table[s // block_size]. 
 (num_blocks, kv_heads, block_size, head_dim) views with any strides and a unit last stride.
 
 `partial_attention` (grid: rows x kv_heads x splits) attends one chunk of that sequence (the row's
-`chunk` keys) for the head's GQA group with an online softmax in fp32 and writes the chunk's normalised
+`chunk` keys; the last split to the sequence's end) for the head's GQA group with an online softmax in fp32 and writes the chunk's normalised
 output and log2-sum-exp; programs past the sequence's end return at once. `combine_splits` (grid:
 rows x kv_heads) merges the chunks the sequence has and writes the output in the query's dtype.
 
@@ -57,7 +57,8 @@ def partial_attention(
     key_start = split * chunk
     if key_start >= length:
         return
-    key_end = tl.minimum(key_start + chunk, length)
+    # the last split takes whatever is left: a chunk sized on the host from a length bound never drops keys
+    key_end = tl.where(split == num_splits - 1, length, tl.minimum(key_start + chunk, length))
 
     group_rows = tl.arange(0, BLOCK_M)
     row_valid = group_rows < GROUP
@@ -116,7 +117,7 @@ def combine_splits(
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     token, _, _, _, _, length, chunk = _row_info(rows_info, seq_lens, row, kv_head, offset_table, num_kv_heads)
-    used = tl.cdiv(length, chunk)
+    used = tl.minimum(tl.cdiv(length, chunk), num_splits)
     group_rows = tl.arange(0, BLOCK_M)
     row_valid = group_rows < GROUP
     dims = tl.arange(0, BLOCK_D)

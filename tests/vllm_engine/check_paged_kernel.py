@@ -54,6 +54,8 @@ def main() -> None:
         case(4, 1, 32, 16, lengths, decode_plan(3, 4, 1), 1),
         case(1, 4, 8, 32, lengths[:1], DecodePlan(num_splits=3), 2, chunk=128),
         case(2, 2, 16, 16, lengths[1:], DecodePlan(num_splits=2), 3, extra_rows=("dense", "empty")),
+        # chunks too short for the rows (a host bound below the device's length): the last split reads the rest
+        case(2, 3, 16, 16, lengths, DecodePlan(num_splits=2), 4, chunk=64),
     ]
     for result in cases:
         print(json.dumps(result))
