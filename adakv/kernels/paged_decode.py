@@ -9,8 +9,8 @@ block_size, head_dim) views (unit last stride); block_table (batch_rows, max_blo
 (batch_rows,) int32: tokens in each batch row's cache, the decoded one included; rows_info (rows, 5) int32
 = (query token index, batch row, prompt_len, offset-table row, chunk): prompt_len 0 is a dense row (every
 token a tail token, with an offset row of zeros), -1 an empty one (a CUDA graph's padding: its output is
-zeros); chunk is the row's keys per split (the last split reads to the end). offset_table (table rows, kv_heads + 1) int32: head h's packed
-pairs are [offsets[h], offsets[h + 1]).
+zeros); chunk is the row's keys per split (the last split reads to the end). offset_table (table rows,
+kv_heads + 1) int32: head h's packed pairs are [offsets[h], offsets[h + 1]).
 
 Everything a launch reads is a device tensor and its grid depends on the number of rows only, so a CUDA
 graph captured for a batch size replays with any step's lengths (the chunks change, the splits do not).
