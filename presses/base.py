@@ -187,8 +187,8 @@ class BasePress:
     memory). A press that wraps others runs with the one backend set anywhere in it (`explicit_backend`).
 
     kv_dtype: the dtype the compressed cache stores kept keys and values in. None (not set, the default): the
-    model's dtype. "float8_e4m3fn": e4m3 codes plus one float32 scale per (token, head), 0.52x the bf16 bytes
-    (adakv.cache.flat); the evict backend only, on CPU or a GPU of compute capability >= 8.9. Every
+    model's dtype. "float8_e4m3fn": e4m3 codes plus one float32 scale per (token, head), 0.516 of the bf16 bytes
+    at head_dim 128 (adakv.cache.flat); the evict backend only, on CPU or a GPU of compute capability >= 8.9. Every
     full-attention layer then goes into the fp8 flat cache, also one the press prunes nothing from. A wrapper
     and the presses inside it must agree, as for backends (`explicit_kv_dtype`).
 

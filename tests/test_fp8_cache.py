@@ -30,10 +30,11 @@ def fp8_layer(batch=2, heads=2, seq_len=40, head_dim=16, seed=0, keep_prob=0.5, 
     return FlatHeadwiseLayer(keys, values, keep, CONFIG, kv_dtype=FP8, **options), (keys, values, keep)
 
 
-def twin_layers(**inputs):
+def twin_layers(min_slack=64, **inputs):
     """The same rows as an fp32 layer and as an fp8 layer."""
     keys, values, keep = random_layer_inputs(**inputs)
-    return FlatHeadwiseLayer(keys, values, keep, Config()), FlatHeadwiseLayer(keys, values, keep, Config(), kv_dtype=FP8)
+    return tuple(FlatHeadwiseLayer(keys, values, keep, Config(), min_slack=min_slack, kv_dtype=kv_dtype)
+                 for kv_dtype in (None, FP8))  # fmt: skip
 
 
 def update_both(layers, batch, heads, tokens, head_dim, seed):
@@ -121,9 +122,7 @@ OPERATIONS = {
 
 @pytest.mark.parametrize("operation", sorted(OPERATIONS))
 def test_rows_are_quantized_once_and_survive_every_relayout(operation):
-    reference, layer = twin_layers(batch=2, heads=2, seq_len=30, head_dim=16, seed=3)
-    for each in (reference, layer):
-        each.min_slack = each.slack = 4
+    reference, layer = twin_layers(min_slack=4, batch=2, heads=2, seq_len=30, head_dim=16, seed=3)
     update_both([reference, layer], 2, 2, 3, 16, seed=4)
     assert_quantized_twin(reference, layer)
     for each in (reference, layer):
@@ -349,7 +348,7 @@ def test_gpus_below_compute_capability_8_9_are_refused(monkeypatch):
     assert fp8.fp8_refusal(torch.device("cuda", 0)) is None and fp8.fp8_refusal(torch.device("cpu")) is None
 
 
-def test_stacked_caches_of_fp8_presses_answer_as_alone():
+def test_caches_of_fp8_presses_stack_with_their_scales():
     model, ids = tiny_model("llama"), random_ids(seq_len=40)
     caches = []
     for ratio in (0.25, 0.5):

@@ -19,13 +19,9 @@ from .triton_decode import next_power_of_2, triton_available
 
 
 def triton_append_rows(
-    dst: tuple[ScaledRows, ScaledRows],
-    new_keys: torch.Tensor,
-    new_values: torch.Tensor,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    first_token: torch.Tensor | None = None,
-) -> None:
+    dst: tuple[ScaledRows, ScaledRows], new_keys: torch.Tensor, new_values: torch.Tensor,
+    offsets: torch.Tensor, lengths: torch.Tensor, first_token: torch.Tensor | None = None,
+) -> None:  # fmt: skip
     """`fp8_reference.append_rows` as one Triton launch (CUDA, or CPU under TRITON_INTERPRET=1).
 
     dst: (keys, values) ScaledRows, codes (rows, head_dim) float8_e4m3fn and scales (rows,) float32, contiguous;
@@ -46,13 +42,9 @@ def triton_append_rows(
 
 
 def append_rows(
-    dst: tuple[ScaledRows, ScaledRows],
-    new_keys: torch.Tensor,
-    new_values: torch.Tensor,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    first_token: torch.Tensor | None = None,
-) -> None:
+    dst: tuple[ScaledRows, ScaledRows], new_keys: torch.Tensor, new_values: torch.Tensor,
+    offsets: torch.Tensor, lengths: torch.Tensor, first_token: torch.Tensor | None = None,
+) -> None:  # fmt: skip
     """The Triton kernel for CUDA tensors where Triton is there and ADAKV_KERNELS is not "reference", else the
     PyTorch reference (shapes as in `triton_append_rows`)."""
     if new_keys.is_cuda and triton_available() and not cuda_flat.use_reference_on_cuda():

@@ -73,13 +73,9 @@ def write_rows(dst: ScaledRows, rows: torch.Tensor, dst_index: torch.Tensor) -> 
 
 
 def append_rows(
-    dst: tuple[ScaledRows, ScaledRows],
-    new_keys: torch.Tensor,
-    new_values: torch.Tensor,
-    offsets: torch.Tensor,
-    lengths: torch.Tensor,
-    first_token: torch.Tensor | None = None,
-) -> None:
+    dst: tuple[ScaledRows, ScaledRows], new_keys: torch.Tensor, new_values: torch.Tensor,
+    offsets: torch.Tensor, lengths: torch.Tensor, first_token: torch.Tensor | None = None,
+) -> None:  # fmt: skip
     """Quantize new_keys/new_values (sequences, new_tokens, head_dim) into rows offsets[s] + lengths[s] + j -
     first_token[s] of dst (keys, values) for every token j >= first_token[s], then advance `lengths` in place.
     offsets/lengths/first_token: (sequences,) int64; first_token None writes every token."""

@@ -13,10 +13,11 @@ appends (a question): query j of q_len sees rows < length - q_len + j + 1.
 
 Shapes: query (batch, heads, q_len, head_dim), any strides with a unit last stride; the layer's flat
 keys/values (rows, head_dim); offsets/lengths (batch * kv_heads,). Output (batch, q_len, heads,
-head_dim) in the query's dtype. CUDA only, fp16/bf16/fp32, head_dim <= 256. fp32 uses IEEE fp32 dot
-products (no tf32). Keys/values may instead be float8_e4m3fn codes with (rows,) float32 key/value scales
-(a layer with kv_dtype float8_e4m3fn), dequantized inside the kernel. Triton is imported only when a function here runs, so this module imports on
-machines without it (adakv.kernels.triton_flat holds the @triton.jit kernels).
+head_dim) in the query's dtype. CUDA only (CPU tensors under TRITON_INTERPRET=1, for tests), fp16/bf16/fp32,
+head_dim <= 256. fp32 uses IEEE fp32 dot products (no tf32). Keys/values may instead be float8_e4m3fn codes
+with (rows,) float32 key/value scales (a layer with kv_dtype float8_e4m3fn), dequantized inside the kernel.
+Triton is imported only when a function here runs, so this module imports on machines without it
+(adakv.kernels.triton_flat holds the @triton.jit kernels).
 """
 
 from __future__ import annotations
