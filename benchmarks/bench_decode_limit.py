@@ -12,6 +12,11 @@ For each batch x context case, one process measures side by side:
   Triton kernel each), adaptive-snapkv-evict-graph-joined-fused-gemv also `gemv_linears=True` (the linears'
   matrix-vector products as adakv's Triton GEMV): the fastest decode adakv offers.
 
+With `--kv-dtypes bfloat16 float8_e4m3fn` every press row is measured again with the press's
+kv_dtype="float8_e4m3fn" (method names with "-fp8", e.g. adaptive-snapkv-fp8-evict-graph): the flat cache holds
+e4m3 codes and one float32 scale per row, and the limit counts those bytes (`row_bytes`). `--presses` and
+`--no-dense` keep a run to the rows it needs (scripts/gpu_fp8.sh).
+
 Every row: decode ms/token (median of `--steps` CUDA-event timings per step after `--warmup` steps; two
 passes, both kept, the second reported), KV GiB held (slack rows included), KV GiB read per step, peak GiB,
 and limit_ms = (weight bytes read per step + KV bytes read per step) / copy bandwidth, the bandwidth
@@ -181,14 +186,17 @@ def dense_rows(model, ids, args, bandwidth, weights) -> list[dict]:
 
 
 PRESSES = {
-    "snapkv": lambda ratio: P.SnapKVPress(ratio, backend="evict"),
-    "adaptive-snapkv": lambda ratio: P.AdaptivePress(P.SnapKVPress(ratio), backend="evict"),
+    "snapkv": lambda ratio, **kv: P.SnapKVPress(ratio, backend="evict", **kv),
+    "adaptive-snapkv": lambda ratio, **kv: P.AdaptivePress(P.SnapKVPress(ratio), backend="evict", **kv),
 }
+NATIVE_KV_DTYPE = "bfloat16"  # the model's dtype: the press rows without a kv_dtype
+KV_DTYPE_SUFFIXES = {NATIVE_KV_DTYPE: "", "float8_e4m3fn": "-fp8"}
 
 
-def press_rows(model, ids, args, bandwidth, weights, name, ratio) -> list[dict]:
+def press_rows(model, ids, args, bandwidth, weights, name, ratio, kv_dtype=NATIVE_KV_DTYPE) -> list[dict]:
     batch, context = ids.shape
-    press = PRESSES[name](ratio)
+    press = PRESSES[name](ratio, **({} if kv_dtype == NATIVE_KV_DTYPE else {"kv_dtype": kv_dtype}))
+    name += KV_DTYPE_SUFFIXES[kv_dtype]
     cache = DynamicCache(config=model.config)
     torch.cuda.reset_peak_memory_stats()
     prefill(model, ids, cache, press)
@@ -197,13 +205,14 @@ def press_rows(model, ids, args, bandwidth, weights, name, ratio) -> list[dict]:
         eager, read = timed_with_reads(greedy_step(model, cache), token, args, cache)
     held = kv_bytes(cache)
     rows = [row(batch, context, f"{name}-evict-eager", ratio, eager, (weights + read) / bandwidth, held,
-                torch.cuda.max_memory_allocated(), kv_read_gib=read / GiB)]  # fmt: skip
+                torch.cuda.max_memory_allocated(), kv_read_gib=read / GiB, kv_dtype=kv_dtype)]  # fmt: skip
     print(rows[-1], flush=True)
     variants = [("graph", {})]
-    if name in args.joined:
+    if name.removesuffix("-fp8") in args.joined:
         variants += [(f"graph-{fusion}", FUSIONS[fusion]) for fusion in FUSIONS]
     for suffix, fusions in variants:
-        rows.append(graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio, suffix, fusions))
+        rows.append(dict(graph_row(model, cache, press, token, args, bandwidth, weights, name, ratio, suffix, fusions),
+                         kv_dtype=kv_dtype))
         print(rows[-1], flush=True)
     return rows
 
@@ -255,12 +264,13 @@ def generate_ms_per_token(model, cache, batch: int, tokens: int) -> float | str:
 def run_case(model, batch, context, args, bandwidth, weights) -> list[dict]:
     ids = torch.randint(10, 128000, (batch, context), device="cuda")
     args.context = context
-    rows = dense_rows(model, ids, args, bandwidth, weights)
+    rows = [] if args.no_dense else dense_rows(model, ids, args, bandwidth, weights)
     for ratio in args.ratios:
-        for name in PRESSES:
-            gc.collect()
-            torch.cuda.empty_cache()
-            rows.extend(press_rows(model, ids, args, bandwidth, weights, name, ratio))
+        for name in args.presses:
+            for kv_dtype in args.kv_dtypes:
+                gc.collect()
+                torch.cuda.empty_cache()
+                rows.extend(press_rows(model, ids, args, bandwidth, weights, name, ratio, kv_dtype))
     return rows
 
 
@@ -296,6 +306,10 @@ def main() -> None:
                              "fuse_elementwise=True as well (suffix graph-joined-fused) and with gemv_linears=True "
                              "as well (suffix graph-joined-fused-gemv)")
     parser.add_argument("--no-compiled", action="store_true", help="skip the torch.compile dense baseline")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense rows (eager and compiled)")
+    parser.add_argument("--presses", nargs="+", default=list(PRESSES), choices=list(PRESSES))
+    parser.add_argument("--kv-dtypes", nargs="+", default=[NATIVE_KV_DTYPE], choices=list(KV_DTYPE_SUFFIXES),
+                        help="KV dtypes of the press rows (float8_e4m3fn: the press's kv_dtype, methods named -fp8)")
     parser.add_argument("--out", default="benchmarks/results")
     parser.add_argument("--tag", default="", help="suffix of the result files (runs split over several calls)")
     parser.add_argument("--merge", nargs="+", metavar="JSON", help="only merge these result files into --out")

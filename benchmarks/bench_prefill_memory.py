@@ -17,8 +17,8 @@ builds it. Per BATCHxCONTEXT case (default 1x32768 1x131072 8x32768), one call
   cache's length): its first decode step compiles inside the measured call, after the token that times its
   TTFT and within the steps --decode-warmup leaves out.
 
-The press rows run once per `--kv-dtypes` entry (default bfloat16, what the flat cache holds today); dense
-rows hold the model's bf16. A KV dtype adakv's presses do not take stops the run before the model is built
+The press rows run once per `--kv-dtypes` entry (default bfloat16, the model's dtype; float8_e4m3fn: the press's
+kv_dtype, the fp8 flat cache); dense rows hold the model's bf16. A KV dtype adakv's presses do not take stops the run before the model is built
 (`kv_dtype_refusal`), and a row whose cache holds another dtype than asked is recorded as an error.
 
 Per row: peak_gib (`max_memory_allocated` over the call, weights included; what was allocated before it
@@ -76,8 +76,8 @@ FP8_KV_TARGET, FP8_LIMIT_TARGET = 0.52, 1.3  # fp8 KV x the bf16 KV of the same 
 
 
 def press_options(kv_dtype: str) -> dict:
-    """The press keywords that ask for a cache of `kv_dtype` (the native width needs none). Where the fp8 flat
-    cache (issue 23, item 3) is wired in: this line, if its option is not a press field named `kv_dtype`."""
+    """The press keywords that ask for a cache of `kv_dtype` (the native width needs none): the press field
+    `kv_dtype` (presses/base.py)."""
     return {} if kv_dtype == NATIVE_KV_DTYPE else {"kv_dtype": kv_dtype}
 
 
@@ -92,8 +92,8 @@ def kv_dtype_refusal(kv_dtype: str) -> str | None:
     except (TypeError, ValueError, AttributeError) as error:
         return (
             f"--kv-dtypes {kv_dtype}: adakv's cache cannot hold {kv_dtype} keys and values in this checkout: "
-            f"AdaptivePress refuses {press_options(kv_dtype)} ({type(error).__name__}: {error}). The fp8 flat "
-            f"cache is issue 23, item 3; until it lands, run with --kv-dtypes {NATIVE_KV_DTYPE}."
+            f"AdaptivePress refuses {press_options(kv_dtype)} ({type(error).__name__}: {error}). Run with "
+            f"--kv-dtypes {NATIVE_KV_DTYPE} or a kv_dtype the presses take."
         )
     return None
 
@@ -371,7 +371,7 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--cases", nargs="+", default=None, help="BATCHxCONTEXT (default 1x32768 1x131072 8x32768; --tiny: 1x128 2x64)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--kv-dtypes", nargs="+", type=kv_dtype_name, default=[NATIVE_KV_DTYPE],
-                        help=f"KV dtypes of the press rows (default {NATIVE_KV_DTYPE}; fp8 = float8_e4m3fn, once the cache takes it)")  # fmt: skip
+                        help=f"KV dtypes of the press rows (default {NATIVE_KV_DTYPE}; fp8 = float8_e4m3fn, the fp8 flat cache)")  # fmt: skip
     parser.add_argument("--ratio", type=float, default=0.75)
     parser.add_argument("--decode-steps", type=int, default=32, help="decode steps timed per row")
     parser.add_argument("--decode-warmup", type=int, default=8, help="decode steps left out before them")

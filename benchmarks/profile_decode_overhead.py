@@ -156,10 +156,11 @@ def breakdown(layer: FlatHeadwiseLayer, query: torch.Tensor, new: torch.Tensor, 
 
     def partial():
         k.partial_attention[(sequences, splits, 1)](
-            query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, partial_out, partial_lse, output, buffer,
+            query, layer.keys, layer.values, layer.keys, layer.values, layer.offsets, layer.seq_lengths,
+            partial_out, partial_lse, output, buffer,
             query.stride(0), query.stride(1), query.stride(2), layer.keys.stride(0),
             output.stride(0), output.stride(1), output.stride(2), SCALE * 1.4426950408889634, 0, KV_HEADS, 1, splits,
-            GROUP=group, HEAD_DIM=HEAD_DIM, DOT_PRECISION="tf32", COMBINE_IN_LAST=False, **sizes,
+            GROUP=group, HEAD_DIM=HEAD_DIM, DOT_PRECISION="tf32", COMBINE_IN_LAST=False, SCALED=False, **sizes,
         )  # fmt: skip
 
     def combine():

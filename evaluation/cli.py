@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from adakv.cache import KV_DTYPES
+
 from . import registry, tasks
 from .models import PIECE_LIMIT_BYTES, SPLIT_MODELS
 from .runner import DEFAULT_MODEL, DTYPES, SweepConfig
@@ -37,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", default=None,
                      help="passed to each press's `backend` field: mask or evict (default: not set, the presses "
                      "evict, or fall back to mask with a warning on a model evict cannot serve)")
+    run.add_argument("--kv-dtype", default=None, choices=list(KV_DTYPES),
+                     help="passed to each press's `kv_dtype` field: the dtype of the kept keys and values (default: "
+                     "not set, the model's dtype; float8_e4m3fn: fp8 with per-row scales, backend evict; recorded in "
+                     "the run's config; 'none' stays the dense cache in the model's dtype)")
     run.add_argument("--device", default="cpu")
     run.add_argument("--dtype", default="auto", choices=sorted(DTYPES))
     run.add_argument("--seed", type=int, default=0)
@@ -129,7 +135,7 @@ def config_from_args(args) -> SweepConfig:
         model=args.model, tasks=_tasks(args.tasks),
         context_lengths=_numbers(args.context_length, int, "--context-length"),
         samples=args.samples, presses=_names(args.presses), ratios=_numbers(args.ratios, float, "--ratios"),
-        backend=args.backend, seed=args.seed, query_aware=args.query_aware, dtype=args.dtype, device=args.device,
+        backend=args.backend, kv_dtype=args.kv_dtype, seed=args.seed, query_aware=args.query_aware, dtype=args.dtype, device=args.device,
         fast_path=not args.no_fast_path, check_naive=args.check_naive, cuda_graphs=args.cuda_graphs,
         fused_decode=args.fused_decode, costs=not args.no_costs, batch_answers=args.batch_answers,
     )

@@ -23,7 +23,7 @@ import torch
 from adakv.cache import checkpoint, restore
 from adakv.models import cache_argument_name
 
-from . import engine, registry, tasks
+from . import engine, tasks
 
 DECODE_TOKENS = 32
 WARMUP_STEPS = 4  # untimed decode steps before the timed ones (graph capture, first-use kernels)
@@ -118,7 +118,7 @@ def measure(model, tokenizer, config, sample, press_name: str, ratio: float, dev
     context_ids, question_ids = engine.encode_prompt(tokenizer, sample, device)
     cuda = torch.device(device).type == "cuda"
     for _ in range(2 if cuda else 1):
-        press = registry.build_press(press_name, ratio, config.backend)
+        press = config.build_press(press_name, ratio)
         engine.attach_tokenizer(press, tokenizer)
         if cuda:
             torch.cuda.synchronize(device)

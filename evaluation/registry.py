@@ -86,16 +86,16 @@ def class_and_fields(spec: str) -> tuple[str, dict[str, str]]:
     return class_name, dict(option.split("=", 1) for option in options.split(",") if option)
 
 
-def build_press(name: str, compression_ratio: float, backend: str | None = None):
+def build_press(name: str, compression_ratio: float, backend: str | None = None, kv_dtype: str | None = None):
     """The press registered as `name` at `compression_ratio`, or None for "none". backend None leaves
-    it unset (the presses' default: evict)."""
+    it unset (the presses' default: evict); kv_dtype None too (the model's dtype), set on every press of it."""
     check_press_names([name])
     if name == NO_PRESS:
         return None
     scorer, wrappers = PRESSES[name]
     class_name, fields = class_and_fields(scorer)
-    press = press_class(class_name)(compression_ratio=compression_ratio, backend=backend, **fields)
+    press = press_class(class_name)(compression_ratio=compression_ratio, backend=backend, kv_dtype=kv_dtype, **fields)
     for wrapper in wrappers:
         class_name, fields = class_and_fields(wrapper)
-        press = press_class(class_name)(press, backend=backend, **fields)
+        press = press_class(class_name)(press, backend=backend, kv_dtype=kv_dtype, **fields)
     return press

@@ -42,6 +42,7 @@ class SweepConfig:
     presses: list[str] = field(default_factory=lambda: ["none", "snapkv", "adakv_snapkv"])
     ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     backend: str | None = None  # None: the presses' default (evict)
+    kv_dtype: str | None = None  # the presses' kv_dtype; None: the model's dtype ("none" stays dense in it)
     seed: int = 0
     query_aware: bool = False
     dtype: str = "auto"
@@ -76,8 +77,8 @@ class SweepConfig:
             repeated = sorted({value for value in values if values.count(value) > 1}, key=str)
             if repeated:  # the same point twice would be counted as two samples (n = 2, a zero interval)
                 raise ValueError(f"{what} name {', '.join(map(str, repeated))} more than once; give each once.")
-        for press in self.presses:  # a bad backend or press argument fails here, before any work
-            registry.build_press(press, self.ratios[0], self.backend)
+        for press in self.presses:  # a bad backend, kv_dtype or press argument fails here, before any work
+            self.build_press(press, self.ratios[0])
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}.")
         if self.cuda_graphs not in (False, True, "emulate"):
@@ -90,6 +91,10 @@ class SweepConfig:
             raise ValueError(f"batch_answers must be a bool, got {self.batch_answers!r}.")
         if self.batch_answers and not self.fast_path:
             raise ValueError("batch_answers answers the settings of one dense prefill together: it needs the fast path.")
+
+    def build_press(self, name: str, ratio: float):
+        """The press `name` at `ratio` with this sweep's backend and kv_dtype (None for "none")."""
+        return registry.build_press(name, ratio, self.backend, self.kv_dtype)
 
     def settings(self) -> list[tuple[str, float]]:
         """(press, ratio) pairs; "none" runs once, at ratio 0."""
@@ -242,7 +247,8 @@ def run_provenance(config: SweepConfig, device) -> dict:
     samples, tasks, context lengths, presses and ratios, and the decode switches (a resumed or extended
     folder then says which run wrote which rows)."""
     asked = {key: getattr(config, key) for key in ("samples", "tasks", "context_lengths", "presses", "ratios",
-                                                    "cuda_graphs", "fused_decode", "batch_answers", "dtype", "backend")}
+                                                    "cuda_graphs", "fused_decode", "batch_answers", "dtype", "backend",
+                                                    "kv_dtype")}
     return dict(provenance(device), seed=config.seed, asked=asked)
 
 
@@ -369,7 +375,7 @@ def run_sample(model, tokenizer, config: SweepConfig, sample, todo, timing: Timi
             timing.prefills.append(seconds)
     rows = []
     check_every = max(1, len(todo) // max(config.check_naive, 1))  # checks spread over the presses
-    presses = [registry.build_press(press_name, ratio, config.backend) for press_name, ratio in todo]
+    presses = [config.build_press(press_name, ratio) for press_name, ratio in todo]
     batched = _batched_answers(model, tokenizer, config, sample, dense, presses, question_ids, timing)
     for position, (press_name, ratio) in enumerate(todo):
         press = presses[position]
@@ -537,7 +543,7 @@ def _record_budgets(model, tokenizer, config: SweepConfig, haystack, out: str, d
     press_name, ratio = adaptive[0], ratios[len(ratios) // 2]
     sample = tasks.generate(config.tasks[0], 0, haystack, config.context_lengths[0], config.seed, config.query_aware)
     context_ids, _ = engine.encode_prompt(tokenizer, sample, device)
-    press = registry.build_press(press_name, ratio, config.backend)
+    press = config.build_press(press_name, ratio)
     engine.attach_tokenizer(press, tokenizer)
     dense = engine.dense_prefill(model, context_ids)
     with press(model):

@@ -195,7 +195,8 @@ class KVPressTextGenerationPipeline(Pipeline):
       question / questions: one str -> returns {"answer": str}; a list of str -> {"answers": [str]}.
         Neither: the model continues the context (answer to an empty question).
       answer_prefix: text the answer starts with (after the generation prompt), e.g. "Answer:".
-      press: an adakv press, or None for no compression.
+      press: an adakv press, or None for no compression. Its kv_dtype (e.g.
+        `SnapKVPress(0.5, kv_dtype="float8_e4m3fn")`) sets the dtype the compressed context is stored in.
       max_new_tokens: upper bound of each answer's length (default 50).
       max_context_length: keep only the first this many tokens of the context (default: all).
       cache: a transformers Cache to fill (default: a new DynamicCache); after the call it holds

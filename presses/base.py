@@ -16,7 +16,7 @@ from typing import Any, Callable, ClassVar, Iterator, Protocol
 import torch
 from torch import nn
 
-from adakv.cache import BACKENDS, DEFAULT_BACKEND
+from adakv.cache import BACKENDS, DEFAULT_BACKEND, KV_DTYPES, kv_dtype_refusal
 from adakv.models import queries
 
 from .attributes import check_known_attribute
@@ -150,8 +150,8 @@ def check_is_press(press, wrapper: str) -> None:
         raise TypeError(f"{wrapper} wraps a press (a BasePress instance), got {type(press).__name__}.")
 
 
-def describe_backend(press: BasePress) -> str:
-    return f"{type(press).__name__}(backend={press.backend!r})"
+def describe_field(press: BasePress, name: str) -> str:
+    return f"{type(press).__name__}({name}={getattr(press, name)!r})"
 
 
 def placement_refusal(wrapper: BasePress, inner: BasePress) -> str | None:
@@ -186,18 +186,28 @@ class BasePress:
     dense cache and excludes pruned positions per head inside attention (works everywhere, saves no
     memory). A press that wraps others runs with the one backend set anywhere in it (`explicit_backend`).
 
+    kv_dtype: the dtype the compressed cache stores kept keys and values in. None (not set, the default): the
+    model's dtype. "float8_e4m3fn": e4m3 codes plus one float32 scale per (token, head), 0.516 of the bf16 bytes
+    at head_dim 128 (adakv.cache.flat); the evict backend only, on CPU or a GPU of compute capability >= 8.9. Every
+    full-attention layer then goes into the fp8 flat cache, also one the press prunes nothing from. A wrapper
+    and the presses inside it must agree, as for backends (`explicit_kv_dtype`).
+
     `with press(model, **speed_switches):` runs the press inside transformers (adakv.runtimes.hf.session)
     and yields the session; the speed switches enter `adakv.accelerate` for the block.
     """
 
     backend: str | None = field(default=None, kw_only=True)
+    kv_dtype: str | None = field(default=None, kw_only=True)
     # True for presses that act after the context, on the tokens appended to it (DecodingPress): the runtime
     # then hands them every later forward of each layer, which a replayed CUDA graph could not.
     compresses_during_decoding = False
     # why a press must be the outermost one (KeyRerotationPress), or None: wrappers refuse to hold it
     outermost_only: ClassVar[str | None] = None
     # what each field takes (presses/fields.py), checked on every assignment; a subclass's rules join its bases'
-    field_rules: ClassVar[dict[str, FieldRule]] = {"backend": OneOf(BACKENDS, optional=True, note=" (not set: evict)")}
+    field_rules: ClassVar[dict[str, FieldRule]] = {
+        "backend": OneOf(BACKENDS, optional=True, note=" (not set: evict)"),
+        "kv_dtype": OneOf(KV_DTYPES, optional=True, note=" (not set: the model's dtype)"),
+    }
     # whether compress/score read PrefillContext.hidden_states or position_embeddings; presses that compress
     # after the whole prefill and say False (KVzip, AdaptivePress) let the runtime drop each layer's hidden
     # states instead of holding them until the prefill ends (`reads_layer_inputs`)
@@ -223,7 +233,10 @@ class BasePress:
     def check_combination(self) -> None:
         """Raise on values that are fine field by field but not together (fields of this press, or this press
         and the presses inside it). Run at construction and, for the whole press tree, by `check_fields`."""
-        _ = self.explicit_backend  # conflicting backends between this press and the presses it wraps fail here
+        # conflicting backends or kv_dtypes between this press and the presses it wraps fail here
+        refusal = kv_dtype_refusal(self.explicit_backend, self.explicit_kv_dtype)
+        if refusal is not None:
+            raise ValueError(refusal)
         for inner in self.inner_presses():
             refusal = placement_refusal(self, inner) if isinstance(inner, BasePress) else None
             if refusal is not None:
@@ -265,18 +278,28 @@ class BasePress:
         The rule for composed presses: a wrapper with no backend takes the one set inside it, an inner
         press with no backend runs with its wrapper's, and two different backends set in one composed
         press (wrapper vs inner, or two members of a ComposedPress) raise a ValueError naming both."""
+        return self.explicit_field("backend", "backends")
+
+    @property
+    def explicit_kv_dtype(self) -> str | None:
+        """The kv_dtype set on this press or on any press inside it, or None; the rule of `explicit_backend`."""
+        return self.explicit_field("kv_dtype", "kv_dtypes")
+
+    def explicit_field(self, name: str, plural: str) -> str | None:
+        """The value of field `name` set (not None) anywhere in this press tree, or None; two different values
+        raise a ValueError naming both presses."""
         chosen = None
         for press in self.press_tree():
-            if press.backend is None:
+            if getattr(press, name) is None:
                 continue
-            if chosen is not None and press.backend != chosen.backend:
+            if chosen is not None and getattr(press, name) != getattr(chosen, name):
                 raise ValueError(
-                    f"{type(self).__name__} holds presses with conflicting backends: {describe_backend(chosen)} "
-                    f"and {describe_backend(press)}. A composed press runs with one backend: set it on one of "
+                    f"{type(self).__name__} holds presses with conflicting {plural}: {describe_field(chosen, name)} "
+                    f"and {describe_field(press, name)}. A composed press runs with one {name}: set it on one of "
                     "them (e.g. the outermost) or give them all the same."
                 )
             chosen = chosen or press
-        return None if chosen is None else chosen.backend
+        return None if chosen is None else getattr(chosen, name)
 
     @property
     def resolved_backend(self) -> str:

@@ -103,8 +103,22 @@ def test_a_kv_dtype_is_asked_for_only_where_the_press_takes_it(bench, tmp_path, 
     monkeypatch.undo()
     if not takes_fp8:  # refused before any model is built, naming the option and what to run instead
         monkeypatch.setattr(bench, "build_model", lambda *args, **kwargs: pytest.fail("a model was built"))
-        with pytest.raises(SystemExit, match=r"float8_e4m3fn.*issue 23, item 3.*--kv-dtypes bfloat16"):
+        with pytest.raises(SystemExit, match=r"float8_e4m3fn.*--kv-dtypes bfloat16"):
             bench.main([*TINY, "--kv-dtypes", "bf16", "fp8", "--out", str(tmp_path)])
+
+
+def test_fp8_rows_hold_fp8_and_about_half_the_bf16_kv(bench, tmp_path):
+    bench.main([*TINY, "--cases", "1x96", "--methods", "adakv-snapkv", "--kv-dtypes", "bf16", "fp8", "--out", str(tmp_path)])
+    (json_file,) = tmp_path.glob("prefill_memory_*.json")
+    report = json.loads(json_file.read_text())
+    bf16, fp8 = report["rows"]
+    assert "error" not in fp8 and fp8["kv_dtype"] == fp8["stored_kv_dtypes"][0] == "float8_e4m3fn"
+    # the tiny model's head_dim 64: codes plus a float32 scale per row (0.516 at 128), and the same bookkeeping
+    row_share = (64 + 4) / (2 * 64)
+    assert fp8["kv_gib"] / bf16["kv_gib"] == pytest.approx(row_share, abs=0.01)
+    assert fp8["kv_read_gib"] / bf16["kv_read_gib"] == pytest.approx(row_share, abs=1e-6)
+    kv = next(t for t in report["targets"] if t["target"].startswith("KV <="))
+    assert kv["kv_dtype"] == "float8_e4m3fn" and kv["measured"] == pytest.approx(fp8["kv_gib"] / bf16["kv_gib"])
 
 
 def test_a_row_whose_cache_holds_another_dtype_is_an_error(bench, tmp_path, monkeypatch):

@@ -7,11 +7,17 @@ adakv's own CUDA/Triton kernels on GPU. Where the evict backend cannot serve the
 with one `BackendFallbackWarning` naming the reason; an explicit backend="evict" raises instead. "mask"
 stays available (backend="mask") for research on masks: it needs nothing beyond the model's own
 attention and accepts any mask and model option.
+
+kv_dtype (a press's field): None keeps the model's dtype; "float8_e4m3fn" stores the evict backend's rows in
+fp8 with per-row scales (flat.py). The mask backend keeps the dense cache in the model's dtype and refuses it
+(`kv_dtype_refusal`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from adakv.kernels.fp8_reference import KV_DTYPES
 
 from .flat import FlatHeadwiseLayer
 from .layer import CompressedLayer
@@ -36,15 +42,31 @@ def evict_refusal(config) -> str | None:
     return None
 
 
+def kv_dtype_refusal(backend: str | None, kv_dtype: str | None) -> str | None:
+    """Why `backend` cannot store rows in `kv_dtype` (a press's field values), or None when it can."""
+    if kv_dtype is not None and kv_dtype not in KV_DTYPES:
+        return f"kv_dtype must be None (the model's dtype) or one of {KV_DTYPES}, got {kv_dtype!r}."
+    if kv_dtype is not None and backend == "mask":
+        return (
+            f"kv_dtype={kv_dtype!r} is stored by the evict backend's flat cache; backend 'mask' keeps the dense cache "
+            "in the model's dtype and its attention cannot read fp8. Use backend='evict' (or leave it unset) with "
+            "kv_dtype, or kv_dtype=None with backend='mask'."
+        )
+    return None
+
+
 def make_compressed_layer(
-    backend: str, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, config
+    backend: str, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, config, kv_dtype: str | None = None
 ) -> CompressedLayer:
     """Build the cache layer for `backend` from the dense context keys/values (batch, kv_heads, seq,
-    head_dim) and the keep mask (batch, kv_heads, seq)."""
+    head_dim) and the keep mask (batch, kv_heads, seq), storing rows in `kv_dtype` (None: the keys' dtype)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    refusal = kv_dtype_refusal(backend, kv_dtype)
+    if refusal is not None:
+        raise ValueError(refusal)
     if backend == "mask":
         return MaskedLayer(keys, values, keep, config)
-    if backend == "evict":
-        return FlatHeadwiseLayer(keys, values, keep, config)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    return FlatHeadwiseLayer(keys, values, keep, config, kv_dtype=None if kv_dtype is None else getattr(torch, kv_dtype))
 
 

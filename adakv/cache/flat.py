@@ -26,6 +26,12 @@ A chunked context prefill (adakv/runtimes/hf/chunked_prefill.py) appends each co
 chunk's kept rows behind each head's context rows in fresh buffers with `min_slack` free rows: the
 context grows by the chunk, `appended` is back to 0 and the chunk's pruned rows are freed.
 
+With kv_dtype=torch.float8_e4m3fn (a press's `kv_dtype="float8_e4m3fn"`) the buffers hold e4m3 codes and
+`key_scales`/`value_scales` (rows,) hold one float32 scale per row (adakv.kernels.fp8_reference): rows are
+quantized once, when they enter the layer (the compressed context, every appended token), and every reader
+dequantizes (the attention kernels inside, `dense_rows`/`held_view`/`newest_keys_values` into `dtype`, the
+model's dtype). Copies move codes and scales together. At head_dim 128 a row takes 0.516 of its bf16 bytes.
+
 `FlatHeadwiseLayer.stacked(layers)` puts the batch rows of several layers holding compressions of one
 context (different presses or ratios) into one layer, each row with its own per-head lengths, so that they
 are answered in one batched decode (the evaluation's batched answers; `adakv.cache.stacked_cache`).
@@ -38,7 +44,9 @@ import math
 
 import torch
 
-from adakv.kernels import cuda_flat
+from adakv.kernels import cuda_flat, fp8_append
+from adakv.kernels import fp8_reference as fp8
+from adakv.kernels.fp8_reference import ScaledRows
 from adakv.kernels.triton_decode import SplitWorkspace
 
 from .layer import CompressedLayer, check_attention_can_read
@@ -73,11 +81,24 @@ def segment_rows(starts: torch.Tensor, lengths: torch.Tensor, total: int) -> tor
     return starts.index_select(0, seq_ids) + within
 
 
+def check_kv_dtype(kv_dtype: torch.dtype, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The storage dtype of a flat layer whose keys arrive in `dtype` on `device`: `dtype` itself or
+    float8_e4m3fn (on a device that can read it); anything else raises ValueError."""
+    if kv_dtype not in (dtype, fp8.FP8_DTYPE):
+        raise ValueError(f"kv_dtype must be None (the keys' {dtype}) or torch.float8_e4m3fn, got {kv_dtype}.")
+    refusal = fp8.fp8_refusal(device) if kv_dtype == fp8.FP8_DTYPE else None
+    if refusal is not None:
+        raise ValueError(f"{refusal}.")
+    return kv_dtype
+
+
 class FlatHeadwiseLayer(CompressedLayer):
     """Compressed cache layer holding only the kept rows of every (batch, kv-head).
 
     Built from the dense context keys/values (batch, kv_heads, seq, head_dim) and the keep mask
     (batch, kv_heads, seq). Attention reads it through `adakv.cache.flat_attention.flat_attention`.
+    kv_dtype: the dtype rows are stored in: None (the keys' own dtype) or torch.float8_e4m3fn (codes plus one
+    float32 scale per row, see the module docstring). `dtype` stays the keys' dtype, the one readers get.
     """
 
     backend = "evict"
@@ -93,6 +114,7 @@ class FlatHeadwiseLayer(CompressedLayer):
         min_slack: int = DEFAULT_MIN_SLACK,
         slack_fraction: float = DEFAULT_SLACK_FRACTION,
         growth: float = DEFAULT_GROWTH,
+        kv_dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if keys.shape != values.shape or keep.shape != keys.shape[:3]:
@@ -103,6 +125,7 @@ class FlatHeadwiseLayer(CompressedLayer):
         self.config = config
         self.batch_size, self.num_heads, self.context_length, self.head_dim = keys.shape
         self.device, self.dtype = keys.device, keys.dtype
+        self.kv_dtype = check_kv_dtype(kv_dtype or keys.dtype, keys.dtype, keys.device)
         self.is_initialized = True
         self.min_slack, self.slack_fraction, self.growth = min_slack, slack_fraction, growth
         self.appended = 0
@@ -115,14 +138,13 @@ class FlatHeadwiseLayer(CompressedLayer):
         self._set_context_kept(keep.sum(-1))
         self._allocate(min_slack)
         src_index, dst_index = compaction_indices(keep, self.offsets, self.total_context_kept)
-        cuda_flat.copy_rows(
-            keys.reshape(-1, self.head_dim),
-            values.reshape(-1, self.head_dim),
-            self.keys,
-            self.values,
-            src_index,
-            dst_index,
-        )
+        keys, values = keys.reshape(-1, self.head_dim), values.reshape(-1, self.head_dim)
+        if self.quantized:  # only the kept rows are quantized
+            scaled_keys, scaled_values = self.scaled_rows()
+            fp8.write_rows(scaled_keys, keys.index_select(0, src_index), dst_index)
+            fp8.write_rows(scaled_values, values.index_select(0, src_index), dst_index)
+        else:
+            cuda_flat.copy_rows(keys, values, self.keys, self.values, src_index, dst_index)
 
     @classmethod
     def stacked(cls, layers: list[FlatHeadwiseLayer]) -> FlatHeadwiseLayer:
@@ -131,18 +153,19 @@ class FlatHeadwiseLayer(CompressedLayer):
         Attention reads every sequence's rows on their own, so a row of the stacked layer is attended exactly as
         it was in its own layer. Used to answer many compressions of one context in one batched decode.
 
-        The layers must hold the same dense context (context_length), heads, head_dim, dtype, device and
-        config, with nothing appended yet; their rows are copied once (the layers themselves are unchanged)."""
+        The layers must hold the same dense context (context_length), heads, head_dim, dtype, kv_dtype, device and
+        config, with nothing appended yet; their rows (and fp8 scales) are copied once (the layers themselves are
+        unchanged)."""
         if not layers or any(not isinstance(layer, FlatHeadwiseLayer) for layer in layers):
             raise TypeError("stacked takes a non-empty list of FlatHeadwiseLayer.")
         first = layers[0]
         for layer in layers:
-            same = (layer.context_length, layer.num_heads, layer.head_dim, layer.dtype, layer.device) == (
-                first.context_length, first.num_heads, first.head_dim, first.dtype, first.device)
+            same = (layer.context_length, layer.num_heads, layer.head_dim, layer.dtype, layer.kv_dtype, layer.device) == (
+                first.context_length, first.num_heads, first.head_dim, first.dtype, first.kv_dtype, first.device)
             if not same or layer.config is not first.config:
                 raise ValueError(
                     "Only layers of one model's compressions of one context can be stacked: context length, KV heads, "
-                    "head_dim, dtype, device and config must agree."
+                    "head_dim, dtype, kv_dtype, device and config must agree."
                 )
             if layer.appended or layer.padded_appends or layer.pending_padding is not None:
                 raise ValueError("Only freshly compressed layers (nothing appended after the context) can be stacked.")
@@ -151,7 +174,7 @@ class FlatHeadwiseLayer(CompressedLayer):
         stack.config = first.config
         stack.batch_size = sum(layer.batch_size for layer in layers)
         stack.num_heads, stack.context_length, stack.head_dim = first.num_heads, first.context_length, first.head_dim
-        stack.device, stack.dtype = first.device, first.dtype
+        stack.device, stack.dtype, stack.kv_dtype = first.device, first.dtype, first.kv_dtype
         stack.is_initialized = True
         stack.min_slack, stack.slack_fraction, stack.growth = first.min_slack, first.slack_fraction, first.growth
         stack.appended = 0
@@ -168,6 +191,10 @@ class FlatHeadwiseLayer(CompressedLayer):
             stack.offsets = exclusive_cumsum(stack.capacity)
             stack.keys = torch.cat([layer.keys for layer in layers])
             stack.values = torch.cat([layer.values for layer in layers])
+            stack.key_scales, stack.value_scales = None, None
+            if first.quantized:
+                stack.key_scales = torch.cat([layer.key_scales for layer in layers])
+                stack.value_scales = torch.cat([layer.value_scales for layer in layers])
             stack.seq_lengths = stack.context_kept.clone()
             stack.layout_id = next(_LAYOUT_IDS)
             stack._kernel_inputs_checked = False
@@ -179,7 +206,7 @@ class FlatHeadwiseLayer(CompressedLayer):
             src_index = segment_rows(layer.offsets, layer.context_kept, layer.total_context_kept)
             dst_index = segment_rows(stack.offsets[first_sequence:first_sequence + count], layer.context_kept,
                                      layer.total_context_kept)
-            cuda_flat.copy_rows(layer.keys, layer.values, stack.keys, stack.values, src_index, dst_index)
+            stack._copy_rows(layer._buffers(), src_index, dst_index)
             first_sequence += count
         return stack
 
@@ -222,6 +249,11 @@ class FlatHeadwiseLayer(CompressedLayer):
     def total_rows(self) -> int:
         return self.keys.shape[0]
 
+    @property
+    def quantized(self) -> bool:
+        """Whether rows are stored as fp8 codes with per-row scales (kv_dtype float8_e4m3fn)."""
+        return self.kv_dtype == fp8.FP8_DTYPE
+
     def _set_context_kept(self, context_kept: torch.Tensor) -> None:
         """(sequences,) int64 kept context rows per sequence; the total is needed on the host to size the
         buffers (the one point where a compression waits for the GPU)."""
@@ -235,23 +267,64 @@ class FlatHeadwiseLayer(CompressedLayer):
         self.capacity = self.context_kept + slack
         self.offsets = exclusive_cumsum(self.capacity)
         rows = self.total_context_kept + slack * self.num_sequences
-        self.keys = torch.empty(rows, self.head_dim, dtype=self.dtype, device=self.device)
+        self.keys = torch.empty(rows, self.head_dim, dtype=self.kv_dtype, device=self.device)
         self.values = torch.empty_like(self.keys)
+        self.key_scales, self.value_scales = None, None
+        if self.quantized:
+            self.key_scales = torch.empty(rows, dtype=torch.float32, device=self.device)
+            self.value_scales = torch.empty_like(self.key_scales)
         self.seq_lengths = self.context_kept.clone()  # appends advance it on the device
         self.layout_id = next(_LAYOUT_IDS)
         self._kernel_inputs_checked = False
 
+    def _buffers(self) -> tuple:
+        """(keys, values, key_scales, value_scales) as they are now (scales None unless quantized), to copy
+        from after `_allocate` replaced them."""
+        return self.keys, self.values, self.key_scales, self.value_scales
+
+    def scaled_rows(self) -> tuple[ScaledRows, ScaledRows]:
+        """The fp8 keys and values with their scales (quantized layers only)."""
+        return ScaledRows(self.keys, self.key_scales), ScaledRows(self.values, self.value_scales)
+
+    def _copy_rows(self, source: tuple, src_index: torch.Tensor, dst_index: torch.Tensor) -> None:
+        """Rows src_index of `source` (a layer's `_buffers()` of this kv_dtype) to rows dst_index of this layer."""
+        keys, values, key_scales, value_scales = source
+        if self.quantized:
+            source_rows = (ScaledRows(keys, key_scales), ScaledRows(values, value_scales))
+            fp8.copy_rows(source_rows, self.scaled_rows(), src_index, dst_index)
+        else:
+            cuda_flat.copy_rows(keys, values, self.keys, self.values, src_index, dst_index)
+
+    def _rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (*index.shape, head_dim) in `dtype` of the rows `index` (any shape, int64)."""
+        if not self.quantized:
+            return self.keys[index], self.values[index]
+        return tuple(
+            fp8.dequantize(fp8.as_bytes(rows.codes)[index].view(fp8.FP8_DTYPE), rows.scales[index], self.dtype)
+            for rows in self.scaled_rows()
+        )
+
+    def sequence_rows(self, start: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (length, head_dim) in `dtype` of rows [start, start + length): views of the buffers,
+        or dequantized copies of fp8 rows."""
+        if not self.quantized:
+            return self.keys[start : start + length], self.values[start : start + length]
+        return tuple(
+            fp8.dequantize(rows.codes[start : start + length], rows.scales[start : start + length], self.dtype)
+            for rows in self.scaled_rows()
+        )
+
     def _relayout(self, sequence_ids: torch.Tensor, slack: int) -> None:
         """Copy the used rows of `sequence_ids` (in that order) into fresh buffers with `slack` free rows each.
         Waits for the GPU once (the exact row count sizes the copy)."""
-        old_keys, old_values, old_offsets, old_kept = self.keys, self.values, self.offsets, self.context_kept
+        old_buffers, old_offsets, old_kept = self._buffers(), self.offsets, self.context_kept
         old_lengths = self.seq_lengths.index_select(0, sequence_ids)
         used_rows = int(old_lengths.sum())
         self._set_context_kept(old_kept.index_select(0, sequence_ids))
         self._allocate(slack)
         src_index = segment_rows(old_offsets.index_select(0, sequence_ids), old_lengths, used_rows)
         dst_index = segment_rows(self.offsets, old_lengths, used_rows)
-        cuda_flat.copy_rows(old_keys, old_values, self.keys, self.values, src_index, dst_index)
+        self._copy_rows(old_buffers, src_index, dst_index)
         self.seq_lengths.copy_(old_lengths)
 
     def fold_appended_into_context(self, keep: torch.Tensor) -> None:
@@ -267,7 +340,7 @@ class FlatHeadwiseLayer(CompressedLayer):
         if tuple(keep.shape) != expected:
             raise ValueError(f"keep has shape {tuple(keep.shape)}, expected {expected} (batch, kv_heads, appended).")
         keep = keep.to(device=self.device, dtype=torch.bool).reshape(self.num_sequences, self.appended)
-        old_keys, old_values, old_offsets, old_kept = self.keys, self.values, self.offsets, self.context_kept
+        old_buffers, old_offsets, old_kept = self._buffers(), self.offsets, self.context_kept
         old_total, appended = self.total_context_kept, self.appended
         self._set_context_kept(old_kept + keep.sum(-1))
         self.context_length += appended
@@ -280,10 +353,7 @@ class FlatHeadwiseLayer(CompressedLayer):
         dense_src, chunk_dst = compaction_indices(keep, self.offsets + old_kept, self.total_context_kept - old_total)
         sequence = torch.div(dense_src, appended, rounding_mode="floor")
         chunk_src = (old_offsets + old_kept).index_select(0, sequence) + dense_src - sequence * appended
-        cuda_flat.copy_rows(
-            old_keys, old_values, self.keys, self.values,
-            torch.cat([context_src, chunk_src]), torch.cat([context_dst, chunk_dst]),
-        )  # fmt: skip
+        self._copy_rows(old_buffers, torch.cat([context_src, chunk_src]), torch.cat([context_dst, chunk_dst]))
 
     def reserve(self, tokens: int) -> None:
         """Make room for `tokens` more appended tokens now (one re-layout at most), so the next `tokens`
@@ -319,6 +389,10 @@ class FlatHeadwiseLayer(CompressedLayer):
         new_keys = key_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim)
         new_values = value_states.to(self.dtype).reshape(self.num_sequences, new_tokens, head_dim)
         first_token = self._take_pending_first_token(new_tokens)
+        if self.quantized:
+            fp8_append.append_rows(self.scaled_rows(), new_keys, new_values, self.offsets, self.seq_lengths, first_token)
+            self.appended += new_tokens
+            return key_states, value_states
         # the buffers only change in `_allocate`; the new rows are shaped, typed and placed above, so
         # the kernel's input checks run once per allocation, not on every step
         cuda_flat.append_rows(
@@ -363,7 +437,8 @@ class FlatHeadwiseLayer(CompressedLayer):
             raise ValueError(f"count must be in [1, {self.appended}] (the appended tokens), got {count}.")
         rows = (self.offsets + self.seq_lengths - count)[:, None] + torch.arange(count, device=self.device)
         shape = (self.batch_size, self.num_heads, count, self.head_dim)
-        return self.keys[rows].view(shape), self.values[rows].view(shape)
+        keys, values = self._rows(rows)
+        return keys.view(shape), values.view(shape)
 
     def get_max_length(self) -> int:
         return -1
@@ -420,8 +495,9 @@ class FlatHeadwiseLayer(CompressedLayer):
     # ----- inspection ---------------------------------------------------------------------------
     @property
     def row_bytes(self) -> int:
-        """Bytes of one cached token of one head, K and V together."""
-        return 2 * self.head_dim * self.keys.element_size()
+        """Bytes of one cached token of one head, K and V together (with their fp8 scales)."""
+        scale_bytes = self.key_scales.element_size() if self.quantized else 0
+        return 2 * (self.head_dim * self.keys.element_size() + scale_bytes)
 
     def kv_bytes(self) -> int:
         """Bytes of the K and V buffers (kept rows + slack)."""
@@ -441,9 +517,8 @@ class FlatHeadwiseLayer(CompressedLayer):
         steps = torch.arange(self.max_context_kept + self.slack, device=self.device)
         valid = steps[None, :] < self.lengths[:, None]
         index = torch.where(valid, self.offsets[:, None] + steps[None, :], 0)
-        keys = self.keys[index].masked_fill(~valid[..., None], 0)
-        values = self.values[index].masked_fill(~valid[..., None], 0)
-        return keys, values
+        keys, values = self._rows(index)
+        return keys.masked_fill(~valid[..., None], 0), values.masked_fill(~valid[..., None], 0)
 
     def held_view(self, available: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values (batch, kv_heads, max_length, head_dim) of every head's used rows, aligned to the
@@ -456,8 +531,8 @@ class FlatHeadwiseLayer(CompressedLayer):
         valid = steps[None, :] >= shift[:, None]
         index = torch.where(valid, self.offsets[:, None] + steps[None, :] - shift[:, None], 0)
         shape = (self.batch_size, self.num_heads, width, self.head_dim)
-        keys = self.keys[index].masked_fill(~valid[..., None], 0).view(shape)
-        values = self.values[index].masked_fill(~valid[..., None], 0).view(shape)
+        keys, values = self._rows(index)
+        keys, values = (rows.masked_fill(~valid[..., None], 0).view(shape) for rows in (keys, values))
         return keys, values, valid.view(shape[:3])
 
     def keep_only(self, keep: torch.Tensor, slack: int) -> None:
@@ -480,7 +555,7 @@ class FlatHeadwiseLayer(CompressedLayer):
         width = self.max_length
         used = torch.arange(width, device=self.device)[None, :] < self.lengths[:, None]
         keep = keep.to(device=self.device, dtype=torch.bool).reshape(self.num_sequences, width) & used
-        old_keys, old_values, old_offsets = self.keys, self.values, self.offsets
+        old_buffers, old_offsets = self._buffers(), self.offsets
         self._set_context_kept(keep.sum(-1))
         self.context_length += self.appended
         self.appended = 0
@@ -490,4 +565,4 @@ class FlatHeadwiseLayer(CompressedLayer):
         dense_src, dst_index = compaction_indices(keep, self.offsets, self.total_context_kept)
         sequence = torch.div(dense_src, width, rounding_mode="floor")
         src_index = old_offsets.index_select(0, sequence) + dense_src - sequence * width
-        cuda_flat.copy_rows(old_keys, old_values, self.keys, self.values, src_index, dst_index)
+        self._copy_rows(old_buffers, src_index, dst_index)

@@ -20,6 +20,11 @@ sees every row up to and including its own (causal within multi-token appends). 
   one small attention per (batch, kv-head)), so a step reads only the kept rows.
 - otherwise: `reference_flat_attention`, plain PyTorch over padded copies of the rows (test oracle and
   GPU fallback; it copies the whole cache every call, so it is slow on long contexts).
+
+A layer that stores fp8 rows (kv_dtype float8_e4m3fn, `layer.quantized`) is read by the Triton kernels on
+CUDA (they dequantize inside), by `segment_flat_attention` on CPU and by the reference (both dequantize each
+sequence's rows first). The CUDA decode kernel and the FlashAttention varlen paths read unquantized rows only:
+asked for by name they raise ValueError (FP8_READERS), and the automatic choice never takes them.
 """
 
 from __future__ import annotations
@@ -77,7 +82,7 @@ def segment_flat_attention(query: torch.Tensor, layer, scaling: float) -> torch.
     queries = grouped_queries(query, layer.num_heads)  # (sequences, group, q, head_dim)
     output = torch.empty_like(queries)
     for sequence, (start, length) in enumerate(zip(layer.offsets.tolist(), layer.lengths.tolist())):
-        keys, values = layer.keys[start : start + length], layer.values[start : start + length]
+        keys, values = layer.sequence_rows(start, length)
         scores = torch.matmul(queries[sequence], keys.transpose(0, 1)) * scaling  # (group, q, length)
         if query_length > 1:  # query j sees rows < length - query_length + j + 1
             last_visible = length - query_length + torch.arange(query_length, device=query.device)
@@ -137,13 +142,19 @@ def capturing_cuda_graph() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
-def choose_implementation(query: torch.Tensor, num_kv_heads: int | None = None, cache_bytes: int = 0) -> str:
+def choose_implementation(
+    query: torch.Tensor, num_kv_heads: int | None = None, cache_bytes: int = 0, quantized: bool = False
+) -> str:
     """The fastest path available for this query (see the module docstring). num_kv_heads: the layer's KV
     heads, which set the GQA group; without it the CUDA decode kernel is not considered. cache_bytes: the
     K+V bytes the step reads; the CUDA decode kernel is chosen up to CUDA_DECODE_MAX_BYTES, and never
-    during a CUDA graph capture (it saves host time only, which a graph replay does not spend)."""
+    during a CUDA graph capture (it saves host time only, which a graph replay does not spend).
+    quantized: the layer stores fp8 rows, which only the Triton kernels and the PyTorch paths read."""
     if not query.is_cuda:
         return "segments" if query.device.type == "cpu" else "reference"
+    if quantized:
+        use_triton = triton_decode.triton_available() and query.dtype in triton_decode.SUPPORTED_DTYPES
+        return "triton" if use_triton and query.shape[-1] <= triton_decode.MAX_HEAD_DIM else "reference"
     if (
         num_kv_heads is not None
         and cache_bytes <= CUDA_DECODE_MAX_BYTES
@@ -210,6 +221,20 @@ def flash_attn_attention(query: torch.Tensor, layer, scaling: float) -> torch.Te
 
 
 IMPLEMENTATIONS = ("reference", "segments", "cuda_decode", "triton", "torch_varlen", "flash_attn")
+FP8_READERS = ("reference", "segments", "triton")  # the implementations that read fp8 rows (kv_dtype float8_e4m3fn)
+
+
+def fp8_refusal(implementation: str) -> str | None:
+    """Why `implementation` cannot read a layer of fp8 rows, or None when it can."""
+    if implementation in FP8_READERS or implementation not in IMPLEMENTATIONS:
+        return None
+    names = {"cuda_decode": "adakv's CUDA decode kernel (csrc/flat_decode.cu)", "torch_varlen": "torch's varlen_attn",
+             "flash_attn": "flash_attn_varlen_func"}  # fmt: skip
+    return (
+        f"implementation={implementation!r}: {names[implementation]} reads keys and values in the query's dtype, "
+        f"but this layer stores fp8 rows with per-row scales (kv_dtype='float8_e4m3fn'). The paths that read them "
+        f"are {FP8_READERS} (None picks one)."
+    )
 
 
 def flat_attention(query: torch.Tensor, layer, scaling: float, implementation: str | None = None) -> torch.Tensor:
@@ -219,9 +244,11 @@ def flat_attention(query: torch.Tensor, layer, scaling: float, implementation: s
     if query.shape[1] % layer.num_heads:
         raise ValueError(f"{query.shape[1]} query heads cannot be grouped over {layer.num_heads} KV heads.")
     if implementation is None:
-        implementation = choose_implementation(query, layer.num_heads, layer.used_rows * layer.row_bytes)
+        implementation = choose_implementation(query, layer.num_heads, layer.used_rows * layer.row_bytes, layer.quantized)
         if query.is_cuda and implementation == "reference":
             _warn_reference_on_gpu()
+    elif layer.quantized and fp8_refusal(implementation) is not None:
+        raise ValueError(fp8_refusal(implementation))
     if implementation == "cuda_decode":
         return cuda_flat.cuda_decode_flat_attention(query, layer, scaling)
     if implementation == "triton":

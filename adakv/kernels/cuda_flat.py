@@ -262,7 +262,14 @@ def cuda_decode_flat_attention(query: torch.Tensor, layer, scaling: float, num_s
     """`cuda_decode_attention` over a FlatHeadwiseLayer (query (batch, heads, 1, head_dim) -> (batch, 1, heads,
     head_dim)), reusing the layer's split workspace. The layer's buffers are contiguous (rows, head_dim) tensors
     of its dtype with int64 offsets/seq_lengths by construction, so only the query is checked here (the full
-    check runs when that cheap test fails, for its message)."""
+    check runs when that cheap test fails, for its message). A layer of fp8 rows (kv_dtype float8_e4m3fn) is
+    refused: this kernel reads rows in the query's dtype."""
+    if getattr(layer, "key_scales", None) is not None:
+        raise ValueError(
+            "adakv's CUDA decode kernel (csrc/flat_decode.cu) reads keys and values in the query's dtype, but this "
+            "layer stores fp8 rows with per-row scales (kv_dtype='float8_e4m3fn'): read it with "
+            "adakv.kernels.triton_decode.triton_flat_attention (flat_attention picks it)."
+        )
     if not (
         query.is_cuda
         and query.dtype == layer.dtype

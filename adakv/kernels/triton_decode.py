@@ -13,15 +13,18 @@ appends (a question): query j of q_len sees rows < length - q_len + j + 1.
 
 Shapes: query (batch, heads, q_len, head_dim), any strides with a unit last stride; the layer's flat
 keys/values (rows, head_dim); offsets/lengths (batch * kv_heads,). Output (batch, q_len, heads,
-head_dim) in the query's dtype. CUDA only, fp16/bf16/fp32, head_dim <= 256. fp32 uses IEEE fp32 dot
-products (no tf32). Triton is imported only when a function here runs, so this module imports on
-machines without it (adakv.kernels.triton_flat holds the @triton.jit kernels).
+head_dim) in the query's dtype. CUDA only (CPU tensors under TRITON_INTERPRET=1, for tests), fp16/bf16/fp32,
+head_dim <= 256. fp32 uses IEEE fp32 dot products (no tf32). Keys/values may instead be float8_e4m3fn codes
+with (rows,) float32 key/value scales (a layer with kv_dtype float8_e4m3fn), dequantized inside the kernel.
+Triton is imported only when a function here runs, so this module imports on machines without it
+(adakv.kernels.triton_flat holds the @triton.jit kernels).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from functools import lru_cache
 
 import torch
@@ -39,6 +42,16 @@ PROGRAMS_PER_SM = 2  # target grid size: a couple of programs per multiprocessor
 FEW_SEQUENCES_PER_SM = 0.25  # "few": sequences x row blocks <= this share of the multiprocessors
 LONG_CHUNK_BLOCK_N = 128
 LOG2_E = math.log2(math.e)
+INTERPRETER_MULTIPROCESSORS = 132  # planned for under Triton's CPU interpreter (tests): an H200's count
+
+
+def interpreted() -> bool:
+    """Whether Triton runs its CPU interpreter (TRITON_INTERPRET=1, tests): then CPU tensors are taken."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def planned_multiprocessors(device: torch.device) -> int:
+    return multiprocessor_count(device.index) if device.type == "cuda" else INTERPRETER_MULTIPROCESSORS
 
 
 @lru_cache(maxsize=None)
@@ -98,16 +111,28 @@ def decode_plan(
     return sizes, choose_num_splits(max_length, programs, num_sms, programs_per_sm)
 
 
-def check_inputs(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_kv_heads: int) -> None:
-    if not (query.is_cuda and keys.is_cuda and values.is_cuda):
+def check_inputs(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_kv_heads: int, scales: tuple | None = None
+) -> None:
+    """scales: (key_scales, value_scales), each (rows,) float32, when keys/values are float8_e4m3fn codes."""
+    if not (query.is_cuda and keys.is_cuda and values.is_cuda) and not interpreted():
         raise ValueError(
             f"Triton flat attention needs CUDA tensors, got query on {query.device} and keys on {keys.device}."
         )
-    if query.dtype not in SUPPORTED_DTYPES or keys.dtype != query.dtype or values.dtype != query.dtype:
+    kv_dtype = query.dtype if scales is None else torch.float8_e4m3fn
+    if query.dtype not in SUPPORTED_DTYPES or keys.dtype != kv_dtype or values.dtype != kv_dtype:
         raise TypeError(
-            f"Triton flat attention supports {SUPPORTED_DTYPES} with one dtype for query, keys and values; "
-            f"got {query.dtype}, {keys.dtype}, {values.dtype}."
+            f"Triton flat attention supports {SUPPORTED_DTYPES} with keys and values in the query's dtype, or in "
+            f"torch.float8_e4m3fn with scales; got {query.dtype}, {keys.dtype}, {values.dtype} "
+            f"({'with' if scales is not None else 'without'} scales)."
         )
+    if scales is not None:
+        for name, tensor in zip(("key_scales", "value_scales"), scales):
+            if tensor.dtype != torch.float32 or tensor.shape != keys.shape[:1] or not tensor.is_contiguous():
+                raise ValueError(
+                    f"{name} must be contiguous float32 of shape ({keys.shape[0]},) (one scale per row), got "
+                    f"{tensor.dtype} {tuple(tensor.shape)}."
+                )
     head_dim = query.shape[-1]
     if head_dim > MAX_HEAD_DIM or keys.shape[-1] != head_dim or values.shape != keys.shape:
         raise ValueError(
@@ -164,9 +189,11 @@ def split_kv_attention(
     tiles: dict | None = None,
     extra_length: int = 0,
     workspace: SplitWorkspace | None = None,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """query (batch, heads, q_len, head_dim) over sequences s = batch * num_kv_heads + kv_head whose rows
     are keys/values[offsets[s] : offsets[s] + lengths[s] + extra_length] -> (batch, q_len, heads, head_dim).
+    scales: (key_scales, value_scales) (rows,) float32 when keys/values are float8_e4m3fn codes.
 
     Every length must be >= q_len (the new tokens are the last rows); max_length >= the longest length.
     offsets/lengths: int32 or int64 CUDA tensors. out: optional contiguous output buffer. tiles: overrides
@@ -174,7 +201,7 @@ def split_kv_attention(
     (context rows, appended tokens) without adding them in a separate launch. workspace: reusable
     buffers for the per-split results, whose last split then merges (see `SplitWorkspace`); None allocates
     one per call and merges in a second kernel."""
-    check_inputs(query, keys, values, num_kv_heads)
+    check_inputs(query, keys, values, num_kv_heads, scales)
     if out is not None:
         batch, heads, query_length, head_dim = query.shape
         if out.shape != (batch, query_length, heads, head_dim) or out.dtype != query.dtype:
@@ -183,13 +210,13 @@ def split_kv_attention(
             raise ValueError("out must be contiguous.")
     return _launch(
         query, keys, values, offsets, lengths, num_kv_heads, max_length, scaling, num_splits, out, tiles,
-        extra_length, workspace,
+        extra_length, workspace, scales,
     )  # fmt: skip
 
 
 def _launch(
     query, keys, values, offsets, lengths, num_kv_heads, max_length, scaling, num_splits, out, tiles,
-    extra_length, workspace,
+    extra_length, workspace, scales=None,
 ) -> torch.Tensor:  # fmt: skip
     """`split_kv_attention` after its input checks (the decode hot path calls this directly)."""
     if query.stride(-1) != 1:
@@ -199,7 +226,7 @@ def _launch(
     sequences = batch * num_kv_heads
     query_rows = group * query_length
     sizes, planned_splits = decode_plan(
-        max_length, sequences, query_rows, head_dim, query.dtype, multiprocessor_count(query.device.index)
+        max_length, sequences, query_rows, head_dim, query.dtype, planned_multiprocessors(query.device)
     )
     if tiles:
         sizes = sizes | tiles
@@ -218,13 +245,14 @@ def _launch(
         partial_out, partial_lse, counters = workspace.take(slots, head_dim, sequences * query_rows, query.device)
     output = out if out is not None else query.new_empty(batch, query_length, heads, head_dim)
     kernels = _kernels()
+    key_scales, value_scales = (keys, values) if scales is None else scales  # unread unless SCALED
     kernels.partial_attention[(sequences, num_splits, row_blocks)](
-        query, keys, values, offsets, lengths, partial_out, partial_lse, output, counters,
+        query, keys, values, key_scales, value_scales, offsets, lengths, partial_out, partial_lse, output, counters,
         query.stride(0), query.stride(1), query.stride(2), keys.stride(0),
         output.stride(0), output.stride(1), output.stride(2),
         scaling * LOG2_E, extra_length, num_kv_heads, query_length, num_splits,
         GROUP=group, HEAD_DIM=head_dim, DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        COMBINE_IN_LAST=workspace is not None, **sizes,
+        COMBINE_IN_LAST=workspace is not None, SCALED=scales is not None, **sizes,
     )  # fmt: skip
     if workspace is None:
         kernels.combine_splits[(sequences, row_blocks)](
@@ -243,10 +271,12 @@ def cdiv(a: int, b: int) -> int:
 def triton_flat_attention(query: torch.Tensor, layer, scaling: float, num_splits: int | None = None) -> torch.Tensor:
     """query (batch, heads, q_len, head_dim) over a FlatHeadwiseLayer's rows -> (batch, q_len, heads, head_dim).
 
-    The layer's buffers are contiguous (rows, head_dim) tensors of its dtype by construction, so a decode
-    step checks only the query (the full check runs when that cheap test fails, for its message).
+    The layer's buffers are contiguous (rows, head_dim) tensors of its kv_dtype by construction (fp8 ones with
+    their (rows,) scales), so a decode step checks only the query (the full check runs when that cheap test
+    fails, for its message).
     Single-token steps reuse the layer's split workspace; longer appends allocate theirs (it grows with
     the number of query tokens and should not stay allocated)."""
+    scales = (layer.key_scales, layer.value_scales) if layer.key_scales is not None else None
     if not (
         query.dtype == layer.dtype
         and query.is_cuda
@@ -256,9 +286,9 @@ def triton_flat_attention(query: torch.Tensor, layer, scaling: float, num_splits
         and layer.head_dim <= MAX_HEAD_DIM
         and query.shape[1] % layer.num_heads == 0
     ):
-        check_inputs(query, layer.keys, layer.values, layer.num_heads)
+        check_inputs(query, layer.keys, layer.values, layer.num_heads, scales)
     workspace = layer.split_workspace if query.shape[-2] == 1 else None
     return _launch(
         query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, layer.num_heads, layer.max_length,
-        scaling, num_splits, None, None, 0, workspace,
+        scaling, num_splits, None, None, 0, workspace, scales,
     )  # fmt: skip

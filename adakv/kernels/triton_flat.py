@@ -10,11 +10,18 @@ limit grows with the row index). Query token j sees key rows < length - query_le
 
 `partial_attention` (grid: sequences x splits x query-row blocks) attends one chunk of one sequence's
 keys with an online softmax in fp32 and writes the chunk's normalised output and log2-sum-exp.
+With SCALED, K and V hold float8_e4m3fn codes and K_scales/V_scales (rows,) float32 one scale per row
+(adakv.kernels.fp8_reference): codes are converted to the query's dtype (exact), and since a row's scale is
+one number, it multiplies that key's logit and that value's softmax weight instead of every element.
 `combine_splits` (grid: sequences x query-row blocks) merges the chunks and writes
 (batch, query_length, heads, head_dim) in the query's dtype. With COMBINE_IN_LAST, `partial_attention`
 merges them itself: each program counts its chunk as done on a per-(sequence, row block) counter, and the
 program that finishes last merges and sets the counter back to 0 for the next call (one kernel per layer
 instead of two; a decode step in a CUDA graph then has no second launch and gap per layer).
+
+`append_fp8_rows` (grid: sequences) is the append of a layer that stores fp8 rows: it quantizes each new
+key and value row, writes codes and scales behind the sequence's used rows and advances its length, one
+launch per layer and step (adakv.kernels.fp8_append).
 """
 
 from __future__ import annotations
@@ -25,11 +32,11 @@ import triton.language as tl
 
 @triton.jit
 def partial_attention(
-    Q, K, V, offsets, lengths, partial_out, partial_lse, Out, counters,
+    Q, K, V, K_scales, V_scales, offsets, lengths, partial_out, partial_lse, Out, counters,
     stride_qb, stride_qh, stride_qt, stride_kv, stride_ob, stride_ot, stride_oh,
     qk_scale_log2, extra_length, num_kv_heads, query_length, num_splits,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, COMBINE_IN_LAST: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, COMBINE_IN_LAST: tl.constexpr, SCALED: tl.constexpr,
 ):  # fmt: skip
     sequence = tl.program_id(0)
     split = tl.program_id(1)
@@ -69,7 +76,11 @@ def partial_attention(
         kv_offsets = (start + cols)[:, None] * stride_kv + dims[None, :]
         kv_mask = col_valid[:, None] & dim_valid[None, :]
         k = tl.load(K + kv_offsets, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        if SCALED:
+            k = k.to(q.dtype)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        if SCALED:
+            scores = scores * tl.load(K_scales + start + cols, mask=col_valid, other=0.0)[None, :]
         visible = col_valid[None, :] & (cols[None, :] < visible_end[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
@@ -77,8 +88,12 @@ def partial_attention(
         p = tl.exp2(scores - safe_max[:, None])
         rescale = tl.exp2(running_max - safe_max)
         v = tl.load(V + kv_offsets, mask=kv_mask, other=0.0)
+        weights = p
+        if SCALED:
+            v = v.to(q.dtype)
+            weights = p * tl.load(V_scales + start + cols, mask=col_valid, other=0.0)[None, :]
         running_sum = running_sum * rescale + tl.sum(p, 1)
-        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=DOT_PRECISION)
         running_max = new_max
 
     has_keys = running_sum > 0
@@ -156,3 +171,52 @@ def _merge_splits(
     head = kv_head * GROUP + rows % GROUP
     pointers = Out + batch * stride_ob + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     tl.store(pointers, acc.to(Out.dtype.element_ty), mask=mask)
+
+
+
+@triton.jit
+def append_fp8_rows(
+    NewK, NewV, K, V, K_scales, V_scales, offsets, lengths, first_token,
+    new_tokens, stride_ns, stride_nt,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, FP8_MAX: tl.constexpr, HAS_FIRST: tl.constexpr,
+):  # fmt: skip
+    """Grid: sequences. Quantize sequence s's new keys/values (new_tokens, HEAD_DIM) from token first_token[s]
+    on into the rows behind its used ones, then advance lengths[s] (only this program reads it)."""
+    sequence = tl.program_id(0)
+    first = tl.load(first_token + sequence).to(tl.int32) if HAS_FIRST else 0
+    length = tl.load(lengths + sequence)
+    start = tl.load(offsets + sequence) + length - first  # the row of token 0 (int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < HEAD_DIM
+    for token in range(first, new_tokens):
+        source = sequence.to(tl.int64) * stride_ns + token * stride_nt
+        _quantize_row(NewK + source, K, K_scales, start + token, dims, dim_valid, HEAD_DIM, FP8_MAX)
+        _quantize_row(NewV + source, V, V_scales, start + token, dims, dim_valid, HEAD_DIM, FP8_MAX)
+    tl.store(lengths + sequence, length + new_tokens - first)
+
+
+@triton.jit
+def _quantize_row(Row, Codes, Scales, row, dims, dim_valid, HEAD_DIM: tl.constexpr, FP8_MAX: tl.constexpr):
+    """One row (HEAD_DIM values at Row) as e4m3 codes and one float32 scale, amax / FP8_MAX, at `row` of
+    Codes/Scales (the format of adakv.kernels.fp8_reference)."""
+    x = tl.load(Row + dims, mask=dim_valid, other=0.0).to(tl.float32)
+    scale = tl.math.div_rn(tl.max(tl.abs(x), 0), FP8_MAX)  # IEEE division, as torch divides
+    scale = tl.where(scale > 0, scale, 1.0)
+    codes = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX))
+    tl.store(Codes + row * HEAD_DIM + dims, codes.to(Codes.dtype.element_ty), mask=dim_valid)
+    tl.store(Scales + row, scale)
+
+
+@triton.jit
+def _round_to_e4m3(y):
+    """y (float32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, still in float32, so that the
+    conversion after it is exact: the same codes as torch's conversion, also under Triton's CPU interpreter
+    (whose own rounding mishandles a mantissa that rounds up into the next power of two)."""
+    bits = y.to(tl.int32, bitcast=True)
+    # normal e4m3 values (|y| >= 2^-6) keep 3 of float32's 23 mantissa bits: round the other 20 away
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    # below 2^-6 e4m3 steps by 2^-9: adding 1.5 * 2^14, whose float32 step is 2^-9, rounds |y| there
+    magnitude = tl.abs(y)
+    subnormal = (magnitude + 24576.0) - 24576.0
+    subnormal = tl.where(bits < 0, -subnormal, subnormal)  # the sign bit, kept for -0 too
+    return tl.where(magnitude < 0.015625, subnormal, normal)

@@ -72,9 +72,11 @@ def decoding_policy(press: BasePress) -> DecodingPress:
 @dataclass
 class DecodingRecompression:
     """The decoding-time state of one press session: per cache (dropped with it) and layer, the recent
-    inputs the next compression scores with."""
+    inputs the next compression scores with. kv_dtype: the block's press's (the layers it builds store rows
+    in it; None: the model's dtype)."""
 
     press: DecodingPress
+    kv_dtype: str | None = None
     recent: WeakKeyDictionary = field(default_factory=WeakKeyDictionary)
 
     def remember_context(self, cache, context: PrefillContext, new_context: bool) -> None:
@@ -116,4 +118,4 @@ class DecodingRecompression:
         if isinstance(layer, CompressedLayer):
             layer.keep_only(keep, slack=self.press.compression_interval)
         else:  # still dense: the first compression of this layer
-            cache.layers[index] = make_compressed_layer(backend, keys, values, keep, module.config)
+            cache.layers[index] = make_compressed_layer(backend, keys, values, keep, module.config, self.kv_dtype)

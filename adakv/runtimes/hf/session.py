@@ -77,12 +77,17 @@ from .replay import CacheReplay
 def block_backend(press: BasePress, config) -> str:
     """The backend `press` uses on a model with `config`: the explicit one, else "evict". With no backend
     set and a model the evict backend cannot serve, "mask" with one BackendFallbackWarning; an explicit
-    "evict" raises."""
+    "evict" raises, and so does a kv_dtype (which only the evict backend stores)."""
     backend, refusal = press.explicit_backend, evict_refusal(config)
     if refusal is None or backend == "mask" or getattr(press, "builds_no_layers", False):
         return backend or DEFAULT_BACKEND
     if backend == "evict":
         raise NotImplementedError(f"backend='evict' cannot serve this model: {refusal}. Use backend='mask'.")
+    if press.explicit_kv_dtype is not None:
+        raise ValueError(
+            f"{type(press).__name__} has kv_dtype={press.explicit_kv_dtype!r}, which only the evict backend stores, "
+            f"but {refusal}. Use kv_dtype=None (the mask backend then serves the model)."
+        )
     warnings.warn(
         f"{type(press).__name__} has no backend set, so it would evict, but {refusal}; it falls back to "
         "backend='mask' (the dense cache is kept, no memory is freed). Pass backend='mask' to silence this.",
@@ -92,28 +97,29 @@ def block_backend(press: BasePress, config) -> str:
     return "mask"
 
 
+def layer_from_keep(press: BasePress, context: PrefillContext, keep: torch.Tensor | None, backend: str | None):
+    """The cache layer holding `context`'s keys/values as `keep` (batch, kv_heads, seq) says, in the press's
+    kv_dtype, or None to keep the dense layer (keep None). With a kv_dtype set a layer the press leaves whole
+    (keep None) is stored in it too, keeping every available position. backend: the block's (None: chosen now
+    from the layer's config)."""
+    kv_dtype = press.explicit_kv_dtype
+    if keep is None and kv_dtype is None:
+        return None
+    config = context.module.config
+    keep = context.available if keep is None else keep
+    return make_compressed_layer(backend or block_backend(press, config), context.keys, context.values, keep, config, kv_dtype)
+
+
 def compressed_layer(press: BasePress, context: PrefillContext, backend: str | None = None):
     """The cache layer that replaces the dense one of `context` after `press` compressed it, or None to keep
-    it. backend: the block's (None: chosen now from the layer's config)."""
-    keep = press.compress(context)
-    if keep is None:
-        return None
-    backend = backend or block_backend(press, context.module.config)
-    return make_compressed_layer(backend, context.keys, context.values, keep, context.module.config)
+    it (see `layer_from_keep`)."""
+    return layer_from_keep(press, context, press.compress(context), backend)
 
 
 def compressed_layers_after_prefill(press: BasePress, prefill: WholePrefill, backend: str | None = None) -> list:
     """The cache layers (or None: keep the dense one) that replace those of `prefill.contexts`."""
     keeps = press.keep_masks_after_prefill(prefill)
-    layers = []
-    for context, keep in zip(prefill.contexts, keeps):
-        if keep is None:
-            layers.append(None)
-            continue
-        config = context.module.config
-        layer_backend = backend or block_backend(press, config)
-        layers.append(make_compressed_layer(layer_backend, context.keys, context.values, keep, config))
-    return layers
+    return [layer_from_keep(press, context, keep, backend) for context, keep in zip(prefill.contexts, keeps)]
 
 
 def whole_prefill(contexts, cache: Cache, decoder: nn.Module, input_ids=None, inputs_embeds=None, memo=None) -> WholePrefill:
@@ -133,7 +139,9 @@ class PressSession:
         self.press, self.model = press, model
         self.backend: str | None = None
         self.acceleration: Acceleration | None = None
-        self.decoding = DecodingRecompression(decoding_policy(press)) if press.compresses_during_decoding else None
+        self.decoding = None
+        if press.compresses_during_decoding:
+            self.decoding = DecodingRecompression(decoding_policy(press), kv_dtype=press.explicit_kv_dtype)
         self._receiving_chunks = False
         self._own_forwards = False
         self._prefill_parts: dict | None = None
@@ -321,10 +329,11 @@ class PressSession:
         if isinstance(layer, CompressedLayer):
             layer.fold_appended_into_context(context.available if keep is None else keep)
             return None
-        if keep is None:
+        kv_dtype = self.press.explicit_kv_dtype
+        if keep is None and kv_dtype is None:
             return None  # still nothing compressed in this layer: it stays dense
-        keep = torch.cat([earlier_real, keep], dim=-1)
-        return make_compressed_layer(self.backend, layer.keys, layer.values, keep, context.module.config)
+        keep = torch.cat([earlier_real, context.available if keep is None else keep], dim=-1)
+        return make_compressed_layer(self.backend, layer.keys, layer.values, keep, context.module.config, kv_dtype)
 
 
 class PressBlock:
