@@ -95,3 +95,19 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
     assert len(results) == 5
     for result in results:
         assert result["max_difference"] < 1e-5, result
+
+
+def test_the_kernel_benchmark_runs_and_matches_the_reference_in_the_interpreter(tmp_path):
+    """benchmarks/bench_paged_decode.py --smoke (CPU, Triton's interpreter, one tiny case, packed and dense)."""
+    if os.environ.get("ADAKV_SKIP_VLLM") == "1":
+        pytest.skip("ADAKV_SKIP_VLLM=1: the benchmark's smoke run needs the vLLM environment's Triton")
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `bash scripts/setup_vllm.sh` (or set ADAKV_SKIP_VLLM=1)")
+    run = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "benchmarks" / "bench_paged_decode.py"), "--smoke", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    data = json.loads((tmp_path / "paged_decode_smoke_cpu.json").read_text())
+    assert [row["layout"] for row in data["rows"]] == ["packed", "dense"]
+    assert all(row["max_difference"] < 1e-5 and row["limit_us"] > 0 for row in data["rows"])

@@ -1,0 +1,201 @@
+"""The vLLM runtime's packed-page decode kernel alone, against the bandwidth limit of the bytes it reads.
+
+Where the time of a compressed decode step in vLLM goes: this measures only the attention
+(`adakv.kernels.paged_decode.packed_decode_attention`, both Triton launches) on random pages in vLLM's
+layout, so a serving benchmark's ms/token can be split into attention and the rest. Per case (rows x
+kept pairs per KV head + tail tokens; 8 KV heads x 4 query heads, head_dim 128, bf16, blocks of 16 slots,
+each row's pages shuffled in a pool):
+
+- `eager_us`: one call as the eager backend makes it (host work and launches included), CUDA events;
+- `graph_us`: the same call replayed from a CUDA graph (GPU time, what full decode graphs pay);
+- `max_difference`: the output against the torch reference, relative to its largest value;
+- `limit_us`: keys and values read (rows x KV heads x (kept + tail) x head_dim x 2 x 2 bytes) over the
+  device-to-device copy bandwidth measured in the same run; `graph_us / limit_us` is the kernel's factor.
+
+A dense row (prompt_len 0, every token a tail token) of the same length is measured beside each case. On a
+CPU with TRITON_INTERPRET=1 (`--smoke`) it runs one tiny case with host timing: a check that the script
+works, not a figure.
+
+    python benchmarks/bench_paged_decode.py                       # -> results/paged_decode_<GPU>.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adakv.apps.provenance import provenance  # noqa: E402
+from adakv.kernels.device import multiprocessor_count  # noqa: E402
+from adakv.kernels.paged_decode import (  # noqa: E402
+    decode_plan,
+    packed_decode_attention,
+    packed_decode_reference,
+    split_chunk,
+)
+from adakv.kernels.triton_decode import block_sizes  # noqa: E402
+
+KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE = 8, 4, 128, 16
+CASES = ["1x8192+64", "1x32768+64", "8x8192+64", "32x8192+64", "96x8192+64"]
+
+
+def parse_case(case: str) -> tuple[int, int, int]:
+    """"ROWSxKEPT+TAIL" -> (rows, kept pairs per KV head, tail tokens)."""
+    rows, rest = case.split("x")
+    kept, tail = rest.split("+")
+    return int(rows), int(kept), int(tail)
+
+
+def packed_batch(rows: int, kept: int, tail: int, dense: bool, dtype, device) -> dict:
+    """Random pages holding `rows` requests in the packed layout (every KV head keeps `kept` pairs, so the
+    pairs fill the first `kept` slots) or dense (prompt_len 0: `kept + tail` tail tokens), and the
+    kernel's arguments."""
+    slots = kept + tail
+    blocks_per_row = -(-slots // BLOCK_SIZE)
+    pool = rows * blocks_per_row
+    cache = torch.randn(pool, BLOCK_SIZE, KV_HEADS, 2 * HEAD_DIM, dtype=dtype, device=device)
+    key_cache, value_cache = cache.transpose(1, 2).split(HEAD_DIM, dim=-1)
+    block_table = torch.randperm(pool, device=device).view(rows, blocks_per_row).int()
+    prompt_len = 0 if dense else kept
+    offsets = torch.zeros(2, KV_HEADS + 1, dtype=torch.int32, device=device)
+    offsets[1] = torch.arange(KV_HEADS + 1, dtype=torch.int32, device=device) * kept
+    plan = decode_plan(rows, KV_HEADS, multiprocessor_count(0) if device == "cuda" else 4)
+    block_n = block_sizes(GROUP, HEAD_DIM, dtype)["BLOCK_N"]
+    chunk = split_chunk(slots, plan, block_n)
+    rows_info = torch.tensor(
+        [[row, row, prompt_len, 0 if dense else 1, chunk] for row in range(rows)], dtype=torch.int32, device=device
+    )
+    return dict(
+        query=torch.randn(rows, KV_HEADS * GROUP, HEAD_DIM, dtype=dtype, device=device),
+        key_cache=key_cache, value_cache=value_cache, block_table=block_table,
+        seq_lens=torch.full((rows,), slots, dtype=torch.int32, device=device), rows_info=rows_info,
+        offset_table=offsets, scale=HEAD_DIM**-0.5, plan=plan,
+    )  # fmt: skip
+
+
+def reference_difference(batch: dict, out: torch.Tensor) -> float:
+    """Largest difference of the kernel's output from the torch reference, relative to the largest output."""
+    expected = torch.zeros_like(out)
+    packed_decode_reference(
+        batch["query"], batch["key_cache"], batch["value_cache"], batch["block_table"], batch["seq_lens"],
+        batch["rows_info"], batch["offset_table"], batch["scale"], expected,
+    )  # fmt: skip
+    return float((out.float() - expected.float()).abs().max() / expected.float().abs().max().clamp(min=1e-6))
+
+
+def call(batch: dict, out: torch.Tensor) -> None:
+    packed_decode_attention(
+        batch["query"], batch["key_cache"], batch["value_cache"], batch["block_table"], batch["seq_lens"],
+        batch["rows_info"], batch["offset_table"], batch["scale"], out, batch["plan"],
+    )  # fmt: skip
+
+
+def median_us(fn, repeats: int, device: str) -> float:
+    """Median µs of `fn` over `repeats` calls after 3 warm-up calls (CUDA events on a GPU, else the host)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1000)
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e6)
+    return statistics.median(times)
+
+
+def graph_replay(batch: dict, out: torch.Tensor):
+    """The call captured in a CUDA graph (after a warm-up on a side stream, as capture needs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call(batch, out)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call(batch, out)
+    return graph.replay
+
+
+def copy_bandwidth(device: str, gib: float = 2.0) -> float:
+    """Bytes per second of a device-to-device copy (read + write)."""
+    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    seconds = median_us(lambda: target.copy_(source), 10, device) / 1e6
+    return 2 * gib * 2**30 / seconds
+
+
+def measure(case: str, dense: bool, bandwidth: float, repeats: int, device: str, dtype) -> dict:
+    rows, kept, tail = parse_case(case)
+    batch = packed_batch(rows, kept, tail, dense, dtype, device)
+    out = torch.zeros_like(batch["query"])
+    bytes_read = rows * KV_HEADS * (kept + tail) * HEAD_DIM * 2 * dtype.itemsize
+    row = dict(case=case, layout="dense" if dense else "packed", rows=rows, kept=kept, tail=tail,
+               num_splits=batch["plan"].num_splits, bytes_read=bytes_read, limit_us=bytes_read / bandwidth * 1e6)  # fmt: skip
+    row["eager_us"] = median_us(lambda: call(batch, out), repeats, device)
+    row["max_difference"] = reference_difference(batch, out)
+    row["graph_us"] = median_us(graph_replay(batch, out), repeats, device) if device == "cuda" else None
+    if row["graph_us"] is not None:
+        row["graph_vs_limit"] = row["graph_us"] / row["limit_us"]
+    return row
+
+
+def render(data: dict) -> str:
+    meta = data["meta"]
+    lines = [
+        "# Packed-page decode attention (the vLLM runtime's kernel) against its bandwidth limit", "",
+        f"{meta.get('gpu')}, torch {meta.get('torch')}, triton {meta.get('triton')}, adakv {meta.get('adakv_commit')}, "
+        f"{meta.get('date')}; copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s. {KV_HEADS} KV heads x {GROUP} query "
+        f"heads, head_dim {HEAD_DIM}, {data['dtype']}, blocks of {BLOCK_SIZE}; one call = both launches.", "",
+        "| case | layout | splits | MB read | limit µs | eager µs | graph µs | graph / limit | vs reference |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for row in data["rows"]:
+        graph = "—" if row["graph_us"] is None else f"{row['graph_us']:.1f}"
+        factor = f"{row['graph_vs_limit']:.2f}x" if row.get("graph_vs_limit") else "—"
+        lines.append(
+            f"| {row['case']} | {row['layout']} | {row['num_splits']} | {row['bytes_read'] / 1e6:.1f} | "
+            f"{row['limit_us']:.1f} | {row['eager_us']:.1f} | {graph} | {factor} | {row['max_difference']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=CASES, help="ROWSxKEPT+TAIL per KV head")
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, one tiny case")
+    args = parser.parse_args()
+    device = "cpu" if args.smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device: give --smoke to check the script on a CPU (TRITON_INTERPRET=1)")
+    cases, repeats, dtype = (["2x40+3"], 1, torch.float32) if args.smoke else (args.cases, args.repeats, torch.bfloat16)
+    bandwidth = copy_bandwidth(device, gib=0.01 if args.smoke else 2.0)
+    rows = [measure(case, dense, bandwidth, repeats, device, dtype) for case in cases for dense in (False, True)]
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    meta = provenance(device)
+    data = dict(meta=meta, dtype=str(dtype).removeprefix("torch."), bandwidth_gb_s=bandwidth / 1e9, rows=rows)
+    name = "smoke_cpu" if args.smoke else (meta.get("gpu") or "gpu").replace(" ", "_")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"paged_decode_{name}.json"
+    path.write_text(json.dumps(data, indent=1))
+    path.with_suffix(".md").write_text(render(data))
+    print(render(data))
+
+
+if __name__ == "__main__":
+    main()
