@@ -1,5 +1,5 @@
 """Command line: `python -m adakv.evaluation run ...` / `adakv-eval run ...`, `... report RUN_DIR`,
-`... check RUN_DIR...` (committed tables against the raw results), `... tasks RUN_DIR` (the task filter, evaluation/suite.py), `... recommend RUN_A RUN_B` (evaluation/recommend.py), and the
+`... check RUN_DIR...` (committed tables against the raw results), `... tasks RUN_DIR` (the task filter, evaluation/suite.py), `... recommend RUN_A RUN_B` (evaluation/recommend.py), `... compare RUN_A RUN_B` (evaluation/compare.py), and the
 real instruct models: `build-model NAME`, `fetch-gguf NAME --out FILE`, `split-gguf FILE --out DIR`,
 `join-piece PIECE --manifest FILE --into FILE` (evaluation/models.py)."""
 
@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                            help="largest mean score loss against 'none' on A that a recommended ratio may have")
     recommend.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the 95%% intervals")
     recommend.add_argument("--out", default=None, help="folder for recommendation.md/.json (default: RUN_B)")
+    compare = commands.add_parser("compare", help="run B against run A on the same samples (one setting changed)")
+    compare.add_argument("run_a", help="the reference run folder (e.g. the model's dtype)")
+    compare.add_argument("run_b", help="the same sweep and seed with one setting changed (e.g. --kv-dtype float8_e4m3fn)")
+    compare.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the 95%% intervals")
+    compare.add_argument("--out", default=None, help="folder for comparison.md/.json (default: RUN_B)")
     add_model_commands(commands)
     return parser
 
@@ -179,6 +184,17 @@ def run_recommend(args) -> int:
     return 0
 
 
+def run_compare(args) -> int:
+    from .compare import compare, markdown, write_comparison
+
+    if args.resamples < 100:
+        raise ValueError(f"--resamples must be >= 100, got {args.resamples}.")
+    comparison = compare(args.run_a, args.run_b, args.resamples)
+    write_comparison(comparison, args.out or args.run_b)
+    print(markdown(comparison))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Misuse (an unknown name, a bad value, an --out that is a file, a report folder that is not a run
     folder, a missing file) ends as `adakv-eval COMMAND: error: ...` on stderr and exit status 2, as
@@ -201,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_task_filter(args)
         if args.command == "recommend":
             return run_recommend(args)
+        if args.command == "compare":
+            return run_compare(args)
         from .runner import run_sweep
 
         if args.threads is not None:

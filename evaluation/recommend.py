@@ -25,7 +25,7 @@ import pandas as pd
 from . import suite
 from .metrics import Interval, bootstrap_interval
 from .registry import NO_PRESS
-from .report import _markdown, check_run_folder
+from .report import _markdown, check_run_folder, write_markdown_and_json
 
 PAIR_KEYS = ["task", "context_length", "sample"]
 SAME_SWEEP = ("model", "context_lengths", "query_aware", "backend", "dtype")
@@ -195,10 +195,4 @@ def markdown(rec: Recommendation) -> str:
 
 def write_recommendation(rec: Recommendation, out: str) -> tuple[str, str]:
     """recommendation.md and recommendation.json in folder `out`; returns their paths."""
-    os.makedirs(out, exist_ok=True)
-    md, js = os.path.join(out, "recommendation.md"), os.path.join(out, "recommendation.json")
-    with open(md, "w") as handle:
-        handle.write(markdown(rec))
-    with open(js, "w") as handle:
-        json.dump(asdict(rec), handle, indent=2)
-    return md, js
+    return write_markdown_and_json(out, "recommendation", markdown(rec), asdict(rec))

@@ -110,6 +110,17 @@ def _markdown(table: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def write_markdown_and_json(out: str, stem: str, text: str, data: dict) -> tuple[str, str]:
+    """`stem`.md (text) and `stem`.json (data) in folder `out`, created if needed; returns their paths."""
+    os.makedirs(out, exist_ok=True)
+    md, js = os.path.join(out, f"{stem}.md"), os.path.join(out, f"{stem}.json")
+    with open(md, "w") as handle:
+        handle.write(text)
+    with open(js, "w") as handle:
+        json.dump(data, handle, indent=2)
+    return md, js
+
+
 def score_grid(summary: pd.DataFrame) -> pd.DataFrame:
     """press x ratio grid of "mean ± ci" strings."""
     labels = [f"{s:.3f} ± {c:.3f}" if c == c else f"{s:.3f}" for s, c in zip(summary.score, summary.ci95)]
