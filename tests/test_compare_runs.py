@@ -56,3 +56,11 @@ def test_runs_on_other_samples_are_refused(tmp_path, capsys):
     other = write_run(tmp_path / "c", 0, {("niah_multikey", "snapkv", 0.5): scores(3)})
     with pytest.raises(ValueError, match="share no \\(press, ratio\\)"):
         compare(run_a, other)
+
+
+def test_misuse_of_the_command_names_what_was_wrong(tmp_path, capsys):
+    run_a, run_b = bf16_and_fp8(tmp_path)
+    assert main(["compare", run_a, run_b, "--resamples", "10"]) == 2
+    assert "--resamples must be >= 100, got 10" in capsys.readouterr().err
+    assert main(["compare", run_a, str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
