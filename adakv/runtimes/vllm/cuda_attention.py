@@ -99,7 +99,7 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
         served = served_requests()
         if served is None:
             raise RuntimeError("adakv's CUDA attention backend runs with adakv's worker (engine_args sets both)")
-        # finished requests reach the worker one step late: room for two engines' worth of running requests
+        # finished requests reach the worker a step late: rows for twice the requests that can run at once
         served.allocate_offset_tables(self.num_layers, self.num_heads_kv, 2 * max_num_seqs, device)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
