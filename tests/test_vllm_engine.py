@@ -193,3 +193,18 @@ def test_needle_tasks_through_the_engine_answer_as_the_transformers_runtime(tmp_
     result = json.loads(out.read_text())
     assert len(result["rows"]) == 3 and all(row["prompt_tokens"] > 400 for row in result["rows"])
     assert result["summary"]["same_tokens"] >= 2 / 3, result["rows"]
+
+
+def test_full_graphs_are_given_up_only_while_a_compressed_prompt_runs(tmp_path):
+    """The CUDA worker's wrap of vLLM's graph dispatch (cuda_worker.eager_while_compressing), without a GPU."""
+    run = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_engine" / "check_dispatch.py")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-4000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result == {
+        "FULL while decoding": "FULL", "PIECEWISE while decoding": "PIECEWISE",
+        "FULL while a prompt runs": "NONE", "PIECEWISE while a prompt runs": "PIECEWISE",
+        "FULL while a prompt runs: tokens, requests": [4, 3], "PIECEWISE while a prompt runs: tokens, requests": [4, 3],
+    }  # fmt: skip
