@@ -142,8 +142,10 @@ def measure(case: str, dense: bool, bandwidth: float, repeats: int, device: str,
     batch = packed_batch(rows, kept, tail, dense, dtype, device)
     out = torch.zeros_like(batch["query"])
     bytes_read = rows * KV_HEADS * (kept + tail) * HEAD_DIM * 2 * dtype.itemsize
-    row = dict(case=case, layout="dense" if dense else "packed", rows=rows, kept=kept, tail=tail,
-               num_splits=batch["plan"].num_splits, bytes_read=bytes_read, limit_us=bytes_read / bandwidth * 1e6)  # fmt: skip
+    row = dict(
+        case=case, layout="dense" if dense else "packed", rows=rows, kept=kept, tail=tail,
+        num_splits=batch["plan"].num_splits, bytes_read=bytes_read, limit_us=bytes_read / bandwidth * 1e6,
+    )  # fmt: skip
     row["eager_us"] = median_us(lambda: call(batch, out), repeats, device)
     row["max_difference"] = reference_difference(batch, out)
     row["graph_us"] = median_us(graph_replay(batch, out), repeats, device) if device == "cuda" else None

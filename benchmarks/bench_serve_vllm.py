@@ -183,18 +183,19 @@ def render(data: dict) -> str:
             f"- {method}: {meta.get('gpu')}, vllm {meta.get('vllm')}, torch {meta.get('torch')}, adakv "
             f"{meta.get('adakv_commit')}, {meta.get('date')}; engine {json.dumps(meta.get('engine'))}"
         )
+    columns = ["measure", "method", "batch", "context", "ratio", "tokens/s", "max running", "ms/token", "TTFT p50 s",
+               "TTFT p95 s", "vs dense tokens/s", "CUDA graphs", "adakv"]  # fmt: skip
     lines += ["", "measure: saturation = all requests at once, over the whole call (prefill included); decode = one "
               "step over that many running requests, (T(65 + 256) - T(65)) / 256; batch1 = the same for one request.",
-              "", "| measure | method | batch | context | ratio | tokens/s | max running | ms/token | TTFT p50 s | TTFT p95 s | vs dense tokens/s | CUDA graphs | adakv |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
+              "", "| " + " | ".join(columns) + " |", "|---|---|" + "---:|" * 9 + "---|---|"]  # fmt: skip
     dense = {(r["measure"], r["context"]): r for r in data["rows"] if r["method"] == "vllm-dense"}
     for row in sorted(data["rows"], key=lambda r: (r["measure"], -r["batch"], r["context"], r["method"], r["ratio"])):
         base = dense.get((row["measure"], row["context"]))
         versus = f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "—"
         lines.append(
-            f"| {row['measure']} | {row['method']} | {row['batch']} | {row['context']} | {row['ratio']} | {row['tokens_per_s']:.0f} | "
-            f"{row['max_running']} | {row['decode_ms']:.2f} | {row['ttft_p50_s']:.2f} | {row['ttft_p95_s']:.2f} | {versus} | "
-            f"{row['cudagraph_mode']} | {(row.get('adakv_commit') or '')[:7]} |"
+            f"| {row['measure']} | {row['method']} | {row['batch']} | {row['context']} | {row['ratio']} | "
+            f"{row['tokens_per_s']:.0f} | {row['max_running']} | {row['decode_ms']:.2f} | {row['ttft_p50_s']:.2f} | "
+            f"{row['ttft_p95_s']:.2f} | {versus} | {row['cudagraph_mode']} | {(row.get('adakv_commit') or '')[:7]} |"
         )
     notes = [row for row in data["rows"] if row.get("note")]
     if notes:

@@ -79,12 +79,10 @@ def compare(run_a: str, run_b: str, resamples: int = 2000) -> Comparison:
     overall = [d for p, r in shared if (d := difference(results_a, results_b, p, r, "all", resamples))]
     if not overall:
         raise ValueError(f"{run_a} and {run_b} share no (press, ratio) on the same samples: nothing to compare.")
-    per_task = [
-        d
-        for task in sorted(set(results_a.task) & set(results_b.task))
-        for p, r in shared
-        if (d := difference(results_a[results_a.task == task], results_b[results_b.task == task], p, r, task, resamples))
-    ]
+    per_task = []
+    for task in sorted(set(results_a.task) & set(results_b.task)):
+        task_a, task_b = results_a[results_a.task == task], results_b[results_b.task == task]
+        per_task += [d for p, r in shared if (d := difference(task_a, task_b, p, r, task, resamples))]
     return Comparison(run_a, run_b, settings, overall, per_task)
 
 

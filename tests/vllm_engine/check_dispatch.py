@@ -17,7 +17,9 @@ from adakv.runtimes.vllm.settings import ServingPress
 
 def vllms_dispatch(mode: CUDAGraphMode):
     def dispatch(num_reqs, num_tokens, uniform_token_count, num_active_loras=0):
-        return BatchExecutionDescriptor(cg_mode=mode, num_tokens=num_tokens, num_reqs=num_reqs, num_active_loras=num_active_loras)
+        return BatchExecutionDescriptor(
+            cg_mode=mode, num_tokens=num_tokens, num_reqs=num_reqs, num_active_loras=num_active_loras
+        )
 
     return dispatch
 
@@ -25,10 +27,11 @@ def vllms_dispatch(mode: CUDAGraphMode):
 def main() -> None:
     served = requests._SERVED = ServedRequests(ServingPress("adakv_snapkv", 0.75))
     setting = ServingPress("adakv_snapkv", 0.75)
-    served.by_id["decoding"] = ServedRequest("decoding", setting, prompt_len=100, first_block=0, computed=103, scheduled=1)
+    served.by_id["decoding"] = ServedRequest("decoding", setting, 100, first_block=0, computed=103, scheduled=1)
     results = {}
     for mode in (CUDAGraphMode.FULL, CUDAGraphMode.PIECEWISE):
-        results[f"{mode.name} while decoding"] = eager_while_compressing(vllms_dispatch(mode))(4, 4, 1, num_active_loras=0).cg_mode.name
+        desc = eager_while_compressing(vllms_dispatch(mode))(4, 4, 1, num_active_loras=0)
+        results[f"{mode.name} while decoding"] = desc.cg_mode.name
     served.by_id["prompt"] = ServedRequest("prompt", setting, prompt_len=100, first_block=8, computed=99, scheduled=1)
     for mode in (CUDAGraphMode.FULL, CUDAGraphMode.PIECEWISE):
         desc = eager_while_compressing(vllms_dispatch(mode))(3, 4, 1, num_active_loras=0)

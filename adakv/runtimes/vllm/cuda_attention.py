@@ -170,7 +170,9 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
             rows_info = buffer[: len(host_rows)]
             rows_info.copy_(host, non_blocking=True)
         compressed = any(info[2] > 0 for info in batch.rows_info)
-        return DecodeRows(rows_info=rows_info, seq_lens=seq_lens, plan=plan, only_decode=only_decode, compressed=compressed)
+        return DecodeRows(
+            rows_info=rows_info, seq_lens=seq_lens, plan=plan, only_decode=only_decode, compressed=compressed
+        )
 
 
 class CompressingFlashImpl(FlashAttentionImpl):
@@ -203,13 +205,15 @@ class CompressingFlashImpl(FlashAttentionImpl):
             if decode.compressed and not torch.cuda.is_current_stream_capturing():  # graph replays count nothing
                 served.decode_launches += 1
                 if CHECK_DECODE:
-                    self._check_decode(query, key_cache, value_cache, attn_metadata.block_table, decode, offsets, heads_out)
+                    block_table = attn_metadata.block_table
+                    self._check_decode(query, key_cache, value_cache, block_table, decode, offsets, heads_out)
         return output
 
     def _check_decode(self, query, key_cache, value_cache, block_table, decode, offsets, heads_out) -> None:
         reference = torch.zeros_like(heads_out)
         packed_decode_reference(
-            query, key_cache, value_cache, block_table, decode.seq_lens, decode.rows_info, offsets, self.scale, reference
+            query, key_cache, value_cache, block_table, decode.seq_lens, decode.rows_info, offsets, self.scale,
+            reference,
         )
         tokens = decode.rows_info[decode.rows_info[:, 2] > 0, 0].long()  # the compressed rows
         ours, theirs = heads_out[tokens].float(), reference[tokens].float()

@@ -58,7 +58,10 @@ def eager_while_compressing(dispatch):
         served = served_requests()
         if desc.cg_mode == CUDAGraphMode.FULL and served is not None and served.compresses_this_step():
             return BatchExecutionDescriptor(
-                cg_mode=CUDAGraphMode.NONE, num_tokens=num_tokens, num_reqs=num_reqs, num_active_loras=desc.num_active_loras
+                cg_mode=CUDAGraphMode.NONE,
+                num_tokens=num_tokens,
+                num_reqs=num_reqs,
+                num_active_loras=desc.num_active_loras,
             )
         return desc
 

@@ -138,7 +138,9 @@ def full_decode_graphs(additional_config: Any) -> bool:
     values = additional_config.get(CONFIG_KEY) if isinstance(additional_config, Mapping) else None
     flag = values.get("full_decode_graphs", False) if isinstance(values, Mapping) else False
     if not isinstance(flag, bool):
-        raise ValueError(f'additional_config["{CONFIG_KEY}"]["full_decode_graphs"] must be true or false, got {flag!r}.')
+        raise ValueError(
+            f'additional_config["{CONFIG_KEY}"]["full_decode_graphs"] must be true or false, got {flag!r}.'
+        )
     return flag
 
 
