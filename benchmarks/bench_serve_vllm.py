@@ -243,7 +243,9 @@ def main() -> None:
     llm = build_engine(args)
     meta = dict(provenance("cuda"), engine=engine_facts(llm), engine_start_s=time.perf_counter() - started)
     if args.method == "adakv":  # the mode its worker runs (the front end's config keeps the one asked for)
-        meta["engine"]["cudagraph_mode"] = llm.collective_rpc("adakv_stats")[0]["cudagraph_mode"]
+        stats = llm.collective_rpc("adakv_stats")[0]
+        meta["engine"]["cudagraph_mode"] = stats["cudagraph_mode"]
+        meta["engine_start_timings_s"] = stats["start_timings_s"]
     method_names = {"dense": "vllm-dense", "adakv": f"adakv-vllm-{args.press}"}
     ratios = [None] if args.method == "dense" else args.ratios
     warm_up = min(2048, args.max_model_len // 2)

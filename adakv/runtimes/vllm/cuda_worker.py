@@ -9,6 +9,8 @@ runs eagerly).
 
 from __future__ import annotations
 
+import time
+
 from vllm.v1.worker.gpu_worker import Worker
 
 from .requests import served_requests
@@ -41,9 +43,20 @@ class CompressingCUDAWorker(CompressionSteps, Worker):
         runner.prepare_inputs = recording_batch_order
 
     def compile_or_warm_up_model(self, *args, **kwargs):
-        manager = getattr(self.model_runner, "cudagraph_manager", None)
+        runner = self.model_runner
+        manager = getattr(runner, "cudagraph_manager", None)
         if manager is not None:
             manager.dispatch = eager_while_compressing(manager.dispatch)
+        capture_model = runner.capture_model
+
+        def timed_capture(*capture_args, **capture_kwargs):
+            started = time.perf_counter()
+            try:
+                return capture_model(*capture_args, **capture_kwargs)
+            finally:
+                self._adakv_time("capture_model_s", time.perf_counter() - started)
+
+        runner.capture_model = timed_capture  # where an engine's start goes (adakv_stats)
         return super().compile_or_warm_up_model(*args, **kwargs)
 
 

@@ -7,6 +7,8 @@ The worker keeps the process's `ServedRequests` up to date from each step's `Sch
 
 from __future__ import annotations
 
+import time
+
 from .requests import served_requests
 from .settings import CONFIG_KEY, check_engine
 
@@ -15,6 +17,7 @@ class CompressionSteps:
     """The part shared by the CPU and CUDA workers."""
 
     _adakv_warming_up = False
+    _adakv_timings: dict[str, float] | None = None  # seconds of the engine's start phases (adakv_stats)
 
     def _adakv_registry(self):
         served = served_requests()
@@ -32,10 +35,15 @@ class CompressionSteps:
         """vLLM's warm-up runs made-up requests (pages never written, default sampling parameters) through
         execute_model: they are served dense, and never enter the registry."""
         self._adakv_warming_up = True
+        started = time.perf_counter()
         try:
             return super().compile_or_warm_up_model(*args, **kwargs)
         finally:
             self._adakv_warming_up = False
+            self._adakv_time("compile_or_warm_up_s", time.perf_counter() - started)
+
+    def _adakv_time(self, phase: str, seconds: float) -> None:
+        self._adakv_timings = {**(self._adakv_timings or {}), phase: seconds}
 
     def adakv_packings(self) -> dict[str, dict[int, list[list[int]]]]:
         """Requests kept for inspection (the last `keep_finished` finished ones, and those not yet known
@@ -54,10 +62,12 @@ class CompressionSteps:
         """Counters of this worker's attention backend: eager packed-page decode launches that served
         compressed rows (full CUDA graph replays count none), when ADAKV_VLLM_CHECK_DECODE=1 the kernel's
         largest difference from the torch reference per launch, and the CUDA graph mode the worker runs
-        (the engine lowers the one asked for where a backend cannot do it)."""
+        (the engine lowers the one asked for where a backend cannot do it), and the seconds of the engine's
+        start phases the worker timed (compile and warm-up as a whole; on CUDA also graph capture)."""
         served = self._adakv_registry()
         return {
             "decode_launches": served.decode_launches,
             "decode_differences": served.decode_differences,
             "cudagraph_mode": self.vllm_config.compilation_config.cudagraph_mode.name,
+            "start_timings_s": dict(self._adakv_timings or {}),
         }
