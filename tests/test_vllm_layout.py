@@ -252,7 +252,7 @@ def test_uniform_decode_batch_takes_every_row_dense_ones_as_tail_and_padding_emp
     setting = ServingPress("adakv_snapkv", 0.75)
     decoding = ServedRequest("b", setting, prompt_len=100, first_block=7, computed=103, scheduled=1, table_row=4)
     decoding.longest_head = 60
-    batch = uniform_decode_batch([None, decoding, None, None], num_reqs=3, seq_lens_bound=[50, 104, 9, 0])
+    batch = uniform_decode_batch([None, decoding, None], batch_rows=4, seq_lens_bound=[50, 104, 9, 0])
     assert batch.decoding == [True] * 4
     assert batch.rows_info == [
         [0, 0, 0, DENSE_TABLE_ROW, 50],

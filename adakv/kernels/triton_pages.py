@@ -10,8 +10,9 @@ lane = h). A slot s is row s % block_size of page block_table[s // block_size]. 
 
 `partial_attention` (grid: rows x kv_heads x splits) attends one chunk of that sequence (the row's
 `chunk` keys; the last split to the sequence's end) for the head's GQA group with an online softmax in
-fp32 and writes the chunk's normalised output and log2-sum-exp; programs past the sequence's end return at once. `combine_splits` (grid:
-rows x kv_heads) merges the chunks the sequence has and writes the output in the query's dtype.
+fp32 and writes the chunk's normalised output and log2-sum-exp; programs past the sequence's end return
+at once. `combine_splits` (grid: rows x kv_heads) merges the chunks the sequence has and writes the
+output in the query's dtype.
 
 rows_info: (rows, 5) int32: query token index, batch row (its block-table row and its entry of
 seq_lens), prompt_len (-1: an empty row, e.g. a CUDA graph's padding; 0: a dense row, all tail),

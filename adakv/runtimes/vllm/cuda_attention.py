@@ -128,15 +128,12 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
     def _build_uniform_decode(self, common_prefix_len, common, fast_build, rows):
         """One new token per row: every row through the kernel (padding rows empty), from the persistent
         rows buffer."""
-        num_reqs = common.num_reqs
-        rows = rows + [None] * (num_reqs - len(rows))
-        # the step's requests (recorded by the worker); at a graph's capture, whatever was last: nothing
-        # captured depends on the rows' values
-        real_rows = min(len(served_requests().batch_req_ids), num_reqs)
+        num_reqs = common.num_reqs  # the step's requests (`rows`, recorded by the worker) and the padding;
+        # at a graph's capture `rows` are whatever was last: nothing captured depends on the rows' values
         bound = common.seq_lens_cpu_upper_bound
         bounds = bound[:num_reqs].tolist() if bound is not None else []
         bounds += [common.max_seq_len] * (num_reqs - len(bounds))
-        batch = uniform_decode_batch(rows, real_rows, bounds)
+        batch = uniform_decode_batch(rows, num_reqs, bounds)
         metadata = super().build(common_prefix_len, common, fast_build)
         return CompressingFlashMetadata(
             **self._fields_of(metadata),

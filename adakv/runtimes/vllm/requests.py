@@ -191,20 +191,21 @@ def decode_batch(rows: list[ServedRequest | None], num_layers: int, query_start:
     return DecodeBatch(decoding=decoding, rows_info=rows_info)
 
 
-def uniform_decode_batch(rows: list[ServedRequest | None], num_reqs: int, seq_lens_bound: list[int]) -> DecodeBatch:
+def uniform_decode_batch(rows: list[ServedRequest | None], batch_rows: int, seq_lens_bound: list[int]) -> DecodeBatch:
     """A batch of one new token per row (what vLLM replays from full CUDA graphs): every row through the
-    kernel, compressed ones from their packed pairs, dense ones as all tail, and the rows past `num_reqs`
-    (a graph's padding) empty. rows: the compressed request of each batch row, padding included (None);
-    seq_lens_bound: an upper bound of each row's tokens (it sizes the splits only)."""
+    kernel, compressed ones from their packed pairs, dense ones as all tail, and the rows past the step's
+    requests up to `batch_rows` (a graph's padding) empty. rows: the compressed request (or None) of each
+    of the step's requests; seq_lens_bound: an upper bound of each row's tokens (it sizes the splits only)."""
     rows_info = []
-    for row, request in enumerate(rows):
+    for row in range(batch_rows):
+        request = rows[row] if row < len(rows) else None
         if request is not None:
             rows_info.append(_packed_row(row, row, request))
-        elif row < num_reqs:
+        elif row < len(rows):
             rows_info.append([row, row, 0, DENSE_TABLE_ROW, seq_lens_bound[row]])
         else:
             rows_info.append([row, row, EMPTY_ROW, DENSE_TABLE_ROW, 0])
-    return DecodeBatch(decoding=[True] * len(rows), rows_info=rows_info)
+    return DecodeBatch(decoding=[True] * batch_rows, rows_info=rows_info)
 
 
 _SERVED: ServedRequests | None = None
