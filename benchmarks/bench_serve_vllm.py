@@ -13,8 +13,8 @@ with prefix caching off and the same `--gpu-memory-utilization`.
 - batch 1: per `--batch1` context, (T(65 + 256 tokens) - T(65 tokens)) / 256 through generate, and the
   TTFT of one request alone.
 
-Each run merges its rows into serve_vllm_<GPU>.json (rows keyed by method, batch, context, ratio and the CUDA
-graph mode the worker ran, each with the commit measured) and rewrites the .md beside it, so the methods
+Each run merges its rows into serve_vllm_<GPU>.json (rows keyed by measure, method, batch, context, ratio and
+the CUDA graph mode the worker ran, each with the commit measured) and rewrites the .md beside it, so the methods
 can run in separate processes of one lease.
 
     python benchmarks/bench_serve_vllm.py --make-checkpoint /tmp/llama8b
@@ -78,19 +78,30 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
     return best
 
 
+def concurrency_figures(outputs) -> dict:
+    """The most requests running at once (from their scheduled and last-token times) and TTFT p50 / p95
+    of one `generate` call's outputs."""
+    metrics = [output.metrics for output in outputs]
+    ttft = [m.first_token_latency for m in metrics]
+    return dict(
+        max_running=most_at_once([(m.scheduled_ts, m.last_token_ts) for m in metrics]),
+        ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
+    )  # fmt: skip
+
+
 def saturation(llm, method: str, ratio: float | None, requests: int, context: int, new_tokens: int) -> dict:
     prompts = [prompt_ids(context, 1000 + i) for i in range(requests)]
     start = time.perf_counter()
     outputs = llm.generate(prompts, [params(new_tokens, ratio)] * requests, use_tqdm=False)
     wall = time.perf_counter() - start
-    metrics = [output.metrics for output in outputs]
     produced = sum(len(output.outputs[0].token_ids) for output in outputs)
-    per_token = [(m.last_token_ts - m.first_token_ts) / max(m.num_generation_tokens - 1, 1) for m in metrics]
-    ttft = [m.first_token_latency for m in metrics]
+    per_token = [
+        (m.last_token_ts - m.first_token_ts) / max(m.num_generation_tokens - 1, 1) for m in (o.metrics for o in outputs)
+    ]
     return dict(
         measure="saturation", method=method, batch=requests, context=context, ratio=ratio or 0.0, new_tokens=new_tokens,
-        tokens_per_s=produced / wall, wall_s=wall, max_running=most_at_once([(m.scheduled_ts, m.last_token_ts) for m in metrics]),
-        decode_ms=1000 * statistics.mean(per_token), ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
+        tokens_per_s=produced / wall, wall_s=wall, decode_ms=1000 * statistics.mean(per_token),
+        **concurrency_figures(outputs),
     )  # fmt: skip
 
 
@@ -108,13 +119,10 @@ def decode_at_concurrency(
         outputs = llm.generate(prompts, [params(count, ratio)] * concurrency, use_tqdm=False)
         walls[count] = time.perf_counter() - start
     step_s = (walls[short + new_tokens] - walls[short]) / new_tokens
-    metrics = [output.metrics for output in outputs]
-    ttft = [m.first_token_latency for m in metrics]
     return dict(
         measure="decode", method=method, batch=concurrency, context=context, ratio=ratio or 0.0, new_tokens=new_tokens,
-        tokens_per_s=concurrency / step_s, wall_s=walls[short + new_tokens],
-        max_running=most_at_once([(m.scheduled_ts, m.last_token_ts) for m in metrics]), decode_ms=1000 * step_s,
-        ttft_p50_s=percentile(ttft, 0.5), ttft_p95_s=percentile(ttft, 0.95),
+        tokens_per_s=concurrency / step_s, wall_s=walls[short + new_tokens], decode_ms=1000 * step_s,
+        **concurrency_figures(outputs),
     )  # fmt: skip
 
 

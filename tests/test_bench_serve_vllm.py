@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_serve_vllm as bench  # noqa: E402
@@ -41,3 +43,21 @@ def test_rows_of_another_graph_mode_or_measure_are_kept_and_the_same_row_is_repl
 def test_most_at_once_counts_overlapping_intervals():
     assert bench.most_at_once([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == 2
     assert bench.most_at_once([(0, 10), (1, 2), (3, 4), (1.5, 3.5)]) == 3
+
+
+def test_saturation_figures_from_the_requests_timestamps(monkeypatch):
+    """Three requests (scheduled, first token, last token of 3): at most 2 run at once; ms per token is
+    the mean of (last - first) / 2."""
+    from types import SimpleNamespace as Of
+
+    outputs = [
+        Of(metrics=Of(first_token_latency=ttft, scheduled_ts=start, first_token_ts=start + 0.5, last_token_ts=end,
+                      num_generation_tokens=3), outputs=[Of(token_ids=[1, 2, 3])])
+        for ttft, start, end in [(1.0, 0.0, 2.5), (2.0, 1.0, 3.5), (3.0, 2.75, 4.25)]
+    ]  # fmt: skip
+    monkeypatch.setattr(bench, "params", lambda count, ratio: count)
+    llm = Of(generate=lambda prompts, params, use_tqdm: outputs)
+    row = bench.saturation(llm, "vllm-dense", None, requests=3, context=8, new_tokens=3)
+    assert row["max_running"] == 2 and (row["ttft_p50_s"], row["ttft_p95_s"]) == (2.0, 3.0)
+    assert row["decode_ms"] == pytest.approx(1000 * (1.0 + 1.0 + 0.5) / 3)
+    assert row["measure"] == "saturation" and row["tokens_per_s"] > 0
