@@ -39,7 +39,10 @@ class ScaledRows:
 def quantize(rows: torch.Tensor) -> ScaledRows:
     """rows (..., head_dim) of any float dtype -> ScaledRows with one scale per row (amax / 448)."""
     rows = rows.float()
-    scales = rows.abs().amax(dim=-1) / FP8_MAX
+    amax = rows.abs().amax(dim=-1)
+    # a tensor divisor: torch on CUDA multiplies by the reciprocal of a Python scalar divisor, which can
+    # differ from the division (the format, and the Triton append kernel, divide) in the last bit
+    scales = amax / torch.full_like(amax, FP8_MAX)
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     # the division may land a hair above 448, which e4m3fn (no infinity) would turn into NaN
     codes = (rows / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
