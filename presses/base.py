@@ -30,9 +30,11 @@ class PrefillContext:
     `attentions` is None).
 
     keys/values: (batch, kv_heads, seq, head_dim), rotated keys as stored in the cache.
-    hidden_states: (batch, seq, hidden), the layer's input; None where the runtime does not have it (vLLM's
-        attention backend sees queries, keys and values only).
-    position_embeddings: (cos, sin), each (batch, seq, rotary_dim); None with hidden_states.
+    hidden_states: (batch, rows, hidden), the layer's input at the last `rows` positions (`input_rows`): rows =
+        seq for a whole context, fewer where the runtime keeps only what the press tree reads (a whole prefill:
+        `BasePress.layer_input_rows`; DecodingPress: its buffer). None where the runtime does not have it
+        (vLLM's attention backend sees queries, keys and values only) or the press tree reads none of it.
+    position_embeddings: (cos, sin), each (batch, rows, rotary_dim), the same positions; None with hidden_states.
     attentions: (batch, heads, seq, seq) or None (only eager attention returns weights).
     available: (batch, kv_heads, seq) bool, positions that may be kept (real tokens not yet pruned).
     module: the transformers attention module, None outside transformers.
@@ -65,6 +67,44 @@ class PrefillContext:
         """The scale the layer's attention multiplies its logits by."""
         return self.module.scaling if self.scaling is None else self.scaling
 
+    @property
+    def input_rows(self) -> int:
+        """How many of the newest positions `hidden_states` and `position_embeddings` cover (0 without them)."""
+        return 0 if self.hidden_states is None else self.hidden_states.shape[-2]
+
+    def newest_inputs(self, count: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """hidden_states (batch, count, hidden) and (cos, sin), each (batch, count, rotary_dim), of the last `count`
+        positions. A ValueError when the context holds fewer: a press reads at most its `hidden_states_rows`."""
+        held = self.input_rows
+        if held < count:
+            raise ValueError(
+                f"this context holds the layer inputs (hidden states, cos/sin) of its last {held} positions, and "
+                f"{count} were asked for. The runtime keeps only the rows the press tree declares it reads "
+                "(BasePress.hidden_states_rows; None: all): a press that reads more must declare more."
+            )
+        cos, sin = self.position_embeddings
+        start = held - count
+        return self.hidden_states[:, start:], (cos[:, start:], sin[:, start:])
+
+    def check_holds_every_input_row(self, reader: str) -> None:
+        """Raise a ValueError unless the hidden states and cos/sin cover every position (`reader` needs them all)."""
+        if self.input_rows != self.seq_len:
+            raise ValueError(
+                f"{reader} needs the layer inputs (hidden states, cos/sin) of every position, but this context holds "
+                f"those of its last {self.input_rows} of {self.seq_len} positions. A press that reads them at other "
+                "positions than the newest must declare hidden_states_rows None (all)."
+            )
+
+    def keeping_newest_inputs(self, rows: int | None) -> PrefillContext:
+        """The context with the hidden states and cos/sin of its last `rows` positions only (None: all, this
+        context; 0: none), copied, so the full tensors are not kept alive by a view of them."""
+        if rows is None or rows >= self.input_rows:
+            return self
+        if rows == 0:
+            return replace(self, hidden_states=None, position_embeddings=None)
+        hidden_states, (cos, sin) = self.newest_inputs(rows)
+        return replace(self, hidden_states=hidden_states.clone(), position_embeddings=(cos.clone(), sin.clone()))
+
     def last_queries(self, count: int) -> torch.Tensor:
         """(batch, heads, count, head_dim): the rotated queries of the last `count` context positions."""
         if self.recent_queries is not None:
@@ -74,8 +114,8 @@ class PrefillContext:
             return self.recent_queries[..., held - count :, :]
         if self.hidden_states is None or self.module is None:
             raise ValueError("this runtime gives presses neither queries nor the hidden states to compute them from.")
-        cos, sin = self.position_embeddings
-        return queries(self.module, self.hidden_states[:, -count:], (cos[:, -count:], sin[:, -count:]))
+        hidden_states, position_embeddings = self.newest_inputs(count)
+        return queries(self.module, hidden_states, position_embeddings)
 
     def restrict(self, keep: torch.Tensor) -> PrefillContext:
         """The same context with only `keep` (batch, kv_heads, seq) still available."""
@@ -83,6 +123,7 @@ class PrefillContext:
 
     def slice(self, start: int, end: int) -> PrefillContext:
         """The context limited to positions [start, end), as if only those tokens had been prefilled."""
+        self.check_holds_every_input_row("PrefillContext.slice")
         cos, sin = self.position_embeddings
         return replace(
             self,
@@ -208,9 +249,8 @@ class BasePress:
         "backend": OneOf(BACKENDS, optional=True, note=" (not set: evict)"),
         "kv_dtype": OneOf(KV_DTYPES, optional=True, note=" (not set: the model's dtype)"),
     }
-    # whether compress/score read PrefillContext.hidden_states or position_embeddings; presses that compress
-    # after the whole prefill and say False (KVzip, AdaptivePress) let the runtime drop each layer's hidden
-    # states instead of holding them until the prefill ends (`reads_layer_inputs`)
+    # whether compress/score read PrefillContext.hidden_states or position_embeddings at all (False: the press
+    # itself reads none, `hidden_states_rows` 0); a press that reads some says how many in `hidden_states_rows`
     reads_hidden_states: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
@@ -260,9 +300,25 @@ class BasePress:
         return ()
 
     @property
+    def hidden_states_rows(self) -> int | None:
+        """How many of a context's newest positions this press itself reads the hidden states and cos/sin of: 0
+        none, None possibly all (the default for a press that reads them). A wrapper answers for what it reads
+        itself; its inner presses answer for theirs on the context it hands them, so one that hands them other
+        positions than the newest of its own context (ChunkPress's slices, BlockPress's blocks) says None."""
+        return None if self.reads_hidden_states else 0
+
+    @property
+    def layer_input_rows(self) -> int | None:
+        """The newest positions of each layer's context whose hidden states and cos/sin this press tree reads:
+        the largest `hidden_states_rows` of its presses, None when one of them may read all. A press that compresses
+        after the whole prefill has the runtime hold only these until the prefill ends."""
+        rows = [press.hidden_states_rows for press in self.press_tree()]
+        return None if None in rows else max(rows)
+
+    @property
     def reads_layer_inputs(self) -> bool:
         """Whether any press of this tree reads a context's hidden states or position embeddings."""
-        return any(getattr(press, "reads_hidden_states", True) for press in self.press_tree())
+        return self.layer_input_rows != 0
 
     def press_tree(self) -> Iterator[BasePress]:
         """This press and every press it wraps, depth first."""

@@ -26,6 +26,7 @@ class RecordingPress(BasePress):
     # no compressed layer is ever built, so no backend is chosen for the model (and none falls back)
     builds_no_layers = True
     refuses_chunked_prefill = "it records whole contexts, and a chunked prefill compresses chunks. Use an ordinary prefill."
+    hidden_states_rows = None  # the contexts it records may be compressed later by any press
 
     def compress(self, context: PrefillContext) -> None:
         self.contexts.append(context)

@@ -100,6 +100,27 @@ def test_a_compressed_generate_peaks_at_dense_minus_the_freed_kv(model, dense, s
     )
 
 
+def test_model_scope_holds_only_the_window_rows_of_each_layers_inputs(model, dense):
+    """AdaptivePress(scope="model") compresses after the whole prefill, so it holds every layer's dense KV until
+    then, as dense does, and of each layer's input hidden states and cos/sin only the newest rows SnapKV reads
+    (its window, copied). Bound: dense's peak + those rows + 5% of one layer's KV (the recorded contexts'
+    availability masks, one bool per token and layer). Holding every row, as before, added 2 units per layer."""
+    dense_peak = dense[0]
+    press = P.AdaptivePress(P.SnapKVPress(0.75), scope="model")
+    peak, cache, _ = peak_of_generate(model, press)
+    assert len([layer for layer in cache.layers if isinstance(layer, FlatHeadwiseLayer)]) == LAYERS
+    config, window = model.config, press.layer_input_rows
+    assert window == 64
+    rotary_dim = config.head_dim  # cos and sin, bf16 as the hidden states
+    window_rows = LAYERS * window * (config.hidden_size + 2 * rotary_dim) * 2
+    unit = layer_kv_bytes(model)
+    bound = dense_peak + window_rows + 0.05 * unit
+    assert peak <= bound, (
+        f"peak {peak / unit:.2f} x one layer's KV, bound {bound / unit:.2f} (dense {dense_peak / unit:.2f}, "
+        f"window rows {window_rows / unit:.2f})"
+    )
+
+
 def test_the_speed_switches_give_the_tokens_of_the_plain_run(model):
     press = P.AdaptivePress(P.SnapKVPress(0.75))
     _, _, plain = peak_of_generate(model, press)

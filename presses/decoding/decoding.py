@@ -74,6 +74,11 @@ class DecodingPress(BasePress):
         "hidden_states_buffer_size": Integer(1),
     }
 
+    @property
+    def hidden_states_rows(self) -> int:
+        """What the runtime keeps of a context's newest inputs for the first compression."""
+        return self.hidden_states_buffer_size
+
     def check_combination(self) -> None:
         super().check_combination()
         window = query_window(self.press)

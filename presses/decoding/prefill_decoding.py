@@ -33,6 +33,7 @@ class PrefillDecodingPress(BasePress):
     compresses_during_decoding = True  # the runtime drives `decoding_press` after the context
 
     field_rules = {"prefill_press": Check(check_is_prefill_press), "decoding_press": Check(check_is_decoding_press)}
+    reads_hidden_states = False  # its two presses read theirs
 
     def inner_presses(self) -> tuple[BasePress, ...]:
         return (self.prefill_press, self.decoding_press)

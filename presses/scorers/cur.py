@@ -72,6 +72,7 @@ class CURPress(ScorerPress):
     n_sink: int = 4
 
     field_rules = {"rank": Integer(1), "leverage_of": OneOf(LEVERAGE_SOURCES), "n_sink": Integer(0)}
+    reads_hidden_states = False  # keys and values only
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         available = context.available

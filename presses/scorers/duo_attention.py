@@ -75,6 +75,11 @@ class DuoAttentionPress(ScorerPress):
 
     field_rules = {"n_sink": Integer(0), "n_recent": Integer(1), "window_size": Integer(1)}
 
+    @property
+    def hidden_states_rows(self) -> int:
+        """The observation window's queries (`n_recent` counts keys, not queries)."""
+        return self.window_size
+
     def local_share(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads) share of the observation window's attention on sinks and recent tokens."""
         return local_attention_share(context, self.window_size, self.n_sink, self.n_recent)

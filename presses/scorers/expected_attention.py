@@ -62,6 +62,11 @@ class ExpectedAttentionPress(ScorerPress):
     }
 
     @property
+    def hidden_states_rows(self) -> int:
+        """The `n_recent` queries of the statistics; the future rotation starts from the last position's cos/sin."""
+        return self.n_recent
+
+    @property
     def scores_are_probabilities(self) -> bool:
         """Expected softmax weights are probabilities; multiplied by ||v|| (use_value_norm) they are not."""
         return not self.use_value_norm
@@ -70,7 +75,7 @@ class ExpectedAttentionPress(ScorerPress):
         """Mean (batch, heads, head_dim) and covariance (batch, heads, head_dim, head_dim) or None of
         the last `n_recent` pre-RoPE queries, counting only real tokens."""
         recent = min(self.n_recent, context.seq_len)
-        queries = pre_rope_queries(context.module, context.hidden_states[:, -recent:]).float()
+        queries = pre_rope_queries(context.module, context.newest_inputs(recent)[0]).float()
         real = context.available.any(dim=1)[:, -recent:].float()  # (batch, recent)
         weights = (real / real.sum(-1, keepdim=True).clamp(min=1))[:, None, :, None]  # (batch, 1, recent, 1)
         mean = (queries * weights).sum(dim=2)

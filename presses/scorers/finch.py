@@ -50,6 +50,11 @@ class FinchPress(ScorerPress):
 
     field_rules = {"window_size": Integer(1), "chunk_length": Integer(1)}
 
+    @property
+    def hidden_states_rows(self) -> int:
+        """The question's queries (the last `window_size` positions of every row's unpadded context)."""
+        return self.window_size
+
     def score(self, context: PrefillContext) -> torch.Tensor:
         """Chunks count from each row's first real token: a left-padded row is scored on its unpadded
         context, as the row alone."""

@@ -18,6 +18,8 @@ class KeyDiffPress(ScorerPress):
     head's normalised available keys. Shape (batch, kv_heads, seq). Needs no queries.
     """
 
+    reads_hidden_states = False  # keys only
+
     def score(self, context: PrefillContext) -> torch.Tensor:
         unit_keys = F.normalize(context.keys.float(), dim=-1)  # (batch, kv_heads, seq, head_dim)
         weights = context.available.float().unsqueeze(-1)

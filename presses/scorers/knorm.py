@@ -17,5 +17,7 @@ class KnormPress(ScorerPress):
     attention. score = -||k||, shape (batch, kv_heads, seq). Needs no queries or attention weights.
     """
 
+    reads_hidden_states = False  # key norms only
+
     def score(self, context: PrefillContext) -> torch.Tensor:
         return -context.keys.float().norm(dim=-1)

@@ -52,6 +52,7 @@ class LagKVPress(ScorerPress):
     lag_size: int = 128
 
     field_rules = {"n_sink": Integer(0), "lag_size": Integer(1)}
+    reads_hidden_states = False  # keys and values only
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         """Sinks and partitions count from each row's first real token: a left-padded row is scored on its

@@ -30,6 +30,7 @@ class ObservedAttentionPress(ScorerPress):
     )
 
     scores_are_probabilities = True  # softmax attention weights
+    reads_hidden_states = False  # the attention weights only
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         if context.attentions is None:

@@ -33,24 +33,26 @@ def relative_positions(available: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def row_context(context: PrefillContext, row: int, start: int) -> PrefillContext:
     """Row `row` of the context from position `start` on, as if only those tokens had been prefilled
-    (batch 1). Hidden states and cos/sin may cover only the newest tokens (DecodingPress): they are cut to
-    the positions at or after `start`."""
+    (batch 1). Hidden states and cos/sin may cover only the newest tokens (DecodingPress, a whole prefill's
+    `layer_input_rows`) or none: they are cut to the positions at or after `start`."""
     length = context.seq_len - start
 
-    def newest(tensor: torch.Tensor, dim: int) -> torch.Tensor:
+    def newest(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        if tensor is None:
+            return None
         rows = tensor if tensor.shape[0] == 1 else tensor[row : row + 1]
-        return rows.narrow(dim, max(tensor.shape[dim] - length, 0), min(tensor.shape[dim], length))
+        return rows.narrow(1, max(tensor.shape[1] - length, 0), min(tensor.shape[1], length))
 
-    cos, sin = context.position_embeddings
+    embeddings = context.position_embeddings
     attentions = context.attentions
     if attentions is not None:  # (batch, heads, seq, seq)
         attentions = attentions[row : row + 1, :, start:, start:]
     return replace(
         context,
-        hidden_states=newest(context.hidden_states, 1),
+        hidden_states=newest(context.hidden_states),
         keys=context.keys[row : row + 1, :, start:],
         values=context.values[row : row + 1, :, start:],
-        position_embeddings=(newest(cos, 1), newest(sin, 1)),
+        position_embeddings=None if embeddings is None else (newest(embeddings[0]), newest(embeddings[1])),
         attentions=attentions,
         available=context.available[row : row + 1, :, start:],
     )

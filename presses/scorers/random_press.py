@@ -25,6 +25,7 @@ class RandomPress(ScorerPress):
     seed: int | None = None
 
     field_rules = {"seed": Integer(0, optional=True)}
+    reads_hidden_states = False  # random numbers only
 
     @property
     def scores_memoizable(self) -> bool:

@@ -46,6 +46,11 @@ class SimLayerKVPress(ScorerPress):
 
     field_rules = {"lazy_threshold": FRACTION, "n_last": Integer(1), "n_sink": Integer(0)}
 
+    @property
+    def hidden_states_rows(self) -> int:
+        """The `n_last` queries of the lazy criterion."""
+        return self.n_last
+
     def score(self, context: PrefillContext) -> torch.Tensor:
         return sink_and_recency_scores(context.available, self.n_sink)
 

@@ -100,6 +100,11 @@ class SnapKVPress(ScorerPress):
 
     field_rules = {"window_size": Integer(1), "kernel_size": Integer(1, odd=True)}
 
+    @property
+    def hidden_states_rows(self) -> int:
+        """Only the window's queries are computed."""
+        return self.window_size
+
     def score(self, context: PrefillContext) -> torch.Tensor:
         seq_len = context.seq_len
         window = min(self.window_size, seq_len)

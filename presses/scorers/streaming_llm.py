@@ -31,6 +31,7 @@ class StreamingLLMPress(ScorerPress):
     n_sink: int = 4
 
     field_rules = {"n_sink": Integer(0)}
+    reads_hidden_states = False  # positions only
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         return sink_and_recency_scores(context.available, self.n_sink)

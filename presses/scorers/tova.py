@@ -20,6 +20,7 @@ class TOVAPress(ScorerPress):
     """
 
     scores_are_probabilities = True  # softmax attention weights
+    hidden_states_rows = 1  # the last query only
 
     def score(self, context: PrefillContext) -> torch.Tensor:
         return mean_window_attention(context, window=1)

@@ -42,10 +42,10 @@ class AdaptivePress(WrapperPress):
     each other, so the inner press's scores must be attention probabilities (`scores_are_probabilities`:
     SnapKV, PyramidKV, TOVA, ObservedAttention, KVzip; not Knorm, KeyDiff, Random, StreamingLLM, CriticalKV
     or ExpectedAttention with its value norm). It needs every layer's scores, so it compresses after the
-    whole context prefill (BasePress.compresses_after_prefill): the dense cache of the whole context (and
-    each layer's input hidden states, when the inner press reads them: SnapKV does, KVzip does not) is
-    held until the prefill ends, then backend "evict" frees the pruned rows of every layer at once. A
-    chunked prefill is refused.
+    whole context prefill (BasePress.compresses_after_prefill): the dense cache of the whole context (and,
+    of each layer's input hidden states, the newest rows the inner press reads, `layer_input_rows`: SnapKV's
+    window, none for KVzip) is held until the prefill ends, then backend "evict" frees the pruned rows of
+    every layer at once. A chunked prefill is refused.
 
     Under tensor parallelism (transformers' `tp_plan`, each rank holding some KV heads) the ranks
     exchange what the layer-wide top-k needs and select exactly the single-process set: the selection is

@@ -28,6 +28,7 @@ def gather_along(tensor: torch.Tensor, dim: int, positions: torch.Tensor) -> tor
 def gather_context(context: PrefillContext, positions: torch.Tensor, available: torch.Tensor) -> PrefillContext:
     """The context limited to `positions` (batch, n) of each batch row, as if only those tokens had been
     prefilled, with `available` (batch, kv_heads, n)."""
+    context.check_holds_every_input_row("BlockPress")
     cos, sin = context.position_embeddings
     attentions = context.attentions
     if attentions is not None:  # (batch, heads, seq, seq): rows and columns
@@ -72,6 +73,7 @@ class BlockPress(WrapperPress):
     block_size: int = 512
 
     field_rules = {"press": Check(check_scoring_press), "block_size": Integer(1)}
+    hidden_states_rows = None  # its press reads the newest positions of every block
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         return keep_per_unpadded_row(context, self.unpadded_compress)

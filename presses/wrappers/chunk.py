@@ -24,6 +24,7 @@ class ChunkPress(WrapperPress):
     chunk_length: int = 1024
 
     field_rules = {"press": Check(check_not_rerotation), "chunk_length": Integer(1)}
+    hidden_states_rows = None  # its press reads the newest positions of every chunk
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         return keep_per_unpadded_row(context, self.unpadded_compress)

@@ -63,6 +63,7 @@ class ChunkKVPress(WrapperPress):
     shared_across_heads: bool = True
 
     field_rules = {"press": Check(check_scoring_press), "chunk_length": Integer(1), "shared_across_heads": Flag()}
+    reads_hidden_states = False  # its press reads its own, of each row's newest positions (`row_context`)
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         return keep_per_unpadded_row(context, self.unpadded_compress)

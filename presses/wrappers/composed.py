@@ -38,6 +38,7 @@ class ComposedPress(BasePress):
     presses: list[BasePress]
 
     field_rules = {"presses": Check(check_press_list)}
+    reads_hidden_states = False  # its presses read theirs, of the same positions (`restrict`)
 
     def inner_presses(self) -> tuple[BasePress, ...]:
         return tuple(self.presses) if isinstance(self.presses, (list, tuple)) else ()

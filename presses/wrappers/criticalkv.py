@@ -50,6 +50,7 @@ class CriticalKVPress(WrapperPress):
     first_stage_ratio: float = 0.5
 
     field_rules = {"press": Check(check_scoring_press), "first_stage_ratio": FRACTION}
+    reads_hidden_states = False  # values and W_o; its press reads its own
 
     def layer_compression_ratio(self, context: PrefillContext) -> float:
         return self.press.layer_compression_ratio(context)

@@ -47,6 +47,11 @@ class HeadKVPress(WrapperPress):
         "n_sink": Integer(0),
     }
 
+    @property
+    def hidden_states_rows(self) -> int:
+        """The observation window's queries (the inner press reads its own)."""
+        return self.window_size
+
     def head_importance(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads) in [0, 1]: the window's attention on the distant context, rounded to 1e-6 so
         that heads of equal importance (e.g. 0 when the window covers the whole context) tie exactly

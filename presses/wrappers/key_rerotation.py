@@ -18,6 +18,7 @@ from ..base import PrefillContext, WholePrefill, WrapperPress
 def rerotate_kept_keys(context: PrefillContext, keep: torch.Tensor) -> None:
     """Rotate each kept key (batch, kv_heads, seq, head_dim) in place from its position to its rank
     among the kept positions of its (batch, head). Pruned keys are left untouched."""
+    context.check_holds_every_input_row("KeyRerotationPress")
     keys = context.keys
     batch, kv_heads, seq_len, _ = keys.shape
     new_positions = (keep.long().cumsum(-1) - 1).clamp(min=0)  # (batch, kv_heads, seq)
@@ -49,6 +50,7 @@ class KeyRerotationPress(WrapperPress):
         "it re-positions the kept keys of a whole context, which the chunks after it would no longer line up "
         "with. Use its inner press."
     )
+    hidden_states_rows = None  # the cos/sin of every position, to undo the rotation
 
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         keep = self.press.compress(context)

@@ -85,6 +85,11 @@ class MergePress(WrapperPress):
 
     field_rules = {"press": Check(check_not_rerotation), "merge_window": Integer(1), "window_size": Integer(1)}
 
+    @property
+    def hidden_states_rows(self) -> int:
+        """The queries of the merge weights (the inner press reads its own)."""
+        return self.window_size
+
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         keep = self.press.compress(context)
         if keep is None:

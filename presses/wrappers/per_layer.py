@@ -24,6 +24,7 @@ class PerLayerCompressionPress(BasePress):
     compression_ratios: list[float]
 
     field_rules = {"press": Check(check_scoring_press), "compression_ratios": RealList(RATIO, "one per layer")}
+    reads_hidden_states = False  # its press reads its own
 
     def inner_presses(self) -> tuple[BasePress, ...]:
         return (self.press,)

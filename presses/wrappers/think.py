@@ -7,8 +7,6 @@ from typing import ClassVar
 
 import torch
 
-from adakv.models import queries
-
 from ..base import PrefillContext, WrapperPress
 from ..fields import RATIO, Check, Integer
 from ..scorers.padding import leading_padding
@@ -19,8 +17,7 @@ def key_channel_scores(context: PrefillContext, window: int) -> torch.Tensor:
     """(batch, kv_heads, head_dim) float32: ||Q[:, c]|| * ||K[:, c]|| per channel c, the query norm taken
     over the last `window` queries of every query head sharing the KV head (those of real tokens: left
     padding left out), the key norm over the available keys. Both rotated, as attention multiplies them."""
-    cos, sin = context.position_embeddings
-    window_queries = queries(context.module, context.hidden_states[:, -window:], (cos[:, -window:], sin[:, -window:]))
+    window_queries = context.last_queries(window)
     batch, kv_heads, _, head_dim = context.keys.shape
     first_real = leading_padding(context.available) - (context.seq_len - window)  # (batch,)
     real = torch.arange(window, device=first_real.device)[None, :] >= first_real[:, None]  # (batch, window)
@@ -60,6 +57,11 @@ class ThinKPress(WrapperPress):
     )
 
     field_rules = {"press": Check(check_not_rerotation), "key_channel_compression_ratio": RATIO, "window_size": Integer(1)}
+
+    @property
+    def hidden_states_rows(self) -> int:
+        """The window's queries (the inner press reads its own)."""
+        return self.window_size
 
     def pruned_channels(self, context: PrefillContext) -> torch.Tensor:
         """(batch, kv_heads, head_dim) bool: the channels each head drops."""

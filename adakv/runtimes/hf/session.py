@@ -17,8 +17,9 @@ at once: the session records each compressed layer's PrefillContext (the dense k
 cache), and a forward hook on the model's decoder, after the last layer, hands them all to the press as a
 `WholePrefill`, whose `replay` (ContextReplay, replay.py) lets KVzip run the model again over the context.
 Every compressed layer is then replaced at once. The cost is peak memory: the dense cache of the whole
-context is held until the end of the prefill, and each layer's input hidden states too unless no press of
-the tree reads them (`BasePress.reads_layer_inputs`: KVzip does not).
+context is held until the end of the prefill. Of each layer's input hidden states and cos/sin only the newest
+positions the tree reads are held, copied (`BasePress.layer_input_rows`: SnapKV's window; none for KVzip;
+all for a tree with a ChunkPress).
 
 All per-block state lives on the session, none on the press: one press object may serve several models.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import warnings
 from contextlib import ExitStack, contextmanager
-from dataclasses import replace
 from typing import Generator
 
 import torch
@@ -296,9 +296,8 @@ class PressSession:
         )
         if self.decoding is not None:
             self.decoding.remember_context(cache, context, new_context=first_context)
-        if self.press.compresses_after_prefill:
-            if not self.press.reads_layer_inputs:  # hold no layer's hidden states until the prefill ends
-                context = replace(context, hidden_states=None, position_embeddings=None)
+        if self.press.compresses_after_prefill:  # held until the prefill ends: only the input rows the tree reads
+            context = context.keeping_newest_inputs(self.press.layer_input_rows)
             self._record_for_whole_prefill(context, cache, first_context)
             return
         if first_context:
