@@ -12,9 +12,11 @@ each row's pages shuffled in a pool):
 - `limit_us`: keys and values read (rows x KV heads x (kept + tail) x head_dim x 2 x 2 bytes) over the
   device-to-device copy bandwidth measured in the same run; `graph_us / limit_us` is the kernel's factor.
 
-A dense row (prompt_len 0, every token a tail token) of the same length is measured beside each case. On a
-CPU with TRITON_INTERPRET=1 (`--smoke`) it runs one tiny case with host timing: a check that the script
-works, not a figure.
+Beside each case (every head keeping the same pairs, `packed`): `uneven`, the same pairs per row but head 0
+holding half of them and the other heads sharing the rest (Ada-KV's heads keep very different shares: the
+kernel splits a row's keys over all its heads evenly, so this should cost what `packed` costs), and `dense`
+(prompt_len 0, every token a tail token) of the same length. On a CPU with TRITON_INTERPRET=1 (`--smoke`) it
+runs one tiny case with host timing: a check that the script works, not a figure.
 
     python benchmarks/bench_paged_decode.py                       # -> results/paged_decode_<GPU>.{json,md}
 """
@@ -33,16 +35,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adakv.apps.provenance import provenance  # noqa: E402
 from adakv.kernels.device import multiprocessor_count  # noqa: E402
-from adakv.kernels.paged_decode import (  # noqa: E402
-    decode_plan,
-    packed_decode_attention,
-    packed_decode_reference,
-    split_chunk,
-)
-from adakv.kernels.triton_decode import block_sizes  # noqa: E402
+from adakv.kernels.paged_decode import decode_plan, packed_decode_attention, packed_decode_reference  # noqa: E402
 
 KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE = 8, 4, 128, 16
 CASES = ["1x8192+64", "1x32768+64", "8x8192+64", "32x8192+64", "96x8192+64"]
+LAYOUTS = ("packed", "uneven", "dense")
 
 
 def parse_case(case: str) -> tuple[int, int, int]:
@@ -52,24 +49,32 @@ def parse_case(case: str) -> tuple[int, int, int]:
     return int(rows), int(kept), int(tail)
 
 
-def packed_batch(rows: int, kept: int, tail: int, dense: bool, dtype, device) -> dict:
-    """Random pages holding `rows` requests in the packed layout (every KV head keeps `kept` pairs, so the
-    pairs fill the first `kept` slots) or dense (prompt_len 0: `kept + tail` tail tokens), and the
-    kernel's arguments."""
+def head_offsets(kept: int, uneven: bool) -> list[int]:
+    """One row's offsets (KV_HEADS + 1) over KV_HEADS x kept pairs: each head `kept`, or head 0 half of
+    them and the others the rest, as evenly as integers allow."""
+    if not uneven:
+        return [head * kept for head in range(KV_HEADS + 1)]
+    total, first = KV_HEADS * kept, KV_HEADS * kept // 2
+    others = [(total - first) * head // (KV_HEADS - 1) for head in range(KV_HEADS)]
+    return [0] + [first + share for share in others]
+
+
+def packed_batch(rows: int, kept: int, tail: int, layout: str, dtype, device) -> dict:
+    """Random pages holding `rows` requests in the packed layout (KV_HEADS x `kept` pairs fill the first
+    `kept` slots; `layout` packed or uneven, see head_offsets) or dense (prompt_len 0: `kept + tail` tail
+    tokens), and the kernel's arguments."""
     slots = kept + tail
     blocks_per_row = -(-slots // BLOCK_SIZE)
     pool = rows * blocks_per_row
     cache = torch.randn(pool, BLOCK_SIZE, KV_HEADS, 2 * HEAD_DIM, dtype=dtype, device=device)
     key_cache, value_cache = cache.transpose(1, 2).split(HEAD_DIM, dim=-1)
     block_table = torch.randperm(pool, device=device).view(rows, blocks_per_row).int()
-    prompt_len = 0 if dense else kept
+    dense = layout == "dense"
     offsets = torch.zeros(2, KV_HEADS + 1, dtype=torch.int32, device=device)
-    offsets[1] = torch.arange(KV_HEADS + 1, dtype=torch.int32, device=device) * kept
+    offsets[1] = torch.tensor(head_offsets(kept, layout == "uneven"), dtype=torch.int32, device=device)
     plan = decode_plan(rows, KV_HEADS, multiprocessor_count(0) if device == "cuda" else 4)
-    block_n = block_sizes(GROUP, HEAD_DIM, dtype)["BLOCK_N"]
-    chunk = split_chunk(slots, plan, block_n)
     rows_info = torch.tensor(
-        [[row, row, prompt_len, 0 if dense else 1, chunk] for row in range(rows)], dtype=torch.int32, device=device
+        [[row, row, 0 if dense else kept, 0 if dense else 1] for row in range(rows)], dtype=torch.int32, device=device
     )
     return dict(
         query=torch.randn(rows, KV_HEADS * GROUP, HEAD_DIM, dtype=dtype, device=device),
@@ -137,14 +142,14 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float:
     return 2 * gib * 2**30 / seconds
 
 
-def measure(case: str, dense: bool, bandwidth: float, repeats: int, device: str, dtype) -> dict:
+def measure(case: str, layout: str, bandwidth: float, repeats: int, device: str, dtype) -> dict:
     rows, kept, tail = parse_case(case)
-    batch = packed_batch(rows, kept, tail, dense, dtype, device)
+    batch = packed_batch(rows, kept, tail, layout, dtype, device)
     out = torch.zeros_like(batch["query"])
     bytes_read = rows * KV_HEADS * (kept + tail) * HEAD_DIM * 2 * dtype.itemsize
     row = dict(
-        case=case, layout="dense" if dense else "packed", rows=rows, kept=kept, tail=tail,
-        num_splits=batch["plan"].num_splits, bytes_read=bytes_read, limit_us=bytes_read / bandwidth * 1e6,
+        case=case, layout=layout, rows=rows, kept=kept, tail=tail, programs=rows * batch["plan"].programs_per_row,
+        bytes_read=bytes_read, limit_us=bytes_read / bandwidth * 1e6,
     )  # fmt: skip
     row["eager_us"] = median_us(lambda: call(batch, out), repeats, device)
     row["max_difference"] = reference_difference(batch, out)
@@ -154,6 +159,12 @@ def measure(case: str, dense: bool, bandwidth: float, repeats: int, device: str,
     return row
 
 
+def programs(row: dict) -> int:
+    """The grid's programs; rows measured before the work was split over a row's heads recorded splits per
+    (row, head) instead."""
+    return row["programs"] if "programs" in row else row["rows"] * KV_HEADS * row["num_splits"]
+
+
 def render(data: dict) -> str:
     meta = data["meta"]
     lines = [
@@ -161,14 +172,14 @@ def render(data: dict) -> str:
         f"{meta.get('gpu')}, torch {meta.get('torch')}, triton {meta.get('triton')}, adakv {meta.get('adakv_commit')}, "
         f"{meta.get('date')}; copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s. {KV_HEADS} KV heads x {GROUP} query "
         f"heads, head_dim {HEAD_DIM}, {data['dtype']}, blocks of {BLOCK_SIZE}; one call = both launches.", "",
-        "| case | layout | splits | MB read | limit µs | eager µs | graph µs | graph / limit | vs reference |",
+        "| case | layout | programs | MB read | limit µs | eager µs | graph µs | graph / limit | vs reference |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for row in data["rows"]:
         graph = "—" if row["graph_us"] is None else f"{row['graph_us']:.1f}"
         factor = f"{row['graph_vs_limit']:.2f}x" if row.get("graph_vs_limit") else "—"
         lines.append(
-            f"| {row['case']} | {row['layout']} | {row['num_splits']} | {row['bytes_read'] / 1e6:.1f} | "
+            f"| {row['case']} | {row['layout']} | {programs(row)} | {row['bytes_read'] / 1e6:.1f} | "
             f"{row['limit_us']:.1f} | {row['eager_us']:.1f} | {graph} | {factor} | {row['max_difference']:.1e} |"
         )
     return "\n".join(lines) + "\n"
@@ -186,7 +197,7 @@ def main() -> None:
         parser.error("no CUDA device: give --smoke to check the script on a CPU (TRITON_INTERPRET=1)")
     cases, repeats, dtype = (["2x40+3"], 1, torch.float32) if args.smoke else (args.cases, args.repeats, torch.bfloat16)
     bandwidth = copy_bandwidth(device, gib=0.01 if args.smoke else 2.0)
-    rows = [measure(case, dense, bandwidth, repeats, device, dtype) for case in cases for dense in (False, True)]
+    rows = [measure(case, layout, bandwidth, repeats, device, dtype) for case in cases for layout in LAYOUTS]
     for row in rows:
         print(json.dumps(row), flush=True)
     meta = provenance(device)

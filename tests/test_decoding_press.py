@@ -172,6 +172,25 @@ def test_prefill_decoding_press_compresses_the_context_then_the_generation(backe
     assert counts == [25, 26, 27, 28, 29, 30, 31, 16, 17, 18, 19, 20, 21, 22, 23, 16, 17, 18, 19, 20]
 
 
+@pytest.mark.parametrize("backend", ["mask", "evict"])
+def test_prefill_decoding_press_with_a_model_wide_prefill_press(backend):
+    """The context compressed model-wide (after the whole prefill, every layer ranked together), then the
+    generation: until the decoding press's first re-compression the tokens are the model-wide press's alone."""
+    model = tiny_model("llama")
+    ids = random_ids(1, 48)
+    model_wide = AdaptivePress(SnapKVPress(compression_ratio=0.5, window_size=8), scope="model", backend=backend)
+    decoding = DecodingPress(KnormPress(), compression_interval=8, target_size=16, backend=backend)
+    both = PrefillDecodingPress(model_wide, decoding)
+    assert both.compresses_after_prefill
+    logits = {}
+    for name, press in (("alone", model_wide), ("both", both)):
+        logits[name], cache = greedy_steps(model, press, ids, 12)
+        kept = sum(int(counts.sum()) for counts in kept_token_counts(cache).values())
+        assert kept < 2 * 4 * (48 + 12), name  # 2 layers x 4 KV heads: the context was compressed
+    for step in range(8):  # the decoding press first re-compresses after 8 appended tokens
+        torch.testing.assert_close(logits["both"][step], logits["alone"][step], rtol=1e-5, atol=1e-5)
+
+
 def test_decoding_press_works_inside_generate():
     model = tiny_model("mistral")
     ids = random_ids(1, 48)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_reference, split_chunk
+from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_reference
 from adakv.runtimes.vllm.layout import compressed_attention, pack_layer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_reference_equals_the_layouts_attention_for_every_row():
         packed = pack_layer(key_cache, value_cache, table[row], keep, -(-int(keep.sum()) // kv_heads))
         packings.append(packed)
         offsets.append(packed.offset_row())
-        infos.append([1 - row, row, prompt_len, row, 64])  # query tokens in the other order
+        infos.append([1 - row, row, prompt_len, row])  # query tokens in the other order
     query = torch.randn(2, kv_heads * group, head_dim)
     out = torch.zeros_like(query)
     rows_info, seq_lens = torch.tensor(infos, dtype=torch.int32), torch.tensor([33, 22], dtype=torch.int32)
@@ -56,7 +56,7 @@ def test_dense_and_empty_rows_of_the_reference():
     table = torch.randperm(16)[:10].int().view(2, 5)
     query = torch.randn(2, kv_heads * group, head_dim)
     out = torch.full_like(query, float("nan"))
-    rows_info = torch.tensor([[0, 0, 0, 0, 64], [1, 1, EMPTY_ROW, 0, 64]], dtype=torch.int32)
+    rows_info = torch.tensor([[0, 0, 0, 0], [1, 1, EMPTY_ROW, 0]], dtype=torch.int32)
     packed_decode_reference(
         query, key_cache, value_cache, table, torch.tensor([19, 7], dtype=torch.int32), rows_info,
         torch.zeros(1, kv_heads + 1, dtype=torch.int32), 0.5, out,
@@ -70,15 +70,13 @@ def test_dense_and_empty_rows_of_the_reference():
     assert out[1].eq(0).all()
 
 
-def test_plan_depends_on_the_batch_shape_and_chunks_cover_each_row():
-    one = decode_plan(rows=1, kv_heads=8, num_sms=132)
-    assert one.num_splits == 33  # 264 programs over 8 sequences
-    assert decode_plan(rows=96, kv_heads=8, num_sms=132).num_splits == 1  # 768 sequences already fill the GPU
-    for longest in (1, 255, 8192, 65536 + 300):
-        chunk = split_chunk(longest, one, block_n=64)
-        assert chunk % 64 == 0 and chunk >= 256 and chunk * one.num_splits >= longest
-    assert split_chunk(8192, one, 64) == 256 and split_chunk(32768, one, 64) == 1024
-    assert DecodePlan(3) == DecodePlan(3)
+def test_plan_depends_on_the_batch_shape_only():
+    assert decode_plan(rows=1, kv_heads=8, num_sms=132) == DecodePlan(programs_per_row=264)  # 2 per SM
+    assert decode_plan(rows=8, kv_heads=8, num_sms=132).programs_per_row == 33
+    # 96 rows already fill the GPU: at least twice the heads, so a row's chunks (at most programs_per_row -
+    # kv_heads, plus one partial chunk per head) always have a program
+    assert decode_plan(rows=96, kv_heads=8, num_sms=132).programs_per_row == 16
+    assert DecodePlan(3).min_chunk == 256
 
 
 def test_triton_kernel_matches_the_reference_in_the_interpreter():
@@ -92,13 +90,13 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 5
+    assert len(results) == 7
     for result in results:
         assert result["max_difference"] < 1e-5, result
 
 
 def test_the_kernel_benchmark_runs_and_matches_the_reference_in_the_interpreter(tmp_path):
-    """benchmarks/bench_paged_decode.py --smoke (CPU, Triton's interpreter, one tiny case, packed and dense)."""
+    """benchmarks/bench_paged_decode.py --smoke (CPU, Triton's interpreter, one tiny case, packed, uneven and dense)."""
     if os.environ.get("ADAKV_SKIP_VLLM") == "1":
         pytest.skip("ADAKV_SKIP_VLLM=1: the benchmark's smoke run needs the vLLM environment's Triton")
     if not VLLM_PYTHON.exists():
@@ -109,5 +107,5 @@ def test_the_kernel_benchmark_runs_and_matches_the_reference_in_the_interpreter(
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     data = json.loads((tmp_path / "paged_decode_smoke_cpu.json").read_text())
-    assert [row["layout"] for row in data["rows"]] == ["packed", "dense"]
+    assert [row["layout"] for row in data["rows"]] == ["packed", "uneven", "dense"]
     assert all(row["max_difference"] < 1e-5 and row["limit_us"] > 0 for row in data["rows"])

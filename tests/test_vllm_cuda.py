@@ -70,13 +70,15 @@ def test_kernel_equals_the_reference_inside_a_running_engine(small_checkpoint, t
 def test_full_decode_graphs_answer_as_piecewise_steps(small_checkpoint, tmp_path):
     """`full_decode_graphs`: decode steps replayed from full CUDA graphs (every row through the packed-page
     kernel, padding rows empty, dense rows all tail) against the default engine (piecewise graphs, the same
-    compiled model, attention eager): the same greedy tokens, and far fewer eager launches (replays count
-    none). The kernel's split of the keys differs (a padded batch has more rows), so bf16 rounding may part
-    a random model's tokens late: the first 8 must agree. (Against an eager engine, enforce_eager, the
-    tokens of this random model parted at the first decode step in the first H200 run: the compiled
-    model rounds differently.)"""
-    requests = [{"prompt": random_prompt(300 + 131 * i, 20 + i), "max_tokens": 24} for i in range(5)]
-    requests.append({"prompt": random_prompt(400, 29), "max_tokens": 24, "adakv": {"compression_ratio": 0}})
+    compiled model, attention eager): the same greedy tokens, except where a token was a near-tie, and far
+    fewer eager launches (replays count none). The kernel's split of the keys differs (a padded batch has
+    more rows) and a dense row's attention is FlashAttention in one engine and the kernel in the other, so
+    bf16 rounding may flip a random model's choice between two almost equally likely tokens: where the
+    engines part, each engine's two tokens must be within NEAR_TIE of each other in its log-probabilities
+    (a wrong attention parts them by far more). First H200 run (commit 6f9aa37, without log-probabilities):
+    the 5 compressed requests agreed on all 24 tokens, the dense one parted at its 4th."""
+    requests = [{"prompt": random_prompt(300 + 131 * i, 20 + i), "max_tokens": 24, "logprobs": 2} for i in range(5)]
+    requests.append({"prompt": random_prompt(400, 29), "max_tokens": 24, "logprobs": 2, "adakv": {"compression_ratio": 0}})
     engine = {"press": "adakv_snapkv", "compression_ratio": RATIO, "window_size": WINDOW}
     run = dict(max_model_len=2048, max_num_batched_tokens=512, enable_chunked_prefill=True, **BF16)
     full = serve(small_checkpoint, tmp_path, {**engine, "full_decode_graphs": True}, requests, graphs=True, **run)
@@ -85,12 +87,27 @@ def test_full_decode_graphs_answer_as_piecewise_steps(small_checkpoint, tmp_path
     assert piecewise["stats"]["cudagraph_mode"] == "PIECEWISE", piecewise["stats"]["cudagraph_mode"]
     for index in range(len(requests)):
         ours, theirs = full["tokens"][index], piecewise["tokens"][index]
-        agree = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
-        print(f"request {index}: first {agree} of {len(ours)} tokens equal")
-        assert agree >= 8, f"request {index}: full graphs {ours}, piecewise {theirs}"
+        parted = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        if parted is None:
+            print(f"request {index}: all {len(ours)} tokens equal")
+            continue
+        gaps = [tie_gap(result["logprobs"][index][parted], ours[parted], theirs[parted]) for result in (full, piecewise)]
+        print(f"request {index}: first {parted} of {len(ours)} tokens equal; log-probability gaps there {gaps}")
+        assert max(gaps) <= NEAR_TIE, f"request {index}: full graphs {ours}, piecewise {theirs}, gaps {gaps}"
     launches = full["stats"]["decode_launches"], piecewise["stats"]["decode_launches"]
     print(f"eager launches serving compressed rows: with full graphs {launches[0]}, piecewise {launches[1]}")
     assert launches[0] < launches[1] / 2
+
+
+NEAR_TIE = 0.1  # nats between an engine's two candidate tokens: a rounding flip, not a wrong attention
+
+
+def tie_gap(top: dict[str, float], first: int, second: int) -> float:
+    """|log p(first) - log p(second)| at one step, from that step's most likely tokens (inf where one of the
+    two is not among them)."""
+    if str(first) not in top or str(second) not in top:
+        return float("inf")
+    return abs(top[str(first)] - top[str(second)])
 
 
 def test_same_kept_pairs_and_answers_as_the_transformers_runtime(small_checkpoint, tmp_path):

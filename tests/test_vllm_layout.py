@@ -239,11 +239,10 @@ def test_decode_batch_finds_the_rows_that_decode_from_packed_pages():
     other = ServedRequest("d", setting, prompt_len=64, first_block=12, computed=64, scheduled=1, table_row=2)
     for request, layers in ((decoding, 2), (half, 1), (other, 2)):
         request.packed = {layer: None for layer in range(layers)}
-    decoding.longest_head, other.longest_head = 60, 30
     batch = decode_batch([None, prefill, decoding, half, other], num_layers=2, query_start=[0, 5, 35, 36, 37, 38])
     assert batch.decoding == [False, False, True, False, True]
-    # (query token, batch row, prompt_len, offset-table row, longest head + tail tokens)
-    assert batch.rows_info == [[35, 2, 100, 4, 60 + 4], [37, 4, 64, 2, 30 + 1]]
+    # (query token, batch row, prompt_len, offset-table row)
+    assert batch.rows_info == [[35, 2, 100, 4], [37, 4, 64, 2]]
     assert decode_batch([None, prefill], 2, [0, 5, 35]).rows_info == []
     assert prefill.in_prompt and not decoding.in_prompt
 
@@ -251,14 +250,13 @@ def test_decode_batch_finds_the_rows_that_decode_from_packed_pages():
 def test_uniform_decode_batch_takes_every_row_dense_ones_as_tail_and_padding_empty():
     setting = ServingPress("adakv_snapkv", 0.75)
     decoding = ServedRequest("b", setting, prompt_len=100, first_block=7, computed=103, scheduled=1, table_row=4)
-    decoding.longest_head = 60
-    batch = uniform_decode_batch([None, decoding, None], batch_rows=4, seq_lens_bound=[50, 104, 9, 0])
+    batch = uniform_decode_batch([None, decoding, None], batch_rows=4)
     assert batch.decoding == [True] * 4
     assert batch.rows_info == [
-        [0, 0, 0, DENSE_TABLE_ROW, 50],
-        [1, 1, 100, 4, 64],
-        [2, 2, 0, DENSE_TABLE_ROW, 9],
-        [3, 3, EMPTY_ROW, DENSE_TABLE_ROW, 0],
+        [0, 0, 0, DENSE_TABLE_ROW],
+        [1, 1, 100, 4],
+        [2, 2, 0, DENSE_TABLE_ROW],
+        [3, 3, EMPTY_ROW, DENSE_TABLE_ROW],
     ]
 
 

@@ -6,14 +6,16 @@ interpreter on CPU with TRITON_INTERPRET=1); `packed_decode_reference` is the sa
 
 Shapes: query and out (tokens, num_heads, head_dim); key_cache, value_cache (num_blocks, kv_heads,
 block_size, head_dim) views (unit last stride); block_table (batch_rows, max_blocks) int32; seq_lens
-(batch_rows,) int32: tokens in each batch row's cache, the decoded one included; rows_info (rows, 5) int32
-= (query token index, batch row, prompt_len, offset-table row, chunk): prompt_len 0 is a dense row (every
-token a tail token, with an offset row of zeros), -1 an empty one (a CUDA graph's padding: its output is
-zeros); chunk is the row's keys per split (the last split reads to the end). offset_table (table rows,
-kv_heads + 1) int32: head h's packed pairs are [offsets[h], offsets[h + 1]).
+(batch_rows,) int32: tokens in each batch row's cache, the decoded one included; rows_info (rows, 4) int32
+= (query token index, batch row, prompt_len, offset-table row): prompt_len 0 is a dense row (every token a
+tail token, with an offset row of zeros), -1 an empty one (a CUDA graph's padding: its output is zeros).
+offset_table (table rows, kv_heads + 1) int32: head h's packed pairs are [offsets[h], offsets[h + 1]).
 
-Everything a launch reads is a device tensor and its grid depends on the number of rows only, so a CUDA
-graph captured for a batch size replays with any step's lengths (the chunks change, the splits do not).
+The kernel cuts each row's keys, over all its heads, into chunks of one size on the device
+(adakv/kernels/triton_pages.py), so a head that keeps four times the average gets four times the
+programs: Ada-KV's uneven heads do not leave most of the GPU waiting on the longest one. Everything a
+launch reads is a device tensor and its grid depends on the number of rows only, so a CUDA graph captured
+for a batch size replays with any step's lengths.
 """
 
 from __future__ import annotations
@@ -23,33 +25,28 @@ from functools import lru_cache
 
 import torch
 
-from .triton_decode import LOG2_E, MIN_KEYS_PER_SPLIT, PROGRAMS_PER_SM, block_sizes
+from .triton_decode import LOG2_E, MIN_KEYS_PER_SPLIT, PROGRAMS_PER_SM, block_sizes, next_power_of_2
 
 
-ROW_FIELDS = 5  # rows_info's columns
+ROW_FIELDS = 4  # rows_info's columns
 EMPTY_ROW = -1  # rows_info's prompt_len of a row that attends nothing
 
 
 @dataclass(frozen=True)
 class DecodePlan:
-    """How many programs split each (row, KV head) sequence; each row's `chunk` (in rows_info) is its
-    longest sequence over these splits, so short rows leave some of their programs idle."""
+    """programs_per_row: programs of each row (its chunks of keys over all its heads, one each; the
+    rest return at once); min_chunk: the fewest keys a chunk holds (below it a program's fixed cost
+    outweighs the parallelism it adds)."""
 
-    num_splits: int
+    programs_per_row: int
+    min_chunk: int = MIN_KEYS_PER_SPLIT
 
 
 def decode_plan(rows: int, kv_heads: int, num_sms: int) -> DecodePlan:
-    """Splits enough for ~PROGRAMS_PER_SM programs per multiprocessor over rows x kv_heads sequences: a
-    function of the batch's shape only (a CUDA graph captures it)."""
-    sequences = max(rows * kv_heads, 1)
-    return DecodePlan(num_splits=max(1, -(-num_sms * PROGRAMS_PER_SM // sequences)))
-
-
-def split_chunk(longest: int, plan: DecodePlan, block_n: int) -> int:
-    """Keys per split of a row whose longest (KV head) sequence is `longest`: at least MIN_KEYS_PER_SPLIT,
-    a multiple of block_n, and `plan.num_splits` of them cover it."""
-    chunk = max(MIN_KEYS_PER_SPLIT, -(-longest // plan.num_splits))
-    return -(-chunk // block_n) * block_n
+    """About PROGRAMS_PER_SM programs with work per multiprocessor over the batch, and at least twice
+    kv_heads per row (a row's chunks number at most programs_per_row - kv_heads plus one partial chunk per
+    head): a function of the batch's shape only (a CUDA graph captures it)."""
+    return DecodePlan(programs_per_row=max(2 * kv_heads, -(-num_sms * PROGRAMS_PER_SM // max(rows, 1))))
 
 
 @lru_cache(maxsize=None)
@@ -78,26 +75,32 @@ def packed_decode_attention(
         return
     num_heads, head_dim = query.shape[1], query.shape[2]
     kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
+    if plan.programs_per_row <= kv_heads or plan.min_chunk < 1:
+        raise ValueError(
+            f"{plan}: programs_per_row must exceed the {kv_heads} KV heads (each head may add a partial chunk) "
+            "and min_chunk must be positive"
+        )
     group = num_heads // kv_heads
     tiles = dict(block_sizes(group, head_dim, query.dtype))  # one program holds a head's whole GQA group
     if group > tiles["BLOCK_M"]:
         raise ValueError(f"{group} query heads per KV head: the packed-page decode kernel takes at most {tiles['BLOCK_M']}")
     kernels = _kernels()
     partial_out = torch.empty(
-        rows * kv_heads * plan.num_splits * tiles["BLOCK_M"], head_dim, dtype=torch.float32, device=query.device
+        rows * plan.programs_per_row * tiles["BLOCK_M"], head_dim, dtype=torch.float32, device=query.device
     )
     partial_lse = torch.empty(partial_out.shape[0], dtype=torch.float32, device=query.device)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    kernels.partial_attention[(rows, kv_heads, plan.num_splits)](
+    work = dict(HEADS=next_power_of_2(kv_heads), GROUP=group, HEAD_DIM=head_dim)
+    kernels.partial_attention[(rows, plan.programs_per_row)](
         query, key_cache, value_cache, block_table, seq_lens, rows_info, offset_table, partial_out, partial_lse,
         query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3], block_table.stride(0),
-        scale * LOG2_E, kv_heads, block_size, plan.num_splits,
-        GROUP=group, HEAD_DIM=head_dim, DOT_PRECISION=precision, **tiles,
+        scale * LOG2_E, kv_heads, block_size, plan.programs_per_row, plan.min_chunk,
+        DOT_PRECISION=precision, **work, **tiles,
     )  # fmt: skip
     kernels.combine_splits[(rows, kv_heads)](
         seq_lens, rows_info, offset_table, partial_out, partial_lse, out, out.stride(0), out.stride(1),
-        kv_heads, plan.num_splits,
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_M=tiles["BLOCK_M"], BLOCK_D=tiles["BLOCK_D"], num_warps=4,
+        kv_heads, plan.programs_per_row, plan.min_chunk,
+        BLOCK_N=tiles["BLOCK_N"], BLOCK_M=tiles["BLOCK_M"], BLOCK_D=tiles["BLOCK_D"], num_warps=4, **work,
     )  # fmt: skip
 
 
@@ -116,7 +119,7 @@ def packed_decode_reference(
     kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
     group = query.shape[1] // kv_heads
     lengths = seq_lens.tolist()
-    for token, batch_row, prompt_len, offset_row, _ in rows_info.tolist():
+    for token, batch_row, prompt_len, offset_row in rows_info.tolist():
         if prompt_len == EMPTY_ROW:
             out[token] = 0
             continue

@@ -8,17 +8,22 @@ i // kv_heads, lane i % kv_heads), then its tail tokens [prompt_len, seq_len) (s
 lane = h). A slot s is row s % block_size of page block_table[s // block_size]. Caches are
 (num_blocks, kv_heads, block_size, head_dim) views with any strides and a unit last stride.
 
-`partial_attention` (grid: rows x kv_heads x splits) attends one chunk of that sequence (the row's
-`chunk` keys; the last split to the sequence's end) for the head's GQA group with an online softmax in
-fp32 and writes the chunk's normalised output and log2-sum-exp; programs past the sequence's end return
-at once. `combine_splits` (grid: rows x kv_heads) merges the chunks the sequence has and writes the
-output in the query's dtype.
+Work is balanced over a row's heads, which Ada-KV leaves of very different lengths: a row's keys of all
+its heads (`total`) are cut into chunks of one size, cdiv(total, programs_per_row - kv_heads) rounded up
+to BLOCK_N (at least `min_chunk`), so a head gets as many programs as it has chunks and at most
+programs_per_row programs have work (each head's last chunk may be partial). Program p of a row works on
+the head whose programs' range [first_program[h], first_program[h] + splits[h]) holds p; programs past
+them return at once. `_row_work` computes this on the device from the offset table and seq_lens, so a
+CUDA graph replays with any step's lengths.
 
-rows_info: (rows, 5) int32: query token index, batch row (its block-table row and its entry of
+`partial_attention` (grid: rows x programs_per_row) attends one chunk of one head for the head's GQA
+group with an online softmax in fp32 and writes the chunk's normalised output and log2-sum-exp.
+`combine_splits` (grid: rows x kv_heads) merges a head's chunks and writes the output in the query's dtype.
+
+rows_info: (rows, 4) int32: query token index, batch row (its block-table row and its entry of
 seq_lens), prompt_len (-1: an empty row, e.g. a CUDA graph's padding; 0: a dense row, all tail),
-offset-table row, chunk (keys per split, a multiple of BLOCK_N). seq_lens: (batch rows,) int32 on the
-device, each row's tokens in the cache including the one decoded; read there, so a captured CUDA graph
-replays with the step's lengths.
+offset-table row. seq_lens: (batch rows,) int32 on the device, each row's tokens in the cache including
+the one decoded.
 """
 
 from __future__ import annotations
@@ -28,38 +33,57 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_info(rows_info, seq_lens, row, kv_head, offset_table, num_kv_heads):
-    info = rows_info + row * 5
+def _row_work(rows_info, seq_lens, row, offset_table, num_kv_heads, programs_per_row, min_chunk,
+              HEADS: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """The row's query token, batch row and prompt_len, and per KV head (HEADS lanes, a power of two >=
+    num_kv_heads): its first packed pair, packed pairs, sequence length, chunks and first program; and the
+    chunk size."""
+    info = rows_info + row * 4
     token = tl.load(info).to(tl.int64)
     batch_row = tl.load(info + 1).to(tl.int64)
     prompt_len = tl.load(info + 2)
     offsets = offset_table + tl.load(info + 3).to(tl.int64) * (num_kv_heads + 1)
-    chunk = tl.load(info + 4)
-    first_pair = tl.load(offsets + kv_head)
-    packed = tl.load(offsets + kv_head + 1) - first_pair
-    length = tl.where(prompt_len < 0, 0, packed + tl.load(seq_lens + batch_row) - prompt_len)
-    return token, batch_row, prompt_len, first_pair, packed, length, chunk
+    heads = tl.arange(0, HEADS)
+    is_head = heads < num_kv_heads
+    first_pair = tl.load(offsets + heads, mask=is_head, other=0)
+    packed = tl.load(offsets + heads + 1, mask=is_head, other=0) - first_pair
+    tail = tl.load(seq_lens + batch_row) - prompt_len
+    lengths = tl.where(is_head & (prompt_len >= 0), packed + tail, 0)
+    total = tl.sum(lengths, 0)
+    chunk = tl.maximum(tl.cdiv(total, tl.maximum(programs_per_row - num_kv_heads, 1)), min_chunk)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    splits = tl.cdiv(lengths, chunk)
+    first_program = tl.cumsum(splits, 0) - splits
+    return token, batch_row, prompt_len, first_pair, packed, lengths, splits, first_program, chunk
+
+
+@triton.jit
+def _of_head(values, heads, head):
+    """values[head] of a per-head vector."""
+    return tl.sum(tl.where(heads == head, values, 0), 0)
 
 
 @triton.jit
 def partial_attention(
     Q, K, V, block_table, seq_lens, rows_info, offset_table, partial_out, partial_lse,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bt,
-    qk_scale_log2, num_kv_heads, block_size, num_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    qk_scale_log2, num_kv_heads, block_size, programs_per_row, min_chunk,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    token, table_row, prompt_len, first_pair, packed, length, chunk = _row_info(
-        rows_info, seq_lens, row, kv_head, offset_table, num_kv_heads
+    program = tl.program_id(1)
+    token, table_row, prompt_len, first_pairs, packed_pairs, lengths, splits, first_programs, chunk = _row_work(
+        rows_info, seq_lens, row, offset_table, num_kv_heads, programs_per_row, min_chunk, HEADS, BLOCK_N
     )
-    key_start = split * chunk
-    if key_start >= length:
+    heads = tl.arange(0, HEADS)
+    kv_head = tl.sum(((first_programs + splits <= program) & (heads < num_kv_heads)).to(tl.int32), 0)  # heads before it
+    if kv_head >= num_kv_heads:
         return
-    # the last split takes whatever is left: a chunk sized on the host from a length bound never drops keys
-    key_end = tl.where(split == num_splits - 1, length, tl.minimum(key_start + chunk, length))
+    first_pair = _of_head(first_pairs, heads, kv_head)
+    packed = _of_head(packed_pairs, heads, kv_head)
+    key_start = (program - _of_head(first_programs, heads, kv_head)) * chunk
+    key_end = tl.minimum(key_start + chunk, _of_head(lengths, heads, kv_head))
 
     group_rows = tl.arange(0, BLOCK_M)
     row_valid = group_rows < GROUP
@@ -102,7 +126,7 @@ def partial_attention(
 
     lse = running_max + tl.log2(running_sum)
     out = acc / running_sum[:, None]
-    slot_index = ((row * num_kv_heads + kv_head) * num_splits + split).to(tl.int64) * BLOCK_M + group_rows
+    slot_index = (row * programs_per_row + program).to(tl.int64) * BLOCK_M + group_rows
     tl.store(partial_lse + slot_index, lse, mask=row_valid)
     tl.store(
         partial_out + slot_index[:, None] * HEAD_DIM + dims[None, :], out, mask=row_valid[:, None] & dim_valid[None, :]
@@ -112,18 +136,22 @@ def partial_attention(
 @triton.jit
 def combine_splits(
     seq_lens, rows_info, offset_table, partial_out, partial_lse, Out, stride_ot, stride_oh,
-    num_kv_heads, num_splits,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_kv_heads, programs_per_row, min_chunk,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
-    token, _, _, _, _, length, chunk = _row_info(rows_info, seq_lens, row, kv_head, offset_table, num_kv_heads)
-    used = tl.minimum(tl.cdiv(length, chunk), num_splits)
+    token, _, _, _, _, _, splits, first_programs, _ = _row_work(
+        rows_info, seq_lens, row, offset_table, num_kv_heads, programs_per_row, min_chunk, HEADS, BLOCK_N
+    )
+    heads = tl.arange(0, HEADS)
+    used = _of_head(splits, heads, kv_head)
     group_rows = tl.arange(0, BLOCK_M)
     row_valid = group_rows < GROUP
     dims = tl.arange(0, BLOCK_D)
     mask = row_valid[:, None] & (dims < HEAD_DIM)[None, :]
-    first_slot = ((row * num_kv_heads + kv_head) * num_splits).to(tl.int64) * BLOCK_M
+    first_slot = (row * programs_per_row + _of_head(first_programs, heads, kv_head)).to(tl.int64) * BLOCK_M
 
     best = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for split in range(used):

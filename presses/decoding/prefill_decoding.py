@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..base import BasePress, PrefillContext
+from ..base import BasePress, PrefillContext, WholePrefill
 from ..fields import Check
 from .decoding import DecodingPress
 
@@ -53,5 +53,14 @@ class PrefillDecodingPress(BasePress):
     def compression_ratio(self, value: float) -> None:
         raise AttributeError("PrefillDecodingPress's compression_ratio is its prefill press's: set prefill_press.compression_ratio.")
 
+    @property
+    def compresses_after_prefill(self) -> bool:
+        """The prefill press's: a model-wide one (AdaptivePress(scope="model"), KVzip) compresses the whole
+        context at once, after it."""
+        return self.prefill_press.compresses_after_prefill
+
     def compress(self, context: PrefillContext) -> torch.Tensor | None:
         return self.prefill_press.compress(context)
+
+    def compress_prefill(self, prefill: WholePrefill) -> list[torch.Tensor | None]:
+        return self.prefill_press.compress_prefill(prefill)

@@ -9,14 +9,14 @@ import sys
 
 import torch
 
-from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_attention, packed_decode_reference, split_chunk
+from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_attention, packed_decode_reference
 from adakv.runtimes.vllm.layout import pack_layer
 
 
-def case(kv_heads, group, head_dim, block_size, lengths, plan, seed, extra_rows=(), chunk=None) -> dict:
+def case(kv_heads, group, head_dim, block_size, lengths, plan, seed, extra_rows=(), uneven=False) -> dict:
     """lengths: (prompt_len, seq_len) of compressed rows; extra_rows: "dense" (all tail, seq_len 50) or
-    "empty" (a CUDA graph's padding) rows after them; chunk: keys per split (default: split_chunk's, at
-    least 256, so these short rows use one or two splits)."""
+    "empty" (a CUDA graph's padding) rows after them; uneven: head 0 keeps its whole prompt and the others
+    a few pairs each (Ada-KV's extreme), else each head a random share."""
     torch.manual_seed(seed)
     num_blocks = 4 * sum(-(-seq // block_size) for _, seq in lengths) + 16
     cache = torch.randn(num_blocks, block_size, kv_heads, 2 * head_dim)  # vLLM's NHD pages, keys | values
@@ -27,15 +27,15 @@ def case(kv_heads, group, head_dim, block_size, lengths, plan, seed, extra_rows=
     infos, offsets, seq_lens = [], [torch.zeros(kv_heads + 1, dtype=torch.int32)], []
     for row, (prompt_len, seq_len) in enumerate(lengths):
         keep = torch.rand(kv_heads, prompt_len) < torch.rand(kv_heads, 1)  # heads keep different shares
+        if uneven:
+            keep[0], keep[1:] = True, torch.rand(kv_heads - 1, prompt_len) < 0.02
         keep[:, -1] = True
         packed = pack_layer(key_cache, value_cache, table[row], keep, -(-int(keep.sum()) // kv_heads))
         offsets.append(packed.offset_row())
-        longest = int(packed.lengths.max()) + seq_len - prompt_len
-        infos.append([row, row, prompt_len, row + 1, chunk or split_chunk(longest, plan, 64)])
+        infos.append([row, row, prompt_len, row + 1])
         seq_lens.append(seq_len)
     for row, kind in enumerate(extra_rows, start=len(lengths)):
-        prompt_len = 0 if kind == "dense" else EMPTY_ROW
-        infos.append([row, row, prompt_len, 0, chunk or split_chunk(50, plan, 64)])
+        infos.append([row, row, 0 if kind == "dense" else EMPTY_ROW, 0])
         seq_lens.append(50)
     query = torch.randn(rows, kv_heads * group, head_dim)
     rows_info, offset_table = torch.tensor(infos, dtype=torch.int32), torch.stack(offsets)
@@ -44,18 +44,23 @@ def case(kv_heads, group, head_dim, block_size, lengths, plan, seed, extra_rows=
     packed_decode_reference(query, key_cache, value_cache, table, seq_lens, rows_info, offset_table, 0.2, expected)
     packed_decode_attention(query, key_cache, value_cache, table, seq_lens, rows_info, offset_table, 0.2, out, plan)
     settings = dict(kv_heads=kv_heads, group=group, head_dim=head_dim, block_size=block_size, plan=plan.__dict__)
-    return {**settings, "extra_rows": list(extra_rows), "max_difference": float((out - expected).abs().max())}
+    return {**settings, "extra_rows": list(extra_rows), "uneven": uneven,
+            "max_difference": float((out - expected).abs().max())}  # fmt: skip
 
 
 def main() -> None:
     lengths = [(300, 305), (90, 91), (17, 40)]
     cases = [
-        case(2, 3, 16, 16, lengths, DecodePlan(num_splits=5), 0, chunk=64),  # up to 5 splits of 64 keys
-        case(4, 1, 32, 16, lengths, decode_plan(3, 4, 1), 1),
-        case(1, 4, 8, 32, lengths[:1], DecodePlan(num_splits=3), 2, chunk=128),
-        case(2, 2, 16, 16, lengths[1:], DecodePlan(num_splits=2), 3, extra_rows=("dense", "empty")),
-        # chunks too short for the rows (a host bound below the device's length): the last split reads the rest
-        case(2, 3, 16, 16, lengths, DecodePlan(num_splits=2), 4, chunk=64),
+        case(2, 3, 16, 16, lengths, DecodePlan(programs_per_row=12, min_chunk=16), 0),  # several chunks per head
+        case(4, 1, 32, 16, lengths, decode_plan(3, 4, 1), 1),  # the plan of a one-multiprocessor GPU
+        case(1, 4, 8, 32, lengths[:1], DecodePlan(programs_per_row=3, min_chunk=64), 2),
+        case(2, 2, 16, 16, lengths[1:], DecodePlan(programs_per_row=4, min_chunk=16), 3, extra_rows=("dense", "empty")),
+        # one program per head: programs_per_row = kv_heads + 1, the fewest the plan allows
+        case(2, 3, 16, 16, lengths, DecodePlan(programs_per_row=3, min_chunk=16), 4),
+        # one long head and short ones: the long head takes most of the row's programs; with kv_heads + 1
+        # programs a chunk of total / programs_per_row would leave the long head's last chunks no program
+        case(4, 2, 16, 16, lengths, DecodePlan(programs_per_row=5, min_chunk=16), 5, uneven=True),
+        case(4, 2, 16, 16, lengths, DecodePlan(programs_per_row=64, min_chunk=16), 6, uneven=True, extra_rows=("empty",)),
     ]
     for result in cases:
         print(json.dumps(result))

@@ -63,7 +63,6 @@ def compress_request_layer(
     request.recent_queries.pop(layer, None)
     if offsets_for is not None:
         offsets_for.record_offsets(request, layer, packed)
-        request.longest_head = max(request.longest_head, int(packed.lengths.max()))
 
 
 def serve_layer(

@@ -40,9 +40,7 @@ from adakv.kernels.paged_decode import (
     decode_plan,
     packed_decode_attention,
     packed_decode_reference,
-    split_chunk,
 )
-from adakv.kernels.triton_decode import block_sizes
 
 from .compression import serve_layer
 from .requests import DecodeBatch, ServedRequest, decode_batch, served_requests, uniform_decode_batch
@@ -56,8 +54,8 @@ CHECK_DECODE = os.environ.get("ADAKV_VLLM_CHECK_DECODE") == "1"
 class DecodeRows:
     """The step's rows for the packed-page kernel.
 
-    rows_info: (rows, 5) int32 on the device (adakv.kernels.paged_decode's columns); seq_lens: vLLM's
-    (batch rows,) int32 lengths on the device; plan: its splits; only_decode: no other row in the batch
+    rows_info: (rows, 4) int32 on the device (adakv.kernels.paged_decode's columns); seq_lens: vLLM's
+    (batch rows,) int32 lengths on the device; plan: its programs per row; only_decode: no other row in the batch
     (FlashAttention is skipped); compressed: some row reads packed pairs."""
 
     rows_info: torch.Tensor
@@ -88,8 +86,6 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.full_decode_graphs = full_decode_graphs(vllm_config.additional_config)
         self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
-        group = self.num_heads_q // self.num_heads_kv
-        self.block_n = block_sizes(group, self.headdim, vllm_config.model_config.dtype)["BLOCK_N"]
         self.num_sms = multiprocessor_count(torch.device(device).index or 0)
         max_num_seqs = vllm_config.scheduler_config.max_num_seqs
         # a full graph reads its rows where they were at capture: one buffer for every batch size
@@ -130,10 +126,7 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
         rows buffer."""
         num_reqs = common.num_reqs  # the step's requests (`rows`, recorded by the worker) and the padding;
         # at a graph's capture `rows` are whatever was last: nothing captured depends on the rows' values
-        bound = common.seq_lens_cpu_upper_bound
-        bounds = bound[:num_reqs].tolist() if bound is not None else []
-        bounds += [common.max_seq_len] * (num_reqs - len(bounds))
-        batch = uniform_decode_batch(rows, num_reqs, bounds)
+        batch = uniform_decode_batch(rows, num_reqs)
         metadata = super().build(common_prefix_len, common, fast_build)
         return CompressingFlashMetadata(
             **self._fields_of(metadata),
@@ -156,15 +149,13 @@ class CompressingFlashBuilder(FlashAttentionMetadataBuilder):
         return dataclasses.replace(common, seq_lens=seq_lens, max_seq_len=max_seq_len)
 
     def _decode_rows(self, batch: DecodeBatch, seq_lens, only_decode: bool, buffer=None) -> DecodeRows:
-        """The rows on the device, each with its chunk (the last column: its longest sequence on the host)
-        for a plan that depends on the number of rows only."""
+        """The rows on the device, with a plan that depends on the number of rows only."""
         plan = decode_plan(len(batch.rows_info), self.num_heads_kv, self.num_sms)
-        host_rows = [info[:-1] + [split_chunk(info[-1], plan, self.block_n)] for info in batch.rows_info]
-        host = torch.tensor(host_rows, dtype=torch.int32).pin_memory()
+        host = torch.tensor(batch.rows_info, dtype=torch.int32).pin_memory()
         if buffer is None:
             rows_info = host.to(self.device, non_blocking=True)
         else:
-            rows_info = buffer[: len(host_rows)]
+            rows_info = buffer[: len(batch.rows_info)]
             rows_info.copy_(host, non_blocking=True)
         compressed = any(info[2] > 0 for info in batch.rows_info)
         return DecodeRows(

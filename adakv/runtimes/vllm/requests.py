@@ -39,7 +39,6 @@ class ServedRequest:
     packed: dict[int, PackedLayer] = field(default_factory=dict)
     recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)
     table_row: int = -1  # its row in the registry's offset tables (the decode kernel reads them); -1: none
-    longest_head: int = 0  # the most pairs any (layer, KV head) packed (bounds the decode kernel's splits)
     press: Any = field(init=False, repr=False)  # the adakv press of `setting`, built once
 
     def __post_init__(self):
@@ -63,7 +62,6 @@ class ServedRequest:
         self.first_block, self.computed = first_block, computed
         self.packed.clear()
         self.recent_queries.clear()
-        self.longest_head = 0
 
 
 class ServedRequests:
@@ -171,16 +169,14 @@ class DecodeBatch:
     """The rows of one step's batch that the packed-page decode kernel attends.
 
     decoding: per batch row, whether the kernel attends it; rows_info: per such row (query token index,
-    batch row, prompt_len, offset-table row, longest (KV head) sequence): adakv.kernels.paged_decode's
-    columns but the last, which the backend turns into the row's chunk."""
+    batch row, prompt_len, offset-table row): adakv.kernels.paged_decode's columns."""
 
     decoding: list[bool]
     rows_info: list[list[int]]
 
 
 def _packed_row(token: int, row: int, request: ServedRequest) -> list[int]:
-    tail = request.computed + 1 - request.prompt_len
-    return [token, row, request.prompt_len, request.table_row, request.longest_head + tail]
+    return [token, row, request.prompt_len, request.table_row]
 
 
 def decode_batch(rows: list[ServedRequest | None], num_layers: int, query_start: list[int]) -> DecodeBatch:
@@ -191,20 +187,18 @@ def decode_batch(rows: list[ServedRequest | None], num_layers: int, query_start:
     return DecodeBatch(decoding=decoding, rows_info=rows_info)
 
 
-def uniform_decode_batch(rows: list[ServedRequest | None], batch_rows: int, seq_lens_bound: list[int]) -> DecodeBatch:
+def uniform_decode_batch(rows: list[ServedRequest | None], batch_rows: int) -> DecodeBatch:
     """A batch of one new token per row (what vLLM replays from full CUDA graphs): every row through the
     kernel, compressed ones from their packed pairs, dense ones as all tail, and the rows past the step's
     requests up to `batch_rows` (a graph's padding) empty. rows: the compressed request (or None) of each
-    of the step's requests; seq_lens_bound: an upper bound of each row's tokens (it sizes the splits only)."""
+    of the step's requests."""
     rows_info = []
     for row in range(batch_rows):
         request = rows[row] if row < len(rows) else None
         if request is not None:
             rows_info.append(_packed_row(row, row, request))
-        elif row < len(rows):
-            rows_info.append([row, row, 0, DENSE_TABLE_ROW, seq_lens_bound[row]])
         else:
-            rows_info.append([row, row, EMPTY_ROW, DENSE_TABLE_ROW, 0])
+            rows_info.append([row, row, 0 if row < len(rows) else EMPTY_ROW, DENSE_TABLE_ROW])
     return DecodeBatch(decoding=[True] * batch_rows, rows_info=rows_info)
 
 
