@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from conftest import random_ids, tiny_model
@@ -16,6 +18,7 @@ from adakv import (
     KnormPress,
     ObservedAttentionPress,
     PrefillDecodingPress,
+    ScorerPress,
     SnapKVPress,
     kept_token_counts,
     rollback,
@@ -204,6 +207,20 @@ def test_decoding_press_works_inside_generate():
         assert per_head.sum().item() == 2 * 20 + 2 * 4  # compressed after 20 appended tokens, then 4 more
 
 
+@dataclass
+class UndeclaredScorer(ScorerPress):
+    """A scorer of one's own: with `reads` None it does not say how many newest positions' inputs it reads."""
+
+    reads: int | None = None
+
+    @property
+    def hidden_states_rows(self) -> int | None:
+        return self.reads if self.reads is not None else super().hidden_states_rows
+
+    def score(self, context):
+        return context.keys.norm(dim=-1)
+
+
 def test_decoding_press_refuses_bad_settings():
     with pytest.raises(ValueError, match="compression_interval"):
         DecodingPress(KnormPress(), compression_interval=0)
@@ -211,6 +228,9 @@ def test_decoding_press_refuses_bad_settings():
         DecodingPress(KnormPress(), target_size=-3)
     with pytest.raises(ValueError, match="query window"):
         DecodingPress(SnapKVPress(window_size=64), hidden_states_buffer_size=32)
+    with pytest.raises(ValueError, match="hidden_states_rows = n"):  # a press of one's own, silent on what it reads
+        DecodingPress(UndeclaredScorer())
+    assert DecodingPress(UndeclaredScorer(reads=8)).press.layer_input_rows == 8
     with pytest.raises(TypeError, match="scoring press"):
         DecodingPress(ChunkPress(KnormPress()))
     with pytest.raises(TypeError, match="attention weights"):

@@ -14,14 +14,6 @@ from ..fields import Check, Integer
 from ..scorers.observed_attention import ObservedAttentionPress
 from ..wrappers.adaptive import AdaptivePress, check_scoring_press
 
-QUERY_WINDOW_FIELDS = ("window_size", "n_recent", "n_last")  # how presses name the recent queries they read
-
-
-def query_window(press: BasePress) -> int:
-    """The number of most recent queries a press (and the presses inside it) reads when scoring."""
-    return max(getattr(inner, name, 0) for inner in press.press_tree() for name in QUERY_WINDOW_FIELDS)
-
-
 def check_decoding_scorer(press, owner: str) -> None:
     """A scoring press, or AdaptivePress around one, that needs no attention weights."""
     check_scoring_press(press.press if isinstance(press, AdaptivePress) else press, owner)
@@ -81,11 +73,18 @@ class DecodingPress(BasePress):
 
     def check_combination(self) -> None:
         super().check_combination()
-        window = query_window(self.press)
-        if window > self.hidden_states_buffer_size:
+        rows = self.press.layer_input_rows  # what the press tree reads of the newest positions' inputs
+        if rows is None:
+            raise ValueError(
+                f"{type(self.press).__name__} may read the hidden states of every position "
+                "(BasePress.hidden_states_rows is None), but DecodingPress holds those of the last "
+                f"hidden_states_buffer_size ({self.hidden_states_buffer_size}) tokens only. A press of your own "
+                "that reads the last n positions' inputs says so with hidden_states_rows = n (0: none)."
+            )
+        if rows > self.hidden_states_buffer_size:
             raise ValueError(
                 f"hidden_states_buffer_size ({self.hidden_states_buffer_size}) must be at least the press's query "
-                f"window ({window}, its window_size / n_recent / n_last)."
+                f"window ({rows}: the newest positions whose hidden states it reads, e.g. SnapKV's window_size)."
             )
 
     @property
