@@ -19,6 +19,8 @@ kernel splits a row's keys over all its heads evenly, so this should cost what `
 runs one tiny case with host timing: a check that the script works, not a figure.
 
     python benchmarks/bench_paged_decode.py                       # -> results/paged_decode_<GPU>.{json,md}
+    python benchmarks/bench_paged_decode.py --programs-per-sm 2 4 8 --min-chunks 64 128 256 --tag _plans
+                                                                  # the plan's two settings, swept
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adakv.apps.provenance import provenance  # noqa: E402
 from adakv.kernels.device import multiprocessor_count  # noqa: E402
 from adakv.kernels.paged_decode import decode_plan, packed_decode_attention, packed_decode_reference  # noqa: E402
+from adakv.kernels.triton_decode import MIN_KEYS_PER_SPLIT, PROGRAMS_PER_SM  # noqa: E402
 
 KV_HEADS, GROUP, HEAD_DIM, BLOCK_SIZE = 8, 4, 128, 16
 CASES = ["1x8192+64", "1x32768+64", "8x8192+64", "32x8192+64", "96x8192+64"]
@@ -59,10 +62,10 @@ def head_offsets(kept: int, uneven: bool) -> list[int]:
     return [0] + [first + share for share in others]
 
 
-def packed_batch(rows: int, kept: int, tail: int, layout: str, dtype, device) -> dict:
+def packed_batch(rows: int, kept: int, tail: int, layout: str, dtype, device, plan_settings: dict) -> dict:
     """Random pages holding `rows` requests in the packed layout (KV_HEADS x `kept` pairs fill the first
     `kept` slots; `layout` packed or uneven, see head_offsets) or dense (prompt_len 0: `kept + tail` tail
-    tokens), and the kernel's arguments."""
+    tokens), and the kernel's arguments; plan_settings: decode_plan's programs_per_sm and min_chunk."""
     slots = kept + tail
     blocks_per_row = -(-slots // BLOCK_SIZE)
     pool = rows * blocks_per_row
@@ -72,7 +75,7 @@ def packed_batch(rows: int, kept: int, tail: int, layout: str, dtype, device) ->
     dense = layout == "dense"
     offsets = torch.zeros(2, KV_HEADS + 1, dtype=torch.int32, device=device)
     offsets[1] = torch.tensor(head_offsets(kept, layout == "uneven"), dtype=torch.int32, device=device)
-    plan = decode_plan(rows, KV_HEADS, multiprocessor_count(0) if device == "cuda" else 4)
+    plan = decode_plan(rows, KV_HEADS, multiprocessor_count(0) if device == "cuda" else 4, **plan_settings)
     rows_info = torch.tensor(
         [[row, row, 0 if dense else kept, 0 if dense else 1] for row in range(rows)], dtype=torch.int32, device=device
     )
@@ -142,14 +145,14 @@ def copy_bandwidth(device: str, gib: float = 2.0) -> float:
     return 2 * gib * 2**30 / seconds
 
 
-def measure(case: str, layout: str, bandwidth: float, repeats: int, device: str, dtype) -> dict:
+def measure(case: str, layout: str, plan_settings: dict, bandwidth: float, repeats: int, device: str, dtype) -> dict:
     rows, kept, tail = parse_case(case)
-    batch = packed_batch(rows, kept, tail, layout, dtype, device)
+    batch = packed_batch(rows, kept, tail, layout, dtype, device, plan_settings)
     out = torch.zeros_like(batch["query"])
     bytes_read = rows * KV_HEADS * (kept + tail) * HEAD_DIM * 2 * dtype.itemsize
     row = dict(
         case=case, layout=layout, rows=rows, kept=kept, tail=tail, programs=rows * batch["plan"].programs_per_row,
-        bytes_read=bytes_read, limit_us=bytes_read / bandwidth * 1e6,
+        **plan_settings, bytes_read=bytes_read, limit_us=bytes_read / bandwidth * 1e6,
     )  # fmt: skip
     row["eager_us"] = median_us(lambda: call(batch, out), repeats, device)
     row["max_difference"] = reference_difference(batch, out)
@@ -165,6 +168,12 @@ def programs(row: dict) -> int:
     return row["programs"] if "programs" in row else row["rows"] * KV_HEADS * row["num_splits"]
 
 
+def plan_of(row: dict) -> str:
+    if "programs_per_sm" not in row:  # measured before the plan had these settings
+        return "—"
+    return f"{row['programs_per_sm']} / {row['min_chunk']}"
+
+
 def render(data: dict) -> str:
     meta = data["meta"]
     lines = [
@@ -172,14 +181,15 @@ def render(data: dict) -> str:
         f"{meta.get('gpu')}, torch {meta.get('torch')}, triton {meta.get('triton')}, adakv {meta.get('adakv_commit')}, "
         f"{meta.get('date')}; copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s. {KV_HEADS} KV heads x {GROUP} query "
         f"heads, head_dim {HEAD_DIM}, {data['dtype']}, blocks of {BLOCK_SIZE}; one call = both launches.", "",
-        "| case | layout | programs | MB read | limit µs | eager µs | graph µs | graph / limit | vs reference |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | layout | programs per SM / min chunk | programs | MB read | limit µs | eager µs | graph µs | "
+        "graph / limit | vs reference |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for row in data["rows"]:
         graph = "—" if row["graph_us"] is None else f"{row['graph_us']:.1f}"
         factor = f"{row['graph_vs_limit']:.2f}x" if row.get("graph_vs_limit") else "—"
         lines.append(
-            f"| {row['case']} | {row['layout']} | {programs(row)} | {row['bytes_read'] / 1e6:.1f} | "
+            f"| {row['case']} | {row['layout']} | {plan_of(row)} | {programs(row)} | {row['bytes_read'] / 1e6:.1f} | "
             f"{row['limit_us']:.1f} | {row['eager_us']:.1f} | {graph} | {factor} | {row['max_difference']:.1e} |"
         )
     return "\n".join(lines) + "\n"
@@ -191,20 +201,27 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, one tiny case")
+    parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[PROGRAMS_PER_SM], help="decode_plan's")
+    parser.add_argument("--min-chunks", type=int, nargs="+", default=[MIN_KEYS_PER_SPLIT], help="decode_plan's")
+    parser.add_argument("--tag", default="", help="suffix of the result files")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: give --smoke to check the script on a CPU (TRITON_INTERPRET=1)")
     cases, repeats, dtype = (["2x40+3"], 1, torch.float32) if args.smoke else (args.cases, args.repeats, torch.bfloat16)
     bandwidth = copy_bandwidth(device, gib=0.01 if args.smoke else 2.0)
-    rows = [measure(case, layout, bandwidth, repeats, device, dtype) for case in cases for layout in LAYOUTS]
+    plans = [dict(programs_per_sm=per_sm, min_chunk=chunk) for per_sm in args.programs_per_sm for chunk in args.min_chunks]
+    rows = [
+        measure(case, layout, plan, bandwidth, repeats, device, dtype)
+        for case in cases for plan in plans for layout in LAYOUTS
+    ]  # fmt: skip
     for row in rows:
         print(json.dumps(row), flush=True)
     meta = provenance(device)
     data = dict(meta=meta, dtype=str(dtype).removeprefix("torch."), bandwidth_gb_s=bandwidth / 1e9, rows=rows)
     name = "smoke_cpu" if args.smoke else (meta.get("gpu") or "gpu").replace(" ", "_")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"paged_decode_{name}.json"
+    path = args.out / f"paged_decode_{name}{args.tag}.json"
     path.write_text(json.dumps(data, indent=1))
     path.with_suffix(".md").write_text(render(data))
     print(render(data))

@@ -42,11 +42,15 @@ class DecodePlan:
     min_chunk: int = MIN_KEYS_PER_SPLIT
 
 
-def decode_plan(rows: int, kv_heads: int, num_sms: int) -> DecodePlan:
-    """About PROGRAMS_PER_SM programs with work per multiprocessor over the batch, and at least twice
+def decode_plan(
+    rows: int, kv_heads: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM, min_chunk: int = MIN_KEYS_PER_SPLIT
+) -> DecodePlan:
+    """About `programs_per_sm` programs with work per multiprocessor over the batch, and at least twice
     kv_heads per row (a row's chunks number at most programs_per_row - kv_heads plus one partial chunk per
-    head): a function of the batch's shape only (a CUDA graph captures it)."""
-    return DecodePlan(programs_per_row=max(2 * kv_heads, -(-num_sms * PROGRAMS_PER_SM // max(rows, 1))))
+    head): a function of the batch's shape only (a CUDA graph captures it). The defaults are the HF flat
+    kernel's (benchmarks/bench_paged_decode.py --programs-per-sm / --min-chunks sweeps others)."""
+    programs_per_row = max(2 * kv_heads, -(-num_sms * programs_per_sm // max(rows, 1)))
+    return DecodePlan(programs_per_row=programs_per_row, min_chunk=min_chunk)
 
 
 @lru_cache(maxsize=None)
