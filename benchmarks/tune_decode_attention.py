@@ -1,13 +1,15 @@
 """Tile and split sweep of the Triton split-KV decode attention (CUDA only): which settings read the cache
 closest to the copy bandwidth, per (batch, rows per head).
 
-One layer of a Llama-3.1-8B-shaped cache (8 KV heads, 32 query heads, head_dim 128, bf16). For every case
+One layer of a Llama-3.1-8B-shaped cache (8 KV heads, 32 query heads, head_dim 128, bf16 rows, or with
+`--kv-dtype float8_e4m3fn` the fp8 flat cache's e4m3 codes and per-row scales). For every case
 it times the default settings (`adakv.kernels.triton_decode.decode_plan`), the CUDA
 decode kernel, and every combination of BLOCK_N x num_warps x num_stages x num_splits; GPU time per call
 with launches hidden (calls queued behind a long matmul, timed by bench_decode_kernels.py's `timings`). `floor_us` is the
 K+V bytes over the device-to-device copy bandwidth measured in the same run.
 
     python benchmarks/tune_decode_attention.py --out benchmarks/results
+    python benchmarks/tune_decode_attention.py --kv-dtype float8_e4m3fn     # -> ..._fp8.json (no CUDA-kernel column)
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ def gpu_us(fn, busy: torch.Tensor) -> float:
     return timings(fn, busy, calls=40)["gpu_us"]
 
 
-def sweep_case(batch: int, rows: int, busy: torch.Tensor, bandwidth: float) -> dict:
-    layer = make_layer(batch, rows)
+def sweep_case(batch: int, rows: int, busy: torch.Tensor, bandwidth: float, kv_dtype: str | None = None) -> dict:
+    layer = make_layer(batch, rows, kv_dtype)
+    scales = (layer.key_scales, layer.value_scales) if kv_dtype else None
     query = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     scaling = 128**-0.5
     expected = triton_decode.triton_flat_attention(query, layer, scaling)
@@ -56,7 +59,9 @@ def sweep_case(batch: int, rows: int, busy: torch.Tensor, bandwidth: float) -> d
         floor_us=round(cache_bytes / bandwidth * 1e6, 2),
         default=dict(num_splits=default_splits, **default_sizes),
         default_us=round(gpu_us(lambda: triton_decode.triton_flat_attention(query, layer, scaling), busy), 2),
-        cuda_decode_us=round(gpu_us(lambda: kernels.cuda_decode_flat_attention(query, layer, scaling), busy), 2),
+        cuda_decode_us=None if kv_dtype else round(
+            gpu_us(lambda: kernels.cuda_decode_flat_attention(query, layer, scaling), busy), 2
+        ),  # the CUDA kernel reads no fp8
         settings=[],
     )
     for block_n, warps, stages, splits in itertools.product(BLOCK_N, NUM_WARPS, NUM_STAGES, SPLITS):
@@ -68,6 +73,7 @@ def sweep_case(batch: int, rows: int, busy: torch.Tensor, bandwidth: float) -> d
             return triton_decode.split_kv_attention(
                 query, layer.keys, layer.values, layer.offsets, layer.seq_lengths, layer.num_heads,
                 layer.max_length, scaling, num_splits=splits, tiles=tiles, workspace=layer.split_workspace,
+                scales=scales,
             )  # fmt: skip
 
         error = (call().float() - expected.float()).abs().max().item()
@@ -81,6 +87,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--table", type=Path, metavar="JSON", help="only write the .md table of a saved result")
+    parser.add_argument("--kv-dtype", choices=("float8_e4m3fn",), default=None, help="the fp8 flat cache's rows")
     args = parser.parse_args()
     if args.table:
         write_table(args.table.with_suffix(".md"), json.loads(args.table.read_text()))
@@ -92,7 +99,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     cases = []
     for batch, rows in CASES:
-        row = sweep_case(batch, rows, busy, bandwidth)
+        row = sweep_case(batch, rows, busy, bandwidth, args.kv_dtype)
         cases.append(row)
         best = row["best"]
         print(
@@ -103,8 +110,12 @@ def main() -> None:
         for setting in sorted(row["settings"], key=lambda s: s["us"])[:8]:
             print("   ", setting, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tune_decode_attention_{device.replace(' ', '_')}.json"
-    result = dict(provenance("cuda"), device=device, torch=torch.__version__, copy_tb_s=bandwidth / 1e12, cases=cases)
+    tag = "_fp8" if args.kv_dtype else ""
+    path = args.out / f"tune_decode_attention_{device.replace(' ', '_')}{tag}.json"
+    result = dict(
+        provenance("cuda"), device=device, torch=torch.__version__, copy_tb_s=bandwidth / 1e12, cases=cases,
+        kv_dtype=args.kv_dtype or "bfloat16",
+    )  # fmt: skip
     path.write_text(json.dumps(result, indent=1))
     write_table(path.with_suffix(".md"), result)
     print(f"saved {path}")
@@ -114,7 +125,8 @@ def write_table(path: Path, result: dict) -> None:
     lines = [
         f"# Triton decode attention settings on {result['device']}",
         "",
-        f"torch {result['torch']}; one layer, 8 KV / 32 query heads, head_dim 128, bf16; GPU us per call (both "
+        f"torch {result['torch']}; one layer, 8 KV / 32 query heads, head_dim 128, {result.get('kv_dtype', 'bfloat16')} "
+        "rows; GPU us per call (both "
         f"kernels, launches hidden); floor = K+V bytes / copy bandwidth ({result['copy_tb_s']:.2f} TB/s, same run); "
         "default = the settings the code chose when the run was made.",
         *(["", result["note"]] if "note" in result else []),
@@ -126,7 +138,8 @@ def write_table(path: Path, result: dict) -> None:
         best = case["best"]
         lines.append(
             f"| {case['batch']} | {case['rows_per_head']} | {case['floor_us']} | {case['default_us']} | "
-            f"{case['cuda_decode_us']} | {best['us']} | {best['BLOCK_N']} | {best['num_splits']} |"
+            f"{case['cuda_decode_us'] if case['cuda_decode_us'] is not None else '—'} | {best['us']} | "
+            f"{best['BLOCK_N']} | {best['num_splits']} |"
         )
     path.write_text("\n".join(lines) + "\n")
 
