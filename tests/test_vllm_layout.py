@@ -105,6 +105,13 @@ def test_scheduler_count_is_the_selections(ratio):
         assert ServingPress("snapkv", ratio).kept_per_head(prompt_len) == want
 
 
+def test_recent_queries_are_the_rows_the_press_declares():
+    """SnapKV (plain or inside AdaptivePress) reads its window's queries; StreamingLLM none."""
+    assert ServingPress("snapkv", 0.5, {"window_size": 24}).recent_queries_needed == 24
+    assert ServingPress("adakv_snapkv", 0.5).recent_queries_needed == ServingPress("snapkv", 0.5).build().window_size
+    assert ServingPress("adakv_streaming_llm", 0.5).recent_queries_needed == 0
+
+
 def test_settings_refuse_what_is_not_served():
     with pytest.raises(ValueError, match="serves the presses"):
         ServingPress("kvzip", 0.5)

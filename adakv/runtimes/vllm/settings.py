@@ -92,10 +92,13 @@ class ServingPress:
 
     @functools.cached_property
     def recent_queries_needed(self) -> int:
-        """How many of the prompt's last queries the scorer reads (SnapKV's window), 0 if none."""
-        scorer = self.build()
-        scorer = getattr(scorer, "press", scorer)
-        return int(getattr(scorer, "window_size", 0))
+        """How many of the prompt's last queries the press reads (SnapKV's window), 0 if none: the newest
+        positions whose layer inputs it declares it reads (`BasePress.layer_input_rows`), whose queries are
+        what the transformers runtime computes from them."""
+        rows = self.build().layer_input_rows
+        if rows is None:  # every press of SERVING_PRESSES declares its rows
+            raise ValueError(f"{self.press} may read every prompt position's queries; the vLLM runtime keeps the last few")
+        return rows
 
     def kept_per_head(self, prompt_len: int) -> int:
         """Pairs a layer keeps per KV head on average: round((1 - ratio) * prompt_len), at least 1; the
