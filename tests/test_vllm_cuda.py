@@ -70,13 +70,14 @@ def test_kernel_equals_the_reference_inside_a_running_engine(small_checkpoint, t
 def test_full_decode_graphs_answer_as_piecewise_steps(small_checkpoint, tmp_path):
     """`full_decode_graphs`: decode steps replayed from full CUDA graphs (every row through the packed-page
     kernel, padding rows empty, dense rows all tail) against the default engine (piecewise graphs, the same
-    compiled model, attention eager): the same greedy tokens, except where a token was a near-tie, and far
-    fewer eager launches (replays count none). The kernel's split of the keys differs (a padded batch has
-    more rows) and a dense row's attention is FlashAttention in one engine and the kernel in the other, so
-    bf16 rounding may flip a random model's choice between two almost equally likely tokens: where the
-    engines part, each engine's two tokens must be within NEAR_TIE of each other in its log-probabilities
-    (a wrong attention parts them by far more). First H200 run (commit 6f9aa37, without log-probabilities):
-    the 5 compressed requests agreed on all 24 tokens, the dense one parted at its 4th."""
+    compiled model, attention eager): the same greedy tokens, except where rounding flips a near-tie, and
+    far fewer eager launches (replays count none). The kernel's split of the keys differs (a padded batch
+    has more rows) and a dense row's attention is FlashAttention in one engine and the kernel in the other,
+    so the two engines' log-probabilities differ by rounding; `rounding_noise` measures how much on the
+    steps where they agree. Where they part, piecewise prefers token a over b by g_p and full graphs b over
+    a by g_f: a flip by rounding moves each log-probability by at most the noise, so g_p + g_f must stay
+    within twice it (a wrong attention parts them by far more). First H200 run (commit 6f9aa37, without
+    log-probabilities): the 5 compressed requests agreed on all 24 tokens, the dense one parted at its 4th."""
     requests = [{"prompt": random_prompt(300 + 131 * i, 20 + i), "max_tokens": 24, "logprobs": 2} for i in range(5)]
     requests.append({"prompt": random_prompt(400, 29), "max_tokens": 24, "logprobs": 2, "adakv": {"compression_ratio": 0}})
     engine = {"press": "adakv_snapkv", "compression_ratio": RATIO, "window_size": WINDOW}
@@ -85,29 +86,44 @@ def test_full_decode_graphs_answer_as_piecewise_steps(small_checkpoint, tmp_path
     piecewise = serve(small_checkpoint, tmp_path, engine, requests, graphs=True, **run)
     assert full["stats"]["cudagraph_mode"] == "FULL_AND_PIECEWISE", full["stats"]["cudagraph_mode"]
     assert piecewise["stats"]["cudagraph_mode"] == "PIECEWISE", piecewise["stats"]["cudagraph_mode"]
-    for index in range(len(requests)):
+    partings = {index: first_difference(full["tokens"][index], piecewise["tokens"][index]) for index in range(len(requests))}
+    noise = rounding_noise(full["logprobs"], piecewise["logprobs"], partings)
+    print(f"largest log-probability difference between the engines where they agree: {noise:.4f}")
+    for index, parted in partings.items():
         ours, theirs = full["tokens"][index], piecewise["tokens"][index]
-        parted = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
         if parted is None:
             print(f"request {index}: all {len(ours)} tokens equal")
             continue
-        gaps = [tie_gap(result["logprobs"][index][parted], ours[parted], theirs[parted]) for result in (full, piecewise)]
-        print(f"request {index}: first {parted} of {len(ours)} tokens equal; log-probability gaps there {gaps}")
-        assert max(gaps) <= NEAR_TIE, f"request {index}: full graphs {ours}, piecewise {theirs}, gaps {gaps}"
+        a, b = theirs[parted], ours[parted]
+        flip = preference(piecewise["logprobs"][index][parted], a, b) + preference(full["logprobs"][index][parted], b, a)
+        print(f"request {index}: first {parted} of {len(ours)} tokens equal; the flip there spans {flip:.4f}")
+        assert flip <= 2 * noise, f"request {index}: full graphs {ours}, piecewise {theirs}; flip {flip}, noise {noise}"
     launches = full["stats"]["decode_launches"], piecewise["stats"]["decode_launches"]
     print(f"eager launches serving compressed rows: with full graphs {launches[0]}, piecewise {launches[1]}")
     assert launches[0] < launches[1] / 2
 
 
-NEAR_TIE = 0.1  # nats between an engine's two candidate tokens: a rounding flip, not a wrong attention
+def first_difference(ours: list[int], theirs: list[int]) -> int | None:
+    return next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
 
 
-def tie_gap(top: dict[str, float], first: int, second: int) -> float:
-    """|log p(first) - log p(second)| at one step, from that step's most likely tokens (inf where one of the
-    two is not among them)."""
-    if str(first) not in top or str(second) not in top:
+def rounding_noise(ours: list[list[dict]], theirs: list[list[dict]], partings: dict[int, int | None]) -> float:
+    """The largest |log p| difference between two runs for a token both list at a step before the runs part
+    (the same context in both)."""
+    differences = [0.0]
+    for index, parted in partings.items():
+        for step in range(len(ours[index]) if parted is None else parted):
+            mine, other = ours[index][step], theirs[index][step]
+            differences += [abs(mine[token] - other[token]) for token in mine.keys() & other.keys()]
+    return max(differences)
+
+
+def preference(top: dict[str, float], first: int, second: int) -> float:
+    """log p(first) - log p(second) at one step, from the step's most likely tokens (inf where `second` is
+    not among them: then `first` leads by more than the listed tokens show)."""
+    if str(second) not in top:
         return float("inf")
-    return abs(top[str(first)] - top[str(second)])
+    return top[str(first)] - top[str(second)]
 
 
 def test_same_kept_pairs_and_answers_as_the_transformers_runtime(small_checkpoint, tmp_path):
