@@ -26,11 +26,15 @@ from adakv.apps.provenance import provenance
 CASES = [(1, 4096), (1, 8192), (1, 16384), (1, 32768), (8, 8192), (8, 32768), (1, 131072)]
 
 
-def make_layer(batch: int, rows: int, kv_dtype: str | None = None) -> FlatHeadwiseLayer:
-    """A flat layer of every row of (batch, 8 KV heads, rows, 128) random bf16 keys and values (kv_dtype:
-    stored as the press option would store them)."""
+def make_layer(batch: int, rows: int, kv_dtype: str | None = None, uneven: bool = False) -> FlatHeadwiseLayer:
+    """A flat layer of (batch, 8 KV heads, rows, 128) random bf16 keys and values, every row kept, or with
+    `uneven` head 0 keeping all `rows` and the others rows // 7 each (Ada-KV's extreme: the layer holds
+    about 2 x rows per sequence, a quarter of the rows on average per head); kv_dtype: stored as the press
+    option would store them."""
     keys = torch.randn(batch, 8, rows, 128, device="cuda", dtype=torch.bfloat16)
     keep = torch.ones(batch, 8, rows, dtype=torch.bool, device="cuda")
+    if uneven:
+        keep[:, 1:] = torch.arange(rows, device="cuda") < rows // 7
     stored = getattr(torch, kv_dtype) if kv_dtype else None
     return FlatHeadwiseLayer(keys, torch.randn_like(keys), keep, config=None, kv_dtype=stored)
 

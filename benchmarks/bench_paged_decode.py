@@ -210,7 +210,7 @@ def main() -> None:
         parser.error("no CUDA device: give --smoke to check the script on a CPU (TRITON_INTERPRET=1)")
     cases, repeats, dtype = (["2x40+3"], 1, torch.float32) if args.smoke else (args.cases, args.repeats, torch.bfloat16)
     bandwidth = copy_bandwidth(device, gib=0.01 if args.smoke else 2.0)
-    plans = [dict(programs_per_sm=per_sm, min_chunk=chunk) for per_sm in args.programs_per_sm for chunk in args.min_chunks]
+    plans = [dict(programs_per_sm=n, min_chunk=chunk) for n in args.programs_per_sm for chunk in args.min_chunks]
     rows = [
         measure(case, layout, plan, bandwidth, repeats, device, dtype)
         for case in cases for plan in plans for layout in LAYOUTS

@@ -10,6 +10,7 @@ K+V bytes over the device-to-device copy bandwidth measured in the same run.
 
     python benchmarks/tune_decode_attention.py --out benchmarks/results
     python benchmarks/tune_decode_attention.py --kv-dtype float8_e4m3fn     # -> ..._fp8.json (no CUDA-kernel column)
+    python benchmarks/tune_decode_attention.py --uneven                      # -> ..._uneven.json: Ada-KV's uneven heads
 """
 
 from __future__ import annotations
@@ -35,14 +36,17 @@ BLOCK_N = (32, 64, 128)
 NUM_WARPS = (2, 4, 8)
 NUM_STAGES = (2, 3, 4)
 SPLITS = (4, 8, 16, 32, 64, 128)
+UNEVEN_NOTE = ", head 0 keeping every row and the others a seventh"
 
 
 def gpu_us(fn, busy: torch.Tensor) -> float:
     return timings(fn, busy, calls=40)["gpu_us"]
 
 
-def sweep_case(batch: int, rows: int, busy: torch.Tensor, bandwidth: float, kv_dtype: str | None = None) -> dict:
-    layer = make_layer(batch, rows, kv_dtype)
+def sweep_case(
+    batch: int, rows: int, busy: torch.Tensor, bandwidth: float, kv_dtype: str | None = None, uneven: bool = False
+) -> dict:
+    layer = make_layer(batch, rows, kv_dtype, uneven)
     scales = (layer.key_scales, layer.value_scales) if kv_dtype else None
     query = torch.randn(batch, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     scaling = 128**-0.5
@@ -88,6 +92,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--table", type=Path, metavar="JSON", help="only write the .md table of a saved result")
     parser.add_argument("--kv-dtype", choices=("float8_e4m3fn",), default=None, help="the fp8 flat cache's rows")
+    parser.add_argument(
+        "--uneven", action="store_true",
+        help="head 0 keeps every row, the others a seventh (the kernel's splits follow the longest head)",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.table:
         write_table(args.table.with_suffix(".md"), json.loads(args.table.read_text()))
@@ -99,7 +107,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     cases = []
     for batch, rows in CASES:
-        row = sweep_case(batch, rows, busy, bandwidth, args.kv_dtype)
+        row = sweep_case(batch, rows, busy, bandwidth, args.kv_dtype, args.uneven)
         cases.append(row)
         best = row["best"]
         print(
@@ -110,11 +118,11 @@ def main() -> None:
         for setting in sorted(row["settings"], key=lambda s: s["us"])[:8]:
             print("   ", setting, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "_fp8" if args.kv_dtype else ""
+    tag = ("_fp8" if args.kv_dtype else "") + ("_uneven" if args.uneven else "")
     path = args.out / f"tune_decode_attention_{device.replace(' ', '_')}{tag}.json"
     result = dict(
         provenance("cuda"), device=device, torch=torch.__version__, copy_tb_s=bandwidth / 1e12, cases=cases,
-        kv_dtype=args.kv_dtype or "bfloat16",
+        kv_dtype=args.kv_dtype or "bfloat16", uneven=args.uneven,
     )  # fmt: skip
     path.write_text(json.dumps(result, indent=1))
     write_table(path.with_suffix(".md"), result)
@@ -125,8 +133,8 @@ def write_table(path: Path, result: dict) -> None:
     lines = [
         f"# Triton decode attention settings on {result['device']}",
         "",
-        f"torch {result['torch']}; one layer, 8 KV / 32 query heads, head_dim 128, {result.get('kv_dtype', 'bfloat16')} "
-        "rows; GPU us per call (both "
+        f"torch {result['torch']}; one layer, 8 KV / 32 query heads, head_dim 128, "
+        f"{result.get('kv_dtype', 'bfloat16')} rows{UNEVEN_NOTE if result.get('uneven') else ''}; GPU us per call (both "
         f"kernels, launches hidden); floor = K+V bytes / copy bandwidth ({result['copy_tb_s']:.2f} TB/s, same run); "
         "default = the settings the code chose when the run was made.",
         *(["", result["note"]] if "note" in result else []),

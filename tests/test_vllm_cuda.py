@@ -79,14 +79,15 @@ def test_full_decode_graphs_answer_as_piecewise_steps(small_checkpoint, tmp_path
     within twice it (a wrong attention parts them by far more). First H200 run (commit 6f9aa37, without
     log-probabilities): the 5 compressed requests agreed on all 24 tokens, the dense one parted at its 4th."""
     requests = [{"prompt": random_prompt(300 + 131 * i, 20 + i), "max_tokens": 24, "logprobs": 2} for i in range(5)]
-    requests.append({"prompt": random_prompt(400, 29), "max_tokens": 24, "logprobs": 2, "adakv": {"compression_ratio": 0}})
+    dense = {"prompt": random_prompt(400, 29), "max_tokens": 24, "logprobs": 2, "adakv": {"compression_ratio": 0}}
+    requests.append(dense)
     engine = {"press": "adakv_snapkv", "compression_ratio": RATIO, "window_size": WINDOW}
     run = dict(max_model_len=2048, max_num_batched_tokens=512, enable_chunked_prefill=True, **BF16)
     full = serve(small_checkpoint, tmp_path, {**engine, "full_decode_graphs": True}, requests, graphs=True, **run)
     piecewise = serve(small_checkpoint, tmp_path, engine, requests, graphs=True, **run)
     assert full["stats"]["cudagraph_mode"] == "FULL_AND_PIECEWISE", full["stats"]["cudagraph_mode"]
     assert piecewise["stats"]["cudagraph_mode"] == "PIECEWISE", piecewise["stats"]["cudagraph_mode"]
-    partings = {index: first_difference(full["tokens"][index], piecewise["tokens"][index]) for index in range(len(requests))}
+    partings = {i: first_difference(full["tokens"][i], piecewise["tokens"][i]) for i in range(len(requests))}
     noise = rounding_noise(full["logprobs"], piecewise["logprobs"], partings)
     print(f"largest log-probability difference between the engines where they agree: {noise:.4f}")
     for index, parted in partings.items():
@@ -95,7 +96,8 @@ def test_full_decode_graphs_answer_as_piecewise_steps(small_checkpoint, tmp_path
             print(f"request {index}: all {len(ours)} tokens equal")
             continue
         a, b = theirs[parted], ours[parted]
-        flip = preference(piecewise["logprobs"][index][parted], a, b) + preference(full["logprobs"][index][parted], b, a)
+        steps = piecewise["logprobs"][index][parted], full["logprobs"][index][parted]
+        flip = preference(steps[0], a, b) + preference(steps[1], b, a)
         print(f"request {index}: first {parted} of {len(ours)} tokens equal; the flip there spans {flip:.4f}")
         assert flip <= 2 * noise, f"request {index}: full graphs {ours}, piecewise {theirs}; flip {flip}, noise {noise}"
     launches = full["stats"]["decode_launches"], piecewise["stats"]["decode_launches"]

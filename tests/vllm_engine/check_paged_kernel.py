@@ -9,7 +9,13 @@ import sys
 
 import torch
 
-from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_attention, packed_decode_reference
+from adakv.kernels.paged_decode import (
+    EMPTY_ROW,
+    DecodePlan,
+    decode_plan,
+    packed_decode_attention,
+    packed_decode_reference,
+)
 from adakv.runtimes.vllm.layout import pack_layer
 
 
@@ -60,7 +66,7 @@ def main() -> None:
         # one long head and short ones: the long head takes most of the row's programs; with kv_heads + 1
         # programs a chunk of total / programs_per_row would leave the long head's last chunks no program
         case(4, 2, 16, 16, lengths, DecodePlan(programs_per_row=5, min_chunk=16), 5, uneven=True),
-        case(4, 2, 16, 16, lengths, DecodePlan(programs_per_row=64, min_chunk=16), 6, uneven=True, extra_rows=("empty",)),
+        case(4, 2, 16, 16, lengths, DecodePlan(64, min_chunk=16), 6, uneven=True, extra_rows=("empty",)),
     ]
     for result in cases:
         print(json.dumps(result))

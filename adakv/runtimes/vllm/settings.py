@@ -97,7 +97,7 @@ class ServingPress:
         what the transformers runtime computes from them."""
         rows = self.build().layer_input_rows
         if rows is None:  # every press of SERVING_PRESSES declares its rows
-            raise ValueError(f"{self.press} may read every prompt position's queries; the vLLM runtime keeps the last few")
+            raise ValueError(f"{self.press} may read every prompt position's queries; vLLM's runtime keeps the last few")
         return rows
 
     def kept_per_head(self, prompt_len: int) -> int:
