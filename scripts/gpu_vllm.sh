@@ -8,7 +8,9 @@
 #   PART=adakv BENCH_ARGS="--requests 0 --full-decode-graphs" ...      # batch-1 rows with full decode graphs
 #   PART=dense BENCH_ARGS="--requests 0 --batch1 --decode-concurrency 24" ...  # decode alone at 24 x 32k
 # Each benchmark row is saved as it is measured (a run cut short by a time limit keeps its rows); an
-# engine start takes ~2-3 min on the 8B shape, each 96 x 32k saturation run several more.
+# engine start takes ~1 min on the 8B shape, each 96 x 32k saturation run several more. The first engine on
+# a fresh machine pays over 2 more minutes once (measured: a dense engine still starting 2 min after its
+# graph capture; JIT caches that later engines find): run PART=tests (small engines, ~3.5 min) first.
 # Environment: PYTHON (default python3), PYTEST_K (a pytest -k expression), CHECKPOINT (default /tmp/llama8b), BENCH_ARGS (extra arguments
 # for the benchmark), ADAKV_COMMIT (the commit this tree is, for the results' provenance).
 set -euo pipefail
