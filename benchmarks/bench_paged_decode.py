@@ -35,6 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode_limit import copy_bandwidth  # noqa: E402
 from adakv.apps.provenance import provenance  # noqa: E402
 from adakv.kernels.device import multiprocessor_count  # noqa: E402
 from adakv.kernels.paged_decode import decode_plan, packed_decode_attention, packed_decode_reference  # noqa: E402
@@ -137,14 +139,6 @@ def graph_replay(batch: dict, out: torch.Tensor):
     return graph.replay
 
 
-def copy_bandwidth(device: str, gib: float = 2.0) -> float:
-    """Bytes per second of a device-to-device copy (read + write)."""
-    source = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
-    target = torch.empty_like(source)
-    seconds = median_us(lambda: target.copy_(source), 10, device) / 1e6
-    return 2 * gib * 2**30 / seconds
-
-
 def measure(case: str, layout: str, plan_settings: dict, bandwidth: float, repeats: int, device: str, dtype) -> dict:
     rows, kept, tail = parse_case(case)
     batch = packed_batch(rows, kept, tail, layout, dtype, device, plan_settings)
@@ -209,7 +203,7 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device: give --smoke to check the script on a CPU (TRITON_INTERPRET=1)")
     cases, repeats, dtype = (["2x40+3"], 1, torch.float32) if args.smoke else (args.cases, args.repeats, torch.bfloat16)
-    bandwidth = copy_bandwidth(device, gib=0.01 if args.smoke else 2.0)
+    bandwidth = copy_bandwidth(gib=0.01 if args.smoke else 2.0, device=device)
     plans = [dict(programs_per_sm=n, min_chunk=chunk) for n in args.programs_per_sm for chunk in args.min_chunks]
     rows = [
         measure(case, layout, plan, bandwidth, repeats, device, dtype)
