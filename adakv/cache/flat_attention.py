@@ -152,9 +152,13 @@ def choose_implementation(
     quantized: the layer stores fp8 rows, which only the Triton kernels and the PyTorch paths read."""
     if not query.is_cuda:
         return "segments" if query.device.type == "cpu" else "reference"
+    triton_reads = (
+        triton_decode.triton_available()
+        and query.dtype in triton_decode.SUPPORTED_DTYPES
+        and query.shape[-1] <= triton_decode.MAX_HEAD_DIM
+    )
     if quantized:
-        use_triton = triton_decode.triton_available() and query.dtype in triton_decode.SUPPORTED_DTYPES
-        return "triton" if use_triton and query.shape[-1] <= triton_decode.MAX_HEAD_DIM else "reference"
+        return "triton" if triton_reads else "reference"
     if (
         num_kv_heads is not None
         and cache_bytes <= CUDA_DECODE_MAX_BYTES
@@ -164,8 +168,7 @@ def choose_implementation(
         and not capturing_cuda_graph()
     ):
         return "cuda_decode"
-    use_triton = triton_decode.triton_available() and query.dtype in triton_decode.SUPPORTED_DTYPES
-    if use_triton and query.shape[-1] <= triton_decode.MAX_HEAD_DIM:
+    if triton_reads:
         if query.shape[-2] <= TRITON_MAX_QUERY_LENGTH or query.dtype not in FLASH_DTYPES:
             return "triton"
         varlen = available_varlen_path()
