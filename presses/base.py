@@ -315,11 +315,6 @@ class BasePress:
         rows = [press.hidden_states_rows for press in self.press_tree()]
         return None if None in rows else max(rows)
 
-    @property
-    def reads_layer_inputs(self) -> bool:
-        """Whether any press of this tree reads a context's hidden states or position embeddings."""
-        return self.layer_input_rows != 0
-
     def press_tree(self) -> Iterator[BasePress]:
         """This press and every press it wraps, depth first."""
         yield self

@@ -64,13 +64,11 @@ def test_a_tree_reads_the_most_rows_any_of_its_presses_reads(scorer, wrapper):
     expected = None if rows is None else max(rows, SCORER_ROWS[scorer])
     press = matrix_press(scorer, wrapper)
     assert press.layer_input_rows == expected
-    assert press.reads_layer_inputs == (expected != 0)
 
 
 def test_declared_rows_of_the_presses_outside_the_matrix():
     assert KVzipPress(0.5).layer_input_rows == 0
     assert AdaptivePress(KVzipPress(0.5), scope="model").layer_input_rows == 0
-    assert not AdaptivePress(KVzipPress(0.5), scope="model").reads_layer_inputs
     assert DecodingPress(SnapKVPress(window_size=8), hidden_states_buffer_size=96).layer_input_rows == 96
     decoding = DecodingPress(KnormPress(), hidden_states_buffer_size=4)
     both = PrefillDecodingPress(SnapKVPress(0.5, window_size=16), decoding)
