@@ -202,21 +202,24 @@ def _quantize_row(Row, Codes, Scales, row, dims, dim_valid, HEAD_DIM: tl.constex
     x = tl.load(Row + dims, mask=dim_valid, other=0.0).to(tl.float32)
     scale = tl.math.div_rn(tl.max(tl.abs(x), 0), FP8_MAX)  # IEEE division, as torch divides
     scale = tl.where(scale > 0, scale, 1.0)
-    codes = _round_to_e4m3(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -FP8_MAX), FP8_MAX))
-    tl.store(Codes + row * HEAD_DIM + dims, codes.to(Codes.dtype.element_ty), mask=dim_valid)
+    magnitude = _round_to_e4m3(tl.minimum(tl.abs(tl.math.div_rn(x, scale)), FP8_MAX))
+    # the sign goes in as a bit, read off x: the quotient of a float32 subnormal entry (|x| < 2^-126) may be
+    # flushed to +0, where torch's code is -0 for a negative entry
+    sign = ((x.to(tl.int32, bitcast=True) >> 24) & 0x80).to(tl.uint8)
+    unsigned = magnitude.to(Codes.dtype.element_ty).to(tl.uint8, bitcast=True)
+    codes = (unsigned | sign).to(Codes.dtype.element_ty, bitcast=True)
+    tl.store(Codes + row * HEAD_DIM + dims, codes, mask=dim_valid)
     tl.store(Scales + row, scale)
 
 
 @triton.jit
-def _round_to_e4m3(y):
-    """y (float32, |y| <= 448) rounded to the nearest e4m3 value, ties to even, still in float32, so that the
-    conversion after it is exact: the same codes as torch's conversion, also under Triton's CPU interpreter
-    (whose own rounding mishandles a mantissa that rounds up into the next power of two)."""
-    bits = y.to(tl.int32, bitcast=True)
-    # normal e4m3 values (|y| >= 2^-6) keep 3 of float32's 23 mantissa bits: round the other 20 away
+def _round_to_e4m3(magnitude):
+    """magnitude (float32, 0 <= magnitude <= 448) rounded to the nearest e4m3 value, ties to even, still in float32,
+    so that the conversion after it is exact: the same codes as torch's conversion, also under Triton's CPU
+    interpreter (whose own rounding mishandles a mantissa that rounds up into the next power of two)."""
+    bits = magnitude.to(tl.int32, bitcast=True)
+    # normal e4m3 values (>= 2^-6) keep 3 of float32's 23 mantissa bits: round the other 20 away
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-    # below 2^-6 e4m3 steps by 2^-9: adding 1.5 * 2^14, whose float32 step is 2^-9, rounds |y| there
-    magnitude = tl.abs(y)
+    # below 2^-6 e4m3 steps by 2^-9: adding 1.5 * 2^14, whose float32 step is 2^-9, rounds the magnitude there
     subnormal = (magnitude + 24576.0) - 24576.0
-    subnormal = tl.where(bits < 0, -subnormal, subnormal)  # the sign bit, kept for -0 too
     return tl.where(magnitude < 0.015625, subnormal, normal)
