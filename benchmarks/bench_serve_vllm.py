@@ -179,7 +179,10 @@ def merge(path: Path, rows: list[dict], meta: dict, method: str) -> dict:
     data = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
     fresh = {tuple(row[k] for k in ROWS_KEY) for row in rows}
     data["rows"] = [row for row in data["rows"] if tuple(row[k] for k in ROWS_KEY) not in fresh] + rows
-    data["meta"][method] = meta
+    data["meta"][method] = meta  # the method's latest run; every run's provenance stays in "runs"
+    runs = data.setdefault("runs", [])
+    if not any(run.get("date") == meta.get("date") and run.get("command") == meta.get("command") for run in runs):
+        runs.append(meta)
     path.write_text(json.dumps(data, indent=1))
     return data
 
@@ -205,6 +208,10 @@ def render(data: dict) -> str:
             f"{row['tokens_per_s']:.0f} | {row['max_running']} | {row['decode_ms']:.2f} | {row['ttft_p50_s']:.2f} | "
             f"{row['ttft_p95_s']:.2f} | {versus} | {row['cudagraph_mode']} | {(row.get('adakv_commit') or '')[:7]} |"
         )
+    if data.get("runs"):
+        lines += ["", "Runs (each row's adakv column names its run's commit):"]
+    for run in data.get("runs", []):
+        lines.append(f"- {run.get('date')}, adakv {(run.get('adakv_commit') or '')[:7]}: `{run.get('command')}`")
     notes = [row for row in data["rows"] if row.get("note")]
     if notes:
         lines += ["", "Notes:"]

@@ -40,6 +40,18 @@ def test_rows_of_another_graph_mode_or_measure_are_kept_and_the_same_row_is_repl
     assert "FULL_AND_PIECEWISE: a timing" in table
 
 
+def test_every_run_keeps_its_provenance_and_a_rewrite_of_the_same_run_adds_none(tmp_path):
+    path = tmp_path / "serve.json"
+    first = {"date": "d1", "command": "c dense", "adakv_commit": "aaaaaaaaa"}
+    second = {"date": "d2", "command": "c dense again", "adakv_commit": "bbbbbbbbb"}
+    bench.merge(path, [row("batch1", "vllm-dense", 1, 0.0, "FULL_AND_PIECEWISE", 6.0)], first, "dense")
+    bench.merge(path, [row("decode", "vllm-dense", 24, 0.0, "FULL_AND_PIECEWISE", 30.0)], second, "dense")
+    data = bench.merge(path, [row("decode", "vllm-dense", 8, 0.0, "FULL_AND_PIECEWISE", 20.0)], second, "dense")
+    assert data["meta"]["dense"] == second and data["runs"] == [first, second]
+    table = bench.render(data)
+    assert "- d1, adakv aaaaaaa: `c dense`" in table and "- d2, adakv bbbbbbb: `c dense again`" in table
+
+
 def test_most_at_once_counts_overlapping_intervals():
     assert bench.most_at_once([(0, 2), (1, 3), (2.5, 4), (5, 6)]) == 2
     assert bench.most_at_once([(0, 10), (1, 2), (3, 4), (1.5, 3.5)]) == 3
