@@ -64,6 +64,24 @@ def _of_head(values, heads, head):
 
 
 @triton.jit
+def _tile_rows(cols, key_end, packed, first_pair, prompt_len, kv_head, num_kv_heads, pages, block_size,
+               stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs):  # fmt: skip
+    """Where the keys `cols` (BLOCK_N positions of one head's virtual sequence) lie: the element offsets of
+    their K and V rows, and which of them are before key_end. Reads the pages' numbers from the block table."""
+    col_valid = cols < key_end
+    in_context = cols < packed
+    pair = first_pair + cols
+    slot = tl.where(in_context, pair // num_kv_heads, prompt_len + cols - packed)
+    lane = tl.where(in_context, pair % num_kv_heads, kv_head).to(tl.int64)
+    slot = tl.where(col_valid, slot, 0)
+    page = tl.load(pages + slot // block_size, mask=col_valid, other=0).to(tl.int64)
+    within = (slot % block_size).to(tl.int64)
+    k_rows = page * stride_kb + lane * stride_kh + within * stride_ks
+    v_rows = page * stride_vb + lane * stride_vh + within * stride_vs
+    return k_rows, v_rows, col_valid
+
+
+@triton.jit
 def partial_attention(
     Q, K, V, block_table, seq_lens, rows_info, offset_table, partial_out, partial_lse,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs, stride_bt,
@@ -100,26 +118,26 @@ def partial_attention(
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    cols = key_start + tl.arange(0, BLOCK_N)
+    k_rows, v_rows, col_valid = _tile_rows(cols, key_end, packed, first_pair, prompt_len, kv_head, num_kv_heads,
+                                           pages, block_size, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
+                                           stride_vs)  # fmt: skip
     for block_start in range(key_start, key_end, BLOCK_N):
-        cols = block_start + tl.arange(0, BLOCK_N)
-        col_valid = cols < key_end
-        in_context = cols < packed
-        pair = first_pair + cols
-        slot = tl.where(in_context, pair // num_kv_heads, prompt_len + cols - packed)
-        lane = tl.where(in_context, pair % num_kv_heads, kv_head).to(tl.int64)
-        slot = tl.where(col_valid, slot, 0)
-        page = tl.load(pages + slot // block_size, mask=col_valid, other=0).to(tl.int64)
-        within = (slot % block_size).to(tl.int64)
+        # K and V of a tile are loaded together, and the next tile's page numbers while this one is computed:
+        # each would otherwise wait for the memory in turn (a block-table read, then K, then V per tile)
         kv_mask = col_valid[:, None] & dim_valid[None, :]
-        k_rows = page * stride_kb + lane * stride_kh + within * stride_ks
         k = tl.load(K + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        valid = col_valid
+        cols = block_start + BLOCK_N + tl.arange(0, BLOCK_N)
+        k_rows, v_rows, col_valid = _tile_rows(cols, key_end, packed, first_pair, prompt_len, kv_head, num_kv_heads,
+                                               pages, block_size, stride_kb, stride_kh, stride_ks, stride_vb,
+                                               stride_vh, stride_vs)  # fmt: skip
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        scores = tl.where(col_valid[None, :], scores, float("-inf"))
+        scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
         p = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(running_max - new_max)
-        v_rows = page * stride_vb + lane * stride_vh + within * stride_vs
-        v = tl.load(V + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         running_sum = running_sum * rescale + tl.sum(p, 1)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         running_max = new_max
