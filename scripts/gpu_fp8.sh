@@ -11,7 +11,7 @@
 # decode: benchmarks/bench_decode_limit.py, adaptive-snapkv eager and graph rows, bf16 and fp8, same cases,
 #         the fp8 rows' limit counting e4m3 codes and scales (~2.5 min)
 # Results go to $OUT_DIR (default benchmarks/results); ADAKV_COMMIT names the commit in their provenance.
-# Environment: PYTHON (default python3), PART (default all).
+# Environment: PYTHON (default python3), PART (default all), PYTEST_K (a pytest -k expression for the tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -30,7 +30,7 @@ print('device', torch.cuda.get_device_name(), 'sm', torch.cuda.get_device_capabi
 
 if [[ "$PART" == "all" || "$PART" == "tests" ]]; then
   echo "== fp8 tests"
-  timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_cache.py
+  timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fp8_gpu.py tests/test_fp8_cache.py ${PYTEST_K:+-k "$PYTEST_K"}
 fi
 if [[ "$PART" == "all" || "$PART" == "memory" ]]; then
   echo "== bench_prefill_memory.py, bf16 and fp8 KV"

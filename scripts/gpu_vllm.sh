@@ -7,6 +7,9 @@
 #   PART=adakv BENCH_ARGS="--ratios 0.75" bash scripts/gpu_vllm.sh   # the same with adakv's plugin
 #   PART=adakv BENCH_ARGS="--requests 0 --full-decode-graphs" ...      # batch-1 rows with full decode graphs
 #   PART=dense BENCH_ARGS="--requests 0 --batch1 --decode-concurrency 24" ...  # decode alone at 24 x 32k
+# Rows merge into the --out folder's serve_vllm_<GPU>.json: on a device copy of the tree, first
+# `cp benchmarks/results/serve_vllm_NVIDIA_H200.json $OUT/` and pass `--out $OUT` in BENCH_ARGS (each call; a later
+# call's $OUT starts empty), so that the returned file holds the committed rows beside the new ones.
 # Each benchmark row is saved as it is measured (a run cut short by a time limit keeps its rows); an
 # engine start takes ~1 min on the 8B shape, each 96 x 32k saturation run several more. The first engine on
 # a fresh machine pays over 2 more minutes once (measured: a dense engine still starting 2 min after its
