@@ -21,11 +21,20 @@ runs one tiny case with host timing: a check that the script works, not a figure
     python benchmarks/bench_paged_decode.py                       # -> results/paged_decode_<GPU>.{json,md}
     python benchmarks/bench_paged_decode.py --programs-per-sm 2 4 8 --min-chunks 64 128 256 --tag _plans
                                                                   # the plan's two settings, swept
+    git show REV:adakv/kernels/triton_pages.py > .baseline/triton_pages_REV.py
+    python benchmarks/bench_paged_decode.py --baseline .baseline/triton_pages_REV.py --tag _vs_REV
+                                                                  # another version's kernels beside these, same run
+
+`--baseline` takes a file with the kernels of `adakv.kernels.triton_pages` as another commit had them (same
+launch arguments as the current launcher's) and measures every case with both, rows labelled by `kernel`, so a
+kernel change is judged in one process (.baseline/ is git-ignored; a GPU call carries it with `carry`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import statistics
 import sys
@@ -38,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode_limit import copy_bandwidth  # noqa: E402
 from adakv.apps.provenance import provenance  # noqa: E402
+from adakv.kernels import paged_decode  # noqa: E402
 from adakv.kernels.device import multiprocessor_count  # noqa: E402
 from adakv.kernels.paged_decode import decode_plan, packed_decode_attention, packed_decode_reference  # noqa: E402
 from adakv.kernels.triton_decode import MIN_KEYS_PER_SPLIT, PROGRAMS_PER_SM  # noqa: E402
@@ -156,6 +166,26 @@ def measure(case: str, layout: str, plan_settings: dict, bandwidth: float, repea
     return row
 
 
+def load_kernels(path: Path):
+    """The module of Triton kernels in `path` (another version of adakv/kernels/triton_pages.py)."""
+    spec = importlib.util.spec_from_file_location(f"triton_pages_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def kernels_of(module):
+    """packed_decode_attention launching `module`'s kernels (None: the current ones) inside the block."""
+    current = paged_decode._kernels
+    if module is not None:
+        paged_decode._kernels = lambda: module
+    try:
+        yield
+    finally:
+        paged_decode._kernels = current
+
+
 def programs(row: dict) -> int:
     """The grid's programs; rows measured before the work was split over a row's heads recorded splits per
     (row, head) instead."""
@@ -175,15 +205,15 @@ def render(data: dict) -> str:
         f"{meta.get('gpu')}, torch {meta.get('torch')}, triton {meta.get('triton')}, adakv {meta.get('adakv_commit')}, "
         f"{meta.get('date')}; copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s. {KV_HEADS} KV heads x {GROUP} query "
         f"heads, head_dim {HEAD_DIM}, {data['dtype']}, blocks of {BLOCK_SIZE}; one call = both launches.", "",
-        "| case | layout | programs per SM / min chunk | programs | MB read | limit µs | eager µs | graph µs | "
+        "| case | layout | kernel | programs per SM / min chunk | programs | MB read | limit µs | eager µs | graph µs | "
         "graph / limit | vs reference |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for row in data["rows"]:
         graph = "—" if row["graph_us"] is None else f"{row['graph_us']:.1f}"
         factor = f"{row['graph_vs_limit']:.2f}x" if row.get("graph_vs_limit") else "—"
         lines.append(
-            f"| {row['case']} | {row['layout']} | {plan_of(row)} | {programs(row)} | {row['bytes_read'] / 1e6:.1f} | "
+            f"| {row['case']} | {row['layout']} | {row.get('kernel', 'current')} | {plan_of(row)} | {programs(row)} | {row['bytes_read'] / 1e6:.1f} | "
             f"{row['limit_us']:.1f} | {row['eager_us']:.1f} | {graph} | {factor} | {row['max_difference']:.1e} |"
         )
     return "\n".join(lines) + "\n"
@@ -198,6 +228,7 @@ def main() -> None:
     parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[PROGRAMS_PER_SM], help="decode_plan's")
     parser.add_argument("--min-chunks", type=int, nargs="+", default=[MIN_KEYS_PER_SPLIT], help="decode_plan's")
     parser.add_argument("--tag", default="", help="suffix of the result files")
+    parser.add_argument("--baseline", type=Path, help="another version of triton_pages.py, measured beside")
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -205,12 +236,17 @@ def main() -> None:
     cases, repeats, dtype = (["2x40+3"], 1, torch.float32) if args.smoke else (args.cases, args.repeats, torch.bfloat16)
     bandwidth = copy_bandwidth(gib=0.01 if args.smoke else 2.0, device=device)
     plans = [dict(programs_per_sm=n, min_chunk=chunk) for n in args.programs_per_sm for chunk in args.min_chunks]
-    rows = [
-        measure(case, layout, plan, bandwidth, repeats, device, dtype)
-        for case in cases for plan in plans for layout in LAYOUTS
-    ]  # fmt: skip
-    for row in rows:
-        print(json.dumps(row), flush=True)
+    kernels = {"current": None}
+    if args.baseline is not None:
+        kernels[f"baseline {args.baseline.stem}"] = load_kernels(args.baseline)
+    rows = []
+    for case in cases:
+        for plan in plans:
+            for layout in LAYOUTS:
+                for name, module in kernels.items():
+                    with kernels_of(module):
+                        rows.append(dict(measure(case, layout, plan, bandwidth, repeats, device, dtype), kernel=name))
+                    print(json.dumps(rows[-1]), flush=True)
     meta = provenance(device)
     data = dict(meta=meta, dtype=str(dtype).removeprefix("torch."), bandwidth_gb_s=bandwidth / 1e9, rows=rows)
     name = "smoke_cpu" if args.smoke else (meta.get("gpu") or "gpu").replace(" ", "_")

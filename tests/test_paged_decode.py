@@ -96,16 +96,27 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
 
 
 def test_the_kernel_benchmark_runs_and_matches_the_reference_in_the_interpreter(tmp_path):
-    """benchmarks/bench_paged_decode.py --smoke (CPU, Triton's interpreter, one tiny case, packed, uneven and dense)."""
+    """benchmarks/bench_paged_decode.py --smoke (CPU, Triton's interpreter, one tiny case, packed, uneven and dense),
+    with a changed copy of the kernels' file (outputs doubled) as the baseline measured beside them: its rows
+    must be the changed kernels', not the current ones."""
     if os.environ.get("ADAKV_SKIP_VLLM") == "1":
         pytest.skip("ADAKV_SKIP_VLLM=1: the benchmark's smoke run needs the vLLM environment's Triton")
     if not VLLM_PYTHON.exists():
         pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `bash scripts/setup_vllm.sh` (or set ADAKV_SKIP_VLLM=1)")
+    baseline = tmp_path / "copy.py"
+    source = (ROOT / "adakv" / "kernels" / "triton_pages.py").read_text()
+    doubled = "tl.store(pointers, (2 * acc).to(Out.dtype.element_ty)"
+    assert source.count("tl.store(pointers, acc.to(Out.dtype.element_ty)") == 1
+    baseline.write_text(source.replace("tl.store(pointers, acc.to(Out.dtype.element_ty)", doubled))
     run = subprocess.run(
-        [str(VLLM_PYTHON), str(ROOT / "benchmarks" / "bench_paged_decode.py"), "--smoke", "--out", str(tmp_path)],
+        [str(VLLM_PYTHON), str(ROOT / "benchmarks" / "bench_paged_decode.py"), "--smoke", "--out", str(tmp_path),
+         "--baseline", str(baseline)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     data = json.loads((tmp_path / "paged_decode_smoke_cpu.json").read_text())
-    assert [row["layout"] for row in data["rows"]] == ["packed", "uneven", "dense"]
-    assert all(row["max_difference"] < 1e-5 and row["limit_us"] > 0 for row in data["rows"])
+    assert [(row["layout"], row["kernel"]) for row in data["rows"]] == [
+        (layout, kernel) for layout in ("packed", "uneven", "dense") for kernel in ("current", "baseline copy")
+    ]
+    assert all(row["limit_us"] > 0 for row in data["rows"])
+    assert all((row["max_difference"] < 1e-5) == (row["kernel"] == "current") for row in data["rows"])
