@@ -25,8 +25,8 @@ runs one tiny case with host timing: a check that the script works, not a figure
     python benchmarks/bench_paged_decode.py --baseline .baseline/triton_pages_REV.py --tag _vs_REV
                                                                   # another version's kernels beside these, same run
 
-`--baseline` takes a file with the kernels of `adakv.kernels.triton_pages` as another commit had them (same
-launch arguments as the current launcher's) and measures every case with both, rows labelled by `kernel`, so a
+`--baseline` takes files with the kernels of `adakv.kernels.triton_pages` as other commits had them (same
+launch arguments as the current launcher's) and measures every case with each and the current ones, rows labelled by `kernel`, so a
 kernel change is judged in one process (.baseline/ is git-ignored; a GPU call carries it with `carry`).
 """
 
@@ -228,7 +228,8 @@ def main() -> None:
     parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[PROGRAMS_PER_SM], help="decode_plan's")
     parser.add_argument("--min-chunks", type=int, nargs="+", default=[MIN_KEYS_PER_SPLIT], help="decode_plan's")
     parser.add_argument("--tag", default="", help="suffix of the result files")
-    parser.add_argument("--baseline", type=Path, help="another version of triton_pages.py, measured beside")
+    parser.add_argument("--baseline", type=Path, nargs="+", default=[],
+                        help="other versions of triton_pages.py, measured beside")  # fmt: skip
     args = parser.parse_args()
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
@@ -236,9 +237,7 @@ def main() -> None:
     cases, repeats, dtype = (["2x40+3"], 1, torch.float32) if args.smoke else (args.cases, args.repeats, torch.bfloat16)
     bandwidth = copy_bandwidth(gib=0.01 if args.smoke else 2.0, device=device)
     plans = [dict(programs_per_sm=n, min_chunk=chunk) for n in args.programs_per_sm for chunk in args.min_chunks]
-    kernels = {"current": None}
-    if args.baseline is not None:
-        kernels[f"baseline {args.baseline.stem}"] = load_kernels(args.baseline)
+    kernels = {"current": None, **{f"baseline {path.stem}": load_kernels(path) for path in args.baseline}}
     rows = []
     for case in cases:
         for plan in plans:
