@@ -26,8 +26,9 @@ runs one tiny case with host timing: a check that the script works, not a figure
                                                                   # another version's kernels beside these, same run
 
 `--baseline` takes files with the kernels of `adakv.kernels.triton_pages` as other commits had them (same
-launch arguments as the current launcher's) and measures every case with each and the current ones, rows labelled by `kernel`, so a
-kernel change is judged in one process (.baseline/ is git-ignored; a GPU call carries it with `carry`).
+launch arguments as the current launcher's) and measures every case with each of them and the current ones,
+rows labelled by `kernel`, so that a kernel change is judged in one process (.baseline/ is git-ignored; a GPU
+call carries it with `carry`).
 """
 
 from __future__ import annotations
@@ -205,16 +206,17 @@ def render(data: dict) -> str:
         f"{meta.get('gpu')}, torch {meta.get('torch')}, triton {meta.get('triton')}, adakv {meta.get('adakv_commit')}, "
         f"{meta.get('date')}; copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s. {KV_HEADS} KV heads x {GROUP} query "
         f"heads, head_dim {HEAD_DIM}, {data['dtype']}, blocks of {BLOCK_SIZE}; one call = both launches.", "",
-        "| case | layout | kernel | programs per SM / min chunk | programs | MB read | limit µs | eager µs | graph µs | "
-        "graph / limit | vs reference |",
+        "| case | layout | kernel | programs per SM / min chunk | programs | MB read | limit µs | eager µs | "
+        "graph µs | graph / limit | vs reference |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for row in data["rows"]:
         graph = "—" if row["graph_us"] is None else f"{row['graph_us']:.1f}"
         factor = f"{row['graph_vs_limit']:.2f}x" if row.get("graph_vs_limit") else "—"
         lines.append(
-            f"| {row['case']} | {row['layout']} | {row.get('kernel', 'current')} | {plan_of(row)} | {programs(row)} | {row['bytes_read'] / 1e6:.1f} | "
-            f"{row['limit_us']:.1f} | {row['eager_us']:.1f} | {graph} | {factor} | {row['max_difference']:.1e} |"
+            f"| {row['case']} | {row['layout']} | {row.get('kernel', 'current')} | {plan_of(row)} | {programs(row)} | "
+            f"{row['bytes_read'] / 1e6:.1f} | {row['limit_us']:.1f} | {row['eager_us']:.1f} | {graph} | {factor} | "
+            f"{row['max_difference']:.1e} |"
         )
     return "\n".join(lines) + "\n"
 
