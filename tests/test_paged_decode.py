@@ -90,7 +90,7 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
     results = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 7
+    assert len(results) == 8
     for result in results:
         assert result["max_difference"] < 1e-5, result
 

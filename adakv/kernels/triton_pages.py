@@ -18,7 +18,8 @@ CUDA graph replays with any step's lengths.
 
 `partial_attention` (grid: rows x programs_per_row) attends one chunk of one head for the head's GQA
 group with an online softmax in fp32 and writes the chunk's normalised output and log2-sum-exp.
-`combine_splits` (grid: rows x kv_heads) merges a head's chunks and writes the output in the query's dtype.
+`combine_splits` (grid: rows x kv_heads) merges a head's chunks, SPLIT_TILE at a time for each query head of
+its group, and writes the output in the query's dtype.
 
 rows_info: (rows, 4) int32: query token index, batch row (its block-table row and its entry of
 seq_lens), prompt_len (-1: an empty row, e.g. a CUDA graph's padding; 0: a dense row, all tail),
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+SPLIT_TILE = tl.constexpr(16)  # chunks a combine step reads at once (16 x head_dim float32 per query head)
 
 
 @triton.jit
@@ -158,6 +161,9 @@ def combine_splits(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
+    """Grid: rows x kv_heads. Each query head of the GQA group merges the head's chunks SPLIT_TILE at a time,
+    not one by one: a long head of Ada-KV has a hundred chunks, and a loop of a hundred small loads waits for
+    the memory a hundred times."""
     row = tl.program_id(0)
     kv_head = tl.program_id(1)
     token, _, _, _, _, _, splits, first_programs, _ = _row_work(
@@ -165,26 +171,27 @@ def combine_splits(
     )
     heads = tl.arange(0, HEADS)
     used = _of_head(splits, heads, kv_head)
-    group_rows = tl.arange(0, BLOCK_M)
-    row_valid = group_rows < GROUP
-    dims = tl.arange(0, BLOCK_D)
-    mask = row_valid[:, None] & (dims < HEAD_DIM)[None, :]
     first_slot = (row * programs_per_row + _of_head(first_programs, heads, kv_head)).to(tl.int64) * BLOCK_M
-
-    best = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for split in range(used):
-        lse = tl.load(partial_lse + first_slot + split * BLOCK_M + group_rows, mask=row_valid, other=float("-inf"))
-        best = tl.maximum(best, lse)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for split in range(used):
-        slot = first_slot + split * BLOCK_M + group_rows
-        lse = tl.load(partial_lse + slot, mask=row_valid, other=float("-inf"))
-        out = tl.load(partial_out + slot[:, None] * HEAD_DIM + dims[None, :], mask=mask, other=0.0)
-        weight = tl.exp2(lse - best)
-        total += weight
-        acc += weight[:, None] * out
-    acc = acc / tl.where(total > 0, total, 1.0)[:, None]
-    head = kv_head * GROUP + group_rows
-    pointers = Out + token * stride_ot + head[:, None] * stride_oh + dims[None, :]
-    tl.store(pointers, acc.to(Out.dtype.element_ty), mask=mask)
+    tile = tl.arange(0, SPLIT_TILE)
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < HEAD_DIM
+    for group_row in tl.static_range(GROUP):
+        best = tl.full([SPLIT_TILE], float("-inf"), tl.float32)
+        for start in range(0, used, SPLIT_TILE):
+            slots = first_slot + (start + tile) * BLOCK_M + group_row
+            best = tl.maximum(best, tl.load(partial_lse + slots, mask=start + tile < used, other=float("-inf")))
+        top = tl.max(best, 0)
+        total = tl.zeros([SPLIT_TILE], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for start in range(0, used, SPLIT_TILE):
+            valid = start + tile < used
+            slots = first_slot + (start + tile) * BLOCK_M + group_row
+            weight = tl.exp2(tl.load(partial_lse + slots, mask=valid, other=float("-inf")) - top)
+            out_mask = valid[:, None] & dim_valid[None, :]
+            out = tl.load(partial_out + slots[:, None] * HEAD_DIM + dims[None, :], mask=out_mask, other=0.0)
+            total += weight
+            acc += tl.sum(weight[:, None] * out, 0)
+        merged = tl.sum(total, 0)
+        acc = acc / tl.where(merged > 0, merged, 1.0)
+        pointers = Out + token * stride_ot + (kv_head * GROUP + group_row) * stride_oh + dims
+        tl.store(pointers, acc.to(Out.dtype.element_ty), mask=dim_valid)

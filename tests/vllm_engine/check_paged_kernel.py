@@ -67,6 +67,8 @@ def main() -> None:
         # programs a chunk of total / programs_per_row would leave the long head's last chunks no program
         case(4, 2, 16, 16, lengths, DecodePlan(programs_per_row=5, min_chunk=16), 5, uneven=True),
         case(4, 2, 16, 16, lengths, DecodePlan(64, min_chunk=16), 6, uneven=True, extra_rows=("empty",)),
+        # a head of 41 chunks: the combine merges them in tiles of SPLIT_TILE (16), the last one partial
+        case(2, 2, 16, 16, [(2600, 2604)], DecodePlan(80, min_chunk=16), 7, uneven=True),
     ]
     for result in cases:
         print(json.dumps(result))
