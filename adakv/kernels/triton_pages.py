@@ -121,10 +121,9 @@ def partial_attention(
     running_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    cols = key_start + tl.arange(0, BLOCK_N)
-    k_rows, v_rows, col_valid = _tile_rows(cols, key_end, packed, first_pair, prompt_len, kv_head, num_kv_heads,
-                                           pages, block_size, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh,
-                                           stride_vs)  # fmt: skip
+    k_rows, v_rows, col_valid = _tile_rows(key_start + tl.arange(0, BLOCK_N), key_end, packed, first_pair,
+                                           prompt_len, kv_head, num_kv_heads, pages, block_size, stride_kb,
+                                           stride_kh, stride_ks, stride_vb, stride_vh, stride_vs)  # fmt: skip
     for block_start in range(key_start, key_end, BLOCK_N):
         # K and V of a tile are loaded together, and the next tile's page numbers while this one is computed:
         # each would otherwise wait for the memory in turn (a block-table read, then K, then V per tile)
@@ -132,10 +131,10 @@ def partial_attention(
         k = tl.load(K + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         valid = col_valid
-        cols = block_start + BLOCK_N + tl.arange(0, BLOCK_N)
-        k_rows, v_rows, col_valid = _tile_rows(cols, key_end, packed, first_pair, prompt_len, kv_head, num_kv_heads,
-                                               pages, block_size, stride_kb, stride_kh, stride_ks, stride_vb,
-                                               stride_vh, stride_vs)  # fmt: skip
+        next_cols = block_start + BLOCK_N + tl.arange(0, BLOCK_N)
+        k_rows, v_rows, col_valid = _tile_rows(next_cols, key_end, packed, first_pair, prompt_len, kv_head,
+                                               num_kv_heads, pages, block_size, stride_kb, stride_kh, stride_ks,
+                                               stride_vb, stride_vh, stride_vs)  # fmt: skip
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         scores = tl.where(valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(running_max, tl.max(scores, 1))
