@@ -7,9 +7,13 @@ builds it. Per BATCHxCONTEXT case (default 1x32768 1x131072 8x32768), one call
 `model.generate(ids, max_new_tokens=1 + --decode-warmup + --decode-steps)` per method and KV dtype:
 
 - dense-dynamic: transformers' DynamicCache (generate's default), eager decode;
+- dense-mlp-rows: the same inside `mlp_in_row_chunks(model, rows)` (adakv/runtimes/hf/mlp_rows.py: each MLP over
+  at most `rows` token rows at a time, as a press block does by default; rows: --mlp-chunk-rows): what dense
+  alone gains from it;
 - adakv-snapkv: AdaptivePress(SnapKVPress(r)) (layer scope, default backend: evict) inside
   `press(model, cuda_graphs=True, join_projections=True, fuse_elementwise=True, gemv_linears=True)`, the
-  README's four speed switches (`--no-switches`: none; on a CPU there are none);
+  README's four speed switches (`--no-switches`: none; on a CPU there are none), and the block's MLP row chunks
+  (`--mlp-chunk-rows`, default MLP_CHUNK_ROWS; `none`: each MLP over all rows, as before they existed);
 - adakv-kvzip: the same with AdaptivePress(KVzipPress(r, repeat_prompt_ids=...), scope="model");
 - dense-static: a StaticCache of context + new tokens passed to generate, which then compiles the decode step
   itself (torch.compile, "reduce-overhead": transformers' choice for a static cache on a GPU); run last in
@@ -21,7 +25,8 @@ The press rows run once per `--kv-dtypes` entry (default bfloat16, the model's d
 kv_dtype, the fp8 flat cache); dense rows hold the model's bf16. A KV dtype adakv's presses do not take stops the run before the model is built
 (`kv_dtype_refusal`), and a row whose cache holds another dtype than asked is recorded as an error.
 
-Per row: peak_gib (`max_memory_allocated` over the call, weights included; what was allocated before it
+Per row: tokens_sha256 (of the generated ids: rows that differ only in mlp_chunk_rows must match), mlp_chunk_rows (None: no chunks; rows measured before the option existed have no such key and ran
+without), peak_gib (`max_memory_allocated` over the call, weights included; what was allocated before it
 beyond the weights is `leftover_gib`), kv_gib (held after the call, slack rows included), ttft_s (from the
 call to the first token's logits), decode_ms (median time between two tokens' logits over --decode-steps
 steps after --decode-warmup: the first steps capture graphs or compile), limit_ms = (weight bytes + KV
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import statistics
 import sys
@@ -63,9 +69,10 @@ from live_bytes import LiveBytes  # noqa: E402
 
 from adakv import presses as P  # noqa: E402
 from adakv.apps.devices import check_device  # noqa: E402
+from adakv.runtimes.hf.mlp_rows import MLP_CHUNK_ROWS, mlp_in_row_chunks  # noqa: E402
 
-METHODS = ("dense-dynamic", "adakv-snapkv", "adakv-kvzip", "dense-static")  # the order of a case's rows
-ROW_KEY = ("method", "batch", "context", "ratio", "kv_dtype", "switches")
+METHODS = ("dense-dynamic", "dense-mlp-rows", "adakv-snapkv", "adakv-kvzip", "dense-static")  # a case's rows, in order
+ROW_KEY = ("method", "batch", "context", "ratio", "kv_dtype", "switches", "mlp_chunk_rows")
 SETTINGS = ("layers", "tiny")  # a results file holds rows of one model
 NATIVE_KV_DTYPE = "bfloat16"  # the model's dtype: what every cache holds without a kv_dtype option
 KV_DTYPE_ALIASES = {"bf16": "bfloat16", "fp8": "float8_e4m3fn"}
@@ -104,6 +111,23 @@ def kv_dtype_name(text: str) -> str:
     if not isinstance(getattr(torch, name, None), torch.dtype):
         raise argparse.ArgumentTypeError(f"{text!r} is not a torch dtype (bfloat16, float8_e4m3fn, ...)")
     return name
+
+
+def mlp_rows_option(text: str) -> int | None:
+    """--mlp-chunk-rows: a positive int, or none."""
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a positive number of token rows, or none")
+    return int(text)
+
+
+def row_mlp_rows(method: str, args) -> int | None:
+    """The mlp_chunk_rows of a row: --mlp-chunk-rows for the press rows and dense-mlp-rows (which takes
+    MLP_CHUNK_ROWS when it is none), None for the other dense rows."""
+    if method == "dense-mlp-rows":
+        return args.mlp_chunk_rows or MLP_CHUNK_ROWS
+    return None if method.startswith("dense") else args.mlp_chunk_rows
 
 
 def make_press(model, method: str, ratio: float, kv_dtype: str):
@@ -163,6 +187,7 @@ def measure(model, ids, method: str, kv_dtype: str, args) -> dict:
     dense = method.startswith("dense")
     press = None if dense else make_press(model, method, args.ratio, kv_dtype)
     switches = {} if dense else args.switches
+    mlp_rows = row_mlp_rows(method, args)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -176,7 +201,10 @@ def measure(model, ids, method: str, kv_dtype: str, args) -> dict:
     clock = TokenClock(device)
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
                    attention_mask=torch.ones_like(ids), pad_token_id=0, logits_processor=LogitsProcessorList([clock]))  # fmt: skip
-    block = nullcontext() if press is None else press(model, **switches)
+    if press is not None:
+        block = press(model, mlp_chunk_rows=mlp_rows, **switches)
+    else:
+        block = mlp_in_row_chunks(model, mlp_rows) if mlp_rows else nullcontext()
     counting = LiveBytes(where_depth=0) if device.type != "cuda" else nullcontext()
     synchronize(device)
     if device.type == "cuda":
@@ -184,7 +212,7 @@ def measure(model, ids, method: str, kv_dtype: str, args) -> dict:
     with torch.no_grad(), block, counting:
         started = time.perf_counter()
         clock.start()
-        model.generate(ids, **options)
+        generated = model.generate(ids, **options)
         synchronize(device)
         generate_s = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else args.weights + counting.peak
@@ -196,8 +224,9 @@ def measure(model, ids, method: str, kv_dtype: str, args) -> dict:
     decode_ms = statistics.median(measured)
     row = dict(
         method=method, batch=batch, context=context, ratio=0.0 if dense else args.ratio, kv_dtype=kv_dtype,
-        switches=sorted(switches), peak_gib=peak / GiB, kv_gib=kv_bytes(cache) / GiB, ttft_s=stamps[0],
+        switches=sorted(switches), mlp_chunk_rows=mlp_rows, peak_gib=peak / GiB, kv_gib=kv_bytes(cache) / GiB, ttft_s=stamps[0],
         decode_ms=decode_ms, limit_ms=limit_ms, x_limit=decode_ms / limit_ms, kv_read_gib=read / GiB,
+        tokens_sha256=hashlib.sha256(generated[:, context:].cpu().numpy().tobytes()).hexdigest()[:16],
         decode_mean_ms=statistics.fmean(measured), steps_ms=steps_ms, decode_warmup=args.decode_warmup,
         new_tokens=new_tokens, generate_s=generate_s, before_gib=before / GiB, leftover_gib=(before - args.weights) / GiB,
         stored_kv_dtypes=stored_kv_dtypes(cache), press=None if press is None else repr(press),
@@ -249,8 +278,8 @@ class Results:
 
     def add(self, row: dict) -> None:
         row["run"] = self.run
-        key = tuple(str(row[k]) for k in ROW_KEY)
-        self.data["rows"] = [r for r in self.data["rows"] if tuple(str(r[k]) for k in ROW_KEY) != key] + [row]
+        key = tuple(str(row.get(k)) for k in ROW_KEY)
+        self.data["rows"] = [r for r in self.data["rows"] if tuple(str(r.get(k)) for k in ROW_KEY) != key] + [row]
         self.data["rows"].sort(key=order)
         self.data["targets"] = targets(self.data["rows"])
         self.json_path.write_text(json.dumps(self.data, indent=1))
@@ -309,7 +338,8 @@ def render(data: dict) -> str:
         "logits after the first --decode-warmup steps; limit = (weights + KV a step reads) / the copy bandwidth "
         "measured in the same run. adakv-snapkv = AdaptivePress(SnapKVPress(r)), adakv-kvzip = "
         "AdaptivePress(KVzipPress(r), scope='model'), switches on = cuda_graphs, join_projections, fuse_elementwise, "
-        "gemv_linears; dense-static = "
+        "gemv_linears; MLP rows = the most token rows a prefill's MLP ran over at once (none: all of them); "
+        "dense-mlp-rows = dense-dynamic with the MLPs in row chunks; dense-static = "
         "StaticCache, decode compiled by generate; x dense = over dense-dynamic of the same case.",
         "",
         "## Targets (issue 23)",
@@ -335,14 +365,14 @@ def render(data: dict) -> str:
         "",
         "## Rows",
         "",
-        "| batch x context | method | KV dtype | switches | peak GiB | x dense | KV GiB | TTFT s | x dense | decode ms | limit ms | x limit | leftover GiB | generate s | run |",
-        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch x context | method | KV dtype | switches | MLP rows | peak GiB | x dense | KV GiB | TTFT s | x dense | decode ms | limit ms | x limit | leftover GiB | generate s | run |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in rows:
         case = f"{r['batch']} x {r['context']}"
         method = r["method"] + (" (compiled)" if r.get("compiled") else "")
         switches = {0: "off", len(SWITCHES): "on"}.get(len(r["switches"]), ", ".join(r["switches"]))
-        head = f"| {case} | {method} | {r['kv_dtype']} | {switches} |"
+        head = f"| {case} | {method} | {r['kv_dtype']} | {switches} | {r.get('mlp_chunk_rows') or 'none'} |"
         if "error" in r:
             lines.append(f"{head} {r['error'][:80]} | | | | | | | | | | {r['run']} |")
             continue
@@ -377,6 +407,8 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--decode-warmup", type=int, default=8, help="decode steps left out before them")
     parser.add_argument("--warmup-context", type=int, default=None, help="tokens of the warm-up calls (default 4096; --tiny: 32)")
     parser.add_argument("--no-switches", action="store_true", help="the press rows without the four speed switches")
+    parser.add_argument("--mlp-chunk-rows", type=mlp_rows_option, default=MLP_CHUNK_ROWS,
+                        help=f"the press rows' mlp_chunk_rows (default {MLP_CHUNK_ROWS}; none: each MLP over all rows)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; --tiny: 2)")
     parser.add_argument("--device", default="cuda", help="cuda (cuda:N) or, with --tiny, cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama of the 8B's proportions (smoke test)")
@@ -415,7 +447,7 @@ def main(argv=None) -> None:
     meta = dict(
         limits.run_meta(args.layers, args.bandwidth, args.step_weights, device), weights_held_gib=args.weights / GiB,
         ratio=args.ratio, decode_steps=args.decode_steps, decode_warmup=args.decode_warmup,
-        warmup_context=args.warmup_context, switches=sorted(args.switches), cases=[f"{b}x{c}" for b, c in args.cases],
+        warmup_context=args.warmup_context, switches=sorted(args.switches), mlp_chunk_rows=args.mlp_chunk_rows, cases=[f"{b}x{c}" for b, c in args.cases],
         methods=args.methods, kv_dtypes=args.kv_dtypes, tiny=args.tiny, kvzip_repeat_prompt_ids=prompt_ids(model),
     )  # fmt: skip
     print(json.dumps(meta), flush=True)
@@ -432,6 +464,7 @@ def main(argv=None) -> None:
                 traceback.print_exc()
                 row = dict(method=method, batch=batch, context=context, ratio=0.0 if method.startswith("dense") else args.ratio,
                            kv_dtype=kv_dtype, switches=[] if method.startswith("dense") else sorted(args.switches),
+                           mlp_chunk_rows=row_mlp_rows(method, args),
                            error=f"{type(error).__name__}: {error}"[:300])  # fmt: skip
             finally:
                 if method == "dense-static":

@@ -384,8 +384,10 @@ class BasePress:
     def __call__(self, model: nn.Module, **speed_switches):
         """`with press(model):` hooks the press onto a transformers model for the block and yields the
         session (adakv.runtimes.hf.session.PressSession). speed_switches: cuda_graphs, join_projections,
-        fuse_elementwise, gemv_linears, as `adakv.accelerate` takes them, entered for the same block. The
-        arguments are checked here; nothing acts until the block is entered (a block never entered warns)."""
+        fuse_elementwise, gemv_linears, as `adakv.accelerate` takes them, entered for the same block; and
+        mlp_chunk_rows, the most token rows a prefill's MLP runs over at once (8192 unless given; None: all,
+        as transformers does; adakv.runtimes.hf.mlp_rows). The arguments are checked here; nothing acts until
+        the block is entered (a block never entered warns)."""
         from adakv.runtimes.hf.session import PressBlock  # the runtime sits above the presses
 
         return PressBlock(self, model, speed_switches)

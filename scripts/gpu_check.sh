@@ -23,7 +23,7 @@ export PYTHONUNBUFFERED=1
 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_triton_decode.py tests/test_gpu.py \
   tests/test_flat_decode_kernel.py tests/test_chunked_prefill.py tests/test_graph_decode.py tests/test_evict.py \
   tests/test_joined_projections.py tests/test_fused_elementwise.py tests/test_triton_gemv.py tests/test_gemv_linears.py \
-  tests/test_pipeline.py tests/test_kvzip_kernels.py
+  tests/test_pipeline.py tests/test_kvzip_kernels.py tests/test_mlp_rows.py
 
 if [[ "${ADAKV_SANITIZE:-0}" == "1" ]]; then
   echo "== compute-sanitizer (memcheck) on the kernel tests"

@@ -128,7 +128,8 @@ def test_hooks_are_gone_after_the_block(smollm2):
     before = count_hooks(model)
     press = SnapKVPress(compression_ratio=0.5)
     with press(model):
-        assert count_hooks(model) == before + 3 * model.config.num_hidden_layers  # remember_cache, the refusal pre-hook, the compression hook
+        # per layer remember_cache, the refusal pre-hook and the compression hook; on the decoder the MLP row chunks'
+        assert count_hooks(model) == before + 3 * model.config.num_hidden_layers + 2
         model(context_ids, use_cache=True)
     assert count_hooks(model) == before
     with pytest.raises(RuntimeError, match="inside"):

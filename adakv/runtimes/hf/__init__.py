@@ -6,12 +6,14 @@
   `compressed_layers_after_prefill` and `whole_prefill` for code that compresses recorded prefills.
 - `attention`: the "adakv_sdpa" / "adakv_eager" attention functions that read compressed layers.
 - `chunked_prefill`: `prefill_in_chunks`, the context a chunk at a time, each chunk compressed as it arrives.
+- `mlp_rows`: `mlp_in_row_chunks`, a long forward's MLPs over row chunks (every press block enters it).
 - `decoding`: compression during decoding (DecodingPress).
 - `accelerate`: `accelerate(model, ...)`, the speed switches (CUDA graphs: `graph_decode`; fusions: `fusion/`).
 """
 
 from .acceleration import Acceleration, accelerate
 from .chunked_prefill import prefill_in_chunks
+from .mlp_rows import MLP_CHUNK_ROWS, mlp_in_row_chunks
 from .session import (
     NotEnteredWarning,
     PressBlock,
@@ -25,6 +27,7 @@ from .session import (
 
 __all__ = [
     "Acceleration",
+    "MLP_CHUNK_ROWS",
     "NotEnteredWarning",
     "PressBlock",
     "PressSession",
@@ -33,6 +36,7 @@ __all__ = [
     "block_backend",
     "compressed_layer",
     "compressed_layers_after_prefill",
+    "mlp_in_row_chunks",
     "prefill_in_chunks",
     "whole_prefill",
 ]

@@ -63,6 +63,7 @@ from .attention import (
 )
 from .decoding import DecodingRecompression, decoding_policy
 from .graph_decode import graph_decoding_refusal
+from .mlp_rows import MLP_CHUNK_ROWS, check_mlp_chunk_rows, mlp_in_row_chunks
 from .refusals import (
     EVICT_ATTENTIONS_WARNING,
     cache_refusal,
@@ -336,13 +337,20 @@ class PressSession:
 
 
 class PressBlock:
-    """What `press(model, **speed_switches)` returns: the arguments are checked at once (a model, known switches
-    with allowed values), the session opens when the block is entered (`with`). A block is entered once;
-    `press(model)` never entered compresses nothing, so dropping such an object warns (NotEnteredWarning)."""
+    """What `press(model, mlp_chunk_rows=..., **speed_switches)` returns: the arguments are checked at once (a
+    model, known switches with allowed values, mlp_chunk_rows a positive int or None), the session opens when the
+    block is entered (`with`). A block is entered once; `press(model)` never entered compresses nothing, so
+    dropping such an object warns (NotEnteredWarning).
+
+    mlp_chunk_rows: a prefill of more token rows runs each decoder layer's MLP over this many rows at a time
+    (mlp_rows.py: the same outputs, a smaller peak); None runs the MLPs over all rows at once."""
 
     def __init__(self, press: BasePress, model: nn.Module, speed_switches: dict):
         owner = f"{type(press).__name__}(...)(model)"
         check_model(model, owner)
+        speed_switches = dict(speed_switches)
+        self.mlp_chunk_rows = speed_switches.pop("mlp_chunk_rows", MLP_CHUNK_ROWS)
+        check_mlp_chunk_rows(self.mlp_chunk_rows, owner)
         check_speed_switches(speed_switches, owner)
         self.press, self.model, self.speed_switches = press, model, speed_switches
         self._block = None
@@ -352,7 +360,7 @@ class PressBlock:
             raise RuntimeError(
                 "This press block was entered already; a block opens once. Call press(model) again for a new one."
             )
-        self._block = press_session(self.press, self.model, **self.speed_switches)
+        self._block = press_session(self.press, self.model, self.mlp_chunk_rows, **self.speed_switches)
         return self._block.__enter__()
 
     def __exit__(self, *exception) -> bool | None:
@@ -378,9 +386,12 @@ NOT_ENTERED_WARNING = (
 
 
 @contextmanager
-def press_session(press: BasePress, model: nn.Module, **speed_switches) -> Generator[PressSession, None, None]:
-    """The block of `with press(model, **speed_switches):` (PressBlock): a PressSession, inside an
-    `adakv.accelerate(model, **speed_switches)` block when any switch is on."""
+def press_session(
+    press: BasePress, model: nn.Module, mlp_chunk_rows: int | None = MLP_CHUNK_ROWS, **speed_switches
+) -> Generator[PressSession, None, None]:
+    """The block of `with press(model, mlp_chunk_rows, **speed_switches):` (PressBlock): a PressSession, inside
+    an `adakv.accelerate(model, **speed_switches)` block when any switch is on, around `mlp_in_row_chunks`
+    (entered after the session, so that its decoder hook puts the MLPs back after a whole-prefill press's)."""
     session = PressSession(press, model)
     with ExitStack() as stack:
         if any(speed_switches.values()):
@@ -390,7 +401,9 @@ def press_session(press: BasePress, model: nn.Module, **speed_switches) -> Gener
                 if refusal is not None:
                     raise ValueError(refusal)
             session.acceleration = stack.enter_context(accelerate(model, **speed_switches))
-        yield stack.enter_context(session.opened())
+        opened = stack.enter_context(session.opened())
+        stack.enter_context(mlp_in_row_chunks(model, mlp_chunk_rows, required=False))
+        yield opened
 
 
 def remember_cache(module: nn.Module, args, kwargs) -> None:
