@@ -21,6 +21,8 @@ runs one tiny case with host timing: a check that the script works, not a figure
     python benchmarks/bench_paged_decode.py                       # -> results/paged_decode_<GPU>.{json,md}
     python benchmarks/bench_paged_decode.py --programs-per-sm 2 4 8 --min-chunks 64 128 256 --tag _plans
                                                                   # the plan's two settings, swept
+    python benchmarks/bench_paged_decode.py --num-warps 4 8 --num-stages 1 2 3 4 --tag _launch
+                                                                  # the attention launch's warps and stages
     git show REV:adakv/kernels/triton_pages.py > .baseline/triton_pages_REV.py
     python benchmarks/bench_paged_decode.py --baseline .baseline/triton_pages_REV.py --tag _vs_REV
                                                                   # another version's kernels beside these, same run
@@ -194,9 +196,12 @@ def programs(row: dict) -> int:
 
 
 def plan_of(row: dict) -> str:
+    """programs per SM / min chunk / warps / stages ("tiles": block_sizes' choice, which rows measured before
+    these settings existed also ran)."""
     if "programs_per_sm" not in row:  # measured before the plan had these settings
         return "—"
-    return f"{row['programs_per_sm']} / {row['min_chunk']}"
+    warps, stages = (row.get(name) or "tiles" for name in ("num_warps", "num_stages"))
+    return f"{row['programs_per_sm']} / {row['min_chunk']} / {warps} / {stages}"
 
 
 def render(data: dict) -> str:
@@ -206,7 +211,7 @@ def render(data: dict) -> str:
         f"{meta.get('gpu')}, torch {meta.get('torch')}, triton {meta.get('triton')}, adakv {meta.get('adakv_commit')}, "
         f"{meta.get('date')}; copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s. {KV_HEADS} KV heads x {GROUP} query "
         f"heads, head_dim {HEAD_DIM}, {data['dtype']}, blocks of {BLOCK_SIZE}; one call = both launches.", "",
-        "| case | layout | kernel | programs per SM / min chunk | programs | MB read | limit µs | eager µs | "
+        "| case | layout | kernel | programs per SM / min chunk / warps / stages | programs | MB read | limit µs | eager µs | "
         "graph µs | graph / limit | vs reference |",
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
@@ -229,6 +234,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, one tiny case")
     parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[PROGRAMS_PER_SM], help="decode_plan's")
     parser.add_argument("--min-chunks", type=int, nargs="+", default=[MIN_KEYS_PER_SPLIT], help="decode_plan's")
+    parser.add_argument("--num-warps", type=int, nargs="+", default=[None], help="the attention launch's (default: the tiles')")
+    parser.add_argument("--num-stages", type=int, nargs="+", default=[None], help="the attention launch's (default: the tiles')")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--baseline", type=Path, nargs="+", default=[],
                         help="other versions of triton_pages.py, measured beside")  # fmt: skip
@@ -238,7 +245,9 @@ def main() -> None:
         parser.error("no CUDA device: give --smoke to check the script on a CPU (TRITON_INTERPRET=1)")
     cases, repeats, dtype = (["2x40+3"], 1, torch.float32) if args.smoke else (args.cases, args.repeats, torch.bfloat16)
     bandwidth = copy_bandwidth(gib=0.01 if args.smoke else 2.0, device=device)
-    plans = [dict(programs_per_sm=n, min_chunk=chunk) for n in args.programs_per_sm for chunk in args.min_chunks]
+    plans = [dict(programs_per_sm=n, min_chunk=chunk, num_warps=warps, num_stages=stages)
+             for n in args.programs_per_sm for chunk in args.min_chunks
+             for warps in args.num_warps for stages in args.num_stages]  # fmt: skip
     kernels = {"current": None, **{f"baseline {path.stem}": load_kernels(path) for path in args.baseline}}
     rows = []
     for case in cases:

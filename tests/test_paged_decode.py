@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_reference
+from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_attention, packed_decode_reference
 from adakv.runtimes.vllm.layout import compressed_attention, pack_layer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +77,17 @@ def test_plan_depends_on_the_batch_shape_only():
     # kv_heads, plus one partial chunk per head) always have a program
     assert decode_plan(rows=96, kv_heads=8, num_sms=132).programs_per_row == 16
     assert DecodePlan(3).min_chunk == 256
+    assert (DecodePlan(3).num_warps, DecodePlan(3).num_stages) == (None, None)  # block_sizes' choice, as measured
+    assert decode_plan(rows=1, kv_heads=8, num_sms=132, num_warps=8, num_stages=2) == DecodePlan(264, 256, 8, 2)
+
+
+@pytest.mark.parametrize("plan", [DecodePlan(8), DecodePlan(9, min_chunk=0), DecodePlan(9, num_warps=3), DecodePlan(9, num_stages=0)])
+def test_a_plan_the_kernel_cannot_run_is_refused(plan):
+    with pytest.raises(ValueError, match="programs_per_row must exceed"):
+        packed_decode_attention(torch.zeros(1, 16, 8), torch.zeros(1, 8, 4, 8), torch.zeros(1, 8, 4, 8),
+                                torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                                torch.zeros(1, 4, dtype=torch.int32), torch.zeros(1, 9, dtype=torch.int32), 1.0,
+                                torch.zeros(1, 16, 8), plan)  # fmt: skip
 
 
 def test_triton_kernel_matches_the_reference_in_the_interpreter():

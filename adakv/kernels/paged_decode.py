@@ -36,21 +36,32 @@ EMPTY_ROW = -1  # rows_info's prompt_len of a row that attends nothing
 class DecodePlan:
     """programs_per_row: programs of each row (its chunks of keys over all its heads, one each; the
     rest return at once); min_chunk: the fewest keys a chunk holds (below it a program's fixed cost
-    outweighs the parallelism it adds)."""
+    outweighs the parallelism it adds); num_warps, num_stages: the attention launch's (Triton pipelines the
+    tile loop's loads over num_stages), None: `block_sizes`' choice for the tiles (4 warps; 3 stages, 2 for
+    rows wider than 256 bytes)."""
 
     programs_per_row: int
     min_chunk: int = MIN_KEYS_PER_SPLIT
+    num_warps: int | None = None
+    num_stages: int | None = None
 
 
 def decode_plan(
-    rows: int, kv_heads: int, num_sms: int, programs_per_sm: int = PROGRAMS_PER_SM, min_chunk: int = MIN_KEYS_PER_SPLIT
+    rows: int,
+    kv_heads: int,
+    num_sms: int,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+    min_chunk: int = MIN_KEYS_PER_SPLIT,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
 ) -> DecodePlan:
     """About `programs_per_sm` programs with work per multiprocessor over the batch, and at least twice
     kv_heads per row (a row's chunks number at most programs_per_row - kv_heads plus one partial chunk per
     head): a function of the batch's shape only (a CUDA graph captures it). The defaults are the HF flat
-    kernel's (benchmarks/bench_paged_decode.py --programs-per-sm / --min-chunks sweeps others)."""
+    kernel's (benchmarks/bench_paged_decode.py --programs-per-sm / --min-chunks / --num-warps / --num-stages
+    sweeps others)."""
     programs_per_row = max(2 * kv_heads, -(-num_sms * programs_per_sm // max(rows, 1)))
-    return DecodePlan(programs_per_row=programs_per_row, min_chunk=min_chunk)
+    return DecodePlan(programs_per_row, min_chunk, num_warps, num_stages)
 
 
 @lru_cache(maxsize=None)
@@ -79,13 +90,15 @@ def packed_decode_attention(
         return
     num_heads, head_dim = query.shape[1], query.shape[2]
     kv_heads, block_size = key_cache.shape[1], key_cache.shape[2]
-    if plan.programs_per_row <= kv_heads or plan.min_chunk < 1:
+    bad_launch = plan.num_warps not in (None, 1, 2, 4, 8, 16) or plan.num_stages not in (None, *range(1, 9))
+    if plan.programs_per_row <= kv_heads or plan.min_chunk < 1 or bad_launch:
         raise ValueError(
-            f"{plan}: programs_per_row must exceed the {kv_heads} KV heads (each head may add a partial chunk) "
-            "and min_chunk must be positive"
+            f"{plan}: programs_per_row must exceed the {kv_heads} KV heads (each head may add a partial chunk), "
+            "min_chunk must be positive, num_warps None or a power of two up to 16, num_stages None or 1 to 8"
         )
     group = num_heads // kv_heads
     tiles = dict(block_sizes(group, head_dim, query.dtype))  # one program holds a head's whole GQA group
+    warps, stages = tiles.pop("num_warps"), tiles.pop("num_stages")
     if group > tiles["BLOCK_M"]:
         raise ValueError(f"{group} query heads per KV head: the packed-page decode kernel takes at most {tiles['BLOCK_M']}")
     kernels = _kernels()
@@ -99,7 +112,7 @@ def packed_decode_attention(
         query, key_cache, value_cache, block_table, seq_lens, rows_info, offset_table, partial_out, partial_lse,
         query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3], block_table.stride(0),
         scale * LOG2_E, kv_heads, block_size, plan.programs_per_row, plan.min_chunk,
-        DOT_PRECISION=precision, **work, **tiles,
+        DOT_PRECISION=precision, **work, **tiles, num_warps=plan.num_warps or warps, num_stages=plan.num_stages or stages,
     )  # fmt: skip
     kernels.combine_splits[(rows, kv_heads)](
         seq_lens, rows_info, offset_table, partial_out, partial_lse, out, out.stride(0), out.stride(1),
