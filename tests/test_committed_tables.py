@@ -85,3 +85,26 @@ def test_vs_none_pairs_each_press_with_the_dense_answers_of_the_same_samples(tmp
         dense = part[part.press == "none"].sort_values(["task", "sample"]).score.to_numpy()
         assert row.difference == pytest.approx((mine - dense).mean()) and row.n == len(mine)
         assert row.low <= row.difference <= row.high
+
+
+FOLDERS = sorted(p for p in (ROOT / "evaluation" / "results").iterdir() if (p / "config.json").is_file())
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=lambda p: p.name)
+def test_every_committed_folder_says_where_its_rows_came_from(folder):
+    """Issue 24, item 4: each run into a folder is listed with its device, GPU, seed and commit; folders written
+    before runs recorded this carry reconstructed entries (evaluation/results/README.md) naming the commit of
+    their rows instead of the commit that ran them."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    runs = config.get("provenance")
+    assert runs, f"{folder.name}: config.json lists no run under 'provenance'"
+    for run in runs:
+        assert run["device"] == config["device"] or str(run["device"]).startswith(config["device"])
+        assert run["seed"] == config["seed"]
+        assert (run["gpu"] is None) == (run["device"] == "cpu"), run
+        if "reconstructed" in run:
+            assert len(run["results_commit"]) == 40 and run["equivalent_command"].startswith("adakv-eval run ")
+        else:
+            assert run["adakv_commit"] and run["date"] and run["command"] and run["torch"]
