@@ -234,8 +234,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, one tiny case")
     parser.add_argument("--programs-per-sm", type=int, nargs="+", default=[PROGRAMS_PER_SM], help="decode_plan's")
     parser.add_argument("--min-chunks", type=int, nargs="+", default=[MIN_KEYS_PER_SPLIT], help="decode_plan's")
-    parser.add_argument("--num-warps", type=int, nargs="+", default=[None], help="the attention launch's (default: the tiles')")
-    parser.add_argument("--num-stages", type=int, nargs="+", default=[None], help="the attention launch's (default: the tiles')")
+    parser.add_argument("--num-warps", type=int, nargs="+", default=[None], help="the launch's (default: the tiles')")
+    parser.add_argument("--num-stages", type=int, nargs="+", default=[None], help="the launch's (default: the tiles')")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--baseline", type=Path, nargs="+", default=[],
                         help="other versions of triton_pages.py, measured beside")  # fmt: skip

@@ -105,6 +105,7 @@ def test_every_committed_folder_says_where_its_rows_came_from(folder):
         assert run["seed"] == config["seed"]
         assert (run["gpu"] is None) == (run["device"] == "cpu"), run
         if "reconstructed" in run:
-            assert len(run["results_commit"]) == 40 and run["equivalent_command"].startswith("adakv-eval run ")
+            assert len(run["results_commit"]) == 40
+            assert run["equivalent_command"].startswith("adakv-eval run ")
         else:
             assert run["adakv_commit"] and run["date"] and run["command"] and run["torch"]

@@ -17,6 +17,7 @@ from tests.test_prefill_memory import live_bytes, model as memory_model  # noqa:
 # 2 x 44 = 88 rows: 5 full chunks and a partial one of 8. On CPU a product over a slice rounds as over the whole when
 # the slices start at multiples of 8 rows (the kernels' row blocking; 7-row slices differ in the last bit)
 ROWS = 16
+PROMPT = (5, 9, 17, 33)  # KVzip's repeat prompt ids (a random model has no tokenizer)
 
 
 def mlp_inputs_rows(model) -> tuple[list[int], list]:
@@ -76,7 +77,7 @@ def test_a_forward_that_raises_puts_the_mlps_back():
 @pytest.mark.parametrize(
     "make_press",
     [lambda: P.AdaptivePress(P.SnapKVPress(0.5, window_size=8)),
-     lambda: P.AdaptivePress(P.KVzipPress(0.5, chunk_size=16, repeat_prompt_ids=(5, 9, 17, 33)), scope="model")],  # fmt: skip
+     lambda: P.AdaptivePress(P.KVzipPress(0.5, chunk_size=16, repeat_prompt_ids=PROMPT), scope="model")],  # fmt: skip
     ids=["adakv_snapkv", "adakv_model_kvzip"],
 )
 def test_a_press_keeps_the_same_pairs_and_tokens_with_chunked_mlps(make_press):

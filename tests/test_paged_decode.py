@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from adakv.kernels.paged_decode import EMPTY_ROW, DecodePlan, decode_plan, packed_decode_attention, packed_decode_reference
+from adakv.kernels.paged_decode import (
+    EMPTY_ROW,
+    DecodePlan,
+    decode_plan,
+    packed_decode_attention,
+    packed_decode_reference,
+)
 from adakv.runtimes.vllm.layout import compressed_attention, pack_layer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +87,9 @@ def test_plan_depends_on_the_batch_shape_only():
     assert decode_plan(rows=1, kv_heads=8, num_sms=132, num_warps=8, num_stages=2) == DecodePlan(264, 256, 8, 2)
 
 
-@pytest.mark.parametrize("plan", [DecodePlan(8), DecodePlan(9, min_chunk=0), DecodePlan(9, num_warps=3), DecodePlan(9, num_stages=0)])
+@pytest.mark.parametrize(
+    "plan", [DecodePlan(8), DecodePlan(9, min_chunk=0), DecodePlan(9, num_warps=3), DecodePlan(9, num_stages=0)]
+)
 def test_a_plan_the_kernel_cannot_run_is_refused(plan):
     with pytest.raises(ValueError, match="programs_per_row must exceed"):
         packed_decode_attention(torch.zeros(1, 16, 8), torch.zeros(1, 8, 4, 8), torch.zeros(1, 8, 4, 8),

@@ -403,6 +403,28 @@ def test_snapkv_window_attention_is_the_models_own_attention(window):
     torch.testing.assert_close(mean_window_attention(context, window)[0], expected)
 
 
+@pytest.mark.parametrize("pairs_at_once", [1, 3])
+def test_snapkv_window_attention_in_slices_is_the_same_bit_for_bit(pairs_at_once, monkeypatch):
+    """Above WINDOW_SCORES_BYTES the logits are computed a few (batch, KV head) pairs at a time: a left-padded
+    batch of 2 rows x 2 KV heads, in slices of 1 and of 3 pairs (the last one partial), gives the scores of one
+    pass exactly."""
+    import adakv.presses.scorers.snapkv as snapkv
+
+    model = cached_model("llama", "sdpa")
+    ids = random_ids(batch=2, seq_len=SEQ)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding in row 1
+    recorder = RecordingPress()
+    with torch.no_grad(), recorder(model):
+        model(ids, attention_mask=mask)
+    context = recorder.contexts[1]
+    assert not context.available.all()
+    whole = mean_window_attention(context, 8)
+    window_rows = context.module.config.num_attention_heads // context.keys.shape[1] * 8
+    monkeypatch.setattr(snapkv, "WINDOW_SCORES_BYTES", pairs_at_once * window_rows * SEQ * 4)
+    assert torch.equal(mean_window_attention(context, 8), whole)
+
+
 # --- RoPE helpers, ExpectedAttention -----------------------------------------------------------
 
 

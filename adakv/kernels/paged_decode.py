@@ -112,7 +112,8 @@ def packed_decode_attention(
         query, key_cache, value_cache, block_table, seq_lens, rows_info, offset_table, partial_out, partial_lse,
         query.stride(0), query.stride(1), *key_cache.stride()[:3], *value_cache.stride()[:3], block_table.stride(0),
         scale * LOG2_E, kv_heads, block_size, plan.programs_per_row, plan.min_chunk,
-        DOT_PRECISION=precision, **work, **tiles, num_warps=plan.num_warps or warps, num_stages=plan.num_stages or stages,
+        DOT_PRECISION=precision, **work, **tiles,
+        num_warps=plan.num_warps or warps, num_stages=plan.num_stages or stages,
     )  # fmt: skip
     kernels.combine_splits[(rows, kv_heads)](
         seq_lens, rows_info, offset_table, partial_out, partial_lse, out, out.stride(0), out.stride(1),

@@ -15,12 +15,18 @@ from ..fields import Integer
 from ..scorer import ScorerPress
 
 
+WINDOW_SCORES_BYTES = 1 << 28  # float32 logits computed at once; above it, slices of (batch, KV head) in turn
+
+
 def mean_window_attention(context: PrefillContext, window: int) -> torch.Tensor:
     """Softmax attention of the last `window` context queries over all keys, averaged over those
     queries and over the query heads sharing each KV head: (batch, kv_heads, seq) float32.
 
     Unavailable keys get zero weight; a query that sees no available key (padding) adds nothing, and the
-    mean is over the queries that see one, so a left-padded row gets what the row alone gets."""
+    mean is over the queries that see one, so a left-padded row gets what the row alone gets. The logits
+    and probabilities (2 x groups x window x seq float32 per (batch, KV head): 2 GiB at 128k on the 8B
+    shape) are computed for as many (batch, KV head) pairs at a time as fit WINDOW_SCORES_BYTES, each pair's
+    by the same operations, so that a long prefill's peak does not hold them all."""
     seq_len = context.seq_len
     window_queries = context.last_queries(window)
     batch, num_heads, _, head_dim = window_queries.shape
@@ -29,20 +35,35 @@ def mean_window_attention(context: PrefillContext, window: int) -> torch.Tensor:
     # one matrix per (batch, kv-head): rows are its query heads x window positions
     grouped = window_queries.reshape(batch * kv_heads, groups * window, head_dim)
     keys = context.keys.reshape(batch * kv_heads, seq_len, head_dim).transpose(1, 2)
-    logits = float32_scores(grouped, keys).mul_(context.softmax_scale).view(batch, kv_heads, groups, window, seq_len)
-
-    # masked in place with a finite minimum: exp gives exactly 0 and a fully hidden row no NaN
-    lowest = torch.finfo(torch.float32).min
-    logits.masked_fill_(~context.available[:, :, None, None, :], lowest)
-    future = torch.ones(window, window, dtype=torch.bool, device=logits.device).triu(1)
-    logits[..., seq_len - window :].masked_fill_(future, lowest)
-    probabilities = logits.view(batch * kv_heads, groups * window, seq_len).softmax(dim=-1)
+    available = context.available.reshape(batch * kv_heads, seq_len)
 
     sees_a_key = context.available.cumsum(-1)[..., seq_len - window :] > 0  # (batch, kv_heads, window)
     seeing = sees_a_key.sum(-1, keepdim=True).clamp(min=1)[:, :, None, :]  # (batch, kv_heads, 1, 1)
     row_weights = sees_a_key[:, :, None, :].expand(batch, kv_heads, groups, window).float() / (groups * seeing)
-    mean = torch.bmm(row_weights.reshape(batch * kv_heads, 1, groups * window), probabilities)
+    row_weights = row_weights.reshape(batch * kv_heads, 1, groups * window)
+
+    pairs = max(1, WINDOW_SCORES_BYTES // (groups * window * seq_len * 4))
+    mean = torch.full((batch * kv_heads, 1, seq_len), float("nan"), device=grouped.device)  # NaN: a slice missed
+    for start in range(0, batch * kv_heads, pairs):
+        part = slice(start, start + pairs)
+        mean[part] = _mean_probabilities(
+            grouped[part], keys[part], available[part], row_weights[part], context.softmax_scale, window
+        )
     return mean.view(batch, kv_heads, seq_len)
+
+
+def _mean_probabilities(grouped, keys, available, row_weights, scale: float, window: int) -> torch.Tensor:
+    """grouped (n, groups x window, head_dim), keys (n, head_dim, seq), available (n, seq), row_weights
+    (n, 1, groups x window) -> (n, 1, seq): each row's softmax over the available keys it may see, weighted."""
+    n, rows, seq_len = grouped.shape[0], grouped.shape[1], keys.shape[-1]
+    logits = float32_scores(grouped, keys).mul_(scale).view(n, rows // window, window, seq_len)
+    # masked in place with a finite minimum: exp gives exactly 0 and a fully hidden row no NaN
+    lowest = torch.finfo(torch.float32).min
+    logits.masked_fill_(~available[:, None, None, :], lowest)
+    future = torch.ones(window, window, dtype=torch.bool, device=logits.device).triu(1)
+    logits[..., seq_len - window :].masked_fill_(future, lowest)
+    probabilities = logits.view(n, rows, seq_len).softmax(dim=-1)
+    return torch.bmm(row_weights, probabilities)
 
 
 def pool_available(scores: torch.Tensor, available: torch.Tensor, kernel_size: int) -> torch.Tensor:

@@ -62,7 +62,11 @@ def chunkable_layers(model: nn.Module) -> list[nn.Module]:
     layers = getattr(decoder, "layers", None)
     if not isinstance(layers, nn.ModuleList):
         return []
-    return [layer for layer in layers if isinstance(getattr(layer, "mlp", None), nn.Module) and hasattr(layer.mlp, "down_proj")]
+    return [layer for layer in layers if _is_dense_mlp(getattr(layer, "mlp", None))]
+
+
+def _is_dense_mlp(module) -> bool:
+    return isinstance(module, nn.Module) and hasattr(module, "down_proj")
 
 
 def check_mlp_chunk_rows(rows, owner: str) -> None:
@@ -113,7 +117,9 @@ class _Swaps:
 
 
 @contextmanager
-def mlp_in_row_chunks(model: nn.Module, rows: int | None = MLP_CHUNK_ROWS, required: bool = True) -> Generator[int, None, None]:
+def mlp_in_row_chunks(
+    model: nn.Module, rows: int | None = MLP_CHUNK_ROWS, required: bool = True
+) -> Generator[int, None, None]:
     """For the block, every decoder forward of more than `rows` token rows runs each dense MLP over at most
     `rows` rows at a time (module docstring). Yields how many layers it chunks. rows None: does nothing.
     required: refuse a model with no dense MLP to chunk (False: a press session's default, which then does
