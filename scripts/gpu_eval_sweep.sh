@@ -7,10 +7,6 @@
 #          bash scripts/gpu_eval_sweep.sh --list | --status
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SITE=/tmp/adakv_site
-mkdir -p "$SITE" /tmp/adakv_runs
-if [[ -d .gguf_b/needlehaystack && ! -d $SITE/needlehaystack ]]; then cp -r .gguf_b/needlehaystack "$SITE/"; fi
-export PYTHONPATH=$SITE ADAKV_CACHE_DIR=/tmp/adakv_cache PYTHONUNBUFFERED=1
-python3 -c "import adakv.presses" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
+source scripts/gpu_site.sh
 python3 -c "import torch; print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 exec python3 scripts/gpu_eval_sweep.py "$@"

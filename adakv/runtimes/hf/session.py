@@ -387,7 +387,7 @@ NOT_ENTERED_WARNING = (
 
 @contextmanager
 def press_session(
-    press: BasePress, model: nn.Module, mlp_chunk_rows: int | None = MLP_CHUNK_ROWS, **speed_switches
+    press: BasePress, model: nn.Module, mlp_chunk_rows: int | None, **speed_switches
 ) -> Generator[PressSession, None, None]:
     """The block of `with press(model, mlp_chunk_rows, **speed_switches):` (PressBlock): a PressSession, inside
     an `adakv.accelerate(model, **speed_switches)` block when any switch is on, around `mlp_in_row_chunks`
