@@ -5,7 +5,9 @@ request to `vllm serve` with the plugin.
 Query-aware: the question is part of the prompt that is compressed (vLLM sees a request as one prompt).
 Per sample: the answers of vLLM compressed, vLLM dense (the same engine, `compression_ratio` 0 for that
 request) and the transformers runtime compressed (`ServingPress.build()`, the press vLLM runs), scored
-by the evaluation's string match. Writes a JSON with per-sample answers, scores and provenance.
+by the evaluation's string match, and the share of the transformers runtime's kept (layer, KV head, token)
+pairs that vLLM keeps too (`kept_overlap`). Writes a JSON with per-sample answers, scores, overlaps, the
+seconds of each phase and provenance.
 
 Run in the vLLM environment (vLLM and transformers both there; `bash scripts/setup_vllm.sh` on CPU):
 
@@ -44,24 +46,55 @@ def build_samples(tokenizer, tasks: list[str], context_length: int, samples: int
     return built
 
 
-def transformers_answers(model_path: str, device: str, samples: list[dict], setting) -> list[list[int]]:
+def recording_kept_sets(press, kept: list[dict]):
+    """`press` with its `compress` wrapped to append, per call of a batch-1 prompt, {layer: per KV head the
+    kept positions} into the dict `kept[-1]` (the caller appends one dict per sample)."""
+    import torch
+
+    compress = press.compress
+
+    def recorded(context):
+        keep = compress(context)
+        mask = context.available if keep is None else keep
+        kept[-1][context.layer_idx] = [torch.nonzero(head).flatten().tolist() for head in mask[0]]
+        return keep
+
+    press.compress = recorded
+    return press
+
+
+def transformers_answers(model_path: str, device: str, samples: list[dict], setting) -> tuple[list, list]:
+    """Greedy answers of the transformers runtime with `setting`'s press, and the kept sets per sample."""
     import torch
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    answers = []
+    answers, kept = [], []
     with torch.no_grad():
         for sample in samples:
             ids = torch.tensor([sample["ids"]], device=device)
-            with setting.build()(model):
+            kept.append({})
+            with recording_kept_sets(setting.build(), kept)(model):
                 out = model.generate(ids, max_new_tokens=sample["max_new_tokens"], do_sample=False)
             answers.append(out[0, ids.shape[1] :].tolist())
     del model
-    return answers
+    return answers, kept
 
 
-def vllm_answers(model_path: str, samples: list[dict], args) -> tuple[list[list[int]], list[list[int]]]:
+def shared_pairs(ours: dict, theirs: dict) -> float:
+    """The share of `theirs` (layer -> per KV head kept positions) that `ours` keeps too."""
+    shared = total = 0
+    for layer, heads in theirs.items():
+        for head, positions in enumerate(heads):
+            shared += len(set(positions) & set(ours.get(layer, [[]] * len(heads))[head]))
+            total += len(positions)
+    return shared / max(total, 1)
+
+
+def vllm_answers(model_path: str, samples: list[dict], args) -> tuple[list[list[int]], list[dict], list[list[int]]]:
+    """vLLM's greedy answers compressed (the engine's ratio) with each sample's kept sets, and dense (the
+    same engine, ratio 0 per request); the engine is shut down before returning."""
     from vllm import LLM, SamplingParams
 
     from adakv.runtimes.vllm import engine_args
@@ -70,18 +103,27 @@ def vllm_answers(model_path: str, samples: list[dict], args) -> tuple[list[list[
     llm = LLM(
         model=model_path, max_model_len=longest + 64, enforce_eager=args.device == "cpu",
         dtype="bfloat16" if args.device == "cuda" else "float32",
-        **engine_args(args.press, args.ratio, window_size=args.window_size),
+        **engine_args(args.press, args.ratio, window_size=args.window_size, keep_finished=len(samples)),
     )  # fmt: skip
     prompts = [{"prompt_token_ids": s["ids"]} for s in samples]
 
-    def run(ratio: float) -> list[list[int]]:
+    def run(ratio: float):
         params = [
             SamplingParams(max_tokens=s["max_new_tokens"], temperature=0, extra_args={"adakv": {"compression_ratio": ratio}})
             for s in samples
         ]
-        return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        return llm.generate(prompts, params, use_tqdm=False)
 
-    return run(args.ratio), run(0.0)
+    outputs = run(args.ratio)
+    packings = llm.collective_rpc("adakv_packings")[0]
+    kept = []
+    for output in outputs:
+        (packing,) = [value for key, value in packings.items() if key.split("-")[0] == output.request_id]
+        kept.append({int(layer): heads for layer, heads in packing.items()})
+    compressed = [list(o.outputs[0].token_ids) for o in outputs]
+    dense = [list(o.outputs[0].token_ids) for o in run(0.0)]
+    llm.llm_engine.engine_core.shutdown()
+    return compressed, kept, dense
 
 
 def served_answer(model_path: str, prompt_ids: list[int], max_tokens: int, args) -> str:
@@ -143,28 +185,33 @@ def main() -> None:
     samples = build_samples(tokenizer, args.tasks, args.context_length, args.samples, args.seed)
     setting = ServingPress(args.press, args.ratio, {"window_size": args.window_size})
     started = time.perf_counter()
-    hf = transformers_answers(args.model, args.device, samples, setting)
-    compressed, dense = vllm_answers(args.model, samples, args)
+    hf, hf_kept = transformers_answers(args.model, args.device, samples, setting)
+    seconds = {"transformers": time.perf_counter() - started}
+    compressed, vllm_kept, dense = vllm_answers(args.model, samples, args)
+    seconds["vllm"] = time.perf_counter() - started - seconds["transformers"]
     rows = []
-    for sample, ours, theirs, plain in zip(samples, compressed, hf, dense):
+    for sample, ours, theirs, plain, our_kept, their_kept in zip(samples, compressed, hf, dense, vllm_kept, hf_kept):
         texts = {name: tokenizer.decode(ids, skip_special_tokens=True) for name, ids in
                  (("vllm", ours), ("transformers", theirs), ("vllm_dense", plain))}  # fmt: skip
         rows.append(dict(
             task=sample["task"], index=sample["index"], prompt_tokens=len(sample["ids"]), answers=sample["answers"],
             **{f"{name}_answer": text for name, text in texts.items()},
             **{f"{name}_score": string_match(text, sample["answers"]) for name, text in texts.items()},
-            same_tokens=ours == theirs,
+            same_tokens=ours == theirs, kept_pairs=sum(map(len, (h for heads in their_kept.values() for h in heads))),
+            kept_overlap=shared_pairs(our_kept, their_kept),
         ))  # fmt: skip
     summary = {
         name: sum(row[f"{name}_score"] for row in rows) / len(rows) for name in ("vllm", "transformers", "vllm_dense")
     }
     summary["same_tokens"] = sum(row["same_tokens"] for row in rows) / len(rows)
+    summary["kept_overlap_min"] = min(row["kept_overlap"] for row in rows)
     result = dict(meta=dict(provenance(args.device), settings=vars(args) | {"out": str(args.out), "model": args.model},
-                            seconds=time.perf_counter() - started), summary=summary, rows=rows)  # fmt: skip
+                            seconds=seconds), summary=summary, rows=rows)  # fmt: skip
     if args.server:
-        first = samples[0]
+        first, served_started = samples[0], time.perf_counter()
         answer = served_answer(args.model, first["ids"], first["max_new_tokens"], args)
         result["served"] = dict(answer=answer, answers=first["answers"], score=string_match(answer, first["answers"]))
+        seconds["served"] = time.perf_counter() - served_started
     print(json.dumps(summary))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
