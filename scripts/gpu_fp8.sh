@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The fp8 flat cache (a press's kv_dtype="float8_e4m3fn") on one CUDA GPU of compute capability >= 8.9 (H200):
 #   ADAKV_COMMIT=<sha> OUT_DIR=$OUT bash scripts/gpu_fp8.sh            # everything, one call (~8 min)
-#   PART=tests|memory|decode ADAKV_COMMIT=<sha> OUT_DIR=$OUT bash scripts/gpu_fp8.sh   # one part (if split)
+#   PART=tests|memory|decode|tune ADAKV_COMMIT=<sha> OUT_DIR=$OUT bash scripts/gpu_fp8.sh   # one part (if split)
 # tests:  tests/test_fp8_gpu.py (Triton attention over fp8 rows vs the float64 reference, the append kernel's
 #         codes vs torch's, a model decoding from fp8 eagerly, from CUDA graphs and fused) and the CPU fp8 tests
 #         (~2 min with the Triton builds)
@@ -10,6 +10,9 @@
 #         limit (target <= 1.3x) through model.generate (~4 min)
 # decode: benchmarks/bench_decode_limit.py, adaptive-snapkv eager and graph rows, bf16 and fp8, same cases,
 #         the fp8 rows' limit counting e4m3 codes and scales (~2.5 min)
+# tune:   benchmarks/tune_decode_attention.py --kv-dtype float8_e4m3fn: one layer's Triton decode over fp8 rows
+#         per key step (up to 256) x warps x stages x splits against its copy-bandwidth floor, to find why fp8
+#         decode is no faster than bf16's (~3 min; not part of "all")
 # Results go to $OUT_DIR (default benchmarks/results); ADAKV_COMMIT names the commit in their provenance.
 # Environment: PYTHON (default python3), PART (default all), PYTEST_K (a pytest -k expression for the tests).
 set -euo pipefail
@@ -44,4 +47,9 @@ if [[ "$PART" == "all" || "$PART" == "decode" ]]; then
     --kv-dtypes bfloat16 float8_e4m3fn --ratios 0.75 --joined --no-dense --steps 32 --warmup 4 \
     --out "$OUT_DIR" --tag _fp8 \
     || echo "bench_decode_limit.py stopped (exit $?): its rows so far are in $OUT_DIR"
+fi
+if [[ "$PART" == "tune" ]]; then
+  echo "== tune_decode_attention.py, fp8 rows"
+  timeout 400 "$PYTHON" benchmarks/tune_decode_attention.py --kv-dtype float8_e4m3fn --out "$OUT_DIR" \
+    || echo "tune_decode_attention.py stopped (exit $?)"
 fi
