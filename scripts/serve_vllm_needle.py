@@ -29,6 +29,8 @@ import urllib.request
 from pathlib import Path
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+# vLLM's CPU worker leaves one core to the front end by default; offline, the front end waits while the worker runs
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 
 def build_samples(tokenizer, tasks: list[str], context_length: int, samples: int, seed: int) -> list[dict]:
@@ -82,6 +84,28 @@ def transformers_answers(model_path: str, device: str, samples: list[dict], sett
     return answers, kept
 
 
+def cached_transformers_answers(args, samples: list[dict], setting) -> tuple[list, list, dict]:
+    """`transformers_answers`, or what `args.transformers_cache` holds for the same prompts, press and device."""
+    import hashlib
+
+    key = dict(
+        prompts=hashlib.sha256(json.dumps([s["ids"] for s in samples]).encode()).hexdigest(),
+        model=args.model, device=args.device, press=args.press, ratio=args.ratio, window_size=args.window_size,
+    )  # fmt: skip
+    path = args.transformers_cache
+    if path is not None and path.exists():
+        cached = json.loads(path.read_text())
+        if cached["key"] == key:
+            kept = [{int(layer): heads for layer, heads in sample.items()} for sample in cached["kept"]]
+            return cached["answers"], kept, {"transformers": cached["seconds"], "transformers_reused": True}
+    started = time.perf_counter()
+    answers, kept = transformers_answers(args.model, args.device, samples, setting)
+    seconds = time.perf_counter() - started
+    if path is not None:
+        path.write_text(json.dumps(dict(key=key, answers=answers, kept=kept, seconds=seconds)))
+    return answers, kept, {"transformers": seconds}
+
+
 def shared_pairs(ours: dict, theirs: dict) -> float:
     """The share of `theirs` (layer -> per KV head kept positions) that `ours` keeps too."""
     shared = total = 0
@@ -92,6 +116,11 @@ def shared_pairs(ours: dict, theirs: dict) -> float:
     return shared / max(total, 1)
 
 
+def engine_dtype(device: str) -> str:
+    """The engine's and the server's dtype: the transformers runtime's (the server's "auto" is bf16 on CPU too)."""
+    return "bfloat16" if device == "cuda" else "float32"
+
+
 def vllm_answers(model_path: str, samples: list[dict], args) -> tuple[list[list[int]], list[dict], list[list[int]]]:
     """vLLM's greedy answers compressed (the engine's ratio) with each sample's kept sets, and dense (the
     same engine, ratio 0 per request); the engine is shut down before returning."""
@@ -100,9 +129,10 @@ def vllm_answers(model_path: str, samples: list[dict], args) -> tuple[list[list[
     from adakv.runtimes.vllm import engine_args
 
     longest = max(len(s["ids"]) + s["max_new_tokens"] for s in samples)
+    chunking = {} if args.max_num_batched_tokens is None else {"max_num_batched_tokens": args.max_num_batched_tokens}
     llm = LLM(
         model=model_path, max_model_len=longest + 64, enforce_eager=args.device == "cpu",
-        dtype="bfloat16" if args.device == "cuda" else "float32",
+        dtype=engine_dtype(args.device), **chunking,
         **engine_args(args.press, args.ratio, window_size=args.window_size, keep_finished=len(samples)),
     )  # fmt: skip
     prompts = [{"prompt_token_ids": s["ids"]} for s in samples]
@@ -137,9 +167,11 @@ def served_answer(model_path: str, prompt_ids: list[int], max_tokens: int, args)
     # the server `vllm serve` runs (the CPU build's `vllm` command asks for a distribution named vllm;
     # it is installed as vllm-cpu)
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, "--port", str(port),
-               "--max-model-len", length, *flags]  # fmt: skip
+               "--max-model-len", length, "--dtype", engine_dtype(args.device), *flags]  # fmt: skip
     if args.device == "cpu":
         command.append("--enforce-eager")
+    if args.max_num_batched_tokens is not None:
+        command += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     log = open(Path(tempfile.gettempdir()) / "adakv_vllm_serve.log", "w")
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
@@ -172,6 +204,15 @@ def main() -> None:
     parser.add_argument("--window-size", type=int, default=64)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--server", action="store_true", help="also one OpenAI-style request to `vllm serve`")
+    parser.add_argument(
+        "--max-num-batched-tokens", type=int,
+        help="vLLM's prefill chunk (default: vLLM's); on CPU a small one also shortens the engine's warm-up forward",
+    )  # fmt: skip
+    parser.add_argument(
+        "--transformers-cache", type=Path,
+        help="a JSON of the transformers runtime's answers and kept sets: reused when it holds these prompts and "
+        "settings, else written after that phase (a long CPU run that stops later need not repeat it)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -184,11 +225,10 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     samples = build_samples(tokenizer, args.tasks, args.context_length, args.samples, args.seed)
     setting = ServingPress(args.press, args.ratio, {"window_size": args.window_size})
+    hf, hf_kept, seconds = cached_transformers_answers(args, samples, setting)
     started = time.perf_counter()
-    hf, hf_kept = transformers_answers(args.model, args.device, samples, setting)
-    seconds = {"transformers": time.perf_counter() - started}
     compressed, vllm_kept, dense = vllm_answers(args.model, samples, args)
-    seconds["vllm"] = time.perf_counter() - started - seconds["transformers"]
+    seconds["vllm"] = time.perf_counter() - started
     rows = []
     for sample, ours, theirs, plain, our_kept, their_kept in zip(samples, compressed, hf, dense, vllm_kept, hf_kept):
         texts = {name: tokenizer.decode(ids, skip_special_tokens=True) for name, ids in
@@ -205,16 +245,19 @@ def main() -> None:
     }
     summary["same_tokens"] = sum(row["same_tokens"] for row in rows) / len(rows)
     summary["kept_overlap_min"] = min(row["kept_overlap"] for row in rows)
-    result = dict(meta=dict(provenance(args.device), settings=vars(args) | {"out": str(args.out), "model": args.model},
-                            seconds=seconds), summary=summary, rows=rows)  # fmt: skip
+    settings = {name: str(value) if isinstance(value, Path) else value for name, value in vars(args).items()}
+    result = dict(meta=dict(provenance(args.device), settings=settings, seconds=seconds), summary=summary, rows=rows)
+    print(json.dumps(summary), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))  # before the server's run, which may fail on its own
     if args.server:
         first, served_started = samples[0], time.perf_counter()
         answer = served_answer(args.model, first["ids"], first["max_new_tokens"], args)
         result["served"] = dict(answer=answer, answers=first["answers"], score=string_match(answer, first["answers"]))
         seconds["served"] = time.perf_counter() - served_started
-    print(json.dumps(summary))
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["served"]))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
     os._exit(0)
 
 
