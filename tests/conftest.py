@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +24,20 @@ triton_test = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or (TRITON_DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1"),
     reason="needs triton and a CUDA device (or TRITON_INTERPRET=1)",
 )
+
+
+# the vLLM environment (scripts/setup_vllm.sh: vLLM's CPU build, torch 2.11, Triton) that serving and kernel tests run in
+VLLM_PYTHON = Path(os.environ.get("ADAKV_VLLM_PYTHON", Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"))
+
+
+def vllm_python(needs: str) -> Path:
+    """VLLM_PYTHON for a test that runs in the vLLM environment: skipped under ADAKV_SKIP_VLLM=1, saying what
+    `needs` it; failed when the environment is missing."""
+    if os.environ.get("ADAKV_SKIP_VLLM") == "1":
+        pytest.skip(f"ADAKV_SKIP_VLLM=1: {needs}")
+    if not VLLM_PYTHON.exists():
+        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `bash scripts/setup_vllm.sh` (or set ADAKV_SKIP_VLLM=1)")
+    return VLLM_PYTHON
 
 
 def skip_bf16_when_interpreted(dtype: torch.dtype) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import vllm_python
 
 from adakv.kernels.paged_decode import (
     EMPTY_ROW,
@@ -23,7 +24,6 @@ from adakv.kernels.paged_decode import (
 from adakv.runtimes.vllm.layout import compressed_attention, pack_layer
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = Path(os.environ.get("ADAKV_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 
 
 def test_reference_equals_the_layouts_attention_for_every_row():
@@ -99,12 +99,9 @@ def test_a_plan_the_kernel_cannot_run_is_refused(plan):
 
 
 def test_triton_kernel_matches_the_reference_in_the_interpreter():
-    if os.environ.get("ADAKV_SKIP_VLLM") == "1":
-        pytest.skip("ADAKV_SKIP_VLLM=1: the Triton kernel's interpreter test needs the vLLM environment")
-    if not VLLM_PYTHON.exists():
-        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `bash scripts/setup_vllm.sh` (or set ADAKV_SKIP_VLLM=1)")
+    python = vllm_python("the Triton kernel's interpreter test needs the vLLM environment")
     run = subprocess.run(
-        [str(VLLM_PYTHON), str(ROOT / "tests" / "vllm_engine" / "check_paged_kernel.py")],
+        [str(python), str(ROOT / "tests" / "vllm_engine" / "check_paged_kernel.py")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-4000:]
@@ -118,17 +115,14 @@ def test_the_kernel_benchmark_runs_and_matches_the_reference_in_the_interpreter(
     """benchmarks/bench_paged_decode.py --smoke (CPU, Triton's interpreter, one tiny case, packed, uneven and dense),
     with a changed copy of the kernels' file (outputs doubled) as the baseline measured beside them: its rows
     must be the changed kernels', not the current ones."""
-    if os.environ.get("ADAKV_SKIP_VLLM") == "1":
-        pytest.skip("ADAKV_SKIP_VLLM=1: the benchmark's smoke run needs the vLLM environment's Triton")
-    if not VLLM_PYTHON.exists():
-        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `bash scripts/setup_vllm.sh` (or set ADAKV_SKIP_VLLM=1)")
+    python = vllm_python("the benchmark's smoke run needs the vLLM environment's Triton")
     baseline = tmp_path / "copy.py"
     source = (ROOT / "adakv" / "kernels" / "triton_pages.py").read_text()
     doubled = "tl.store(pointers, (2 * acc).to(Out.dtype.element_ty)"
     assert source.count("tl.store(pointers, acc.to(Out.dtype.element_ty)") == 1
     baseline.write_text(source.replace("tl.store(pointers, acc.to(Out.dtype.element_ty)", doubled))
     run = subprocess.run(
-        [str(VLLM_PYTHON), str(ROOT / "benchmarks" / "bench_paged_decode.py"), "--smoke", "--out", str(tmp_path),
+        [str(python), str(ROOT / "benchmarks" / "bench_paged_decode.py"), "--smoke", "--out", str(tmp_path),
          "--baseline", str(baseline)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip

@@ -13,9 +13,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import vllm_python
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = Path(os.environ.get("ADAKV_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 KERNEL_MODULES = (
     "test_flat_decode_kernel.py", "test_fp8_cache.py", "test_fused_elementwise.py", "test_gemv_linears.py",
     "test_triton_gemv.py", "test_kvzip_kernels.py",
@@ -24,14 +24,11 @@ FEWEST_PASSED = 150  # 180 passed when written; far fewer means the kernels' tes
 
 
 def test_the_triton_kernel_tests_pass_under_the_interpreter():
-    if os.environ.get("ADAKV_SKIP_VLLM") == "1":
-        pytest.skip("ADAKV_SKIP_VLLM=1: the interpreted Triton kernel tests need the vLLM environment's Triton")
     if importlib.util.find_spec("triton") is not None:
         pytest.skip("Triton is installed here: the kernel modules ran in this session")
-    if not VLLM_PYTHON.exists():
-        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `bash scripts/setup_vllm.sh` (or set ADAKV_SKIP_VLLM=1)")
+    python = vllm_python("the interpreted Triton kernel tests need the vLLM environment's Triton")
     run = subprocess.run(
-        [str(VLLM_PYTHON), "-m", "pytest", "-q", "-p", "no:cacheprovider", *(f"tests/{m}" for m in KERNEL_MODULES)],
+        [str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider", *(f"tests/{m}" for m in KERNEL_MODULES)],
         capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"},
     )  # fmt: skip
     summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else ""

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import VLLM_PYTHON, vllm_python
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adakv.cache.operations import compressed_layers
 from adakv.presses import AdaptivePress, SnapKVPress
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = Path(os.environ.get("ADAKV_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 WINDOW = 8
 
 if os.environ.get("ADAKV_SKIP_VLLM") == "1":
@@ -30,8 +30,7 @@ if os.environ.get("ADAKV_SKIP_VLLM") == "1":
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    if not VLLM_PYTHON.exists():
-        pytest.fail(f"no vLLM environment at {VLLM_PYTHON}: run `bash scripts/setup_vllm.sh` (or set ADAKV_SKIP_VLLM=1)")
+    vllm_python("the vLLM runtime's engine tests")
     path = tmp_path_factory.mktemp("tiny-llama")
     config = LlamaConfig(
         vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
