@@ -201,10 +201,8 @@ def measure(model, ids, method: str, kv_dtype: str, args) -> dict:
     clock = TokenClock(device)
     options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, past_key_values=cache,
                    attention_mask=torch.ones_like(ids), pad_token_id=0, logits_processor=LogitsProcessorList([clock]))  # fmt: skip
-    if press is not None:
-        block = press(model, mlp_chunk_rows=mlp_rows, **switches)
-    else:
-        block = mlp_in_row_chunks(model, mlp_rows) if mlp_rows else nullcontext()
+    # a dense row's block: its MLP row chunks, or none (mlp_rows None)
+    block = mlp_in_row_chunks(model, mlp_rows) if press is None else press(model, mlp_chunk_rows=mlp_rows, **switches)
     counting = LiveBytes(where_depth=0) if device.type != "cuda" else nullcontext()
     synchronize(device)
     if device.type == "cuda":
